@@ -1,0 +1,54 @@
+"""The ``certbnn`` command line: one sub-command per task.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``,
+which adds its parser and sets ``handler`` (a function ``args -> int``) as a
+default. Errors derived from :class:`certbnn.errors.CertbnnError` become one
+line on stderr and exit status 1; usage errors exit with status 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from certbnn import __version__
+from certbnn.errors import CertbnnError
+
+from certbnn.cli import data_cmd
+
+_COMMAND_MODULES = (data_cmd,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="certbnn",
+        description=(
+            "Train Bayesian neural networks that are certifiably robust to adversarial "
+            "input perturbations, then certify, attack and calibrate them."
+        ),
+        epilog="Run `certbnn COMMAND --help` for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"certbnn {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for module in _COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``certbnn`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except CertbnnError as exc:
+        print(f"certbnn: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("certbnn: interrupted", file=sys.stderr)
+        return 130
