@@ -1,0 +1,34 @@
+"""The command-line entry point: version, help, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import certbnn
+from certbnn.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"certbnn {certbnn.__version__}"
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "commands" in capsys.readouterr().out
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "check", "mnist", "--bogus"])
+    assert info.value.code == 2
+
+
+def test_console_script_and_module_entry_points():
+    out = subprocess.run([sys.executable, "-m", "certbnn", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "data" in out.stdout
