@@ -1,0 +1,233 @@
+"""Saving and loading posteriors without pickle: one safetensors file.
+
+Layout. Tensors ``mean/<name>`` and ``std/<name>`` (kind "gaussian") or
+``samples/<name>`` and optional ``weights`` (kind "samples"), stored on CPU in
+their own dtype. The safetensors header metadata holds one key, ``"certbnn"``,
+whose value is a JSON object with
+
+- ``format_version`` (int, :data:`FORMAT_VERSION`), ``kind``, ``certbnn_version``;
+- ``architecture``: ``{"spec": model spec str or null, "fingerprint": {...}}``
+  (see :func:`certbnn.models.model_fingerprint`); the fingerprint lists the
+  parameters in the posterior's order;
+- any free-form JSON fields given by the caller (dataset, method, eps, metrics, ...).
+
+Writes are atomic: a temporary file in the same directory is fsynced and then
+renamed over ``path``, so an existing file survives any failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import nn
+
+from certbnn import __version__
+from certbnn.errors import CertbnnError, ConfigError
+from certbnn.models import fingerprint_difference, fingerprint_of_params, model_fingerprint
+from certbnn.posterior.gaussian import GaussianPosterior
+from certbnn.posterior.samples import SamplePosterior
+
+__all__ = ["FORMAT_VERSION", "PosteriorFileError", "save_posterior", "load_posterior"]
+
+FORMAT_VERSION = 1
+_META_KEY = "certbnn"
+_RESERVED = ("format_version", "kind", "certbnn_version", "architecture")
+
+#: Either posterior kind; both expose ``kind``, ``names``, ``sample``, ``mean`` and ``to``.
+Posterior = GaussianPosterior | SamplePosterior
+
+
+class PosteriorFileError(CertbnnError):
+    """A posterior file is missing, unreadable, corrupt, from a newer format, or holds bad values."""
+
+
+def save_posterior(path: str | os.PathLike, posterior: Posterior, metadata: Mapping[str, Any] | None = None,
+                   *, model: nn.Module | None = None, model_spec: str | None = None) -> None:
+    """Write ``posterior`` and ``metadata`` (JSON-able; reserved keys are overwritten)
+    to ``path`` atomically. With ``model``, its fingerprint is stored and must match the
+    posterior; ``model_spec`` (or ``metadata["architecture"]["spec"]``) records the spec."""
+    path = Path(path)
+    tensors = _tensors_of(posterior, path)
+    fingerprint = fingerprint_of_params(_param_tensors(posterior), batch_dims=int(posterior.kind == "samples"))
+    if model is not None:
+        difference = fingerprint_difference(model_fingerprint(model), fingerprint)
+        if difference:
+            raise ConfigError(f"cannot save {path}: posterior does not match the model: {difference}")
+    header = {k: v for k, v in (metadata or {}).items() if k not in _RESERVED}
+    if model_spec is None:
+        arch = (metadata or {}).get("architecture")
+        model_spec = arch.get("spec") if isinstance(arch, Mapping) else None
+    header.update(format_version=FORMAT_VERSION, kind=posterior.kind, certbnn_version=__version__,
+                  architecture={"spec": model_spec, "fingerprint": fingerprint})
+    try:
+        text = json.dumps(header, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cannot save {path}: metadata is not JSON-serializable: {err}") from None
+    data = _st_save(tensors, metadata={_META_KEY: text})
+    _atomic_write(path, data)
+
+
+def load_posterior(path: str | os.PathLike, expected_fingerprint: Mapping[str, Any] | nn.Module | None = None
+                   ) -> tuple[Posterior, dict[str, Any]]:
+    """Read a file written by :func:`save_posterior`: ``(posterior, metadata)``, tensors on CPU.
+
+    Raises PosteriorFileError (naming the file) for a missing/corrupt/truncated file, a
+    newer ``format_version`` or non-finite values; ConfigError when the stored
+    architecture differs from ``expected_fingerprint`` (a fingerprint dict or a model).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise PosteriorFileError(f"cannot read posterior file {path}: {err.strerror or err}") from None
+    try:
+        tensors = _st_load(data)
+    except Exception as err:  # safetensors raises its own (Rust) error types
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise PosteriorFileError(f"{path} is not a valid posterior file (corrupt or truncated?): {first_line}") from None
+    meta = _read_metadata(path, data)
+    posterior = _rebuild(path, meta, tensors)
+    if expected_fingerprint is not None:
+        expected = (model_fingerprint(expected_fingerprint) if isinstance(expected_fingerprint, nn.Module)
+                    else expected_fingerprint)
+        difference = fingerprint_difference(expected, meta["architecture"]["fingerprint"])
+        if difference:
+            raise ConfigError(f"posterior file {path} does not match the model architecture: {difference}")
+    return posterior, meta
+
+
+# --- writing ---------------------------------------------------------------------------
+
+def _param_tensors(posterior: Posterior) -> dict[str, torch.Tensor]:
+    return posterior.mean() if posterior.kind == "gaussian" else posterior.sample(None)
+
+
+def _tensors_of(posterior: Posterior, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(posterior, GaussianPosterior):
+        parts = {"mean": posterior.mean(), "std": posterior.std()}
+    elif isinstance(posterior, SamplePosterior):
+        parts = {"samples": posterior.sample(None)}
+    else:
+        raise ConfigError(f"cannot save {path}: {type(posterior).__name__} is not a certbnn posterior")
+    out = {}
+    for part, tensors in parts.items():
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise PosteriorFileError(f"refusing to save {path}: {part}[{name!r}] contains NaN or infinite values")
+            out[f"{part}/{name}"] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+    if isinstance(posterior, SamplePosterior) and posterior.frequencies is not None:
+        out["weights"] = posterior.frequencies.detach().cpu().clone()
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} value {value!r:.60} is not JSON-serializable")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise PosteriorFileError(f"cannot write posterior file {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise PosteriorFileError(f"cannot write posterior file {path}: {err.strerror or err}") from None
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
+    """The certbnn metadata of an already validated safetensors byte string."""
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_size])
+    text = (header.get("__metadata__") or {}).get(_META_KEY)
+    if text is None:
+        raise PosteriorFileError(f"{path} is a safetensors file without certbnn posterior metadata")
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise PosteriorFileError(f"{path} has corrupt certbnn metadata (not a JSON object)")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PosteriorFileError(f"{path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise PosteriorFileError(f"{path} uses posterior format version {version}, but certbnn {__version__} "
+                                 f"reads versions up to {FORMAT_VERSION}; upgrade certbnn")
+    if meta.get("kind") not in ("gaussian", "samples"):
+        raise PosteriorFileError(f"{path} has an unknown posterior kind {meta.get('kind')!r}")
+    if not _valid_fingerprint(meta.get("architecture")):
+        raise PosteriorFileError(f"{path} has corrupt architecture metadata")
+    return meta
+
+
+def _valid_fingerprint(arch: Any) -> bool:
+    try:
+        params = arch["fingerprint"]["parameters"]
+        return isinstance(params, list) and bool(params) and all(
+            isinstance(p["name"], str) and all(isinstance(d, int) and d >= 0 for d in p["shape"]) for p in params)
+    except (TypeError, KeyError):
+        return False
+
+
+def _rebuild(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Posterior:
+    names = [p["name"] for p in meta["architecture"]["fingerprint"]["parameters"]]
+    parts = ("mean", "std") if meta["kind"] == "gaussian" else ("samples",)
+    expected = {f"{part}/{name}" for part in parts for name in names}
+    present = set(tensors) - {"weights"} if meta["kind"] == "samples" else set(tensors)
+    if present != expected:
+        odd = sorted(present ^ expected)[0]
+        raise PosteriorFileError(f"{path} is inconsistent: tensor {odd!r} does not match its metadata")
+    dicts = {part: {name: tensors[f"{part}/{name}"] for name in names} for part in parts}
+    for part, params in dicts.items():
+        for name, t in params.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise PosteriorFileError(f"{path}: {part}[{name!r}] is not finite floating-point data (NaN/inf?)")
+    stored = fingerprint_of_params(dicts[parts[0]], batch_dims=int(meta["kind"] == "samples"))
+    difference = fingerprint_difference(meta["architecture"]["fingerprint"], stored)
+    if difference:
+        raise PosteriorFileError(f"{path} is inconsistent with its own metadata: {difference}")
+    try:
+        if meta["kind"] == "gaussian":
+            return GaussianPosterior(dicts["mean"], dicts["std"])
+        return SamplePosterior(dicts["samples"], tensors.get("weights"))
+    except ConfigError as err:
+        raise PosteriorFileError(f"{path}: {err}") from None
+
