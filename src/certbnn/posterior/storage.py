@@ -17,11 +17,9 @@ renamed over ``path``, so an existing file survives any failure.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from certbnn import __version__
+from certbnn.fileio import atomic_write_bytes
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.models import fingerprint_difference, fingerprint_of_params, model_fingerprint
 from certbnn.posterior.gaussian import GaussianPosterior
@@ -143,31 +142,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as err:
-        raise PosteriorFileError(f"cannot write posterior file {path}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise PosteriorFileError(f"cannot write posterior file {path}: {err.strerror or err}") from None
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write_bytes(path, data, "posterior file", PosteriorFileError)
 
 
 # --- reading ---------------------------------------------------------------------------
