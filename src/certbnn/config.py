@@ -32,7 +32,7 @@ class TrainConfig:
     data_dir: str | None = None
     model: str = "mlp:512"
     method: str = "bbb"
-    likelihood: str = "ibp"          # categorical | ibp | crown-ibp | crown | fgsm | pgd
+    likelihood: str = "ibp"          # standard | ibp | crown-ibp | crown | fgsm | pgd
     lam: float = 0.25                # weight of the clean term in the robust/adversarial mix
     mix: str = "prob"                # prob (the paper's) | loss
     margins: bool = False            # worst-case logits from margin bounds (tighter)
@@ -45,10 +45,11 @@ class TrainConfig:
     kl_weight: float | None = None   # BBB KL weight / posterior temperature (method default when None)
     prior_scale: float = 1.0         # prior variance = prior_scale / fan_in
     seed: int = 0
-    train_limit: int | None = None   # use only this many training examples (quick runs)
+    limit_train: int | None = None   # use only this many training examples (quick runs)
     val_size: int = 1000             # held-out training examples for per-epoch validation
     val_samples: int = 8             # posterior samples used in validation
     device: str = "cpu"              # cpu | cuda | auto
+    init_from: str | None = None     # posterior file or run dir whose mean initialises the weights
     method_options: dict[str, Any] = field(default_factory=dict)
     likelihood_options: dict[str, Any] = field(default_factory=dict)
 
@@ -61,7 +62,7 @@ class TrainConfig:
             (self.mix in ("prob", "loss"), f"mix must be prob or loss, got {self.mix!r}"),
             (self.prior_scale > 0, f"prior scale must be > 0, got {self.prior_scale}"),
             (self.val_size >= 0 and self.val_samples >= 1, "val_size must be >= 0 and val_samples >= 1"),
-            (self.train_limit is None or self.train_limit >= 1, f"train_limit must be >= 1, got {self.train_limit}"),
+            (self.limit_train is None or self.limit_train >= 1, f"limit_train must be >= 1, got {self.limit_train}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda[:N] or auto, got {self.device!r}"),

@@ -1,0 +1,78 @@
+"""Sound output bounds of neural networks over input boxes (and weight boxes).
+
+Public API
+----------
+``compute_bounds(model, lower, upper, method="ibp", params=None, param_bounds=None, spec=None,
+*, dtype=None, tol=None, intersect_ibp=True, input_has_samples=None) -> (lower, upper)``
+    Bounds of ``model(x)`` -- or of ``spec @ model(x)`` -- valid for every ``x``
+    with ``lower <= x <= upper`` (and every weight in ``param_bounds``).
+
+    * ``model``: ``nn.Sequential`` (nested allowed) of registered layers;
+      anything else raises :class:`~certbnn.errors.UnsupportedLayerError`.
+    * ``lower``/``upper``: ``(B, *in)``. With sampled params an input of
+      ``(S, B, *in)`` is also accepted (auto-detected from the rank the first
+      shape-fixing layer expects -- Linear 1, Conv2d/pools 3 -- or forced with
+      ``input_has_samples``).
+    * ``params``: name -> tensor replacing module parameters/buffers (names of
+      ``model.named_parameters()``/``named_buffers()``); a tensor with one extra
+      leading dim ``S`` is ``S`` posterior samples: all ``S`` are bounded in one
+      batched pass and the outputs gain a leading ``S``.
+    * ``param_bounds``: name -> ``(low, high)`` weight intervals (optionally with
+      a leading ``S``); sound over the whole weight box. IBP only: the CROWN
+      methods fall back to IBP with a :class:`BoundsFallbackWarning`.
+    * ``method``: ``"ibp"`` (interval, midpoint-radius), ``"crown"`` (backward
+      linear relaxation, intermediate bounds by CROWN intersected with IBP;
+      memory ``O(neurons x input size)`` per layer, meant for small nets),
+      ``"crown-ibp"`` (IBP intermediate bounds, CROWN at the output).
+    * ``spec``: ``(K_spec, K)`` or ``(B, K_spec, K)``; IBP folds it into the last
+      Linear layer, CROWN starts its backward pass from it (see :func:`margin_spec`).
+    * ``dtype``: compute in this dtype (e.g. ``torch.float64`` to certify); by
+      default the input's dtype, parameters are cast to it.
+    * ``tol``: outward widening of the result by ``atol + rtol*|bound|``:
+      ``None`` (default: no widening, for training), ``"auto"`` (per-dtype
+      values of ``AUTO_TOL``, for certification), a float or ``(rtol, atol)``.
+    * ``intersect_ibp``: CROWN methods return the elementwise intersection with
+      the IBP bounds (so they are never looser than IBP). Default True.
+
+``margin_spec(labels, num_classes, *, exclude_true=False) -> Tensor``
+    ``(B, K, K)`` (or ``(B, K-1, K)``) rows ``e_y - e_j`` for margin bounds.
+``worst_case_logits(lower, upper, labels) -> Tensor``
+    ``upper`` everywhere except ``lower`` at the true label.
+``interval_forward(model, lower, upper, params=None, param_bounds=None, *, dtype=None,
+input_has_samples=None) -> list[(name, lower, upper)]``
+    IBP bounds of every layer's output.
+``widen(lower, upper, rtol, atol)``, ``AUTO_TOL``
+    The tolerance widening used by ``tol``.
+``register_bound(module_type, bound_class=None)``, ``BoundOp``
+    Register the bound rules (a :class:`BoundOp` subclass) of a module type.
+``check_soundness(...)``
+    Sampling-based soundness checker (for tests of user-registered rules).
+
+Guarantee: in exact arithmetic every returned bound is sound. Floating-point
+rounding can move a bound by a few ulps of the magnitudes involved; pass
+``tol="auto"`` (and preferably ``dtype=torch.float64``) when certifying.
+Everything is differentiable with respect to the box, ``params`` and the
+module parameters.
+"""
+
+from certbnn.bounds.base import BoundOp, ElementwiseOp, LinearOp
+from certbnn.bounds.checking import SoundnessReport, check_soundness
+from certbnn.bounds.engine import BoundsFallbackWarning, compute_bounds, interval_forward
+from certbnn.bounds.registry import register_bound
+from certbnn.bounds.specs import AUTO_TOL, margin_spec, widen, worst_case_logits
+
+__all__ = [
+    "AUTO_TOL",
+    "BoundOp",
+    "BoundsFallbackWarning",
+    "ElementwiseOp",
+    "LinearOp",
+    "SoundnessReport",
+    "check_soundness",
+    "compute_bounds",
+    "interval_forward",
+    "margin_spec",
+    "register_bound",
+    "widen",
+    "worst_case_logits",
+]

@@ -1,0 +1,181 @@
+"""Base classes of the per-operator bound rules, and shared tensor helpers.
+
+Shape conventions (inside the engine):
+
+* a box is ``(lower, upper)``, each ``(Sx, B, *features)`` with ``Sx`` in
+  ``{1, S}`` (1 when nothing sampled has been applied yet);
+* a linear bound on ``spec @ output`` in terms of a layer's input ``x`` is
+  ``A x + b`` with ``A`` of shape ``(Sa, Ba, K, *features)`` (``Sa``, ``Ba``
+  may be 1 and broadcast) and ``b`` broadcastable to ``(S, B, K)``;
+* a sampled tensor has a leading ``S`` (``(S, out, in)`` for a Linear weight).
+
+Every rule is sound in exact arithmetic; rounding is handled by the engine's
+``tol`` widening (see :func:`certbnn.bounds.widen`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from certbnn.bounds.params import LayerTensors
+from certbnn.errors import ConfigError
+
+Box = tuple[Tensor, Tensor]
+BackwardResult = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
+
+
+def mid_rad(lower: Tensor, upper: Tensor) -> Box:
+    """Centre and radius of a box."""
+    return (lower + upper) / 2, (upper - lower) / 2
+
+
+def add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` where None means zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def sum_features(t: Tensor, n_lead: int = 3) -> Tensor:
+    """Sum over every dimension after the first ``n_lead``."""
+    return t.flatten(n_lead).sum(-1) if t.dim() > n_lead else t
+
+
+def channel_view(v: Tensor, sampled: bool, feat_rank: int, n_lead: int) -> Tensor:
+    """View a per-channel vector ``(C,)`` / ``(S, C)`` to broadcast against
+    ``(*lead, C, *spatial)`` with ``n_lead`` leading dims (2 for a box, 3 for ``A``)."""
+    tail = (1,) * max(feat_rank - 1, 0)
+    if not sampled:
+        return v.view(v.shape[-1], *tail) if feat_rank > 0 else v
+    return v.view(v.shape[0], *(1,) * (n_lead - 1), v.shape[-1], *tail)
+
+
+def interval_spec(lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
+    """Bounds of ``spec @ x`` over the box (features flattened).
+
+    ``spec`` is ``(K, F)`` or ``(B, K, F)``; the result is ``(S, B, K)``.
+    """
+    c, r = mid_rad(lower.flatten(2), upper.flatten(2))
+    if spec.dim() == 2:
+        yc, yr = c @ spec.t(), r @ spec.abs().t()
+    else:
+        yc = torch.einsum("bkf,sbf->sbk", spec, c)
+        yr = torch.einsum("bkf,sbf->sbk", spec.abs(), r)
+    return yc - yr, yc + yr
+
+
+class BoundOp:
+    """Bound rules of one operator type. One instance per layer per call.
+
+    Subclasses implement :meth:`forward` (exact, with the resolved point
+    tensors), :meth:`ibp` and :meth:`crown_backward`; the engine sets
+    :attr:`in_shape` (feature shape of the input, without ``(S, B)``) before
+    calling them and, for ops with ``needs_input_bounds``, :attr:`input_bounds`.
+    """
+
+    passthrough: ClassVar[bool] = False  # identity map (Identity, Dropout)
+    is_linear: ClassVar[bool] = True  # affine in its input
+    mixing: ClassVar[bool] = True  # output coordinates mix several inputs
+    needs_input_bounds: ClassVar[bool] = False  # CROWN relaxation needs the input box
+    input_rank: ClassVar[int | None] = None  # feature rank it expects, if fixed
+    interval_keys: ClassVar[frozenset[str]] = frozenset()  # tensors that may be intervals
+
+    def __init__(self, module: nn.Module, name: str, tensors: LayerTensors) -> None:
+        self.module = module
+        self.name = name
+        self.t = tensors
+        self.in_shape: torch.Size | None = None
+        self.input_bounds: Box | None = None
+        bad = set(tensors.radius) - self.interval_keys
+        if bad:
+            raise ConfigError(
+                f"param_bounds for {', '.join(sorted(bad))} of layer '{name}' ({type(module).__name__}) not supported"
+            )
+
+    def label(self) -> str:
+        return f"'{self.name}' ({type(self.module).__name__})"
+
+    def sampled(self, key: str) -> bool:
+        return key in self.t.sampled
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Exact output for inputs ``x`` of shape ``(Sx, B, *features)``."""
+        raise NotImplementedError
+
+    def ibp(self, lower: Tensor, upper: Tensor) -> Box:
+        """Interval bounds of the output over the input box (and weight box)."""
+        raise NotImplementedError
+
+    def ibp_spec(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
+        """Interval bounds of ``spec @ output``; affine ops may fold ``spec`` in."""
+        lo, up = self.ibp(lower, upper)
+        return interval_spec(lo, up, spec)
+
+    def crown_backward(self, A_lo: Tensor, A_up: Tensor) -> BackwardResult:
+        """Push linear bounds ``A_lo y + .`` (lower) / ``A_up y + .`` (upper) on the
+        quantity of interest from this op's output ``y`` back to its input.
+
+        Returns ``(A_lo', b_lo, A_up', b_up)``; biases are None for zero.
+        ``A_up is A_lo`` is allowed (and kept) while no relaxation split them.
+        """
+        raise NotImplementedError(f"no CROWN rule for layer {self.label()}")
+
+
+class LinearOp(BoundOp):
+    """An affine op: CROWN back-substitution is exact, ``A -> A J``, ``b += A c``."""
+
+    def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(A J, A @ offset)`` for the op ``y = J x + offset``."""
+        raise NotImplementedError
+
+    def crown_backward(self, A_lo: Tensor, A_up: Tensor) -> BackwardResult:
+        if A_up is A_lo:
+            A, b = self.backward_linear(A_lo)
+            return A, b, A, b
+        if A_lo.shape == A_up.shape:
+            k = A_lo.shape[2]
+            A, b = self.backward_linear(torch.cat([A_lo, A_up], 2))
+            b_lo = b_up = None
+            if b is not None:
+                b_lo, b_up = b[..., :k], b[..., k:]
+            return A[:, :, :k], b_lo, A[:, :, k:], b_up
+        a1, b1 = self.backward_linear(A_lo)
+        a2, b2 = self.backward_linear(A_up)
+        return a1, b1, a2, b2
+
+
+class ElementwiseOp(BoundOp):
+    """A coordinate-wise nonlinearity with a linear relaxation on ``[l, u]``."""
+
+    is_linear = False
+    mixing = False
+    needs_input_bounds = True
+
+    def relax(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``(a_lo, c_lo, a_up, c_up)`` with ``a_lo x + c_lo <= f(x) <= a_up x + c_up``
+        for all ``x`` in ``[lower, upper]`` (None offsets mean 0)."""
+        raise NotImplementedError
+
+    def crown_backward(self, A_lo: Tensor, A_up: Tensor) -> BackwardResult:
+        assert self.input_bounds is not None
+        a_lo, c_lo, a_up, c_up = (None if t is None else t.unsqueeze(2) for t in self.relax(*self.input_bounds))
+
+        def side(A: Tensor, pos: tuple, neg: tuple) -> tuple[Tensor, Tensor | None]:
+            Ap, An = A.clamp(min=0), A.clamp(max=0)
+            A_new = Ap * pos[0] + An * neg[0]
+            b = add_opt(
+                None if pos[1] is None else sum_features(Ap * pos[1]),
+                None if neg[1] is None else sum_features(An * neg[1]),
+            )
+            return A_new, b
+
+        lo = (a_lo, c_lo)
+        up = (a_up, c_up)
+        A1, b1 = side(A_lo, lo, up)
+        A2, b2 = side(A_up, up, lo)
+        return A1, b1, A2, b2

@@ -1,0 +1,234 @@
+"""The bound engine: IBP forward pass, CROWN backward pass, and their drivers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
+from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, mid_rad
+from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
+from certbnn.bounds.params import check_layer_supported, flatten_layers, resolve_tensors
+from certbnn.bounds.registry import lookup_bound_class
+from certbnn.bounds.specs import resolve_tol, widen
+from certbnn.errors import ConfigError
+
+METHODS = ("ibp", "crown", "crown-ibp")
+# method="crown" refuses intermediate back-substitutions whose coefficient
+# tensor would exceed this many elements (2**28 float32 = 1 GiB).
+CROWN_MAX_ELEMENTS = 2**28
+
+ParamDict = Mapping[str, Tensor]
+BoxDict = Mapping[str, tuple[Tensor, Tensor]]
+
+
+class BoundsFallbackWarning(UserWarning):
+    """A requested method could not handle the configuration; a sound fallback was used."""
+
+
+def build_ops(model: nn.Module, params: ParamDict | None, param_bounds: BoxDict | None,
+              dtype: torch.dtype | None) -> tuple[list[BoundOp], int | None]:
+    """One bound op per leaf layer, with resolved tensors; and the sample count S."""
+    layers = flatten_layers(model)
+    for name, module in layers:
+        check_layer_supported(name, module)
+    tensors, S = resolve_tensors(layers, params, param_bounds, dtype)
+    ops = [lookup_bound_class(type(m))(m, n, t) for (n, m), t in zip(layers, tensors)]  # type: ignore[misc]
+    return ops, S
+
+
+def _expected_rank(ops: list[BoundOp]) -> int | None:
+    for op in ops:
+        if op.input_rank is not None:
+            return op.input_rank
+        if not isinstance(op, (ElementwiseOp, ChannelAffineOp, BoundIdentity)):
+            return None
+    return None
+
+
+def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | None,
+                   dtype: torch.dtype | None, input_has_samples: bool | None) -> tuple[Tensor, Tensor, bool]:
+    lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
+    if dtype is not None:
+        lower, upper = lower.to(dtype), upper.to(dtype)
+    if lower.shape != upper.shape:
+        raise ConfigError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
+    if not lower.is_floating_point() or lower.dtype != upper.dtype:
+        raise ConfigError(f"lower/upper must share one floating dtype, got {lower.dtype} and {upper.dtype}")
+    if bool((lower > upper).any()):
+        raise ConfigError("input box has lower > upper somewhere")
+    if input_has_samples is None:
+        rank = _expected_rank(ops)
+        input_has_samples = S is not None and rank is not None and lower.dim() == rank + 2
+    if input_has_samples:
+        if S is not None and lower.shape[0] not in (1, S):
+            raise ConfigError(f"input sample dim {lower.shape[0]} does not match the params' S = {S}")
+        return lower, upper, True
+    return lower.unsqueeze(0), upper.unsqueeze(0), False
+
+
+def _prepare_spec(spec: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor | None:
+    if spec is None:
+        return None
+    spec = torch.as_tensor(spec).to(dtype)
+    if spec.dim() == 3 and spec.shape[0] == 1:
+        spec = spec[0]
+    if spec.dim() == 2 or (spec.dim() == 3 and spec.shape[0] == batch):
+        return spec
+    raise ConfigError(f"spec must be (K_spec, K) or (B={batch}, K_spec, K), got {tuple(spec.shape)}")
+
+
+def _linear_bound(A: Tensor, x: Tensor) -> Tensor:
+    """``A x`` for ``A`` ``(Sa, Ba, K, *f)`` and ``x`` ``(Sx, B, *f)`` -> ``(S, B, K)``."""
+    A, x = A.flatten(3), x.flatten(2)
+    if A.shape[1] == 1 and x.shape[1] != 1:
+        return torch.matmul(x, A[:, 0].transpose(-1, -2))
+    return torch.matmul(A, x.unsqueeze(-1)).squeeze(-1)
+
+
+def crown_backward_pass(ops: list[BoundOp], A0: Tensor, lower: Tensor, upper: Tensor) -> Box:
+    """Back-substitute ``A0 @ output(ops)`` to the input box ``[lower, upper]``; return ``(S, B, K)`` bounds."""
+    A_lo = A_up = A0
+    b_lo = b_up = None
+    for op in reversed(ops):
+        A_lo, bl, A_up, bu = op.crown_backward(A_lo, A_up)
+        b_lo, b_up = add_opt(b_lo, bl), add_opt(b_up, bu)
+    c, r = mid_rad(lower, upper)
+    if A_up is A_lo:
+        centre, spread = _linear_bound(A_lo, c), _linear_bound(A_lo.abs(), r)
+        lo, up = centre - spread, centre + spread
+    else:
+        lo = _linear_bound(A_lo, c) - _linear_bound(A_lo.abs(), r)
+        up = _linear_bound(A_up, c) + _linear_bound(A_up.abs(), r)
+    return add_opt(lo, b_lo), add_opt(up, b_up)  # type: ignore[return-value]
+
+
+def _ibp_exact(prefix: list[BoundOp]) -> bool:
+    """IBP is already exact on an affine chain with at most one mixing op."""
+    return all(op.is_linear for op in prefix) and sum(op.mixing for op in prefix) <= 1
+
+
+def _crown_intermediate(prefix: list[BoundOp], lower: Tensor, upper: Tensor, feat: torch.Size, S: int | None) -> Box:
+    n = feat.numel()
+    widest = max([lower[0, 0].numel()] + [op.in_shape.numel() for op in prefix if op.in_shape is not None])
+    need = (S or 1) * lower.shape[1] * n * widest
+    if need > CROWN_MAX_ELEMENTS:
+        raise ConfigError(
+            f"method='crown' needs ~{need / 2**28:.1f} GiB (float32) of coefficients for the input of layer "
+            f"{prefix[-1].label()}; use method='crown-ibp' (IBP intermediate bounds)")
+    eye = torch.eye(n, dtype=lower.dtype, device=lower.device).view(1, 1, n, *feat)
+    lo, up = crown_backward_pass(prefix, eye, lower, upper)
+    return lo.view(*lo.shape[:2], *feat), up.view(*up.shape[:2], *feat)
+
+
+def _out_shape(op: BoundOp, lower: Tensor) -> torch.Size:
+    """Feature shape of ``op``'s output for inputs shaped like ``lower`` (one-example probe)."""
+    with torch.no_grad():
+        return op.forward(lower.new_zeros(1, 1, *lower.shape[2:])).shape[2:]
+
+
+def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method: str, spec: Tensor | None,
+                       S: int | None, collect: list | None = None) -> Box:
+    """IBP through ``ops`` (``spec`` folded into the last real op), storing each op's
+    input shape and, where needed, input bounds (tightened by CROWN for ``"crown"``)."""
+    last = max((i for i, op in enumerate(ops) if not op.passthrough), default=-1)
+    l, u = lower, upper
+    for i, op in enumerate(ops):
+        op.in_shape = l.shape[2:]
+        if op.needs_input_bounds:
+            if method == "crown" and not _ibp_exact(ops[:i]):
+                cl, cu = _crown_intermediate(ops[:i], lower, upper, l.shape[2:], S)
+                l, u = torch.maximum(l, cl), torch.minimum(u, cu)
+            op.input_bounds = (l, u)
+        if i == last and spec is not None:
+            out_numel = _out_shape(op, l).numel()
+            if spec.shape[-1] != out_numel:
+                raise ConfigError(f"spec has {spec.shape[-1]} columns but the model has {out_numel} outputs")
+            return op.ibp_spec(l, u, spec)
+        l, u = op.ibp(l, u)
+        if collect is not None:
+            collect.append((op.name, l, u))
+    return (l, u) if spec is None else interval_spec(l, u, spec)
+
+
+def _finish(lo: Tensor, up: Tensor, sampled: bool, S: int | None) -> Box:
+    if not sampled:
+        return lo[0], up[0]
+    if S is not None and lo.shape[0] != S:
+        lo, up = lo.expand(S, *lo.shape[1:]), up.expand(S, *up.shape[1:])
+    return lo, up
+
+
+def compute_bounds(
+    model: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    method: str = "ibp",
+    params: ParamDict | None = None,
+    param_bounds: BoxDict | None = None,
+    spec: Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    tol: float | tuple[float, float] | str | None = None,
+    intersect_ibp: bool = True,
+    input_has_samples: bool | None = None,
+) -> Box:
+    """Sound lower/upper bounds of ``model(x)`` (or ``spec @ model(x)``) over ``x`` in ``[lower, upper]``.
+
+    See the package docstring (:mod:`certbnn.bounds`) for the full contract.
+    Shapes: ``lower``/``upper`` ``(B, *in)`` (or ``(S, B, *in)``); result
+    ``([S,] B, *out)`` without spec, ``([S,] B, K_spec)`` with one; the leading
+    ``S`` is present iff some parameter (or the input) carries samples.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
+    if param_bounds and method != "ibp":
+        warnings.warn(f"method='{method}' does not support param_bounds (weight intervals); using IBP",
+                      BoundsFallbackWarning, stacklevel=2)
+        method = "ibp"
+    ops, S = build_ops(model, params, param_bounds, dtype)
+    l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
+    if x_sampled and S is None:
+        S = l.shape[0]
+    spec_t = _prepare_spec(spec, l.shape[1], l.dtype)
+    ibp_lo, ibp_up = _forward_intervals(ops, l, u, method, spec_t, S)
+    lo, up = ibp_lo, ibp_up
+    if method != "ibp":
+        real = [op for op in ops if not op.passthrough]
+        out_feat = _out_shape(real[-1], l.new_zeros(1, 1, *real[-1].in_shape)) if real else l.shape[2:]
+        if spec_t is None:
+            n = out_feat.numel()
+            A0 = torch.eye(n, dtype=l.dtype, device=l.device).view(1, 1, n, *out_feat)
+        else:
+            A0 = spec_t.view(1, -1 if spec_t.dim() == 3 else 1, spec_t.shape[-2], *out_feat)
+        lo, up = crown_backward_pass(ops, A0, l, u)
+        if spec_t is None:
+            lo, up = lo.view(*lo.shape[:2], *out_feat), up.view(*up.shape[:2], *out_feat)
+        if intersect_ibp:
+            lo, up = torch.maximum(lo, ibp_lo), torch.minimum(up, ibp_up)
+    lo, up = _finish(lo, up, x_sampled or S is not None, S)
+    rt = resolve_tol(tol, lo.dtype)
+    return widen(lo, up, *rt) if rt is not None else (lo, up)
+
+
+def interval_forward(
+    model: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    params: ParamDict | None = None,
+    param_bounds: BoxDict | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    input_has_samples: bool | None = None,
+) -> list[tuple[str, Tensor, Tensor]]:
+    """IBP bounds of every layer's output: ``[(layer_name, lower, upper), ...]`` in order."""
+    ops, S = build_ops(model, params, param_bounds, dtype)
+    l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
+    if x_sampled and S is None:
+        S = l.shape[0]
+    out: list[tuple[str, Tensor, Tensor]] = []
+    _forward_intervals(ops, l, u, "ibp", None, S, collect=out)
+    return [(n, *_finish(a, b, x_sampled or S is not None, S)) for n, a, b in out]

@@ -1,0 +1,218 @@
+"""Bound rules of the weight layers: ``nn.Linear`` and ``nn.Conv2d``.
+
+IBP uses the midpoint-radius form (``c' = W c + b``, ``r' = |W| r``); with a
+weight box ``W in [Wc +- Wr]`` the bilinear product adds
+``Wr (|c| + r)`` to the radius. Sampled weights ``(S, ...)`` run as one
+batched matmul (Linear) or one grouped convolution with ``S * groups`` groups
+(Conv2d). CROWN back-substitution is ``A W`` (Linear) or a transposed
+convolution (Conv2d).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certbnn.bounds.base import Box, LinearOp, mid_rad, sum_features
+from certbnn.bounds.registry import register_bound
+from certbnn.errors import UnsupportedLayerError
+
+
+def linear_vjp(fn, in_shape: tuple[int, ...], cot: Tensor) -> Tensor:
+    """``J^T cot`` for a linear map ``fn`` (differentiable in ``cot``)."""
+    with torch.enable_grad():
+        x = torch.zeros(in_shape, dtype=cot.dtype, device=cot.device, requires_grad=True)
+        (g,) = torch.autograd.grad(fn(x), x, cot, create_graph=cot.requires_grad)
+    return g
+
+
+def _bias_view(b: Tensor, ndim: int) -> Tensor:
+    """View a sampled bias ``(S, out)`` against ``(S, ..., out)`` with ``ndim`` dims."""
+    return b.view(b.shape[0], *(1,) * (ndim - 2), b.shape[-1])
+
+
+def linear_apply(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x W^T + b`` for ``x`` ``(Sx, B, *mid, in)``, ``W`` ``(out, in)`` or ``(S, out, in)``,
+    ``b`` ``(out,)`` or ``(S, out)``; one GEMM / one batched matmul."""
+    if W.dim() == 2:
+        if b is None or b.dim() == 1:
+            return F.linear(x, W, b)
+        y = F.linear(x, W)
+    else:
+        y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), W.transpose(1, 2))
+        y = y.view(y.shape[0], *x.shape[1:-1], W.shape[1])
+        if b is None:
+            return y
+        if b.dim() == 1:
+            return y + b
+    return y + _bias_view(b, y.dim())
+
+
+def _per_example_apply(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """``W x + b`` with per-example ``W`` ``([S,] B, K, in)`` and ``x`` ``(Sx, B, in)``."""
+    y = torch.matmul(W, x.unsqueeze(-1)).squeeze(-1)
+    return y if b is None else y + b
+
+
+@register_bound(nn.Linear)
+class BoundLinear(LinearOp):
+    """``y = x W^T + b``. Folds a final ``spec`` into ``W`` for tighter IBP."""
+
+    input_rank = 1
+    interval_keys = frozenset({"weight", "bias"})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_apply(x, self.t.values["weight"], self.t.get("bias"))
+
+    @staticmethod
+    def _ibp(c: Tensor, r: Tensor, W: Tensor, Wr: Tensor | None, b: Tensor | None, br: Tensor | None, apply) -> Box:
+        yc = apply(c, W, b)
+        yr = apply(r, W.abs(), br)
+        if Wr is not None:
+            yr = yr + apply(c.abs() + r, Wr, None)
+        return yc - yr, yc + yr
+
+    def ibp(self, lower: Tensor, upper: Tensor) -> Box:
+        v, rad = self.t.values, self.t.radius
+        c, r = mid_rad(lower, upper)
+        return self._ibp(c, r, v["weight"], rad.get("weight"), v.get("bias"), rad.get("bias"), linear_apply)
+
+    def ibp_spec(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
+        if lower.dim() != 3:
+            return super().ibp_spec(lower, upper, spec)
+        v, rad = self.t.values, self.t.radius
+        W, Wr, b, br = v["weight"], rad.get("weight"), v.get("bias"), rad.get("bias")
+        sa = spec.abs()
+        c, r = mid_rad(lower, upper)
+        if spec.dim() == 2:  # (K, out): an ordinary Linear with K outputs
+            Wf = spec @ W
+            bf = None if b is None else b @ spec.t()
+            Wrf = None if Wr is None else sa @ Wr
+            brf = None if br is None else br @ sa.t()
+            return self._ibp(c, r, Wf, Wrf, bf, brf, linear_apply)
+        # (B, K, out): per-example weights ([S,] B, K, in)
+        Wf = torch.einsum("bko,...oi->...bki", spec, W)
+        bf = None if b is None else torch.einsum("bko,...o->...bk", spec, b)
+        Wrf = None if Wr is None else torch.einsum("bko,...oi->...bki", sa, Wr)
+        brf = None if br is None else torch.einsum("bko,...o->...bk", sa, br)
+        return self._ibp(c, r, Wf, Wrf, bf, brf, _per_example_apply)
+
+    def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
+        W, b = self.t.values["weight"], self.t.get("bias")
+        if W.dim() == 2:
+            A_new = torch.matmul(A, W)
+        else:
+            A_new = torch.matmul(A.reshape(A.shape[0], -1, A.shape[-1]), W)
+            A_new = A_new.view(A_new.shape[0], *A.shape[1:-1], W.shape[-1])
+        if b is None:
+            return A_new, None
+        if b.dim() == 1:
+            return A_new, sum_features(torch.matmul(A, b))
+        return A_new, sum_features((A * _bias_view(b, A.dim())).sum(-1))
+
+
+@register_bound(nn.Conv2d)
+class BoundConv2d(LinearOp):
+    """2-D convolution, any stride / padding (incl. 'same', non-zero modes) / dilation / groups."""
+
+    input_rank = 3
+    interval_keys = frozenset({"weight", "bias"})
+
+    def __init__(self, module: nn.Module, name: str, tensors) -> None:
+        super().__init__(module, name, tensors)
+        m: nn.Conv2d = module  # type: ignore[assignment]
+        kh, kw = m.kernel_size
+        dh, dw = m.dilation
+        if isinstance(m.padding, str):
+            if m.padding == "valid":
+                pads = (0, 0, 0, 0)
+            else:  # 'same' (stride 1): torch pads total d*(k-1), the extra one at the end
+                th, tw = dh * (kh - 1), dw * (kw - 1)
+                pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            ph, pw = m.padding
+            pads = (pw, pw, ph, ph)
+        self.mode = {"zeros": "constant"}.get(m.padding_mode, m.padding_mode)
+        if self.mode not in ("constant", "reflect", "replicate", "circular"):
+            raise UnsupportedLayerError(f"layer {self.label()}: padding_mode '{m.padding_mode}' not supported")
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        if self.mode == "constant" and symmetric:
+            self.sym_pad, self.pads = (pads[2], pads[0]), None
+        else:
+            self.sym_pad, self.pads = (0, 0), pads
+        self.conv_args = dict(stride=m.stride, dilation=m.dilation)
+        self.groups = m.groups
+
+    def _pad4(self, x: Tensor) -> Tensor:
+        return x if self.pads is None or not any(self.pads) else F.pad(x, self.pads, mode=self.mode)
+
+    def _conv(self, x: Tensor, W: Tensor, b: Tensor | None, w_sampled: bool, b_sampled: bool) -> Tensor:
+        """Convolve ``x`` ``(Sx, B, C, H, W)`` with point weights (sampled: ``(S, Co, ...)``)."""
+        Sx, B = x.shape[:2]
+        args = dict(self.conv_args, padding=self.sym_pad)
+        if not w_sampled:
+            fused = b if not b_sampled else None
+            y = F.conv2d(self._pad4(x.flatten(0, 1)), W, fused, groups=self.groups, **args).unflatten(0, (Sx, B))
+            return y if b is None or fused is not None else y + _bias_view(b, 3).unsqueeze(-1).unsqueeze(-1)
+        S, Co = W.shape[:2]
+        if Sx == 1 and self.groups == 1:  # shared input: stack the S kernels as output channels
+            y = F.conv2d(self._pad4(x[0]), W.flatten(0, 1), None, groups=1, **args)
+        else:  # fold S into channels: one grouped conv with S * groups groups
+            xs = x.expand(S, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+            y = F.conv2d(self._pad4(xs), W.flatten(0, 1), None, groups=self.groups * S, **args)
+        y = y.unflatten(1, (S, Co)).transpose(0, 1)
+        if b is None:
+            return y
+        return y + (b.view(-1, 1, 1) if b.dim() == 1 else _bias_view(b, 3).unsqueeze(-1).unsqueeze(-1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.sampled
+        return self._conv(x, self.t.values["weight"], self.t.get("bias"), s("weight"), s("bias"))
+
+    def ibp(self, lower: Tensor, upper: Tensor) -> Box:
+        v, rad, s = self.t.values, self.t.radius, self.sampled
+        W, b = v["weight"], v.get("bias")
+        c, r = mid_rad(lower, upper)
+        yc = self._conv(c, W, b, s("weight"), s("bias"))
+        yr = self._conv(r, W.abs(), rad.get("bias"), s("weight"), s("bias"))
+        if "weight" in rad:
+            yr = yr + self._conv(c.abs() + r, rad["weight"], None, s("weight"), False)
+        return yc - yr, yc + yr
+
+    def _unpad(self, G: Tensor, H: int, Wd: int) -> Tensor:
+        if self.pads is None or not any(self.pads):
+            return G
+        pl, _, pt, _ = self.pads
+        if self.mode == "constant":
+            return G[..., pt : pt + H, pl : pl + Wd]
+        shape = (*G.shape[:-2], H, Wd)
+        return linear_vjp(lambda z: F.pad(z, self.pads, mode=self.mode), shape, G)
+
+    def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
+        assert self.in_shape is not None
+        W, b = self.t.values["weight"], self.t.get("bias")
+        Sa, Ba, K, Co, Ho, Wo = A.shape
+        C, H, Wd = self.in_shape
+        pl, pr, pt, pb = self.pads or (0, 0, 0, 0)
+        (sh, sw), (dh, dw) = self.conv_args["stride"], self.conv_args["dilation"]
+        kh, kw = W.shape[-2:]
+        ph, pw = self.sym_pad
+        out_pad = (
+            H + pt + pb - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1),
+            Wd + pl + pr - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1),
+        )
+        args = dict(stride=(sh, sw), padding=(ph, pw), output_padding=out_pad, dilation=(dh, dw))
+        if not self.sampled("weight"):
+            G = F.conv_transpose2d(A.reshape(-1, Co, Ho, Wo), W, None, groups=self.groups, **args)
+            G = self._unpad(G, H, Wd).view(Sa, Ba, K, C, H, Wd)
+        else:
+            S = W.shape[0]
+            A5 = A.expand(S, Ba, K, Co, Ho, Wo).permute(1, 2, 0, 3, 4, 5).reshape(Ba * K, S * Co, Ho, Wo)
+            G = F.conv_transpose2d(A5, W.flatten(0, 1), None, groups=self.groups * S, **args)
+            G = self._unpad(G, H, Wd).view(Ba, K, S, C, H, Wd).permute(2, 0, 1, 3, 4, 5)
+        if b is None:
+            return G, None
+        As = A.sum((-2, -1))
+        bias = As @ b if b.dim() == 1 else (As * b.view(b.shape[0], 1, 1, -1)).sum(-1)
+        return G, bias

@@ -1,0 +1,124 @@
+"""Flatten a model into its layers and resolve each layer's tensors.
+
+A layer's tensors are its own parameters and buffers, replaced by entries of
+``params`` (point values, optionally with a leading sample dimension ``S``)
+and of ``param_bounds`` (weight intervals ``(low, high)``, also optionally with
+a leading ``S``). Names are those of ``model.named_parameters()`` /
+``model.named_buffers()``, e.g. ``"0.weight"`` or ``"2.1.bias"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from certbnn.errors import ConfigError, UnsupportedLayerError
+
+
+@dataclass
+class LayerTensors:
+    """Resolved tensors of one layer (keys are local names, e.g. ``"weight"``).
+
+    ``values[k]`` is the point value (the centre for interval tensors);
+    ``radius[k]`` exists for interval tensors only; keys in ``sampled`` carry a
+    leading sample dimension ``S`` on both.
+    """
+
+    values: dict[str, Tensor] = field(default_factory=dict)
+    radius: dict[str, Tensor] = field(default_factory=dict)
+    sampled: set[str] = field(default_factory=set)
+
+    def get(self, key: str) -> Tensor | None:
+        return self.values.get(key)
+
+
+def flatten_layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(qualified_name, module)`` of every leaf layer of nested Sequentials, in order."""
+    from certbnn.bounds.registry import lookup_bound_class
+
+    if isinstance(model, nn.Sequential) and lookup_bound_class(type(model)) is None:
+        out: list[tuple[str, nn.Module]] = []
+        for name, child in model.named_children():
+            out.extend(flatten_layers(child, f"{prefix}{name}."))
+        return out
+    return [(prefix[:-1], model)]
+
+
+def _sample_dim(name: str, given: Tensor, own: Tensor) -> bool:
+    """True if ``given`` is ``own``-shaped with one extra leading sample dim."""
+    if given.shape == own.shape:
+        return False
+    if given.dim() == own.dim() + 1 and given.shape[1:] == own.shape:
+        return True
+    raise ConfigError(f"params entry '{name}' has shape {tuple(given.shape)}, expected {tuple(own.shape)} or (S, *{tuple(own.shape)})")
+
+
+def resolve_tensors(
+    layers: list[tuple[str, nn.Module]],
+    params: Mapping[str, Tensor] | None,
+    param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None,
+    dtype: torch.dtype | None,
+) -> tuple[list[LayerTensors], int | None]:
+    """Resolve every layer's tensors; return them and the sample count ``S`` (None if unsampled)."""
+    params = dict(params or {})
+    param_bounds = dict(param_bounds or {})
+    known: set[str] = set()
+    sizes: dict[str, int] = {}
+    resolved: list[LayerTensors] = []
+    for lname, module in layers:
+        lt = LayerTensors()
+        own = dict(module.named_parameters(recurse=True))
+        own.update(dict(module.named_buffers(recurse=True)))
+        for key, t in own.items():
+            full = f"{lname}.{key}" if lname else key
+            known.add(full)
+            if t is None:
+                continue
+            if full in param_bounds:
+                pair = param_bounds[full]
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise ConfigError(f"param_bounds entry '{full}' must be a (low, high) pair")
+                lo, hi = (torch.as_tensor(p) for p in pair)
+                if lo.shape != hi.shape:
+                    raise ConfigError(f"param_bounds entry '{full}': low {tuple(lo.shape)} and high {tuple(hi.shape)} differ in shape")
+                if dtype is not None:
+                    lo, hi = lo.to(dtype), hi.to(dtype)
+                if bool((lo > hi).any()):
+                    raise ConfigError(f"param_bounds entry '{full}' has low > high")
+                if _sample_dim(full, lo, t):
+                    lt.sampled.add(key)
+                    sizes[full] = lo.shape[0]
+                centre = (lo + hi) / 2
+                lt.values[key] = centre
+                # max() keeps the box outward-rounded: centre +- radius contains [lo, hi]
+                lt.radius[key] = torch.maximum(hi - centre, centre - lo)
+            elif full in params:
+                v = torch.as_tensor(params[full])
+                if _sample_dim(full, v, t):
+                    lt.sampled.add(key)
+                    sizes[full] = v.shape[0]
+                lt.values[key] = v if dtype is None else v.to(dtype)
+            else:
+                lt.values[key] = t if dtype is None else t.to(dtype)
+        resolved.append(lt)
+    unknown = (set(params) | set(param_bounds)) - known
+    if unknown:
+        raise ConfigError(f"params/param_bounds name(s) not in the model: {', '.join(sorted(unknown))}")
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        raise ConfigError(f"sampled tensors disagree on the sample count S: {sizes}")
+    return resolved, (distinct.pop() if distinct else None)
+
+
+def check_layer_supported(name: str, module: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` if no bound rule is registered for ``module``."""
+    from certbnn.bounds.registry import lookup_bound_class
+
+    if lookup_bound_class(type(module)) is None:
+        raise UnsupportedLayerError(
+            f"layer '{name}' ({type(module).__name__}) has no bound rule; "
+            "register one with certbnn.bounds.register_bound"
+        )

@@ -1,0 +1,93 @@
+"""``certbnn train``: fit a (robust) posterior; flags mirror the TOML config keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from certbnn.config import FIELDS, load_toml, make_config, parse_option
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+HELP = {
+    "dataset": "data set name (mnist, fashion-mnist, cifar10, or a registered one)",
+    "data_dir": "directory holding the data set (default: $CERTBNN_DATA, user cache, /usr/share/datasets)",
+    "model": "architecture: mlp:512 (the paper's MNIST MLP), mlp:1024,512, cifar-small, cnn:16c4,32c4,p2,100[@tanh]",
+    "method": "inference method: sgd, adam, bbb, noisy-adam, vogn, swag, hmc, sghmc",
+    "likelihood": "standard (plain softmax), ibp / crown-ibp / crown (certifiably robust), fgsm / pgd (adversarial)",
+    "lam": "weight of the clean term in the robust/adversarial mixture, in [0, 1] (paper: 0.25)",
+    "mix": "prob: -log(lam p + (1-lam) p_worst) (the paper's); loss: lam CE + (1-lam) CE_worst",
+    "margins": "build worst-case logits from margin bounds z_y - z_j (tighter than separate logit bounds)",
+    "eps": "training radius in pixel units, reached by the linear ramp (paper MNIST: 0.11)",
+    "warmup_epochs": "epochs at eps = 0 before the ramp starts",
+    "ramp_fraction": "fraction of the post-warm-up steps over which eps ramps linearly, then holds",
+    "epochs": "training epochs (full-batch HMC: proposals)",
+    "batch_size": "minibatch size",
+    "lr": "learning rate (or HMC step size is a method option); method default when omitted",
+    "kl_weight": "BBB: weight of KL/N in the ELBO, the posterior temperature (1 = proper ELBO)",
+    "prior_scale": "prior variance = prior_scale / fan_in, per layer",
+    "seed": "random seed: held-out split, initialisation, shuffling and weight noise",
+    "limit_train": "train on only the first N (shuffled) training examples",
+    "val_size": "training examples held out for per-epoch validation (0 disables)",
+    "val_samples": "posterior samples used by the per-epoch validation",
+    "device": "cpu, cuda[:N] or auto (GPU when available)",
+    "init_from": "warm start: a posterior file or run directory (same architecture) whose mean gives the initial weights, e.g. an SGD run before HMC",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a (certifiably robust) Bayesian neural network",
+        description="Train a posterior with the chosen inference method and likelihood. Settings come "
+                    "from the defaults, then --config FILE.toml, then flags. Writes RUN_DIR/config.json, "
+                    "checkpoint.safetensors (every epoch), posterior.safetensors and metrics.json.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run directory to write")
+    parser.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below")
+    parser.add_argument("--resume", action="store_true", default=False,
+                        help="continue the run in RUN_DIR from its last checkpoint (same settings)")
+    parser.add_argument("--no-progress", action="store_true", default=False, help="hide progress bars")
+    parser.add_argument("--opt", action="append", metavar="KEY=VALUE", dest="method_opt",
+                        help="method option, e.g. --opt num_leapfrog=25 (repeatable)")
+    parser.add_argument("--lik-opt", action="append", metavar="KEY=VALUE", dest="likelihood_opt",
+                        help="likelihood option, e.g. --lik-opt steps=20 (repeatable)")
+    for name, f in FIELDS.items():
+        if name in ("method_options", "likelihood_options"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = _TYPES[str(f.type).removesuffix(" | None")]
+        help_text = f"{HELP[name]} (default {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, help=help_text)
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from certbnn.training import CONFIG, train
+
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    if args.__dict__.get("method_opt"):
+        given["method_options"] = dict(parse_option(o) for o in args.method_opt)
+    if args.__dict__.get("likelihood_opt"):
+        given["likelihood_options"] = dict(parse_option(o) for o in args.likelihood_opt)
+    file_values = load_toml(args.config) if getattr(args, "config", None) else {}
+    if args.resume:
+        saved_path = Path(args.out) / CONFIG
+        if not saved_path.exists():
+            from certbnn.errors import CertbnnError
+            raise CertbnnError(f"{args.out}: nothing to resume (no {CONFIG})")
+        if given or file_values:
+            from certbnn.errors import ConfigError
+            raise ConfigError("--resume continues a run with its saved settings; drop the other settings")
+        config = make_config(json.loads(saved_path.read_text()), {})
+    else:
+        config = make_config(file_values, given)
+    metrics = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    final = metrics["final"]
+    summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("test_accuracy", "certified_accuracy_ibp") if k in final)
+    print(f"wrote {args.out} ({summary}; {metrics['seconds_per_epoch']:.1f} s per epoch)")
+    return 0

@@ -1,0 +1,225 @@
+"""Point estimates (the deterministic "NN" baseline): MAP by SGD with momentum or Adam.
+
+Both minimise the per-example MAP objective
+
+    L(w) = mean_batch nll(w) - prior_weight * log p(w) / N,
+
+i.e. the negative log posterior divided by N (``prior_weight = 1``: MAP;
+``prior_weight = 0``: maximum likelihood; other values temper the prior).
+``weight_decay`` adds ``weight_decay * w`` to the gradient on top of that (coupled
+L2, as ``torch.optim``), default 0. The updates are written out here (not wrapped
+``torch.optim``) so the optimiser state is plain tensors in the method state and
+checkpoints through :func:`~certbnn.inference.base.flatten_state`:
+
+* SGD with heavy-ball momentum mu (``torch.optim.SGD`` convention, no dampening):
+  ``v <- mu v + g;  w <- w - lr v``.
+* Adam (Kingma & Ba 2015), bias-corrected, at step t = 1, 2, ...:
+  ``m <- b1 m + (1 - b1) g;  s <- b2 s + (1 - b2) g^2;
+  w <- w - lr (m / (1 - b1^t)) / (sqrt(s / (1 - b2^t)) + eps)``.
+
+``posterior(state)`` is a :class:`~certbnn.posterior.SamplePosterior` holding the
+single weight set (M = 1), so certification code treats point estimates like any
+other sample-based posterior. The helpers below are shared with SWAG.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from certbnn.errors import ConfigError
+from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
+from certbnn.posterior import SamplePosterior
+from certbnn.priors import GaussianPrior
+
+__all__ = ["SGD", "Adam", "SGDState", "AdamState", "map_gradient", "sgd_update", "adam_update"]
+
+
+# --- validation shared by the point-estimate methods and SWAG ------------------------
+
+def check_common(method: Any) -> None:
+    """ConfigError for a bad prior / num_data / lr / weight_decay / prior_weight."""
+    if not isinstance(method.prior, GaussianPrior):
+        raise ConfigError(f"{method.name}: prior must be a GaussianPrior, got {type(method.prior).__name__}")
+    if isinstance(method.num_data, bool) or not isinstance(method.num_data, int) or method.num_data < 1:
+        raise ConfigError(f"{method.name}: num_data must be a positive int, got {method.num_data!r}")
+    check_number(method, "lr", method.lr, low=0.0, low_open=True)
+    check_number(method, "weight_decay", method.weight_decay, low=0.0)
+    check_number(method, "prior_weight", method.prior_weight, low=0.0)
+
+
+def check_number(method: Any, option: str, value: Any, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """ConfigError naming ``option`` unless ``value`` is a finite real in the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{method.name}: option {option} must be a finite number in {interval}, got {value!r}")
+
+
+def check_betas(method: Any) -> None:
+    betas = method.betas
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ConfigError(f"{method.name}: option betas must be a pair (beta1, beta2), got {betas!r}")
+    for value in betas:
+        check_number(method, "betas", value, low=0.0, high=1.0, high_open=True)
+    check_number(method, "eps", method.eps, low=0.0, low_open=True)
+
+
+# --- objective and updates ------------------------------------------------------------
+
+def map_gradient(params: Params, batch: Batch, nll: NLL, prior: GaussianPrior, prior_weight: float,
+                 num_data: int) -> tuple[Params, dict[str, float]]:
+    """Gradient of ``mean nll - prior_weight * log p(w) / N`` at ``params``, and an info
+    dict with the objective (``loss``) and the batch mean NLL (``nll``)."""
+    x, y = batch
+    leaves = requires_grad(params)
+    data_term = nll(leaves, x, y).mean()
+    loss = data_term
+    if prior_weight != 0:
+        loss = data_term - (prior_weight / num_data) * prior.log_prob(leaves)
+    grads = grad_of(loss, leaves)
+    loss_value, nll_value = torch.stack([loss.detach(), data_term.detach()]).tolist()
+    return grads, {"loss": loss_value, "nll": nll_value}
+
+
+def _with_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
+    return grad if weight_decay == 0 else grad + weight_decay * param
+
+
+def sgd_update(params: Params, grads: Params, velocity: Params, lr: float, momentum: float,
+               weight_decay: float) -> tuple[Params, Params]:
+    """One heavy-ball step: ``v <- momentum v + g; w <- w - lr v`` (out of place)."""
+    new_params, new_velocity = {}, {}
+    for name, param in params.items():
+        v = momentum * velocity[name] + _with_decay(grads[name], param, weight_decay)
+        new_velocity[name] = v
+        new_params[name] = param - lr * v
+    return new_params, new_velocity
+
+
+def adam_update(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Params, step: int, lr: float,
+                betas: tuple[float, float], eps: float,
+                weight_decay: float) -> tuple[Params, Params, Params]:
+    """One bias-corrected Adam step number ``step`` (1-based), out of place."""
+    beta1, beta2 = betas
+    correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    new_params, new_avg, new_avg_sq = {}, {}, {}
+    for name, param in params.items():
+        g = _with_decay(grads[name], param, weight_decay)
+        m = beta1 * exp_avg[name] + (1.0 - beta1) * g
+        s = beta2 * exp_avg_sq[name] + (1.0 - beta2) * g * g
+        new_avg[name], new_avg_sq[name] = m, s
+        new_params[name] = param - (lr / correction1) * m / ((s / correction2).sqrt() + eps)
+    return new_params, new_avg, new_avg_sq
+
+
+def zeros_like(params: Params) -> Params:
+    return {name: torch.zeros_like(p) for name, p in params.items()}
+
+
+def detached_copy(params: Params) -> Params:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def point_posterior(params: Params) -> SamplePosterior:
+    """A one-sample posterior (M = 1) at ``params``."""
+    return SamplePosterior({name: p.detach().clone().unsqueeze(0) for name, p in params.items()})
+
+
+# --- the methods ------------------------------------------------------------------------
+
+@dataclass
+class SGDState:
+    params: Params
+    velocity: Params
+    num_steps: int = 0
+
+
+@dataclass
+class AdamState:
+    params: Params
+    exp_avg: Params
+    exp_avg_sq: Params
+    num_steps: int = 0
+
+
+@register_method
+@dataclass(frozen=True)
+class SGD:
+    """MAP / maximum-likelihood point estimate by SGD with momentum (see module doc)."""
+
+    name: ClassVar[str] = "sgd"
+    full_batch: ClassVar[bool] = False
+
+    prior: GaussianPrior
+    num_data: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    prior_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        check_number(self, "momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+
+    def init(self, params: Params, generator: torch.Generator | None = None) -> SGDState:
+        start = detached_copy(params)
+        return SGDState(start, zeros_like(start), 0)
+
+    def step(self, state: SGDState, batch: Batch, nll: NLL,
+             generator: torch.Generator | None = None) -> tuple[SGDState, dict[str, float]]:
+        grads, info = map_gradient(state.params, batch, nll, self.prior, self.prior_weight, self.num_data)
+        params, velocity = sgd_update(state.params, grads, state.velocity, self.lr, self.momentum,
+                                      self.weight_decay)
+        return SGDState(params, velocity, state.num_steps + 1), info
+
+    def end_epoch(self, state: SGDState, epoch: int) -> SGDState:
+        return state
+
+    def posterior(self, state: SGDState) -> SamplePosterior:
+        return point_posterior(state.params)
+
+
+@register_method
+@dataclass(frozen=True)
+class Adam:
+    """MAP / maximum-likelihood point estimate by bias-corrected Adam (see module doc)."""
+
+    name: ClassVar[str] = "adam"
+    full_batch: ClassVar[bool] = False
+
+    prior: GaussianPrior
+    num_data: int
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    prior_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        check_betas(self)
+
+    def init(self, params: Params, generator: torch.Generator | None = None) -> AdamState:
+        start = detached_copy(params)
+        return AdamState(start, zeros_like(start), zeros_like(start), 0)
+
+    def step(self, state: AdamState, batch: Batch, nll: NLL,
+             generator: torch.Generator | None = None) -> tuple[AdamState, dict[str, float]]:
+        grads, info = map_gradient(state.params, batch, nll, self.prior, self.prior_weight, self.num_data)
+        step = state.num_steps + 1
+        params, exp_avg, exp_avg_sq = adam_update(state.params, grads, state.exp_avg, state.exp_avg_sq, step,
+                                                  self.lr, tuple(self.betas), self.eps, self.weight_decay)
+        return AdamState(params, exp_avg, exp_avg_sq, step), info
+
+    def end_epoch(self, state: AdamState, epoch: int) -> AdamState:
+        return state
+
+    def posterior(self, state: AdamState) -> SamplePosterior:
+        return point_posterior(state.params)

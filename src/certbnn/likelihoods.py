@@ -1,0 +1,197 @@
+"""Likelihoods: per-example negative log-likelihoods of a batch under given weights.
+
+Every likelihood has ``nll(model, params, x, y, eps) -> Tensor`` returning shape
+(B,) for point ``params`` or (S, B) when ``params`` carry a leading sample
+dimension S (see :mod:`certbnn.functional`). ``eps`` is the current training
+radius in pixel units (ignored by the non-robust likelihoods); ``generator``
+drives any randomness (PGD random starts) so that runs are reproducible. Build one by
+name with :func:`make_likelihood`.
+
+The robust likelihood (Wicker et al. 2021, SPEC §2): bound the logits over the
+input box ``[clip(x - eps, 0, 1), clip(x + eps, 0, 1)]`` with a sound method,
+form worst-case logits (lower bound for the label, upper bounds for the rest;
+or, tighter, from lower bounds on the margins z_y - z_j), and mix with the clean
+term with weight ``lam`` on the clean part:
+
+* ``mix="prob"`` (the authors'): ``-log(lam p_y + (1 - lam) p_hat_y)``;
+* ``mix="loss"``: ``lam CE + (1 - lam) CE_worst``.
+
+Both upper-bound the clean loss mixture at the worst point of the ball.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from certbnn.attacks import fgsm, pgd
+from certbnn.errors import ConfigError
+from certbnn.functional import forward
+
+_MIXES = ("prob", "loss")
+
+
+class Likelihood(Protocol):
+    name: str
+
+    def nll(self, model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
+            eps: float = 0.0, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example CE of logits (..., B, K) against labels (B,): shape (..., B)."""
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+
+def mix_losses(clean: Tensor, robust: Tensor, lam: float, mix: str) -> Tensor:
+    """Combine clean and worst-case per-example losses (see module docstring)."""
+    if mix == "loss":
+        return lam * clean + (1.0 - lam) * robust
+    # -log(lam exp(-clean) + (1 - lam) exp(-robust)), stably
+    stacked = torch.stack([math.log(lam) - clean, math.log1p(-lam) - robust]) if 0 < lam < 1 else None
+    if stacked is None:
+        return clean if lam == 1 else robust
+    return -torch.logsumexp(stacked, dim=0)
+
+
+def _check_mix(lam: float, mix: str) -> None:
+    if not 0.0 <= lam <= 1.0:
+        raise ConfigError(f"lambda (weight of the clean term) must be in [0, 1], got {lam}")
+    if mix not in _MIXES:
+        raise ConfigError(f"mix must be one of {', '.join(_MIXES)}, got {mix!r}")
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """Standard softmax likelihood: CE of the logits."""
+
+    name: str = "categorical"
+
+    def nll(self, model, params, x, y, eps=0.0, generator=None):
+        return cross_entropy(forward(model, params, x), y)
+
+
+@dataclass(frozen=True)
+class GaussianRegression:
+    """y ~ N(f(x), sigma^2) for scalar outputs f(x) of shape (..., B, 1) or (..., B)."""
+
+    sigma: float = 1.0
+    name: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise ConfigError(f"Gaussian likelihood needs sigma > 0, got {self.sigma}")
+
+    def nll(self, model, params, x, y, eps=0.0, generator=None):
+        f = forward(model, params, x)
+        f = f.squeeze(-1) if f.shape[-1] == 1 and f.dim() > y.dim() else f
+        return 0.5 * ((f - y) / self.sigma) ** 2 + math.log(self.sigma) + 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class IntervalRobust:
+    """The robust likelihood with sound bounds (``bound`` = ``ibp``, ``crown-ibp`` or
+    ``crown``); ``margins=True`` builds worst-case logits from margin bounds."""
+
+    bound: str = "ibp"
+    lam: float = 0.25
+    mix: str = "prob"
+    margins: bool = False
+    name: str = "robust"
+
+    def __post_init__(self) -> None:
+        _check_mix(self.lam, self.mix)
+        if self.bound not in ("ibp", "crown-ibp", "crown"):
+            raise ConfigError(f"robust likelihood bound must be ibp, crown-ibp or crown, got {self.bound!r}")
+
+    def worst_case_logits(self, model, params, x, y, eps: float, num_classes: int) -> Tensor:
+        """(B, K) or (S, B, K) logits whose CE upper-bounds the CE anywhere in the eps-box."""
+        from certbnn.bounds import compute_bounds, margin_spec, worst_case_logits
+
+        lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+        if self.margins:
+            spec = margin_spec(y, num_classes)
+            margin_lower, _ = compute_bounds(model, lower, upper, method=self.bound, params=params, spec=spec)
+            return -margin_lower  # z_hat_y = 0, z_hat_j = -(lower bound of z_y - z_j)
+        lo, hi = compute_bounds(model, lower, upper, method=self.bound, params=params)
+        return worst_case_logits(lo, hi, y)
+
+    def nll(self, model, params, x, y, eps=0.0, generator=None):
+        logits = forward(model, params, x)
+        clean = cross_entropy(logits, y)
+        if self.lam == 1.0 or eps == 0.0:
+            return clean  # zero-width box: worst case == clean
+        robust = cross_entropy(self.worst_case_logits(model, params, x, y, eps, logits.shape[-1]), y)
+        return mix_losses(clean, robust, self.lam, self.mix)
+
+
+@dataclass(frozen=True)
+class Adversarial:
+    """Empirical robust training: the loss at an FGSM or PGD point of the true label,
+    mixed with the clean loss like :class:`IntervalRobust`. With sampled params
+    the attack maximises the mean loss over samples (one adversarial input per
+    example)."""
+
+    attack: str = "pgd"
+    lam: float = 0.25
+    mix: str = "prob"
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = True
+    name: str = "adversarial"
+
+    def __post_init__(self) -> None:
+        _check_mix(self.lam, self.mix)
+        if self.attack not in ("fgsm", "pgd"):
+            raise ConfigError(f"adversarial attack must be fgsm or pgd, got {self.attack!r}")
+
+    def nll(self, model, params, x, y, eps=0.0, generator=None):
+        clean = cross_entropy(forward(model, params, x), y)
+        if self.lam == 1.0 or eps == 0.0:
+            return clean
+        fixed = {k: v.detach() for k, v in params.items()}
+
+        def loss_of_input(x_in: Tensor) -> Tensor:
+            loss = cross_entropy(forward(model, fixed, x_in), y)
+            return loss.mean(0) if loss.dim() > 1 else loss
+
+        if self.attack == "fgsm":
+            x_adv = fgsm(loss_of_input, x, eps)
+        else:
+            x_adv = pgd(loss_of_input, x, eps, steps=self.steps, step_size=self.step_size,
+                        random_start=self.random_start, generator=generator)
+        robust = cross_entropy(forward(model, params, x_adv), y)
+        return mix_losses(clean, robust, self.lam, self.mix)
+
+
+_LIKELIHOODS = {
+    "standard": Categorical,
+    "categorical": Categorical,
+    "gaussian": GaussianRegression,
+    "ibp": lambda **kw: IntervalRobust(bound="ibp", **kw),
+    "crown-ibp": lambda **kw: IntervalRobust(bound="crown-ibp", **kw),
+    "crown": lambda **kw: IntervalRobust(bound="crown", **kw),
+    "fgsm": lambda **kw: Adversarial(attack="fgsm", **kw),
+    "pgd": lambda **kw: Adversarial(attack="pgd", **kw),
+}
+
+
+def likelihood_names() -> list[str]:
+    return sorted(_LIKELIHOODS)
+
+
+def make_likelihood(name: str, **options) -> Likelihood:
+    """``standard`` (alias ``categorical``), ``gaussian``, ``ibp``, ``crown-ibp``, ``crown``,
+    ``fgsm`` or ``pgd``."""
+    try:
+        factory = _LIKELIHOODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown likelihood {name!r} (known: {', '.join(likelihood_names())})") from None
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise ConfigError(f"likelihood {name!r}: {exc}") from None

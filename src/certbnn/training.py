@@ -1,0 +1,193 @@
+"""``train(config, run_dir)``: the one entry point that fits a posterior.
+
+Run directory contents (all written atomically):
+
+* ``config.json``: the resolved :class:`~certbnn.config.TrainConfig`;
+* ``checkpoint.safetensors``: method state, RNG state and history after each epoch;
+* ``posterior.safetensors``: the final posterior (:mod:`certbnn.posterior` format);
+* ``metrics.json``: per-epoch training and validation metrics, and the totals.
+
+Determinism: the held-out split, the model initialisation and every epoch's
+shuffle are functions of ``seed`` (and the epoch), and the training generator's
+state is checkpointed, so ``resume=True`` after a kill reproduces the run an
+uninterrupted process would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from certbnn import __version__, data
+from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from certbnn.config import TrainConfig
+from certbnn.errors import CertbnnError, ConfigError
+from certbnn.fileio import atomic_write_text
+from certbnn.functional import detached_params
+from certbnn.inference import make_method
+from certbnn.likelihoods import make_likelihood
+from certbnn.models import build_model
+from certbnn.posterior import load_posterior, save_posterior
+from certbnn.priors import prior_from_model
+from certbnn.schedules import epoch_ramp
+from certbnn.validation import validate
+
+CHECKPOINT, POSTERIOR, METRICS, CONFIG = (
+    "checkpoint.safetensors", "posterior.safetensors", "metrics.json", "config.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def split_train_val(config: TrainConfig) -> tuple[data.ArrayDataset, data.ArrayDataset | None]:
+    """Seeded held-out split of the training set (``val_size`` examples)."""
+    full = data.load(config.dataset, "train", config.data_dir)
+    if config.val_size >= len(full):
+        raise ConfigError(f"val_size {config.val_size} leaves no training data ({len(full)} examples)")
+    order = np.random.default_rng(config.seed).permutation(len(full))
+    train_idx = np.sort(order[config.val_size:][: config.limit_train])
+    val = full.subset(np.sort(order[: config.val_size])) if config.val_size else None
+    return full.subset(train_idx), val
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit ``config.method`` and write the run directory; returns the metrics dict."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT
+    if resume:
+        if not ckpt_path.exists():
+            raise CertbnnError(f"{run_dir}: nothing to resume (no {CHECKPOINT})")
+    elif ckpt_path.exists() or (run_dir / POSTERIOR).exists():
+        raise CertbnnError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    config.validate()
+    device = resolve_device(config.device)
+    train_ds, val_ds = split_train_val(config)
+    spec = data.get_spec(config.dataset)
+
+    torch.manual_seed(config.seed)  # model initialisation
+    model = build_model(config.model, spec.image_shape, spec.num_classes).to(device)
+    prior = prior_from_model(model, config.prior_scale)
+    options = dict(config.method_options)
+    for key in ("lr", "kl_weight"):
+        if getattr(config, key) is not None:
+            options[key] = getattr(config, key)
+    method = make_method(config.method, prior=prior, num_data=len(train_ds), **options)
+    likelihood = make_likelihood(config.likelihood, **_likelihood_options(config))
+    steps_per_epoch = 1 if method.full_batch else train_ds.num_batches(config.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch size {config.batch_size} exceeds the {len(train_ds)} training examples")
+    schedule = epoch_ramp(config.eps, config.epochs, steps_per_epoch,
+                          warmup_epochs=config.warmup_epochs, ramp_fraction=config.ramp_fraction)
+
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    if resume:
+        # the state's class, from a throw-away init (the checkpoint holds its data)
+        state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
+        ckpt, saved = load_checkpoint(ckpt_path, state_cls, device)
+        if saved != config.to_json():
+            raise ConfigError(f"{run_dir}: the saved run used a different configuration; resume without changing settings")
+        state, start_epoch, step, history = ckpt.state, ckpt.epoch, ckpt.step, ckpt.history
+        generator.set_state(ckpt.rng_state)
+        log(f"resuming {run_dir} after epoch {start_epoch}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_json(), indent=2), "config")
+        state, start_epoch, step, history = method.init(initial_params(model, config), generator), 0, 0, []
+
+    full_batch = train_ds.tensors(device=device) if method.full_batch else None
+    for epoch in range(start_epoch, config.epochs):
+        start = time.perf_counter()
+        batches = [full_batch] if full_batch is not None else train_ds.batches(
+            config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch, drop_last=True, device=device)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False, unit="batch")
+        loss_sum, seen = 0.0, 0
+        last_accuracy = {"val_acc": f"{history[-1]['val_accuracy']:.3f}"} if history and "val_accuracy" in history[-1] else {}
+        for x, y in bar:
+            eps = schedule.value(step)
+
+            def nll(params, xb, yb, _eps=eps):
+                return likelihood.nll(model, params, xb, yb, _eps, generator=generator)
+
+            state, info = method.step(state, (x, y), nll, generator)
+            loss = float(next((info[k] for k in ("nll", "loss", "potential") if k in info), math.nan))
+            if not math.isfinite(loss):
+                raise CertbnnError(f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1} "
+                                   f"(try a smaller learning rate); the last checkpoint in {run_dir} is intact")
+            loss_sum, seen, step = loss_sum + loss * len(y), seen + len(y), step + 1
+            bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps:.4f}", **last_accuracy,
+                            ex_s=f"{seen / (time.perf_counter() - start):.0f}")
+        state = method.end_epoch(state, epoch)
+        seconds = time.perf_counter() - start
+        record = {"epoch": epoch + 1, "train_nll": loss_sum / max(seen, 1), "eps": schedule.value(step - 1),
+                  "seconds": round(seconds, 3), "examples_per_second": round(seen / seconds, 1)}
+        posterior = _posterior_so_far(method, state) if val_ds is not None else None
+        if posterior is not None:
+            record.update(validate(model, posterior, val_ds, record["eps"],
+                                   num_samples=config.val_samples, seed=config.seed + epoch))
+        history.append(record)
+        save_checkpoint(ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history),
+                        config.to_json())
+        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    posterior = method.posterior(state)
+    test_ds = data.load(config.dataset, "test", config.data_dir) if "test" in spec.splits else None
+    final = dict(history[-1]) if history else {}
+    if test_ds is not None:
+        final.update(validate(model, posterior, test_ds, 0.0, num_samples=config.val_samples,
+                              seed=config.seed, prefix="test_"))
+    metadata = {"dataset": config.dataset, "preprocessing": "pixels scaled to [0, 1], no normalisation",
+                "method": config.method, "likelihood": config.likelihood, "eps": config.eps,
+                "lam": config.lam, "seed": config.seed, "config": config.to_json(), "metrics": final}
+    save_posterior(run_dir / POSTERIOR, posterior, metadata, model=model, model_spec=config.model)
+    seconds = sum(r["seconds"] for r in history)
+    metrics = {"certbnn_version": __version__, "config": config.to_json(), "device": str(device),
+               "num_train": len(train_ds), "num_val": len(val_ds) if val_ds is not None else 0,
+               "test_accuracy": final.get("test_accuracy"),
+               "certified_accuracy_ibp": final.get("certified_accuracy_ibp"),
+               "certified_eps": final.get("eps"),
+               "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
+               "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
+               "epochs": history, "final": final}
+    atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2), "metrics")
+    return metrics
+
+
+def initial_params(model, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The model's own initialisation, or the mean of ``config.init_from`` (a warm start)."""
+    if config.init_from is None:
+        return detached_params(model)
+    path = Path(config.init_from)
+    posterior, _ = load_posterior(path / POSTERIOR if path.is_dir() else path, expected_fingerprint=model)
+    device = next(model.parameters()).device
+    return {name: tensor.detach().clone().to(device) for name, tensor in posterior.mean().items()}
+
+
+def _likelihood_options(config: TrainConfig) -> dict[str, Any]:
+    options = dict(config.likelihood_options)
+    if config.likelihood in ("ibp", "crown-ibp", "crown", "fgsm", "pgd"):
+        options.setdefault("lam", config.lam)
+        options.setdefault("mix", config.mix)
+    if config.likelihood in ("ibp", "crown-ibp", "crown"):
+        options.setdefault("margins", config.margins)
+    return options
+
+
+def _posterior_so_far(method, state):
+    try:
+        return method.posterior(state)
+    except CertbnnError:
+        return None  # e.g. SWAG before its first snapshot, HMC during burn-in

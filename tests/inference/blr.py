@@ -1,0 +1,58 @@
+"""Bayesian linear regression with a known posterior: the yardstick for every method.
+
+y = X w + b + noise, noise ~ N(0, sigma^2), prior w, b ~ N(0, prior_std^2) i.i.d.
+The exact posterior over theta = [w..., b] is Gaussian with precision
+Lambda = Phi^T Phi / sigma^2 + I / prior_std^2 (Phi = [X, 1]) and mean
+Lambda^{-1} Phi^T y / sigma^2. The mean-field (diagonal) VI optimum has the
+same mean and variances 1 / Lambda_ii.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from certbnn.likelihoods import GaussianRegression
+from certbnn.priors import GaussianPrior
+
+
+@dataclass
+class BLR:
+    model: nn.Sequential
+    x: torch.Tensor          # (N, d)
+    y: torch.Tensor          # (N,)
+    prior: GaussianPrior
+    likelihood: GaussianRegression
+    mean: torch.Tensor       # (d + 1,) exact posterior mean of [w..., b]
+    cov: torch.Tensor        # (d + 1, d + 1) exact posterior covariance
+    mean_field_std: torch.Tensor  # (d + 1,) optimum of mean-field VI
+
+    def nll(self, params, x, y):
+        return self.likelihood.nll(self.model, params, x, y)
+
+    @staticmethod
+    def flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[w..., b] (with any leading sample dims) from a params dict of the model."""
+        w, b = params["0.weight"], params["0.bias"]
+        return torch.cat([w.flatten(-2), b], dim=-1)
+
+
+def make_blr(n: int = 200, d: int = 3, sigma: float = 0.5, prior_std: float = 1.0, seed: int = 0,
+             dtype=torch.float64) -> BLR:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    true = torch.randn(d + 1, generator=g, dtype=dtype)
+    phi = torch.cat([x, torch.ones(n, 1, dtype=dtype)], dim=1)
+    y = phi @ true + sigma * torch.randn(n, generator=g, dtype=dtype)
+    model = nn.Sequential(nn.Linear(d, 1)).to(dtype)
+    prior = GaussianPrior(
+        {n_: torch.zeros_like(p) for n_, p in model.named_parameters()},
+        {n_: torch.full_like(p, prior_std) for n_, p in model.named_parameters()},
+    )
+    precision = phi.T @ phi / sigma**2 + torch.eye(d + 1, dtype=dtype) / prior_std**2
+    cov = torch.linalg.inv(precision)
+    mean = cov @ phi.T @ y / sigma**2
+    return BLR(model, x, y, prior, GaussianRegression(sigma), mean, cov,
+               torch.diagonal(precision).rsqrt())

@@ -1,0 +1,223 @@
+"""HMC (Neal 2011): exact posterior recovery on Bayesian linear regression, MH
+rejection restores the state, independent samples, prior gradient, mass matrix,
+leapfrog order, chunked potential, checkpoint round trip.
+
+Statistical checks whiten the chain, z = L^{-1} (theta - mu) with Sigma = L L^T the
+exact posterior covariance, so the target is E z = 0, E z z^T = I. Monte Carlo
+standard errors come from batch means (B = 20 batches of consecutive samples, each
+far longer than the chain's autocorrelation time): SE = sd(batch means) / sqrt(B).
+Each of the 4 means and 10 covariance entries must lie within Z = 5 SE
+(P(|t_19| > 5) ~ 8e-5 per entry, so < 0.2 % for the whole file, with fixed seeds
+anyway). The SEs must also be small (mean < 0.1, covariance < 0.15: an effective sample
+size >~ 100 for every coordinate) so that the check has power.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from blr import make_blr
+from torch import nn
+
+from certbnn.errors import ConfigError
+from certbnn.functional import detached_params
+from certbnn.inference.base import flatten_state, make_method, unflatten_state
+from certbnn.inference.hmc import HMC, HMCState
+from certbnn.likelihoods import Categorical
+from certbnn.priors import GaussianPrior, prior_from_model
+
+Z, BATCHES = 5.0, 20
+
+
+def assert_gaussian(theta: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, bias: float = 0.0) -> None:
+    """Samples (M, D) match N(mean, cov) within Z batch-means SEs (+ ``bias`` on the covariance)."""
+    chol = torch.linalg.cholesky(cov)
+    z = torch.linalg.solve_triangular(chol, (theta - mean).T, upper=False).T
+    m, d = z.shape
+    products = (z[:, :, None] * z[:, None, :]).reshape(m, d * d)
+    for stat, target, extra, max_se in ((z, torch.zeros(d, dtype=z.dtype), 0.0, 0.1),
+                                        (products, torch.eye(d, dtype=z.dtype).flatten(), bias, 0.15)):
+        means = stat[: m // BATCHES * BATCHES].reshape(BATCHES, -1, stat.shape[1]).mean(1)
+        se = means.std(0) / math.sqrt(BATCHES)
+        assert (se < max_se).all(), f"chain mixes too slowly for a meaningful test: SE {se}"
+        error = (stat.mean(0) - target).abs()
+        assert (error <= Z * se + extra).all(), f"error {error} vs tolerance {Z * se + extra}"
+
+
+def run(method: HMC, params, batch, nll, steps: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    state, infos = method.init(params, generator), []
+    for _ in range(steps):
+        state, info = method.step(state, batch, nll, generator)
+        infos.append(info)
+    return state, infos
+
+
+@pytest.fixture(scope="module")
+def blr():
+    # n=30, sigma=0.5: posterior stds ~0.08-0.11, prior std 1 (a broad, correlated posterior)
+    return make_blr(n=30, d=3, sigma=0.5, prior_std=1.0, seed=0)
+
+
+MASS = {"0.weight": torch.tensor([[4.0, 0.25, 2.0]], dtype=torch.float64), "0.bias": 0.5}
+
+
+@pytest.mark.parametrize("mass", [1.0, MASS], ids=["identity-mass", "diagonal-mass"])
+def test_blr_posterior_recovered_with_sane_acceptance(blr, mass):
+    method = HMC(prior=blr.prior, num_data=30, step_size=0.01, num_leapfrog=8, num_burnin=200,
+                 jitter=0.2, mass=mass)
+    state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1200, seed=1)
+    posterior = method.posterior(state)
+    assert posterior.num_samples == 1000
+    assert_gaussian(blr.flat(posterior.sample()), blr.mean, blr.cov)
+    assert 0.5 < infos[-1]["accept_rate"] < 0.99  # target 0.8 after dual averaging
+    assert infos[-1]["accept_rate"] == pytest.approx(sum(i["accepted"] for i in infos[200:]) / 1000)
+    assert len({i["step_size"] for i in infos[:200]}) > 100 and infos[-1]["step_size"] != 0.01
+
+
+@pytest.mark.parametrize("case", ["constant-likelihood", "no-data"])
+def test_prior_gradient_included_samples_the_prior(case):
+    model = nn.Linear(3, 1).double()
+    prior = GaussianPrior({n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
+                          {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()})
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    if case == "no-data":
+        x, y = x[:0], y[:0]
+
+    def constant_nll(params, xb, yb):  # depends on nothing: the potential is -log p(w) alone
+        return torch.zeros(xb.shape[0], dtype=xb.dtype) + 0.0 * params["bias"].sum()
+
+    method = HMC(prior=prior, num_data=10, step_size=0.5, num_leapfrog=5, num_burnin=100, jitter=0.2)
+    state, _ = run(method, detached_params(model), (x, y), constant_nll, 1100, seed=2)
+    theta = torch.cat([s.flatten(1) for s in method.posterior(state).sample().values()], 1)
+    assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64))
+
+
+def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr):
+    params = {n: p + 0.1 for n, p in detached_params(blr.model).items()}
+    whole = HMC(prior=blr.prior, num_data=90)
+    chunked = HMC(prior=blr.prior, num_data=90, chunk_size=7)
+    u, grad = whole.potential_and_grad(params, (blr.x, blr.y), blr.nll)
+    u_chunked, grad_chunked = chunked.potential_and_grad(params, (blr.x, blr.y), blr.nll)
+    w = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    expected = 90 * blr.nll(w, blr.x, blr.y).mean() - blr.prior.log_prob(w)
+    expected_grad = torch.autograd.grad(expected, list(w.values()))
+    for value in (u, u_chunked):
+        assert torch.allclose(value, expected.detach(), rtol=1e-12)
+    for g in (grad, grad_chunked):
+        for got, want in zip(g.values(), expected_grad):
+            assert torch.allclose(got, want, rtol=1e-10)
+
+
+def test_leapfrog_is_second_order_with_non_identity_mass(blr):
+    # The energy error of leapfrog with the kinetic energy it integrates is O(eps^2) over
+    # a fixed trajectory time; with an integrator that ignored M^{-1} it would be O(1).
+    method = HMC(prior=blr.prior, num_data=30, mass=MASS)
+    position = {"0.weight": blr.mean[:3].reshape(1, 3) + 0.05, "0.bias": blr.mean[3:] + 0.05}
+    masses = method.masses(position)
+    g = torch.Generator().manual_seed(3)
+    momentum = {n: torch.randn(w.shape, generator=g, dtype=w.dtype) * masses[n] ** 0.5 for n, w in position.items()}
+    u0, g0 = method.potential_and_grad(position, (blr.x, blr.y), blr.nll)
+    h0 = u0 + method.kinetic(momentum, masses)
+    errors = []
+    for eps in (4e-3, 2e-3):
+        leaps = HMC(prior=blr.prior, num_data=30, mass=MASS, num_leapfrog=round(0.04 / eps))
+        _, p, u, _ = leaps.leapfrog(position, momentum, g0, eps, masses, (blr.x, blr.y), blr.nll)
+        errors.append(abs(float(u + method.kinetic(p, masses) - h0)))
+    assert errors[0] < 0.05 and 3.0 < errors[0] / errors[1] < 5.0
+
+
+@pytest.mark.parametrize("huge_step", [1e3, 1e300], ids=["huge-energy", "non-finite-energy"])
+def test_rejection_restores_the_exact_old_state(blr, huge_step):
+    method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 3)
+    forced = dataclasses.replace(state, step_size=huge_step)
+    before = {k: v.clone() for k, v in flatten_state(forced)[0].items()}
+    new, info = method.step(forced, (blr.x, blr.y), blr.nll, torch.Generator().manual_seed(4))
+    assert info["accepted"] == 0.0 and info["accept_prob"] == 0.0
+    for name in state.position:
+        assert torch.equal(new.position[name], before[f"position/{name}"])
+        assert torch.equal(new.gradient[name], before[f"gradient/{name}"])
+        assert torch.equal(new.samples[-1][name], before[f"position/{name}"])
+    assert torch.equal(new.potential, before["potential"])
+    assert all(torch.equal(v, before[k]) for k, v in flatten_state(forced)[0].items())  # input untouched
+
+
+def test_stored_samples_are_independent_copies_and_differ(blr):
+    # a large fixed step: a mix of accepted and rejected proposals (a rejection re-stores the old position)
+    method = HMC(prior=blr.prior, num_data=30, step_size=0.12, num_leapfrog=3, num_burnin=5, thin=2,
+                 adapt_step_size=False)
+    state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 45)
+    assert len(state.samples) == 20 and all(i["num_samples"] == 0 for i in infos[:5])
+    assert 0 < sum(i["accepted"] for i in infos) < 45
+    flat = [blr.flat(s) for s in state.samples]
+    assert len({tuple(f.tolist()) for f in flat}) > 1
+    for i, sample in enumerate(state.samples):
+        position, bias = blr.flat(state.position).clone(), sample["0.bias"].clone()
+        sample["0.bias"].add_(100.0)
+        assert all(torch.equal(blr.flat(s), f) for j, (s, f) in enumerate(zip(state.samples, flat)) if j != i)
+        assert torch.equal(blr.flat(state.position), position)
+        sample["0.bias"].copy_(bias)
+
+
+def test_max_samples_keeps_the_newest(blr):
+    method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=2, num_burnin=0, max_samples=3)
+    state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6)
+    assert len(state.samples) == 3 and torch.equal(blr.flat(state.samples[-1]), blr.flat(state.position))
+
+
+def test_checkpoint_round_trip_continues_identically(blr):
+    method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
+    batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(5)
+    for steps in (0, 2):  # before the cache exists, and mid burn-in
+        state = method.init(detached_params(blr.model), generator)
+        for _ in range(steps):
+            state, _ = method.step(state, batch, blr.nll, generator)
+        tensors, layout = flatten_state(state)
+        restored = unflatten_state(HMCState, {k: v.clone() for k, v in tensors.items()},
+                                   json.loads(json.dumps(layout)))
+        gen_a, gen_b = torch.Generator(), torch.Generator()
+        gen_a.set_state(generator.get_state())
+        gen_b.set_state(generator.get_state())
+        for _ in range(6):  # crosses the end of burn-in and stores samples
+            state, info_a = method.step(state, batch, blr.nll, gen_a)
+            restored, info_b = method.step(restored, batch, blr.nll, gen_b)
+            assert info_a == info_b
+        (ta, la), (tb, lb) = flatten_state(state), flatten_state(restored)
+        assert la == lb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_classification_mlp_runs_and_lowers_the_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 4)
+    y = (x @ torch.randn(4, 3)).argmax(1)
+
+    def nll(params, xb, yb):
+        return Categorical().nll(model, params, xb, yb)
+
+    params = detached_params(model)
+    method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.01,
+                         num_leapfrog=10, num_burnin=30, chunk_size=16)
+    state, infos = run(method, params, (x, y), nll, 50)
+    start = float(nll(params, x, y).mean())
+    final = float(nll(method.posterior(state).sample(), x, y).mean())
+    assert final < 0.8 * start and infos[-1]["accept_rate"] > 0.3
+
+
+@pytest.mark.parametrize("options", [{"step_size": -1.0}, {"num_leapfrog": 0}, {"target_accept": 1.0},
+                                     {"mass": 0.0}, {"mass": {"nope": 1.0}}, {"thin": 0}, {"chunk_size": 0},
+                                     {"jitter": 1.5}, {"num_data": -1}, {"learning_rate": 0.1}])
+def test_bad_options_are_config_errors(blr, options):
+    with pytest.raises(ConfigError):
+        make_method("hmc", **{"prior": blr.prior, "num_data": 30, **options})
+
+
+def test_posterior_without_samples_is_a_clear_error(blr):
+    method = HMC(prior=blr.prior, num_data=30, num_burnin=10)
+    with pytest.raises(ConfigError, match="no samples"):
+        method.posterior(method.init(detached_params(blr.model), torch.Generator()))

@@ -1,0 +1,180 @@
+"""SG-HMC (Chen et al. 2014): posterior recovery on Bayesian linear regression (with a
+bounded, documented discretisation bias), prior gradient, burn-in / thinning /
+max_samples, independent samples, checkpoint round trip.
+
+Tolerances as in test_hmc.py: whiten z = L^{-1} (theta - mu) (Sigma = L L^T exact), then
+each mean and covariance entry within Z = 5 batch-means SEs (B = 20 batches), plus, for
+the covariance, the discretisation bias bound derived in
+:func:`test_blr_posterior_recovered_up_to_discretisation_bias`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from blr import make_blr
+from torch import nn
+
+from certbnn.errors import ConfigError
+from certbnn.functional import detached_params
+from certbnn.inference.base import flatten_state, make_method, unflatten_state
+from certbnn.inference.sghmc import SGHMC, SGHMCState
+from certbnn.likelihoods import Categorical
+from certbnn.priors import GaussianPrior, prior_from_model
+
+Z, BATCHES = 5.0, 20
+
+
+def assert_gaussian(theta: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, bias: float = 0.0) -> None:
+    """Samples (M, D) match N(mean, cov) within Z batch-means SEs (+ ``bias`` on the covariance);
+    the SEs must be small enough (ESS >~ 100) for the check to have power."""
+    chol = torch.linalg.cholesky(cov)
+    z = torch.linalg.solve_triangular(chol, (theta - mean).T, upper=False).T
+    m, d = z.shape
+    products = (z[:, :, None] * z[:, None, :]).reshape(m, d * d)
+    for stat, target, extra, max_se in ((z, torch.zeros(d, dtype=z.dtype), 0.0, 0.1),
+                                        (products, torch.eye(d, dtype=z.dtype).flatten(), bias, 0.15)):
+        means = stat[: m // BATCHES * BATCHES].reshape(BATCHES, -1, stat.shape[1]).mean(1)
+        se = means.std(0) / math.sqrt(BATCHES)
+        assert (se < max_se).all(), f"chain mixes too slowly for a meaningful test: SE {se}"
+        error = (stat.mean(0) - target).abs()
+        assert (error <= Z * se + extra).all(), f"error {error} vs tolerance {Z * se + extra}"
+
+
+def run(method: SGHMC, params, batch, nll, steps: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    state, infos = method.init(params, generator), []
+    for _ in range(steps):
+        state, info = method.step(state, batch, nll, generator)
+        infos.append(info)
+    return state, infos
+
+
+@pytest.fixture(scope="module")
+def blr():
+    return make_blr(n=30, d=3, sigma=0.5, prior_std=1.0, seed=0)
+
+
+def test_blr_posterior_recovered_up_to_discretisation_bias(blr):
+    # Full-batch gradients (beta_hat = 0 is then exact). On a Gaussian target the chain is
+    # linear; along an eigenvector of the posterior precision (eigenvalue lam, h = lr * lam)
+    # the discrete Lyapunov equation of (w, v) gives the stationary variance
+    #     Var = (1 / lam) / (1 - h / (2 (2 - alpha)))       (mean: exact),
+    # so in whitened coordinates the covariance is off by at most
+    #     1 / (1 - h_max / (2 (2 - alpha))) - 1 = 0.030 for h_max = 0.1, alpha = 0.3,
+    # i.e. < 1.5 % of the posterior std: the allowed bias.
+    lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(blr.cov)).max())
+    lr, friction = 0.1 / lam_max, 0.3
+    bias = 1.0 / (1.0 - lr * lam_max / (2.0 * (2.0 - friction))) - 1.0
+    method = SGHMC(prior=blr.prior, num_data=30, lr=lr, friction=friction, num_burnin=200, thin=1,
+                   max_samples=None)
+    state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6200, seed=1)
+    posterior = method.posterior(state)
+    assert posterior.num_samples == 6000 and infos[-1]["num_samples"] == 6000
+    assert_gaussian(blr.flat(posterior.sample()), blr.mean, blr.cov, bias=bias)
+
+
+def test_zero_temperature_converges_to_the_map_with_the_prior(blr):
+    # T = 0 is SGD with momentum on U = N mean(nll) - log p: the MAP, which for BLR is the
+    # posterior mean (it would be least squares, ~1 % away, without the prior gradient).
+    lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(blr.cov)).max())
+    method = SGHMC(prior=blr.prior, num_data=30, lr=0.5 / lam_max, friction=0.3, temperature=0.0)
+    state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1500)
+    assert torch.allclose(blr.flat(state.position), blr.mean, rtol=0, atol=1e-9)
+
+
+def test_constant_likelihood_samples_the_prior():
+    model = nn.Linear(3, 1).double()
+    prior = GaussianPrior({n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
+                          {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()})
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+
+    def constant_nll(params, xb, yb):
+        return torch.zeros(xb.shape[0], dtype=xb.dtype) + 0.0 * params["bias"].sum()
+
+    # precision 1/4, lr 0.16: h = 0.04, friction ~ critical damping; covariance bias as in the
+    # BLR test: 1 / (1 - 0.04 / (2 (2 - 0.4))) - 1 = 0.0127
+    lr, friction = 0.16, 0.4
+    bias = 1.0 / (1.0 - lr / 4.0 / (2.0 * (2.0 - friction))) - 1.0
+    method = SGHMC(prior=prior, num_data=10, lr=lr, friction=friction, num_burnin=100, thin=1, max_samples=None)
+    state, _ = run(method, detached_params(model), (x, y), constant_nll, 6100, seed=2)
+    theta = torch.cat([s.flatten(1) for s in method.posterior(state).sample().values()], 1)
+    assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64),
+                    bias=bias)
+
+
+def test_burnin_thin_and_max_samples_keep_the_newest_independent_copies(blr):
+    method = SGHMC(prior=blr.prior, num_data=30, lr=1e-3, friction=0.3, num_burnin=3, thin=2, max_samples=3)
+    generator = torch.Generator().manual_seed(3)
+    state, positions = method.init(detached_params(blr.model), generator), []
+    for _ in range(13):
+        state, info = method.step(state, (blr.x, blr.y), blr.nll, generator)
+        positions.append(blr.flat(state.position).clone())
+    assert len(state.samples) == 3 and info["num_samples"] == 3
+    kept = [positions[8], positions[10], positions[12]]  # steps 5, 7, 9, 11, 13 stored; newest 3 kept
+    assert all(torch.equal(blr.flat(s), p) for s, p in zip(state.samples, kept))
+    assert len({tuple(p.tolist()) for p in kept}) == 3
+    state.samples[-1]["0.bias"].add_(100.0)
+    assert torch.equal(blr.flat(state.position), positions[12])
+    assert all(torch.equal(blr.flat(s), p) for s, p in zip(state.samples[:2], kept))
+
+
+def test_checkpoint_round_trip_continues_identically(blr):
+    method = SGHMC(prior=blr.prior, num_data=30, lr=1e-3, friction=0.3, num_burnin=4, thin=2, max_samples=2)
+    batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(5)
+    for steps in (0, 3):
+        state = method.init(detached_params(blr.model), generator)
+        for _ in range(steps):
+            state, _ = method.step(state, batch, blr.nll, generator)
+        tensors, layout = flatten_state(state)
+        restored = unflatten_state(SGHMCState, {k: v.clone() for k, v in tensors.items()},
+                                   json.loads(json.dumps(layout)))
+        gen_a, gen_b = torch.Generator(), torch.Generator()
+        gen_a.set_state(generator.get_state())
+        gen_b.set_state(generator.get_state())
+        for _ in range(8):  # crosses the end of burn-in and the max_samples window
+            state, info_a = method.step(state, batch, blr.nll, gen_a)
+            restored, info_b = method.step(restored, batch, blr.nll, gen_b)
+            assert info_a == info_b
+        (ta, la), (tb, lb) = flatten_state(state), flatten_state(restored)
+        assert la == lb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_classification_mlp_minibatches_lower_the_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 4)
+    y = (x @ torch.randn(4, 3)).argmax(1)
+
+    def nll(params, xb, yb):
+        return Categorical().nll(model, params, xb, yb)
+
+    params = detached_params(model)
+    method = make_method("sghmc", prior=prior_from_model(model), num_data=64, lr=1e-3, friction=0.1,
+                         num_burnin=200, thin=10)
+    generator = torch.Generator().manual_seed(6)
+    state = method.init(params, generator)
+    for step in range(400):
+        chunk = slice(16 * (step % 4), 16 * (step % 4 + 1))
+        state, info = method.step(state, (x[chunk], y[chunk]), nll, generator)
+        assert math.isfinite(info["potential"]) and math.isfinite(info["nll"])
+    start = float(nll(params, x, y).mean())
+    final = float(nll(method.posterior(state).sample(), x, y).mean())
+    assert method.posterior(state).num_samples == 20 and final < 0.8 * start
+
+
+@pytest.mark.parametrize("options", [{"lr": 0.0}, {"friction": 0.0}, {"friction": 1.5}, {"temperature": -1.0},
+                                     {"num_burnin": -1}, {"thin": 0}, {"max_samples": 0}, {"num_data": 0},
+                                     {"prior": None}, {"step_size": 0.1}])
+def test_bad_options_are_config_errors(blr, options):
+    with pytest.raises(ConfigError):
+        make_method("sghmc", **{"prior": blr.prior, "num_data": 30, **options})
+
+
+def test_posterior_without_samples_is_a_clear_error(blr):
+    method = SGHMC(prior=blr.prior, num_data=30)
+    with pytest.raises(ConfigError, match="no samples"):
+        method.posterior(method.init(detached_params(blr.model), torch.Generator()))

@@ -1,0 +1,130 @@
+"""End-to-end training: every method with the robust likelihood, checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from certbnn import data
+from certbnn.cli import main
+from certbnn.config import make_config
+from certbnn.errors import CertbnnError, ConfigError
+from certbnn.inference import method_names
+from certbnn.posterior import load_posterior
+from certbnn import training
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_dataset():
+    """Two separable classes of 1x6x6 images (bright left half vs bright right half)."""
+    rng = np.random.default_rng(0)
+    n = 240
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 60, (n, 1, 6, 6)).astype(np.uint8)
+    images[labels == 0, :, :, :3] += 150
+    images[labels == 1, :, :, 3:] += 150
+    data.register_arrays("tiny", {"train": (images, labels), "test": (images[:40], labels[:40])}, num_classes=2)
+    yield
+    data.unregister("tiny")
+
+
+def _config(**overrides):
+    base = dict(dataset="tiny", model="mlp:16", method="sgd", likelihood="ibp", eps=0.05, epochs=3,
+                batch_size=32, val_size=40, val_samples=4, seed=3)
+    base.update(overrides)
+    return make_config({}, base)
+
+
+METHOD_OPTIONS = {"hmc": {"num_burnin": 1, "num_leapfrog": 5}, "sghmc": {"num_burnin": 3, "thin": 2},
+                  "swag": {"burnin_epochs": 1}}
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_trains_with_the_robust_likelihood(tmp_path, method):
+    config = _config(method=method, method_options=METHOD_OPTIONS.get(method, {}))
+    metrics = training.train(config, tmp_path / method, progress=False, log=lambda s: None)
+    assert len(metrics["epochs"]) == 3 and metrics["final"]["eps"] == pytest.approx(0.05)
+    assert all(np.isfinite(r["train_nll"]) for r in metrics["epochs"])
+    posterior, meta = load_posterior(tmp_path / method / training.POSTERIOR)
+    assert meta["method"] == method and meta["likelihood"] == "ibp"
+    on_disk = json.loads((tmp_path / method / training.METRICS).read_text())
+    assert on_disk["final"] == metrics["final"]
+
+
+def test_robust_sgd_learns_and_certifies(tmp_path):
+    metrics = training.train(_config(epochs=6, lr=0.2), tmp_path / "run", progress=False, log=lambda s: None)
+    assert metrics["final"]["val_accuracy"] >= 0.95
+    assert metrics["final"]["val_certified"] >= 0.5
+
+
+@pytest.mark.parametrize("method", ["bbb", "sgd", "swag"])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, method):
+    config = _config(method=method, method_options=METHOD_OPTIONS.get(method, {}))
+    training.train(config, tmp_path / "whole", progress=False, log=lambda s: None)
+
+    real_save = training.save_checkpoint
+
+    def killed_after_two_epochs(path, ckpt, cfg):
+        real_save(path, ckpt, cfg)
+        if ckpt.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, tmp_path / "killed", progress=False, log=lambda s: None)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert not (tmp_path / "killed" / training.POSTERIOR).exists()
+    training.train(config, tmp_path / "killed", resume=True, progress=False, log=lambda s: None)
+
+    whole = load_file(tmp_path / "whole" / training.POSTERIOR)
+    resumed = load_file(tmp_path / "killed" / training.POSTERIOR)
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    training.train(_config(epochs=1), run, progress=False, log=lambda s: None)
+    before = (run / training.POSTERIOR).read_bytes()
+    with pytest.raises(CertbnnError, match="already holds a run; use --resume"):
+        training.train(_config(epochs=1), run, progress=False, log=lambda s: None)
+    assert (run / training.POSTERIOR).read_bytes() == before
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    run = tmp_path / "run"
+    training.train(_config(epochs=1), run, progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match="different configuration"):
+        training.train(_config(epochs=1, eps=0.2), run, resume=True, progress=False, log=lambda s: None)
+
+
+def test_divergence_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    with pytest.raises(CertbnnError, match="training diverged"):
+        training.train(_config(epochs=2, lr=1e30, likelihood="categorical"), tmp_path / "run",
+                       progress=False, log=lambda s: None)
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    run = tmp_path / "cli"
+    toml = tmp_path / "c.toml"
+    toml.write_text('dataset = "tiny"\nmodel = "mlp:16"\nmethod = "sgd"\nepochs = 2\nbatch_size = 32\nval_size = 40\n')
+    assert main(["train", "--config", str(toml), "--eps", "0.02", "--out", str(run), "--no-progress"]) == 0
+    metrics = json.loads((run / training.METRICS).read_text())
+    assert metrics["config"]["eps"] == 0.02 and metrics["config"]["method"] == "sgd"
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--eps", "0.3"]) == 1
+    assert "--resume continues a run with its saved settings" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["train", "--dataset", "tiny", "--model", "mlp:16", "--method", "nuts", "--val-size", "40", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("certbnn: error: unknown inference method 'nuts'") and "\n" not in err
+    assert main(["train", "--dataset", "tiny", "--model", "mlp:16", "--lam", "3", "--val-size", "40", "--out", str(tmp_path / "r")]) == 1
+    assert "lambda" in capsys.readouterr().err
