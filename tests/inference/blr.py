@@ -9,6 +9,7 @@ same mean and variances 1 / Lambda_ii.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,3 +57,32 @@ def make_blr(n: int = 200, d: int = 3, sigma: float = 0.5, prior_std: float = 1.
     mean = cov @ phi.T @ y / sigma**2
     return BLR(model, x, y, prior, GaussianRegression(sigma), mean, cov,
                torch.diagonal(precision).rsqrt())
+
+
+Z, BATCHES = 5.0, 20
+
+
+def assert_gaussian(theta: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, bias: float = 0.0) -> None:
+    """Samples (M, D) match N(mean, cov) within Z batch-means SEs (+ ``bias`` on the covariance);
+    the SEs must be small enough (ESS >~ 100) for the check to have power."""
+    chol = torch.linalg.cholesky(cov)
+    z = torch.linalg.solve_triangular(chol, (theta - mean).T, upper=False).T
+    m, d = z.shape
+    products = (z[:, :, None] * z[:, None, :]).reshape(m, d * d)
+    for stat, target, extra, max_se in ((z, torch.zeros(d, dtype=z.dtype), 0.0, 0.1),
+                                        (products, torch.eye(d, dtype=z.dtype).flatten(), bias, 0.15)):
+        means = stat[: m // BATCHES * BATCHES].reshape(BATCHES, -1, stat.shape[1]).mean(1)
+        se = means.std(0) / math.sqrt(BATCHES)
+        assert (se < max_se).all(), f"chain mixes too slowly for a meaningful test: SE {se}"
+        error = (stat.mean(0) - target).abs()
+        assert (error <= Z * se + extra).all(), f"error {error} vs tolerance {Z * se + extra}"
+
+
+def run(method, params, batch, nll, steps: int, seed: int = 0):
+    """Run ``steps`` steps of any inference method from ``params``; returns (state, infos)."""
+    generator = torch.Generator().manual_seed(seed)
+    state, infos = method.init(params, generator), []
+    for _ in range(steps):
+        state, info = method.step(state, batch, nll, generator)
+        infos.append(info)
+    return state, infos

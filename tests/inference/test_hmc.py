@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
-from blr import make_blr
+from blr import assert_gaussian, make_blr, run
 from torch import nn
 
 from certbnn.errors import ConfigError
@@ -29,33 +28,6 @@ from certbnn.inference.base import flatten_state, make_method, unflatten_state
 from certbnn.inference.hmc import HMC, HMCState
 from certbnn.likelihoods import Categorical
 from certbnn.priors import GaussianPrior, prior_from_model
-
-Z, BATCHES = 5.0, 20
-
-
-def assert_gaussian(theta: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, bias: float = 0.0) -> None:
-    """Samples (M, D) match N(mean, cov) within Z batch-means SEs (+ ``bias`` on the covariance)."""
-    chol = torch.linalg.cholesky(cov)
-    z = torch.linalg.solve_triangular(chol, (theta - mean).T, upper=False).T
-    m, d = z.shape
-    products = (z[:, :, None] * z[:, None, :]).reshape(m, d * d)
-    for stat, target, extra, max_se in ((z, torch.zeros(d, dtype=z.dtype), 0.0, 0.1),
-                                        (products, torch.eye(d, dtype=z.dtype).flatten(), bias, 0.15)):
-        means = stat[: m // BATCHES * BATCHES].reshape(BATCHES, -1, stat.shape[1]).mean(1)
-        se = means.std(0) / math.sqrt(BATCHES)
-        assert (se < max_se).all(), f"chain mixes too slowly for a meaningful test: SE {se}"
-        error = (stat.mean(0) - target).abs()
-        assert (error <= Z * se + extra).all(), f"error {error} vs tolerance {Z * se + extra}"
-
-
-def run(method: HMC, params, batch, nll, steps: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    state, infos = method.init(params, generator), []
-    for _ in range(steps):
-        state, info = method.step(state, batch, nll, generator)
-        infos.append(info)
-    return state, infos
-
 
 @pytest.fixture(scope="module")
 def blr():
