@@ -167,7 +167,8 @@ def test_float64_option_and_tolerance_widening():
     assert lo.dtype == torch.float64
     lo_ref, up_ref = compute_bounds(model.double(), (x - 0.1).double(), (x + 0.1).double(), "crown")
     torch.testing.assert_close(lo, lo_ref)
-    lo_w, up_w = compute_bounds(model, (x - 0.1).double(), (x + 0.1).double(), "crown", tol="auto")
+    model.float()
+    lo_w, up_w = compute_bounds(model, (x - 0.1).double(), (x + 0.1).double(), "crown", tol="auto")  # float64 input
     rtol, atol = AUTO_TOL[torch.float64]
     torch.testing.assert_close(lo_w, lo_ref - (atol + rtol * lo_ref.abs()))
     torch.testing.assert_close(up_w, up_ref + (atol + rtol * up_ref.abs()))

@@ -30,8 +30,8 @@ def test_batched_samples_equal_per_sample_loop(seed, kind):
         if buf.is_floating_point() and rng.random() < 0.5 and "var" not in name and "std" not in name:
             params[name] = buf.unsqueeze(0) + 0.1 * torch.randn((S, *buf.shape), generator=gen, dtype=buf.dtype)
     spec = margin_spec(torch.randint(0, 3, (lower.shape[0],), generator=gen), 3).double() if seed % 2 else None
-    for method in METHODS:
-        lo, up = compute_bounds(model, lower, upper, method, params=params, spec=spec)
+    for method, chunk in zip(METHODS * 2, [None, None, None, 1, 3, 4]):  # auto, per-sample, ragged, one pass
+        lo, up = compute_bounds(model, lower, upper, method, params=params, spec=spec, sample_chunk=chunk)
         for s in range(S):
             one = {k: v[s] for k, v in params.items()}
             lo1, up1 = compute_bounds(model, lower, upper, method, params=one, spec=spec)
@@ -51,8 +51,9 @@ def test_input_with_sample_dim(kind):
     L, U = torch.stack([b[0] for b in boxes]), torch.stack([b[1] for b in boxes])
     for method in METHODS:
         lo, up = compute_bounds(model, L, U, method, params=params)  # auto-detected
-        lo2, up2 = compute_bounds(model, L, U, method, params=params, input_has_samples=True)
+        lo2, up2 = compute_bounds(model, L, U, method, params=params, input_has_samples=True, sample_chunk=2)
         torch.testing.assert_close(lo, lo2)
+        torch.testing.assert_close(up, up2)
         for s in range(S):
             lo1, up1 = compute_bounds(model, L[s], U[s], method, params={k: v[s] for k, v in params.items()})
             torch.testing.assert_close(lo[s], lo1, rtol=1e-10, atol=1e-10)

@@ -54,8 +54,22 @@ def test_per_example_grads_match_loops(mode):
         assert torch.allclose(grads[name], ref[name], atol=1e-6)
 
 
-def test_interval_likelihood_falls_back_to_exact_copies():
+def test_interval_likelihood_per_example_grads_by_vmap_are_exact():
     model, x, y, weights, nll = mlp_problem(IntervalRobust(bound="ibp", lam=0.5), eps=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bound engine is vmap-able: no fallback
+        grads, _ = per_example_grads(weights, (x, y), nll, "auto")
+    ref = loop_reference(weights, x, y, nll)
+    for name in weights:
+        assert torch.allclose(grads[name], ref[name], atol=1e-6)
+
+
+def test_likelihood_that_vmap_cannot_run_falls_back_to_exact_copies():
+    model, x, y, weights, clean = mlp_problem(Categorical(), eps=0.0)
+
+    def nll(params, xb, yb):  # a data-dependent Python branch: impossible under vmap
+        return clean(params, xb, yb) * (1.0 if bool((xb >= 0).all()) else 2.0)
+
     with pytest.raises(RuntimeError):
         per_example_grads(weights, (x, y), nll, "vmap")
     with pytest.warns(PerExampleFallbackWarning):

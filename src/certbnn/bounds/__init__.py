@@ -3,7 +3,7 @@
 Public API
 ----------
 ``compute_bounds(model, lower, upper, method="ibp", params=None, param_bounds=None, spec=None,
-*, dtype=None, tol=None, intersect_ibp=True, input_has_samples=None) -> (lower, upper)``
+*, dtype=None, tol=None, intersect_ibp=True, input_has_samples=None, sample_chunk=None) -> (lower, upper)``
     Bounds of ``model(x)`` -- or of ``spec @ model(x)`` -- valid for every ``x``
     with ``lower <= x <= upper`` (and every weight in ``param_bounds``).
 
@@ -27,12 +27,16 @@ Public API
     * ``spec``: ``(K_spec, K)`` or ``(B, K_spec, K)``; IBP folds it into the last
       Linear layer, CROWN starts its backward pass from it (see :func:`margin_spec`).
     * ``dtype``: compute in this dtype (e.g. ``torch.float64`` to certify); by
-      default the input's dtype, parameters are cast to it.
+      default the input box's dtype; parameters are cast to it.
     * ``tol``: outward widening of the result by ``atol + rtol*|bound|``:
       ``None`` (default: no widening, for training), ``"auto"`` (per-dtype
       values of ``AUTO_TOL``, for certification), a float or ``(rtol, atol)``.
     * ``intersect_ibp``: CROWN methods return the elementwise intersection with
       the IBP bounds (so they are never looser than IBP). Default True.
+    * ``sample_chunk``: samples per batched pass; default all of them on GPU
+      and a cache-sized chunk on CPU (faster there); results do not depend on it.
+
+    Output: ``([S,] B, *out)``, or ``([S,] B, K_spec)`` with a spec.
 
 ``margin_spec(labels, num_classes, *, exclude_true=False) -> Tensor``
     ``(B, K, K)`` (or ``(B, K-1, K)``) rows ``e_y - e_j`` for margin bounds.

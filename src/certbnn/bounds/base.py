@@ -32,6 +32,31 @@ def mid_rad(lower: Tensor, upper: Tensor) -> Box:
     return (lower + upper) / 2, (upper - lower) / 2
 
 
+def affine_ibp(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None,
+               W_rad: Tensor | None = None, b_rad: Tensor | None = None) -> Box:
+    """IBP of a linear map ``apply(x, W, b)`` in midpoint-radius form, with an optional
+    weight box ``W +- W_rad`` (bilinear: ``r' = |W| r + W_rad (|c| + r) + b_rad``).
+
+    Works on ``2c = l + u`` and ``2r = u - l`` with halved weights (exact scaling
+    by powers of two), which saves two passes over the activations, unless the
+    weights outnumber the activations (then it halves ``c`` and ``r``). ``apply``
+    must return a fresh tensor whose backward does not need that output.
+    """
+    if W.numel() <= lower.numel():  # halve the (smaller) weights
+        c2, r2 = lower + upper, upper - lower
+        W, W_abs, W_rad = W * 0.5, W.abs() * 0.5, None if W_rad is None else W_rad * 0.5
+    else:  # halve the (smaller) activations
+        c2, r2 = (lower + upper).mul_(0.5), (upper - lower).mul_(0.5)
+        W_abs = W.abs()
+    yc = apply(c2, W, b)
+    yr = apply(r2, W_abs, b_rad)
+    if W_rad is not None:
+        yr = yr + apply(c2.abs() + r2, W_rad, None)
+    lower_out = yc - yr
+    # in place: ``apply``'s backward never needs its own output, so autograd allows it
+    return lower_out, yr.add_(yc)
+
+
 def add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """``a + b`` where None means zero."""
     if a is None:

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
 from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, mid_rad
 from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
-from certbnn.bounds.params import check_layer_supported, flatten_layers, resolve_tensors
+from certbnn.bounds.params import check_layer_supported, flatten_layers, resolve_tensors, sample_slices
 from certbnn.bounds.registry import lookup_bound_class
+from certbnn.bounds.specs import known_true
 from certbnn.bounds.specs import resolve_tol, widen
 from certbnn.errors import ConfigError
 
@@ -20,6 +21,9 @@ METHODS = ("ibp", "crown", "crown-ibp")
 # method="crown" refuses intermediate back-substitutions whose coefficient
 # tensor would exceed this many elements (2**28 float32 = 1 GiB).
 CROWN_MAX_ELEMENTS = 2**28
+# On CPU, posterior samples are bounded in chunks whose activations + weights fit
+# in about this many bytes (a third-level cache); see _auto_chunk.
+CPU_CHUNK_BYTES = 8 * 2**20
 
 ParamDict = Mapping[str, Tensor]
 BoxDict = Mapping[str, tuple[Tensor, Tensor]]
@@ -33,10 +37,14 @@ def build_ops(model: nn.Module, params: ParamDict | None, param_bounds: BoxDict 
               dtype: torch.dtype | None) -> tuple[list[BoundOp], int | None]:
     """One bound op per leaf layer, with resolved tensors; and the sample count S."""
     layers = flatten_layers(model)
+    classes = []
     for name, module in layers:
-        check_layer_supported(name, module)
+        cls = lookup_bound_class(type(module))
+        if cls is None:
+            check_layer_supported(name, module)  # raises, naming the layer
+        classes.append(cls)
     tensors, S = resolve_tensors(layers, params, param_bounds, dtype)
-    ops = [lookup_bound_class(type(m))(m, n, t) for (n, m), t in zip(layers, tensors)]  # type: ignore[misc]
+    ops = [cls(m, n, t) for cls, (n, m), t in zip(classes, layers, tensors)]
     return ops, S
 
 
@@ -49,6 +57,16 @@ def _expected_rank(ops: list[BoundOp]) -> int | None:
     return None
 
 
+def _compute_dtype(lower: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` if given, else the input box's dtype (parameters are cast to it)."""
+    if dtype is not None:
+        return dtype
+    d = torch.as_tensor(lower).dtype
+    if not d.is_floating_point:
+        raise ConfigError(f"lower/upper must be floating point, got {d}")
+    return d
+
+
 def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | None,
                    dtype: torch.dtype | None, input_has_samples: bool | None) -> tuple[Tensor, Tensor, bool]:
     lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
@@ -58,7 +76,7 @@ def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | No
         raise ConfigError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
     if not lower.is_floating_point() or lower.dtype != upper.dtype:
         raise ConfigError(f"lower/upper must share one floating dtype, got {lower.dtype} and {upper.dtype}")
-    if bool((lower > upper).any()):
+    if known_true((lower > upper).any()):
         raise ConfigError("input box has lower > upper somewhere")
     if input_has_samples is None:
         rank = _expected_rank(ops)
@@ -111,14 +129,15 @@ def _ibp_exact(prefix: list[BoundOp]) -> bool:
     return all(op.is_linear for op in prefix) and sum(op.mixing for op in prefix) <= 1
 
 
-def _crown_intermediate(prefix: list[BoundOp], lower: Tensor, upper: Tensor, feat: torch.Size, S: int | None) -> Box:
+def _crown_intermediate(prefix: list[BoundOp], target: BoundOp, lower: Tensor, upper: Tensor, feat: torch.Size,
+                        S: int | None) -> Box:
     n = feat.numel()
     widest = max([lower[0, 0].numel()] + [op.in_shape.numel() for op in prefix if op.in_shape is not None])
     need = (S or 1) * lower.shape[1] * n * widest
     if need > CROWN_MAX_ELEMENTS:
         raise ConfigError(
             f"method='crown' needs ~{need / 2**28:.1f} GiB (float32) of coefficients for the input of layer "
-            f"{prefix[-1].label()}; use method='crown-ibp' (IBP intermediate bounds)")
+            f"{target.label()}; use method='crown-ibp' (IBP intermediate bounds)")
     eye = torch.eye(n, dtype=lower.dtype, device=lower.device).view(1, 1, n, *feat)
     lo, up = crown_backward_pass(prefix, eye, lower, upper)
     return lo.view(*lo.shape[:2], *feat), up.view(*up.shape[:2], *feat)
@@ -140,7 +159,7 @@ def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method:
         op.in_shape = l.shape[2:]
         if op.needs_input_bounds:
             if method == "crown" and not _ibp_exact(ops[:i]):
-                cl, cu = _crown_intermediate(ops[:i], lower, upper, l.shape[2:], S)
+                cl, cu = _crown_intermediate(ops[:i], op, lower, upper, l.shape[2:], S)
                 l, u = torch.maximum(l, cl), torch.minimum(u, cu)
             op.input_bounds = (l, u)
         if i == last and spec is not None:
@@ -162,6 +181,48 @@ def _finish(lo: Tensor, up: Tensor, sampled: bool, S: int | None) -> Box:
     return lo, up
 
 
+def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:
+    """Samples per pass: all of them off-CPU; on CPU as many as keep one layer's
+    activations plus the samples' weights within ``CPU_CHUNK_BYTES`` (measured
+    faster than one huge pass, which is memory-bound; see docs/bounds.md)."""
+    if l.device.type != "cpu":
+        return S
+    x = torch.zeros(1, *l.shape[2:], dtype=l.dtype)
+    widest = x.numel()
+    with torch.no_grad():
+        for _, module in flatten_layers(model):
+            first = next(iter(module.parameters()), None)
+            try:  # shapes only: the module's own (unsampled) tensors, one example
+                x = module(x if first is None else x.to(first.dtype))
+            except (RuntimeError, TypeError, ValueError):
+                return S
+            widest = max(widest, x.numel())
+    per_sample = sum(t.numel() // S for op in ops for k, t in op.t.values.items() if k in op.t.sampled)
+    per_sample += l.shape[1] * widest
+    return max(1, min(S, CPU_CHUNK_BYTES // (per_sample * l.element_size())))
+
+
+def _bounds(ops: list[BoundOp], l: Tensor, u: Tensor, method: str, spec: Tensor | None, S: int | None,
+            intersect_ibp: bool) -> Box:
+    """Bounds ``(S', B, ...)`` of prepared inputs ``(Sx, B, ...)`` (``S'`` in ``{1, S}``)."""
+    ibp_lo, ibp_up = _forward_intervals(ops, l, u, method, spec, S)
+    if method == "ibp":
+        return ibp_lo, ibp_up
+    real = [op for op in ops if not op.passthrough]
+    out_feat = _out_shape(real[-1], l.new_zeros(1, 1, *real[-1].in_shape)) if real else l.shape[2:]
+    if spec is None:
+        n = out_feat.numel()
+        A0 = torch.eye(n, dtype=l.dtype, device=l.device).view(1, 1, n, *out_feat)
+    else:
+        A0 = spec.view(1, -1 if spec.dim() == 3 else 1, spec.shape[-2], *out_feat)
+    lo, up = crown_backward_pass(ops, A0, l, u)
+    if spec is None:
+        lo, up = lo.view(*lo.shape[:2], *out_feat), up.view(*up.shape[:2], *out_feat)
+    if intersect_ibp:
+        lo, up = torch.maximum(lo, ibp_lo), torch.minimum(up, ibp_up)
+    return lo, up
+
+
 def compute_bounds(
     model: nn.Module,
     lower: Tensor,
@@ -175,6 +236,7 @@ def compute_bounds(
     tol: float | tuple[float, float] | str | None = None,
     intersect_ibp: bool = True,
     input_has_samples: bool | None = None,
+    sample_chunk: int | None = None,
 ) -> Box:
     """Sound lower/upper bounds of ``model(x)`` (or ``spec @ model(x)``) over ``x`` in ``[lower, upper]``.
 
@@ -182,6 +244,8 @@ def compute_bounds(
     Shapes: ``lower``/``upper`` ``(B, *in)`` (or ``(S, B, *in)``); result
     ``([S,] B, *out)`` without spec, ``([S,] B, K_spec)`` with one; the leading
     ``S`` is present iff some parameter (or the input) carries samples.
+    ``sample_chunk``: samples bounded per batched pass (None: all on GPU, a
+    cache-sized chunk on CPU; results are identical whatever the chunk).
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
@@ -189,26 +253,27 @@ def compute_bounds(
         warnings.warn(f"method='{method}' does not support param_bounds (weight intervals); using IBP",
                       BoundsFallbackWarning, stacklevel=2)
         method = "ibp"
+    dtype = _compute_dtype(lower, dtype)
     ops, S = build_ops(model, params, param_bounds, dtype)
     l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
     if x_sampled and S is None:
         S = l.shape[0]
     spec_t = _prepare_spec(spec, l.shape[1], l.dtype)
-    ibp_lo, ibp_up = _forward_intervals(ops, l, u, method, spec_t, S)
-    lo, up = ibp_lo, ibp_up
-    if method != "ibp":
-        real = [op for op in ops if not op.passthrough]
-        out_feat = _out_shape(real[-1], l.new_zeros(1, 1, *real[-1].in_shape)) if real else l.shape[2:]
-        if spec_t is None:
-            n = out_feat.numel()
-            A0 = torch.eye(n, dtype=l.dtype, device=l.device).view(1, 1, n, *out_feat)
-        else:
-            A0 = spec_t.view(1, -1 if spec_t.dim() == 3 else 1, spec_t.shape[-2], *out_feat)
-        lo, up = crown_backward_pass(ops, A0, l, u)
-        if spec_t is None:
-            lo, up = lo.view(*lo.shape[:2], *out_feat), up.view(*up.shape[:2], *out_feat)
-        if intersect_ibp:
-            lo, up = torch.maximum(lo, ibp_lo), torch.minimum(up, ibp_up)
+    chunk = S
+    if S is not None and S > 1:
+        chunk = _auto_chunk(model, ops, l, S) if sample_chunk is None else max(1, int(sample_chunk))
+    if S is None or chunk >= S:
+        lo, up = _bounds(ops, l, u, method, spec_t, S, intersect_ibp)
+    else:
+        parts = []
+        for i in range(0, S, chunk):
+            p, pb = sample_slices(model, params, param_bounds, i, i + chunk)
+            ops_i, S_i = build_ops(model, p, pb, dtype)
+            li, ui = (l[i : i + chunk], u[i : i + chunk]) if x_sampled and l.shape[0] > 1 else (l, u)
+            n = min(chunk, S - i)
+            lo_i, up_i = _finish(*_bounds(ops_i, li, ui, method, spec_t, S_i or n, intersect_ibp), True, n)
+            parts.append((lo_i, up_i))
+        lo, up = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
     lo, up = _finish(lo, up, x_sampled or S is not None, S)
     rt = resolve_tol(tol, lo.dtype)
     return widen(lo, up, *rt) if rt is not None else (lo, up)
@@ -225,6 +290,7 @@ def interval_forward(
     input_has_samples: bool | None = None,
 ) -> list[tuple[str, Tensor, Tensor]]:
     """IBP bounds of every layer's output: ``[(layer_name, lower, upper), ...]`` in order."""
+    dtype = _compute_dtype(lower, dtype)
     ops, S = build_ops(model, params, param_bounds, dtype)
     l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
     if x_sampled and S is None:

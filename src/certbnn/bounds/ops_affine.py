@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from certbnn.bounds.base import Box, LinearOp, channel_view, mid_rad, sum_features
+from certbnn.bounds.base import Box, LinearOp, affine_ibp, channel_view, mid_rad, sum_features
 from certbnn.bounds.registry import register_bound
 from certbnn.errors import UnsupportedLayerError
 from certbnn.layers import Normalize
@@ -39,9 +39,7 @@ class ChannelAffineOp(LinearOp):
 
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         a, s = self._views(lower.dim() - 2, 2)
-        c, r = mid_rad(lower, upper)
-        yc, yr = a * c + s, a.abs() * r
-        return yc - yr, yc + yr
+        return affine_ibp(lower, upper, lambda x, w, b: x * w if b is None else torch.addcmul(b, x, w), a, s)
 
     def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
         a, s = self._views(A.dim() - 3, 3)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certbnn.bounds.base import Box, LinearOp, mid_rad, sum_features
+from certbnn.bounds.base import Box, LinearOp, affine_ibp, mid_rad, sum_features
 from certbnn.bounds.registry import register_bound
 from certbnn.errors import UnsupportedLayerError
 
@@ -40,19 +40,25 @@ def linear_apply(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
             return F.linear(x, W, b)
         y = F.linear(x, W)
     else:
-        y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), W.transpose(1, 2))
-        y = y.view(y.shape[0], *x.shape[1:-1], W.shape[1])
-        if b is None:
+        S, out = W.shape[:2]
+        bf = None if b is None else (b.flatten() if b.dim() == 2 else b.repeat(S))
+        if x.shape[0] == 1:  # shared input: one GEMM against the S stacked weight matrices
+            y = F.linear(x[0], W.flatten(0, 1), bf).unflatten(-1, (S, out)).movedim(-2, 0)
             return y
-        if b.dim() == 1:
-            return y + b
+        xf = x.reshape(x.shape[0], -1, x.shape[-1])
+        if bf is None:
+            y = torch.bmm(xf, W.transpose(1, 2))
+        else:
+            y = torch.baddbmm(bf.view(S, 1, out), xf, W.transpose(1, 2))
+        return y.view(S, *x.shape[1:-1], out)
     return y + _bias_view(b, y.dim())
 
 
-def _per_example_apply(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-    """``W x + b`` with per-example ``W`` ``([S,] B, K, in)`` and ``x`` ``(Sx, B, in)``."""
-    y = torch.matmul(W, x.unsqueeze(-1)).squeeze(-1)
-    return y if b is None else y + b
+def _per_example_apply(W: Tensor, x: Tensor) -> Tensor:
+    """``W_b x_b`` for per-example ``W`` ``([S,] B, K, in)`` and ``x`` ``(Sx, B, in)`` -> ``(S, B, K)``."""
+    if W.dim() == 3:
+        return torch.einsum("bki,sbi->sbk", W, x)
+    return torch.einsum("sbki,sbi->sbk", W, x.expand(W.shape[0], *x.shape[1:]))
 
 
 @register_bound(nn.Linear)
@@ -65,18 +71,9 @@ class BoundLinear(LinearOp):
     def forward(self, x: Tensor) -> Tensor:
         return linear_apply(x, self.t.values["weight"], self.t.get("bias"))
 
-    @staticmethod
-    def _ibp(c: Tensor, r: Tensor, W: Tensor, Wr: Tensor | None, b: Tensor | None, br: Tensor | None, apply) -> Box:
-        yc = apply(c, W, b)
-        yr = apply(r, W.abs(), br)
-        if Wr is not None:
-            yr = yr + apply(c.abs() + r, Wr, None)
-        return yc - yr, yc + yr
-
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         v, rad = self.t.values, self.t.radius
-        c, r = mid_rad(lower, upper)
-        return self._ibp(c, r, v["weight"], rad.get("weight"), v.get("bias"), rad.get("bias"), linear_apply)
+        return affine_ibp(lower, upper, linear_apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias"))
 
     def ibp_spec(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
         if lower.dim() != 3:
@@ -84,19 +81,22 @@ class BoundLinear(LinearOp):
         v, rad = self.t.values, self.t.radius
         W, Wr, b, br = v["weight"], rad.get("weight"), v.get("bias"), rad.get("bias")
         sa = spec.abs()
-        c, r = mid_rad(lower, upper)
         if spec.dim() == 2:  # (K, out): an ordinary Linear with K outputs
             Wf = spec @ W
             bf = None if b is None else b @ spec.t()
             Wrf = None if Wr is None else sa @ Wr
             brf = None if br is None else br @ sa.t()
-            return self._ibp(c, r, Wf, Wrf, bf, brf, linear_apply)
-        # (B, K, out): per-example weights ([S,] B, K, in)
-        Wf = torch.einsum("bko,...oi->...bki", spec, W)
-        bf = None if b is None else torch.einsum("bko,...o->...bk", spec, b)
-        Wrf = None if Wr is None else torch.einsum("bko,...oi->...bki", sa, Wr)
-        brf = None if br is None else torch.einsum("bko,...o->...bk", sa, br)
-        return self._ibp(c, r, Wf, Wrf, bf, brf, _per_example_apply)
+            return affine_ibp(lower, upper, linear_apply, Wf, bf, Wrf, brf)
+        # (B, K, out): the centre goes through the layer then the spec; the radius
+        # uses the per-example folded weights |spec_b W| ([S,] B, K, in)
+        c, r = mid_rad(lower, upper)
+        yc = torch.einsum("bko,sbo->sbk", spec, linear_apply(c, W, b))
+        yr = _per_example_apply(torch.einsum("bko,...oi->...bki", spec, W).abs(), r)
+        if Wr is not None:
+            yr = yr + _per_example_apply(torch.einsum("bko,...oi->...bki", sa, Wr), c.abs() + r)
+        if br is not None:
+            yr = yr + torch.einsum("bko,...o->...bk", sa, br)
+        return yc - yr, yc + yr
 
     def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
         W, b = self.t.values["weight"], self.t.get("bias")
@@ -156,15 +156,14 @@ class BoundConv2d(LinearOp):
             y = F.conv2d(self._pad4(x.flatten(0, 1)), W, fused, groups=self.groups, **args).unflatten(0, (Sx, B))
             return y if b is None or fused is not None else y + _bias_view(b, 3).unsqueeze(-1).unsqueeze(-1)
         S, Co = W.shape[:2]
+        bf = None if b is None else (b.flatten() if b_sampled else b.repeat(S))  # fused (S * Co,) bias
         if Sx == 1 and self.groups == 1:  # shared input: stack the S kernels as output channels
-            y = F.conv2d(self._pad4(x[0]), W.flatten(0, 1), None, groups=1, **args)
+            y = F.conv2d(self._pad4(x[0]), W.flatten(0, 1), bf, groups=1, **args)
         else:  # fold S into channels: one grouped conv with S * groups groups
             xs = x.expand(S, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
-            y = F.conv2d(self._pad4(xs), W.flatten(0, 1), None, groups=self.groups * S, **args)
-        y = y.unflatten(1, (S, Co)).transpose(0, 1)
-        if b is None:
-            return y
-        return y + (b.view(-1, 1, 1) if b.dim() == 1 else _bias_view(b, 3).unsqueeze(-1).unsqueeze(-1))
+            y = F.conv2d(self._pad4(xs), W.flatten(0, 1), bf, groups=self.groups * S, **args)
+        # (B, S*Co, ..) -> (S, B, Co, ..) as a view: a following conv folds it back for free
+        return y.unflatten(1, (S, Co)).transpose(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.sampled
@@ -172,13 +171,11 @@ class BoundConv2d(LinearOp):
 
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         v, rad, s = self.t.values, self.t.radius, self.sampled
-        W, b = v["weight"], v.get("bias")
-        c, r = mid_rad(lower, upper)
-        yc = self._conv(c, W, b, s("weight"), s("bias"))
-        yr = self._conv(r, W.abs(), rad.get("bias"), s("weight"), s("bias"))
-        if "weight" in rad:
-            yr = yr + self._conv(c.abs() + r, rad["weight"], None, s("weight"), False)
-        return yc - yr, yc + yr
+
+        def apply(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+            return self._conv(x, W, b, s("weight"), s("bias"))
+
+        return affine_ibp(lower, upper, apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias"))
 
     def _unpad(self, G: Tensor, H: int, Wd: int) -> Tensor:
         if self.pads is None or not any(self.pads):

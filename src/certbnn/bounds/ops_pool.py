@@ -19,7 +19,9 @@ from certbnn.bounds.registry import register_bound
 
 
 def _fold(fn, x: Tensor) -> Tensor:
-    """Apply a 4-D op to ``(S, B, C, H, W)``."""
+    """Apply a 4-D op to ``(S, B, C, H, W)`` (without a copy when S is stored inside B)."""
+    if x.shape[0] > 1 and x.transpose(0, 1).is_contiguous():
+        return fn(x.transpose(0, 1).flatten(0, 1)).unflatten(0, (x.shape[1], x.shape[0])).transpose(0, 1)
     return fn(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 

@@ -70,8 +70,11 @@ def resolve_tensors(
     resolved: list[LayerTensors] = []
     for lname, module in layers:
         lt = LayerTensors()
-        own = dict(module.named_parameters(recurse=True))
-        own.update(dict(module.named_buffers(recurse=True)))
+        if module._modules:
+            own = dict(module.named_parameters(recurse=True))
+            own.update(dict(module.named_buffers(recurse=True)))
+        else:  # fast path for leaf layers
+            own = {**module._parameters, **module._buffers}
         for key, t in own.items():
             full = f"{lname}.{key}" if lname else key
             known.add(full)
@@ -122,3 +125,18 @@ def check_layer_supported(name: str, module: nn.Module) -> None:
             f"layer '{name}' ({type(module).__name__}) has no bound rule; "
             "register one with certbnn.bounds.register_bound"
         )
+
+
+def sample_slices(model: nn.Module, params: Mapping[str, Tensor] | None,
+                  param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None, start: int, stop: int):
+    """``params`` / ``param_bounds`` restricted to samples ``start:stop`` (unsampled entries unchanged)."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+
+    def cut(name: str, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t)
+        return t[start:stop] if name in own and t.dim() == own[name].dim() + 1 else t
+
+    p = None if params is None else {k: cut(k, v) for k, v in params.items()}
+    pb = None if param_bounds is None else {k: (cut(k, a), cut(k, b)) for k, (a, b) in param_bounds.items()}
+    return p, pb

@@ -30,6 +30,9 @@ moment), not the Gauss-Newton / Fisher diagonal, so N s is not the data precisio
 full-batch linear regression (N = n) the fixed point is N s_j = E[((A w - b)_j)^2] / N, of
 order A^2 sigma^2 / N instead of A_jj. The mean is right; the std is only in the right
 ballpark (too wide for large N) and depends on the batch size. VOGN learns the curvature.
+
+Temperature: with ``kl_weight`` = t every N above is N / t (the tempered posterior
+p(D|w)^(1/t) p(w), the same knob as BBB's KL weight; t < 1 narrows the posterior).
 """
 
 from __future__ import annotations
@@ -97,36 +100,44 @@ class NoisyAdam:
     betas: tuple[float, float] = (0.9, 0.999)
     num_samples: int = 1
     init_precision: float = 0.0
+    kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_variational(self)
         check_beta_pair(self)
         check_number(self, "init_precision", self.init_precision, low=0.0)
+        check_number(self, "kl_weight", self.kl_weight, low=0.0, low_open=True)
+
+    @property
+    def effective_data(self) -> float:
+        """N / kl_weight: the tempered posterior p(D|w)^(1/kl_weight) p(w), the same knob as
+        BBB's KL weight (kl_weight < 1 sharpens the posterior around the data fit)."""
+        return self.num_data / self.kl_weight
 
     def init(self, params: Params, generator: torch.Generator | None = None) -> NoisyAdamState:
         check_params_match_prior(self, params)
         mean = detached_copy(params)
-        s0 = {name: torch.full_like(m, float(self.init_precision) / self.num_data) for name, m in mean.items()}
+        s0 = {name: torch.full_like(m, float(self.init_precision) / self.effective_data) for name, m in mean.items()}
         return NoisyAdamState(mean, zeros_like(mean), s0, 0)
 
     def step(self, state: NoisyAdamState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[NoisyAdamState, dict[str, float]]:
         lam = prior_precision(self.prior, state.mean)
-        std = precision_std(state.exp_avg_sq, lam, self.num_data)
+        std = precision_std(state.exp_avg_sq, lam, self.effective_data)
         weights = sample_diag_gaussian(state.mean, std, self.num_samples, generator)
         grads, nll_value = data_gradients(weights, batch, nll)
-        pull = prior_pull(state.mean, self.prior, lam, self.num_data)
+        pull = prior_pull(state.mean, self.prior, lam, self.effective_data)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
         correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-        initial_share = beta2 ** step * float(self.init_precision) / self.num_data  # b2^t s_0
+        initial_share = beta2 ** step * float(self.init_precision) / self.effective_data  # b2^t s_0
         mean, exp_avg, exp_avg_sq = {}, {}, {}
         for name, mu in state.mean.items():
             g = grads[name]
             m = beta1 * state.exp_avg[name] + (1.0 - beta1) * (g.mean(0) + pull[name])
             s = beta2 * state.exp_avg_sq[name] + (1.0 - beta2) * (g * g).mean(0)
             s_debiased = ((s - initial_share) / correction2).clamp_min(0.0)
-            denominator = s_debiased.sqrt() + lam[name] / self.num_data
+            denominator = s_debiased.sqrt() + lam[name] / self.effective_data
             mean[name] = mu - (self.lr / correction1) * m / denominator
             exp_avg[name], exp_avg_sq[name] = m, s
         return NoisyAdamState(mean, exp_avg, exp_avg_sq, step), {"nll": float(nll_value)}
@@ -138,5 +149,5 @@ class NoisyAdam:
         lam = prior_precision(self.prior, state.mean)
         return GaussianPosterior({n: m.detach().clone() for n, m in state.mean.items()},
                                  precision_std({n: s.detach() for n, s in state.exp_avg_sq.items()},
-                                               lam, self.num_data))
+                                               lam, self.effective_data))
 

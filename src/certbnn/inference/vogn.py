@@ -34,6 +34,9 @@ the copies is exactly the per-example gradients -- same result, B times the forw
 robust likelihoods to skip the failing attempt). Memory for the gradients is
 S * B * (number of weights) in both cases. (With copies, an attack-based likelihood attacks
 the mean loss over the copies, i.e. over the S samples, as in a stacked call.)
+
+Temperature: with ``kl_weight`` = t every N above is N / t (the tempered posterior
+p(D|w)^(1/t) p(w), the same knob as BBB's KL weight; t < 1 narrows the posterior).
 """
 
 from __future__ import annotations
@@ -127,29 +130,37 @@ class VOGN:
     betas: tuple[float, float] = (0.9, 0.999)
     num_samples: int = 1
     init_precision: float = 0.0
+    kl_weight: float = 1.0
     per_example: str = "auto"
 
     def __post_init__(self) -> None:
         check_variational(self)
         check_beta_pair(self)
         check_number(self, "init_precision", self.init_precision, low=0.0)
+        check_number(self, "kl_weight", self.kl_weight, low=0.0, low_open=True)
         if self.per_example not in PER_EXAMPLE_MODES:
             raise ConfigError(f"vogn: option per_example must be one of {', '.join(PER_EXAMPLE_MODES)}, "
                               f"got {self.per_example!r}")
 
+    @property
+    def effective_data(self) -> float:
+        """N / kl_weight: the tempered posterior p(D|w)^(1/kl_weight) p(w), the same knob as
+        BBB's KL weight (kl_weight < 1 sharpens the posterior around the data fit)."""
+        return self.num_data / self.kl_weight
+
     def init(self, params: Params, generator: torch.Generator | None = None) -> VOGNState:
         check_params_match_prior(self, params)
         mean = detached_copy(params)
-        s0 = {name: torch.full_like(m, float(self.init_precision) / self.num_data) for name, m in mean.items()}
+        s0 = {name: torch.full_like(m, float(self.init_precision) / self.effective_data) for name, m in mean.items()}
         return VOGNState(mean, zeros_like(mean), s0, 0)
 
     def step(self, state: VOGNState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[VOGNState, dict[str, float]]:
         lam = prior_precision(self.prior, state.mean)
-        std = precision_std(state.precision, lam, self.num_data)
+        std = precision_std(state.precision, lam, self.effective_data)
         weights = sample_diag_gaussian(state.mean, std, self.num_samples, generator)
         grads, values = per_example_grads(weights, batch, nll, self.per_example)
-        pull = prior_pull(state.mean, self.prior, lam, self.num_data)
+        pull = prior_pull(state.mean, self.prior, lam, self.effective_data)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
         correction1 = 1.0 - beta1 ** step
@@ -158,7 +169,7 @@ class VOGN:
             g = grads[name]  # (S, B, *shape)
             s = beta2 * state.precision[name] + (1.0 - beta2) * (g * g).mean((0, 1))
             m = beta1 * state.exp_avg[name] + (1.0 - beta1) * (g.mean((0, 1)) + pull[name])
-            mean[name] = mu - (self.lr / correction1) * m / (s + lam[name] / self.num_data)
+            mean[name] = mu - (self.lr / correction1) * m / (s + lam[name] / self.effective_data)
             exp_avg[name], precision[name] = m, s
         return VOGNState(mean, exp_avg, precision, step), {"nll": float(values.mean())}
 
@@ -169,4 +180,4 @@ class VOGN:
         lam = prior_precision(self.prior, state.mean)
         return GaussianPosterior({n: m.detach().clone() for n, m in state.mean.items()},
                                  precision_std({n: s.detach() for n, s in state.precision.items()},
-                                               lam, self.num_data))
+                                               lam, self.effective_data))
