@@ -85,14 +85,11 @@ class NoisyAdamState:
     num_steps: int = 0
 
 
-@register_method
 @dataclass(frozen=True)
-class NoisyAdam:
-    """Vadam (see module doc). Options: ``lr`` (1e-3), ``betas`` ((0.9, 0.999)),
-    ``num_samples`` (1), ``init_precision`` (0.0, the initial N s)."""
-
-    name: ClassVar[str] = "noisy-adam"
-    full_batch: ClassVar[bool] = False
+class PrecisionVI:
+    """Options and plumbing shared by NoisyAdam and VOGN: a diagonal Gaussian with precision
+    N s + lambda (N = ``effective_data``), ``init_precision`` the initial N s, ``kl_weight``
+    the temperature."""
 
     prior: GaussianPrior
     num_data: int
@@ -114,11 +111,34 @@ class NoisyAdam:
         BBB's KL weight (kl_weight < 1 sharpens the posterior around the data fit)."""
         return self.num_data / self.kl_weight
 
-    def init(self, params: Params, generator: torch.Generator | None = None) -> NoisyAdamState:
+    def initial_moments(self, params: Params) -> tuple[Params, Params, Params]:
+        """(mean = params, first moment = 0, s_0 = init_precision / N)."""
         check_params_match_prior(self, params)
         mean = detached_copy(params)
         s0 = {name: torch.full_like(m, float(self.init_precision) / self.effective_data) for name, m in mean.items()}
-        return NoisyAdamState(mean, zeros_like(mean), s0, 0)
+        return mean, zeros_like(mean), s0
+
+    def end_epoch(self, state, epoch: int):
+        return state
+
+    def gaussian(self, mean: Params, s: Params) -> GaussianPosterior:
+        """The posterior N(mean, 1 / (N s + lambda)): a precision turned into a std."""
+        lam = prior_precision(self.prior, mean)
+        return GaussianPosterior({n: m.detach().clone() for n, m in mean.items()},
+                                 precision_std({n: v.detach() for n, v in s.items()}, lam, self.effective_data))
+
+
+@register_method
+@dataclass(frozen=True)
+class NoisyAdam(PrecisionVI):
+    """Vadam (see module doc). Options: ``lr`` (1e-3), ``betas`` ((0.9, 0.999)),
+    ``num_samples`` (1), ``init_precision`` (0.0, the initial N s), ``kl_weight`` (1.0)."""
+
+    name: ClassVar[str] = "noisy-adam"
+    full_batch: ClassVar[bool] = False
+
+    def init(self, params: Params, generator: torch.Generator | None = None) -> NoisyAdamState:
+        return NoisyAdamState(*self.initial_moments(params), 0)
 
     def step(self, state: NoisyAdamState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[NoisyAdamState, dict[str, float]]:
@@ -142,12 +162,5 @@ class NoisyAdam:
             exp_avg[name], exp_avg_sq[name] = m, s
         return NoisyAdamState(mean, exp_avg, exp_avg_sq, step), {"nll": float(nll_value)}
 
-    def end_epoch(self, state: NoisyAdamState, epoch: int) -> NoisyAdamState:
-        return state
-
     def posterior(self, state: NoisyAdamState) -> GaussianPosterior:
-        lam = prior_precision(self.prior, state.mean)
-        return GaussianPosterior({n: m.detach().clone() for n, m in state.mean.items()},
-                                 precision_std({n: s.detach() for n, s in state.exp_avg_sq.items()},
-                                               lam, self.effective_data))
-
+        return self.gaussian(state.mean, state.exp_avg_sq)

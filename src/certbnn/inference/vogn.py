@@ -51,12 +51,9 @@ from torch.func import grad, vmap
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method
-from certbnn.inference.bbb import check_beta_pair, check_params_match_prior, check_variational
-from certbnn.inference.noisy_adam import precision_std, prior_precision, prior_pull
-from certbnn.inference.sgd import check_number, detached_copy, zeros_like
+from certbnn.inference.noisy_adam import PrecisionVI, precision_std, prior_precision, prior_pull
 from certbnn.posterior import GaussianPosterior
 from certbnn.posterior.paramdict import sample_diag_gaussian
-from certbnn.priors import GaussianPrior
 
 __all__ = ["VOGN", "VOGNState", "per_example_grads", "PER_EXAMPLE_MODES"]
 
@@ -116,7 +113,7 @@ class VOGNState:
 
 @register_method
 @dataclass(frozen=True)
-class VOGN:
+class VOGN(PrecisionVI):
     """Variational Online Gauss-Newton (see module doc). Options: ``lr`` (1e-3), ``betas``
     ((0.9, 0.999), EMA decays), ``num_samples`` (1), ``init_precision`` (0.0, the initial N s),
     ``per_example`` ("auto")."""
@@ -124,35 +121,16 @@ class VOGN:
     name: ClassVar[str] = "vogn"
     full_batch: ClassVar[bool] = False
 
-    prior: GaussianPrior
-    num_data: int
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    num_samples: int = 1
-    init_precision: float = 0.0
-    kl_weight: float = 1.0
     per_example: str = "auto"
 
     def __post_init__(self) -> None:
-        check_variational(self)
-        check_beta_pair(self)
-        check_number(self, "init_precision", self.init_precision, low=0.0)
-        check_number(self, "kl_weight", self.kl_weight, low=0.0, low_open=True)
+        super().__post_init__()
         if self.per_example not in PER_EXAMPLE_MODES:
             raise ConfigError(f"vogn: option per_example must be one of {', '.join(PER_EXAMPLE_MODES)}, "
                               f"got {self.per_example!r}")
 
-    @property
-    def effective_data(self) -> float:
-        """N / kl_weight: the tempered posterior p(D|w)^(1/kl_weight) p(w), the same knob as
-        BBB's KL weight (kl_weight < 1 sharpens the posterior around the data fit)."""
-        return self.num_data / self.kl_weight
-
     def init(self, params: Params, generator: torch.Generator | None = None) -> VOGNState:
-        check_params_match_prior(self, params)
-        mean = detached_copy(params)
-        s0 = {name: torch.full_like(m, float(self.init_precision) / self.effective_data) for name, m in mean.items()}
-        return VOGNState(mean, zeros_like(mean), s0, 0)
+        return VOGNState(*self.initial_moments(params), 0)
 
     def step(self, state: VOGNState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[VOGNState, dict[str, float]]:
@@ -173,11 +151,5 @@ class VOGN:
             exp_avg[name], precision[name] = m, s
         return VOGNState(mean, exp_avg, precision, step), {"nll": float(values.mean())}
 
-    def end_epoch(self, state: VOGNState, epoch: int) -> VOGNState:
-        return state
-
     def posterior(self, state: VOGNState) -> GaussianPosterior:
-        lam = prior_precision(self.prior, state.mean)
-        return GaussianPosterior({n: m.detach().clone() for n, m in state.mean.items()},
-                                 precision_std({n: s.detach() for n, s in state.precision.items()},
-                                               lam, self.effective_data))
+        return self.gaussian(state.mean, state.precision)
