@@ -1,0 +1,308 @@
+"""``evaluate_run(run_dir, options)``: every number of the paper's protocol for one trained run.
+
+Writes ``evaluation.json``, ``report.md`` and plots (``reliability.png``,
+``certified_vs_eps.png``, ``entropy_hist.png``) into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from certbnn import __version__, data
+from certbnn.errors import CertbnnError, ConfigError
+from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
+from certbnn.fileio import atomic_write_text
+from certbnn.models import build_model
+from certbnn.posterior import GaussianPosterior, load_posterior
+
+
+CHUNK = 250  # test points per attack / certificate call (bounds memory for CNNs with many samples)
+
+
+@dataclass
+class EvalOptions:
+    eps: list[float] = field(default_factory=lambda: [0.1])
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    certificates: list[str] = field(default_factory=lambda: ["per-sample", "paper", "statistical"])
+    bound: str = "ibp"
+    float64: bool = False
+    limit: int | None = 1000
+    samples: int = 24
+    pgd_steps: int = 20
+    pgd_restarts: int = 1
+    confidence: float = 0.99
+    threshold: float = 0.5
+    ood: str | None = None
+    ood_fgsm_eps: float | None = None
+    radius: bool = False
+    seed: int = 0
+    data_dir: str | None = None
+
+    def validate(self) -> EvalOptions:
+        if not self.eps or any(not (e >= 0 and math.isfinite(e)) for e in self.eps):
+            raise ConfigError(f"--eps needs finite values >= 0, got {self.eps}")
+        for name, given, known in (("attack", self.attacks, ATTACKS), ("certificate", self.certificates, CERTIFICATES)):
+            unknown = [g for g in given if g not in known]
+            if unknown:
+                raise ConfigError(f"unknown {name}(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        if self.samples < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("--samples and --limit must be >= 1")
+        if not 0 < self.confidence < 1 or not 0 <= self.threshold <= 1:
+            raise ConfigError("--confidence must be in (0, 1) and --threshold in [0, 1]")
+        return self
+
+
+def load_run(run_dir: Path):
+    """(config dict, model, posterior) of a training run directory."""
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise CertbnnError(f"{run_dir}: not a training run (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CertbnnError(f"{config_path}: corrupt ({exc})") from None
+    spec = data.get_spec(config["dataset"])
+    model = build_model(config["model"], spec.image_shape, spec.num_classes)
+    posterior, _ = load_posterior(run_dir / "posterior.safetensors", expected_fingerprint=model)
+    return config, model.eval(), posterior
+
+
+def _test_set(name: str, options: EvalOptions, data_dir: str | None):
+    test = data.load(name, "test", data_dir)
+    return test.subset(slice(0, options.limit)) if options.limit else test
+
+
+def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` (see module doc); returns the results dict."""
+    options.validate()
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir
+    config, model, posterior = load_run(run_dir)
+    data_dir = options.data_dir or config.get("data_dir")
+    test = _test_set(config["dataset"], options, data_dir)
+    dtype = torch.float64 if options.float64 else torch.float32
+    model = model.to(dtype)
+    posterior = posterior.to(dtype=dtype)
+    generator = torch.Generator().manual_seed(options.seed)
+    params = posterior.sample(options.samples, generator=generator)
+    x, y = test.tensors(dtype=dtype)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"certbnn_version": __version__, "run": str(run_dir), "dataset": config["dataset"],
+                               "method": config["method"], "likelihood": config["likelihood"],
+                               "num_points": len(y), "num_samples": options.samples, "options": asdict(options)}
+    steps = len(options.eps) * (len(options.attacks) + len(options.certificates)) + 2
+    bar = tqdm(total=steps, desc="evaluate", disable=not progress, unit="part")
+
+    with torch.no_grad():
+        mean_probs, sample_probs = metrics.predictive_probs(model, params, x)
+    correct = mean_probs.argmax(-1) == y
+    ece, bins = metrics.expected_calibration_error(mean_probs, y)
+    split = metrics.uncertainty_decomposition(sample_probs)
+    results["clean"] = {"accuracy": metrics.accuracy(mean_probs, y), "nll": metrics.nll(mean_probs, y),
+                        "brier": metrics.brier(mean_probs, y), "ece": ece,
+                        "entropy": float(split["total"].mean()), "aleatoric": float(split["aleatoric"].mean()),
+                        "epistemic": float(split["epistemic"].mean())}
+    bar.update()
+
+    results["per_eps"] = []
+    for eps in options.eps:
+        row: dict[str, Any] = {"eps": eps}
+        for kind in options.attacks:
+            adv_probs = torch.cat([
+                _no_grad_probs(model, params, robustness.attack(
+                    model, params, xb, yb, eps, kind=kind, steps=options.pgd_steps, restarts=options.pgd_restarts,
+                    generator=generator))
+                for xb, yb in _chunks(x, y)])
+            row[f"{kind}_accuracy"] = metrics.accuracy(adv_probs, y)
+            row[f"{kind}_nll"] = metrics.nll(adv_probs, y)
+            row[f"{kind}_ece"] = metrics.expected_calibration_error(adv_probs, y)[0]
+            bar.update()
+        common = dict(method=options.bound, dtype=dtype)
+        for name in options.certificates:
+            per_point = [_certificate(name, model, posterior, params, xb, yb, eps, options, generator, common)
+                         for xb, yb in _chunks(x, y)]
+            row.update(_summarise(name, per_point, correct))
+            bar.update()
+        results["per_eps"].append(row)
+
+    if options.radius:
+        def decision_at(xb, yb, eps):  # the same K samples at every bisection step (fixed seed)
+            return certify.certify_decision(model, posterior, xb, yb, eps, num_samples=options.samples,
+                                            method=options.bound, dtype=dtype,
+                                            generator=torch.Generator().manual_seed(options.seed))["certified"]
+        radius = torch.cat([certify.certified_radius(decision_at, xb, yb, eps_max=2 * max(max(options.eps), 0.05))
+                            for xb, yb in _chunks(x, y)])
+        results["radius"] = {"certificate": "decision", "mean": float(radius.mean()),
+                             "median": float(radius.median()), "mean_if_correct": float((radius * correct).mean())}
+    results["ood"] = _ood(model, params, x, y, split, options, config, data_dir, generator, dtype)
+    bar.update()
+    bar.close()
+    results["seconds"] = round(time.perf_counter() - start, 2)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = _plots(out_dir, bins, results, split, options)
+    results["plots"] = plots
+    atomic_write_text(out_dir / "evaluation.json", json.dumps(results, indent=2), "evaluation")
+    atomic_write_text(out_dir / "report.md", render_report(results), "report")
+    return results
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, size: int = CHUNK):
+    for start in range(0, len(y), size):
+        yield x[start:start + size], y[start:start + size]
+
+
+def _no_grad_probs(model, params, x):
+    with torch.no_grad():
+        return metrics.predictive_probs(model, params, x)[0]
+
+
+def _certificate(name, model, posterior, params, x, y, eps, options, generator, common) -> dict[str, Any]:
+    """Per-point results of one certificate on one chunk of points."""
+    if name == "per-sample":
+        return {"rate": certify.per_sample_certified(model, params, x, y, eps, **common).float().mean(0)}
+    if name == "paper":
+        return certify.certify_paper(model, posterior, x, y, eps, generator=generator, **common)
+    if name == "statistical":
+        return certify.certify_statistical(model, posterior, x, y, eps, confidence=options.confidence,
+                                           threshold=options.threshold, generator=generator, **common)
+    if name == "weight-box":
+        if not isinstance(posterior, GaussianPosterior):
+            return {}
+        return certify.certify_weight_box(model, posterior, x, y, eps, **common)
+    return certify.certify_decision(model, posterior, x, y, eps, num_samples=options.samples, generator=generator,
+                                    **common)
+
+
+def _summarise(name: str, chunks: list[dict[str, Any]], correct: torch.Tensor) -> dict[str, Any]:
+    """Aggregate per-point certificate results over chunks into the row of the report."""
+    def cat(key):
+        return torch.cat([torch.as_tensor(c[key]).reshape(-1) for c in chunks])
+
+    if name == "per-sample":
+        rate = cat("rate")
+        return {"per_sample_certified_rate": float(rate.mean()),
+                "per_sample_certified_accuracy": float((rate * correct).mean())}
+    if name == "weight-box" and not chunks[0]:
+        return {"weight_box": "not applicable (posterior is not Gaussian)"}
+    key = name.replace("-", "_")
+    summary = {f"{key}_certified_accuracy": certify.certified_accuracy(correct, cat("certified").bool())}
+    if name == "statistical":
+        summary["statistical_mean_lower"] = float(cat("lower").mean())
+    if name == "weight-box":
+        log_mass = cat("log_mass")
+        summary["weight_box_mean_mass"] = float(torch.exp(log_mass).mean())
+        certified = torch.isfinite(log_mass)
+        summary["weight_box_median_log10_mass"] = (  # over certified points; the mass of a box in
+            float(log_mass[certified].median() / math.log(10)) if certified.any() else None)  # 400k dims is tiny
+        summary["weight_box_mean_k"] = float(cat("k").float().mean())
+    return summary
+
+
+def _ood(model, params, x, y, split, options, config, data_dir, generator, dtype) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    in_entropy = split["total"]
+    if options.ood:
+        ood = _test_set(options.ood, options, data_dir)
+        if ood.image_shape != tuple(x.shape[1:]):
+            raise ConfigError(f"OOD set {options.ood} has images {ood.image_shape}, the model expects {tuple(x.shape[1:])}")
+        x_ood, _ = ood.tensors(dtype=dtype)
+        with torch.no_grad():
+            _, ood_samples = metrics.predictive_probs(model, params, x_ood)
+        ood_split = metrics.uncertainty_decomposition(ood_samples)
+        out[options.ood] = {"auroc_entropy": metrics.auroc(in_entropy, ood_split["total"]),
+                            "auroc_epistemic": metrics.auroc(split["epistemic"], ood_split["epistemic"]),
+                            "mean_entropy_in": float(in_entropy.mean()),
+                            "mean_entropy_out": float(ood_split["total"].mean())}
+        out["_entropy_out"] = ood_split["total"].tolist()
+    if options.ood_fgsm_eps:
+        x_adv = torch.cat([robustness.attack(model, params, xb, yb, options.ood_fgsm_eps, kind="fgsm")
+                           for xb, yb in _chunks(x, y)])
+        with torch.no_grad():
+            _, adv_samples = metrics.predictive_probs(model, params, x_adv)
+        adv_entropy = metrics.uncertainty_decomposition(adv_samples)["total"]
+        out[f"fgsm-{options.ood_fgsm_eps}"] = {"auroc_entropy": metrics.auroc(in_entropy, adv_entropy),
+                                                "mean_entropy_out": float(adv_entropy.mean())}
+    return out
+
+
+def _plots(out_dir: Path, bins, results, split, options) -> list[str]:
+    written = []
+    metrics.reliability_diagram(bins, out_dir / "reliability.png", title=f"{results['method']} / {results['likelihood']}")
+    written.append("reliability.png")
+    curves = {k: [row.get(k) for row in results["per_eps"]] for k in
+              ("paper_certified_accuracy", "statistical_certified_accuracy", "per_sample_certified_accuracy",
+               "weight_box_certified_accuracy", "decision_certified_accuracy", "pgd_accuracy")}
+    curves = {k: v for k, v in curves.items() if all(isinstance(e, float) for e in v)}
+    if curves:
+        _line_plot(out_dir / "certified_vs_eps.png", options.eps, curves)
+        written.append("certified_vs_eps.png")
+    entropy_out = results["ood"].pop("_entropy_out", None)
+    if entropy_out is not None:
+        metrics.entropy_histogram(split["total"], torch.tensor(entropy_out), out_dir / "entropy_hist.png",
+                                  labels=(results["dataset"], options.ood))
+        written.append("entropy_hist.png")
+    return written
+
+
+def _line_plot(path: Path, xs: list[float], curves: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, ys in curves.items():
+        ax.plot(xs, ys, marker="o", label=label.replace("_", " "))
+    ax.set_xlabel("eps (pixel units, l_inf)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """A short Markdown report of an evaluation."""
+    clean = results["clean"]
+    lines = [f"# Evaluation of `{results['run']}`", "",
+             f"{results['dataset']}, {results['method']} / {results['likelihood']}; "
+             f"{results['num_points']} test points, {results['num_samples']} posterior samples, "
+             f"bounds: {results['options']['bound']}{' (float64)' if results['options']['float64'] else ''}; "
+             f"{results['seconds']} s.", "",
+             "| clean acc | NLL | Brier | ECE | entropy | epistemic |", "|---|---|---|---|---|---|",
+             f"| {clean['accuracy']:.4f} | {clean['nll']:.4f} | {clean['brier']:.4f} | {clean['ece']:.4f} | "
+             f"{clean['entropy']:.4f} | {clean['epistemic']:.4f} |", ""]
+    rows = results["per_eps"]
+    keys = [k for k in rows[0] if k != "eps" and not isinstance(rows[0][k], str)]
+    lines += ["| metric | " + " | ".join(f"eps {row['eps']}" for row in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+    for k in keys:
+        lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(_fmt(row.get(k)) for row in rows) + " |")
+    notes = sorted({f"{k.replace('_', ' ')}: {v}" for row in rows for k, v in row.items() if isinstance(v, str)})
+    lines += [""] + notes if notes else []
+    if "radius" in results:
+        r = results["radius"]
+        lines += ["", f"Certified radius ({r['certificate']} certificate): mean {r['mean']:.4f}, median {r['median']:.4f}."]
+    for name, ood in results["ood"].items():
+        lines += ["", f"OOD vs {name}: AUROC (entropy) {ood['auroc_entropy']:.4f}, mean entropy out "
+                      f"{ood['mean_entropy_out']:.4f}."]
+    lines += [""] + [f"![{p}]({p})" for p in results.get("plots", [])]
+    return "\n".join(lines) + "\n"

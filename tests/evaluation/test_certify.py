@@ -1,0 +1,259 @@
+"""Certificates against attacks: a strong PGD must never break what a sound certificate certifies."""
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from certbnn.attacks import pgd
+from certbnn.bounds import compute_bounds, margin_spec
+from certbnn.errors import ConfigError
+from certbnn.evaluation.certify import (certified_accuracy, certified_radius, certify_decision, certify_paper,
+                                        certify_statistical, certify_weight_box, per_sample_certified)
+from certbnn.functional import detached_params, forward
+from certbnn.models import build_model
+from certbnn.posterior import GaussianPosterior, SamplePosterior
+
+K = 3
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 36-16-3 ReLU MLP trained (300 Adam steps) on three noisy prototypes; a Gaussian
+    posterior around its weights (std 0.02); 64 held-out points."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    protos = 0.2 + 0.6 * torch.rand(K, 1, 6, 6, generator=gen)
+
+    def data(n):
+        y = torch.randint(K, (n,), generator=gen)
+        return (protos[y] + 0.08 * torch.randn(n, 1, 6, 6, generator=gen)).clamp(0, 1), y
+
+    x_train, y_train = data(512)
+    x, y = data(64)
+    model = build_model("mlp:16", (1, 6, 6), K)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        idx = torch.randint(512, (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.requires_grad_(False)
+    mean = detached_params(model)
+    posterior = GaussianPosterior(mean, {n: torch.full_like(t, 0.02) for n, t in mean.items()})
+    assert bool((model(x).argmax(-1) == y).all())
+    return model, mean, posterior, x, y
+
+
+def _margin(logits, y):
+    """max_{j != y} z_j - z_y (>= 0 means the attack succeeded)."""
+    true = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[-1]).bool(), -math.inf).amax(-1) - true
+
+
+def _attack_successes(model, params, x, y, eps, seed=0):
+    """Strong PGD (50 steps, 5 restarts, random start) on the margin, each row ``i`` of
+    ``x`` with its own weights ``params[name][i]``; returns the number of rows broken."""
+    def logits(p, xi):
+        return functional_call(model, p, (xi.unsqueeze(0),))[0]
+
+    def loss_fn(xa):
+        return _margin(torch.vmap(logits)(params, xa), y)
+
+    if x.shape[0] == 0:
+        return 0
+    x_adv = pgd(loss_fn, x, eps, steps=50, restarts=5, generator=torch.Generator().manual_seed(seed))
+    assert float((x_adv - x).abs().max()) <= eps + 1e-6 and bool(((x_adv >= 0) & (x_adv <= 1)).all())
+    with torch.no_grad():
+        return int((loss_fn(x_adv) >= 0).sum())
+
+
+def _rows(params, index):
+    return {n: t[index] for n, t in params.items()}
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_pgd_never_breaks_per_sample_certificates(trained, method):
+    model, mean, posterior, x, y = trained
+    certified_total = 0
+    for eps in (0.06, 0.1):
+        cert = per_sample_certified(model, mean, x, y, eps, method=method, dtype=F64)
+        assert cert.shape == (1, 64)
+        idx = cert[0].nonzero().squeeze(1)
+        certified_total += idx.numel()
+        params = {n: t.expand(idx.numel(), *t.shape) for n, t in mean.items()}
+        assert _attack_successes(model, params, x[idx], y[idx], eps) == 0
+    assert certified_total >= 10  # the check is not vacuous
+    # ... and the attack is not toothless: it breaks points at a radius nothing is certified at.
+    params = {n: t.expand(64, *t.shape) for n, t in mean.items()}
+    assert not per_sample_certified(model, mean, x, y, 0.3, method=method).any()
+    assert _attack_successes(model, params, x, y, 0.3) > 0
+
+
+def test_pgd_never_breaks_certified_posterior_samples(trained):
+    model, _, posterior, x, y = trained
+    samples = posterior.sample(8, torch.Generator().manual_seed(1))
+    cert = per_sample_certified(model, samples, x, y, 0.1, dtype=F64)  # (S, B)
+    s_idx, b_idx = cert.nonzero().unbind(1)
+    assert cert.shape == (8, 64) and s_idx.numel() >= 20
+    assert _attack_successes(model, _rows(samples, s_idx), x[b_idx], y[b_idx], 0.1) == 0
+
+
+def test_pgd_never_breaks_weights_inside_a_certified_box(trained):
+    model, _, posterior, x, y = trained
+    eps = 0.08
+    res = certify_weight_box(model, posterior, x, y, eps, dtype=F64)
+    idx = res["certified"].nonzero().squeeze(1)
+    assert idx.numel() >= 10
+    gen = torch.Generator().manual_seed(2)
+    reps = 8  # per point: 4 random corners of mu ± k sigma, 4 uniform draws inside it
+    k = res["k"][idx].float().repeat_interleave(reps)
+    params = {}
+    for name, mu in posterior.mean().items():
+        u = torch.rand(k.numel(), *mu.shape, generator=gen) * 2 - 1
+        corner = torch.arange(k.numel()) % reps < reps // 2
+        u = torch.where(corner.view(-1, *[1] * mu.dim()), u.sign(), u)
+        params[name] = mu + k.view(-1, *[1] * mu.dim()) * posterior.std()[name] * u
+    rows = idx.repeat_interleave(reps)
+    assert _attack_successes(model, params, x[rows], y[rows], eps) == 0
+
+
+def test_weight_box_mass_is_that_of_the_box_verified(trained):
+    model, _, posterior, x, y = trained
+    res = certify_weight_box(model, posterior, x, y, 0.05, k_max=5.0, iters=12)
+    k, log_mass = res["k"], res["log_mass"]
+    assert bool(res["certified"].all()) and bool((k > 0).all() & (k <= 5.0).all())
+    d = posterior.num_coordinates
+    for b in range(0, 64, 9):
+        kb = float(k[b])
+        expected = d * math.log(math.erf(kb / math.sqrt(2)))  # prod erf(k/sqrt 2) of THIS k
+        assert float(log_mass[b]) == pytest.approx(expected, rel=1e-12)
+        assert float(log_mass[b]) == pytest.approx(posterior.box_log_mass(kb), rel=1e-12)
+        assert float(log_mass[b]) < posterior.box_log_mass(2 * kb)  # not the (larger) mass of a box twice as wide
+        # the box mu ± k sigma of that same k is certified by a direct call of the engine ...
+        lo, up = (x[b:b + 1] - 0.05).clamp(0, 1), (x[b:b + 1] + 0.05).clamp(0, 1)
+        m_lo, _ = compute_bounds(model, lo, up, param_bounds=posterior.weight_box(kb),
+                                 spec=margin_spec(y[b:b + 1], K, exclude_true=True), dtype=F64, tol="auto")
+        assert bool((m_lo > 0).all())
+        # ... and a box one bisection step wider is not (k is maximal to the bisection's resolution)
+        wider = certify_weight_box(model, posterior, x[b:b + 1], y[b:b + 1], 0.05, k=kb + 5.0 / 2**12 * 1.01)
+        assert not bool(wider["certified"][0]) or kb == 5.0
+
+
+def test_weight_box_with_given_k_and_errors(trained):
+    model, mean, posterior, x, y = trained
+    found = certify_weight_box(model, posterior, x, y, 0.08)["k"]
+    fixed = certify_weight_box(model, posterior, x, y, 0.08, k=0.5)
+    resolution = 5.0 / 2**12
+    clear = (found - 0.5).abs() > resolution
+    assert torch.equal(fixed["certified"][clear], (found >= 0.5)[clear])
+    assert bool((fixed["k"][fixed["certified"]] == 0.5).all()) and bool((fixed["k"][~fixed["certified"]] == 0).all())
+    assert bool(torch.isinf(fixed["log_mass"][~fixed["certified"]]).all())
+    stored = SamplePosterior({n: t.unsqueeze(0) for n, t in mean.items()})
+    with pytest.raises(ConfigError, match="GaussianPosterior"):
+        certify_weight_box(model, stored, x, y, 0.08)
+    with pytest.raises(ConfigError):
+        certify_weight_box(model, posterior, x, y, 0.08, k=-1.0)
+
+
+def test_decision_certificate_is_sound_by_sampling(trained):
+    model, _, posterior, x, y = trained
+    eps, n = 0.1, 16
+    res = certify_decision(model, posterior, x, y, eps, num_samples=n, generator=torch.Generator().manual_seed(3))
+    samples = {k: v.double() for k, v in posterior.sample(n, torch.Generator().manual_seed(3)).items()}
+    certified = res["certified"]
+    assert 5 <= int(certified.sum()) < 64
+    gen = torch.Generator().manual_seed(4)
+    for trial in range(64):  # uniform points and random corners of the ball, in float64
+        u = torch.rand(x.shape, generator=gen, dtype=F64) * 2 - 1
+        u = u.sign() if trial % 2 else u
+        xs = (x.double() + eps * u).clamp(0, 1)
+        probs = torch.softmax(forward(model, samples, xs), -1).mean(0)  # the Monte Carlo predictive (B, K)
+        p_y = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        p_other = probs.masked_fill(torch.nn.functional.one_hot(y, K).bool(), -1.0).amax(-1)
+        assert bool((p_y >= res["p_lower"] - 1e-12).all()) and bool((p_other <= res["p_other_upper"] + 1e-12).all())
+        assert bool((probs.argmax(-1) == y)[certified].all())
+
+    # PGD on the predictive's probability margin at the certified points
+    idx = certified.nonzero().squeeze(1)
+    samples32 = {k: v.float() for k, v in samples.items()}
+
+    def loss_fn(xa):
+        probs = torch.softmax(forward(model, samples32, xa), -1).mean(0)
+        return _margin(probs, y[idx])
+
+    x_adv = pgd(loss_fn, x[idx], eps, steps=50, restarts=5, generator=torch.Generator().manual_seed(5))
+    assert int((loss_fn(x_adv) >= 0).sum()) == 0
+
+
+def test_paper_and_statistical_certificates(trained):
+    model, mean, posterior, x, y = trained
+    paper = certify_paper(model, posterior, x, y, 0.05, generator=torch.Generator().manual_seed(0))
+    assert paper["num_samples"] == 24 and paper["certified"].shape == (64,) and bool(paper["certified"].any())
+    assert certify_paper(model, posterior, x[:2], y[:2], 0.05, gamma=0.1)["num_samples"] == 95
+    stat = certify_statistical(model, posterior, x, y, 0.1, num_samples=200, sample_chunk=64,
+                               generator=torch.Generator().manual_seed(0))
+    assert stat["num_samples"] == 200
+    assert bool((stat["lower"] <= stat["p_hat"]).all() & (stat["p_hat"] <= stat["upper"]).all())
+    assert torch.equal(stat["certified"], stat["lower"] >= 0.5)
+    assert 0 < int(stat["certified"].sum()) < 64
+    # the sequential rule: clear-cut points stop at the first look, the rest continue; all stay consistent
+    seq = certify_statistical(model, posterior, x, y, 0.1, sequential=True, generator=torch.Generator().manual_seed(0))
+    used = seq["num_samples"]
+    assert used.shape == (64,) and bool(((used >= 32) & (used <= 1060)).all()) and bool((used == 32).any())
+    assert bool((seq["lower"] <= seq["p_hat"]).all() & (seq["p_hat"] <= seq["upper"]).all())
+    clear = (stat["p_hat"] == 1) | (stat["p_hat"] == 0)
+    assert torch.equal(seq["certified"][clear], stat["certified"][clear])
+    assert certify_statistical(model, posterior, x[:1], y[:1], 0.0, generator=torch.Generator())["num_samples"] == 1060
+
+
+def test_per_point_eps_tensors(trained):
+    model, mean, posterior, x, y = trained
+    levels = torch.tensor([0.0, 0.05, 0.1, 0.15])
+    eps = levels[torch.arange(64) % 4]
+
+    def same(fn, key=None):
+        full = fn(eps)
+        full = full if key is None else full[key]
+        for level in levels:
+            part = fn(float(level))
+            part = part if key is None else part[key]
+            sel = eps == level
+            assert torch.equal(full[..., sel], part[..., sel]), (key, float(level))
+
+    same(lambda e: per_sample_certified(model, mean, x, y, e))
+    same(lambda e: certify_weight_box(model, posterior, x, y, e, k=0.5), "certified")
+    same(lambda e: certify_weight_box(model, posterior, x, y, e, iters=6), "k")
+    for fn in (certify_decision, certify_paper):
+        same(lambda e: fn(model, posterior, x, y, e, generator=torch.Generator().manual_seed(0)), "certified")
+    same(lambda e: certify_statistical(model, posterior, x, y, e, num_samples=50,
+                                       generator=torch.Generator().manual_seed(0)), "p_hat")
+    with pytest.raises(ConfigError):
+        per_sample_certified(model, mean, x, y, torch.zeros(3))
+    with pytest.raises(ConfigError):
+        per_sample_certified(model, mean, x, y, -0.1)
+
+
+def test_certified_radius_bisection(trained):
+    model, mean, _, x, y = trained
+
+    def cert(xx, yy, e):
+        return per_sample_certified(model, mean, xx, yy, e, dtype=F64)[0]
+
+    eps_max, iters = 0.3, 10
+    radius = certified_radius(cert, x, y, eps_max=eps_max, iters=iters)
+    assert radius.shape == (64,) and bool(((radius >= 0) & (radius <= eps_max)).all())
+    pos = radius > 0
+    assert bool(pos.any())
+    assert bool(cert(x, y, radius)[pos].all()) and bool(cert(x, y, 0.99 * radius)[pos].all())
+    below = radius < eps_max  # a radius one bisection step larger is not certified
+    assert not bool(cert(x, y, (radius + eps_max / 2**iters * 1.01).clamp(max=1.0))[below].any())
+    assert bool(cert(x, y, torch.full((64,), eps_max))[~below].all())
+    clean = forward(model, mean, x).argmax(-1) == y
+    acc = certified_accuracy(clean, cert(x, y, 0.1))
+    assert acc == pytest.approx(float((clean & cert(x, y, 0.1)).double().mean()))
+    with pytest.raises(ConfigError):
+        certified_accuracy(clean, clean[:3])

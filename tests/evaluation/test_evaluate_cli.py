@@ -1,0 +1,75 @@
+"""``certbnn evaluate`` end to end on tiny trained runs: files, keys, consistency, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from certbnn import data, training
+from certbnn.cli import main
+from certbnn.config import make_config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A robust BBB run and a robust SGD run on two separable 1x6x6 classes (plus an OOD set)."""
+    rng = np.random.default_rng(0)
+    n = 240
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 60, (n, 1, 6, 6)).astype(np.uint8)
+    images[labels == 0, :, :, :3] += 150
+    images[labels == 1, :, :, 3:] += 150
+    data.register_arrays("tiny-eval", {"train": (images, labels), "test": (images[:60], labels[:60])}, num_classes=2)
+    noise = rng.integers(0, 256, (60, 1, 6, 6)).astype(np.uint8)
+    data.register_arrays("tiny-noise", {"train": (noise, labels[:60]), "test": (noise, labels[:60])}, num_classes=2)
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method, extra in (("bbb", {"lr": 0.01, "kl_weight": 0.01}), ("sgd", {"lr": 0.2})):
+        config = make_config({}, dict(dataset="tiny-eval", model="mlp:16", method=method, likelihood="ibp", eps=0.05,
+                                      epochs=6, batch_size=32, val_size=40, seed=1, **extra))
+        training.train(config, root / method, progress=False, log=lambda s: None)
+        out[method] = root / method
+    yield out
+    data.unregister("tiny-eval")
+    data.unregister("tiny-noise")
+
+
+def test_evaluate_writes_everything(runs, capsys):
+    run = runs["bbb"]
+    status = main(["evaluate", str(run), "--eps", "0.02,0.05", "--certificates",
+                   "per-sample,paper,statistical,weight-box,decision", "--samples", "8", "--pgd-steps", "10",
+                   "--ood", "tiny-noise", "--ood-fgsm-eps", "0.3", "--radius", "--no-progress", "--json"])
+    assert status == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "evaluation.json").read_text())
+    assert printed == saved
+    assert saved["clean"]["accuracy"] > 0.9 and 0 <= saved["clean"]["ece"] <= 1
+    for row in saved["per_eps"]:
+        for key in ("fgsm_accuracy", "pgd_accuracy", "paper_certified_accuracy", "statistical_certified_accuracy",
+                    "weight_box_certified_accuracy", "decision_certified_accuracy", "per_sample_certified_rate"):
+            assert 0.0 <= row[key] <= 1.0, key
+    small, large = saved["per_eps"]
+    assert small["paper_certified_accuracy"] >= large["paper_certified_accuracy"]
+    assert "tiny-noise" in saved["ood"] and "fgsm-0.3" in saved["ood"]
+    for plot in ("reliability.png", "certified_vs_eps.png", "entropy_hist.png"):
+        assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run / "report.md").read_text()
+    assert "paper certified accuracy" in report and "![reliability.png]" in report
+
+
+def test_point_estimate_has_no_weight_box(runs, tmp_path, capsys):
+    assert main(["evaluate", str(runs["sgd"]), "--certificates", "weight-box,per-sample", "--attacks", "",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved["per_eps"][0]["weight_box"].startswith("not applicable")
+
+
+def test_bad_input_is_one_line(runs, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing")]) == 1
+    assert "not a training run" in capsys.readouterr().err
+    assert main(["evaluate", str(runs["sgd"]), "--certificates", "magic"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "certbnn: error: unknown certificate(s) magic (known: per-sample, paper, statistical, weight-box, decision)"
+    assert main(["evaluate", str(runs["sgd"]), "--eps", "-1"]) == 1
