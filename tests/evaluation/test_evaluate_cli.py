@@ -50,6 +50,15 @@ def test_evaluate_writes_everything(runs, capsys):
         for key in ("fgsm_accuracy", "pgd_accuracy", "paper_certified_accuracy", "statistical_certified_accuracy",
                     "weight_box_certified_accuracy", "decision_certified_accuracy", "per_sample_certified_rate"):
             assert 0.0 <= row[key] <= 1.0, key
+    for row in saved["per_eps"]:  # the JSON contract of the issue
+        for key in ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "ece", "nll", "brier", "n_points",
+                    "n_samples", "ood_auroc"):
+            assert key in row, key
+        assert set(row["certified_accuracy"]) == {"per-sample", "paper", "statistical", "weight-box", "decision"}
+    for key in ("dataset", "model", "method", "likelihood", "eps_train", "seed", "certbnn_version", "device"):
+        assert key in saved, key
+    assert {"clean", "fgsm", "pgd", "certificate:paper", "ood"} <= set(saved["seconds_per_part"])
+    assert saved["radius"]["certificate"] == "decision" and saved["radius"]["mean"] >= 0
     small, large = saved["per_eps"]
     assert small["paper_certified_accuracy"] >= large["paper_certified_accuracy"]
     assert "tiny-noise" in saved["ood"] and "fgsm-0.3" in saved["ood"]

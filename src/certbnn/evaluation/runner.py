@@ -97,11 +97,19 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     x, y = test.tensors(dtype=dtype)
     start = time.perf_counter()
     results: dict[str, Any] = {"certbnn_version": __version__, "run": str(run_dir), "dataset": config["dataset"],
-                               "method": config["method"], "likelihood": config["likelihood"],
+                               "model": config["model"], "method": config["method"],
+                               "likelihood": config["likelihood"], "eps_train": config["eps"],
+                               "seed": options.seed, "train_seed": config["seed"], "device": "cpu",
                                "num_points": len(y), "num_samples": options.samples, "options": asdict(options)}
+    seconds: dict[str, float] = {}
+
+    def timed(part: str, began: float) -> None:
+        seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - began, 3)
+
     steps = len(options.eps) * (len(options.attacks) + len(options.certificates)) + 2
     bar = tqdm(total=steps, desc="evaluate", disable=not progress, unit="part")
 
+    began = time.perf_counter()
     with torch.no_grad():
         mean_probs, sample_probs = metrics.predictive_probs(model, params, x)
     correct = mean_probs.argmax(-1) == y
@@ -111,12 +119,17 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
                         "brier": metrics.brier(mean_probs, y), "ece": ece,
                         "entropy": float(split["total"].mean()), "aleatoric": float(split["aleatoric"].mean()),
                         "epistemic": float(split["epistemic"].mean())}
+    timed("clean", began)
     bar.update()
 
     results["per_eps"] = []
     for eps in options.eps:
-        row: dict[str, Any] = {"eps": eps}
+        row: dict[str, Any] = {"eps": eps, "n_points": len(y), "n_samples": options.samples,
+                               "clean_accuracy": results["clean"]["accuracy"], "ece": results["clean"]["ece"],
+                               "nll": results["clean"]["nll"], "brier": results["clean"]["brier"],
+                               "certified_accuracy": {}}
         for kind in options.attacks:
+            began = time.perf_counter()
             adv_probs = torch.cat([
                 _no_grad_probs(model, params, robustness.attack(
                     model, params, xb, yb, eps, kind=kind, steps=options.pgd_steps, restarts=options.pgd_restarts,
@@ -125,12 +138,17 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
             row[f"{kind}_accuracy"] = metrics.accuracy(adv_probs, y)
             row[f"{kind}_nll"] = metrics.nll(adv_probs, y)
             row[f"{kind}_ece"] = metrics.expected_calibration_error(adv_probs, y)[0]
+            timed(kind, began)
             bar.update()
         common = dict(method=options.bound, dtype=dtype)
         for name in options.certificates:
+            began = time.perf_counter()
             per_point = [_certificate(name, model, posterior, params, xb, yb, eps, options, generator, common)
                          for xb, yb in _chunks(x, y)]
             row.update(_summarise(name, per_point, correct))
+            if f"{name.replace('-', '_')}_certified_accuracy" in row:
+                row["certified_accuracy"][name] = row[f"{name.replace('-', '_')}_certified_accuracy"]
+            timed(f"certificate:{name}", began)
             bar.update()
         results["per_eps"].append(row)
 
@@ -143,10 +161,16 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
                             for xb, yb in _chunks(x, y)])
         results["radius"] = {"certificate": "decision", "mean": float(radius.mean()),
                              "median": float(radius.median()), "mean_if_correct": float((radius * correct).mean())}
+    began = time.perf_counter()
     results["ood"] = _ood(model, params, x, y, split, options, config, data_dir, generator, dtype)
+    timed("ood", began)
+    if options.ood:
+        for row in results["per_eps"]:
+            row["ood_auroc"] = results["ood"][options.ood]["auroc_entropy"]
     bar.update()
     bar.close()
     results["seconds"] = round(time.perf_counter() - start, 2)
+    results["seconds_per_part"] = seconds
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(out_dir, bins, results, split, options)
@@ -291,7 +315,7 @@ def render_report(results: dict[str, Any]) -> str:
              f"| {clean['accuracy']:.4f} | {clean['nll']:.4f} | {clean['brier']:.4f} | {clean['ece']:.4f} | "
              f"{clean['entropy']:.4f} | {clean['epistemic']:.4f} |", ""]
     rows = results["per_eps"]
-    keys = [k for k in rows[0] if k != "eps" and not isinstance(rows[0][k], str)]
+    keys = [k for k in rows[0] if k != "eps" and (isinstance(rows[0][k], float) or rows[0][k] is None)]
     lines += ["| metric | " + " | ".join(f"eps {row['eps']}" for row in rows) + " |",
               "|---|" + "---|" * len(rows)]
     for k in keys:
