@@ -17,16 +17,13 @@ from certbnn.inference import method_names
 from certbnn.posterior import load_posterior
 from certbnn import training
 
+from tinydata import separable_images
+
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_dataset():
     """Two separable classes of 1x6x6 images (bright left half vs bright right half)."""
-    rng = np.random.default_rng(0)
-    n = 240
-    labels = np.arange(n) % 2
-    images = rng.integers(0, 60, (n, 1, 6, 6)).astype(np.uint8)
-    images[labels == 0, :, :, :3] += 150
-    images[labels == 1, :, :, 3:] += 150
+    images, labels = separable_images()
     data.register_arrays("tiny", {"train": (images, labels), "test": (images[:40], labels[:40])}, num_classes=2)
     yield
     data.unregister("tiny")

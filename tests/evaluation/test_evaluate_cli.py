@@ -11,16 +11,14 @@ from certbnn import data, training
 from certbnn.cli import main
 from certbnn.config import make_config
 
+from tinydata import separable_images
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A robust BBB run and a robust SGD run on two separable 1x6x6 classes (plus an OOD set)."""
     rng = np.random.default_rng(0)
-    n = 240
-    labels = np.arange(n) % 2
-    images = rng.integers(0, 60, (n, 1, 6, 6)).astype(np.uint8)
-    images[labels == 0, :, :, :3] += 150
-    images[labels == 1, :, :, 3:] += 150
+    images, labels = separable_images()
     data.register_arrays("tiny-eval", {"train": (images, labels), "test": (images[:60], labels[:60])}, num_classes=2)
     noise = rng.integers(0, 256, (60, 1, 6, 6)).astype(np.uint8)
     data.register_arrays("tiny-noise", {"train": (noise, labels[:60]), "test": (noise, labels[:60])}, num_classes=2)
