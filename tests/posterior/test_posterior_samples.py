@@ -68,3 +68,14 @@ def test_to():
     posterior = SamplePosterior(stored(), torch.tensor([1.0, 1.0, 2.0, 0.0]))
     moved = posterior.to(dtype=torch.float32)
     assert moved.sample()["w"].dtype == torch.float32 and torch.equal(moved.weights, posterior.weights)
+
+
+def test_sample_all_returns_copies_not_the_storage():
+    import torch
+
+    from certbnn.posterior import SamplePosterior
+
+    posterior = SamplePosterior({"w": torch.zeros(3, 2)})
+    drawn = posterior.sample(None)
+    drawn["w"] += 1.0
+    assert torch.equal(posterior.sample(None)["w"], torch.zeros(3, 2))

@@ -62,9 +62,10 @@ class SamplePosterior:
 
     def sample(self, n: int | None = None, generator: torch.Generator | None = None) -> ParamDict:
         """name -> (n, *param_shape): ``n`` draws with replacement according to the
-        weights; with ``n=None`` all M stored sets in order (unweighted: see ``weights``)."""
+        weights; with ``n=None`` all M stored sets in order (unweighted: see ``weights``).
+        The result never aliases the posterior's storage: changing it changes nothing here."""
         if n is None:
-            return dict(self._samples)
+            return {name: t.clone() for name, t in self._samples.items()}
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"number of samples must be a positive int or None, got {n!r}")
         first = next(iter(self._samples.values()))
