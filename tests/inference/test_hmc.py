@@ -15,18 +15,16 @@ size >~ 100 for every coordinate) so that the check has power.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
-from blr import assert_gaussian, make_blr, run
+from blr import assert_gaussian, assert_resumes_identically, make_blr, run, tiny_classification
 from torch import nn
 
 from certbnn.errors import ConfigError
 from certbnn.functional import detached_params
-from certbnn.inference.base import flatten_state, make_method, unflatten_state
+from certbnn.inference.base import flatten_state, make_method
 from certbnn.inference.hmc import HMC, HMCState
-from certbnn.likelihoods import Categorical
 from certbnn.priors import GaussianPrior, prior_from_model
 
 @pytest.fixture(scope="module")
@@ -144,34 +142,12 @@ def test_max_samples_keeps_the_newest(blr):
 
 def test_checkpoint_round_trip_continues_identically(blr):
     method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
-    batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(5)
-    for steps in (0, 2):  # before the cache exists, and mid burn-in
-        state = method.init(detached_params(blr.model), generator)
-        for _ in range(steps):
-            state, _ = method.step(state, batch, blr.nll, generator)
-        tensors, layout = flatten_state(state)
-        restored = unflatten_state(HMCState, {k: v.clone() for k, v in tensors.items()},
-                                   json.loads(json.dumps(layout)))
-        gen_a, gen_b = torch.Generator(), torch.Generator()
-        gen_a.set_state(generator.get_state())
-        gen_b.set_state(generator.get_state())
-        for _ in range(6):  # crosses the end of burn-in and stores samples
-            state, info_a = method.step(state, batch, blr.nll, gen_a)
-            restored, info_b = method.step(restored, batch, blr.nll, gen_b)
-            assert info_a == info_b
-        (ta, la), (tb, lb) = flatten_state(state), flatten_state(restored)
-        assert la == lb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for steps in (0, 2):  # before any cache exists, and mid burn-in; then past burn-in
+        assert_resumes_identically(method, HMCState, blr, torch.Generator().manual_seed(5), steps, 6)
 
 
 def test_classification_mlp_runs_and_lowers_the_loss():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    x = torch.randn(64, 4)
-    y = (x @ torch.randn(4, 3)).argmax(1)
-
-    def nll(params, xb, yb):
-        return Categorical().nll(model, params, xb, yb)
-
+    model, x, y, nll = tiny_classification()
     params = detached_params(model)
     method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.01,
                          num_leapfrog=10, num_burnin=30, chunk_size=16)

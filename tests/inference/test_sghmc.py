@@ -10,19 +10,17 @@ the covariance, the discretisation bias bound derived in
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from blr import assert_gaussian, make_blr, run
+from blr import assert_gaussian, assert_resumes_identically, make_blr, run, tiny_classification
 from torch import nn
 
 from certbnn.errors import ConfigError
 from certbnn.functional import detached_params
-from certbnn.inference.base import flatten_state, make_method, unflatten_state
+from certbnn.inference.base import make_method
 from certbnn.inference.sghmc import SGHMC, SGHMCState
-from certbnn.likelihoods import Categorical
 from certbnn.priors import GaussianPrior, prior_from_model
 
 @pytest.fixture(scope="module")
@@ -96,34 +94,12 @@ def test_burnin_thin_and_max_samples_keep_the_newest_independent_copies(blr):
 
 def test_checkpoint_round_trip_continues_identically(blr):
     method = SGHMC(prior=blr.prior, num_data=30, lr=1e-3, friction=0.3, num_burnin=4, thin=2, max_samples=2)
-    batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(5)
-    for steps in (0, 3):
-        state = method.init(detached_params(blr.model), generator)
-        for _ in range(steps):
-            state, _ = method.step(state, batch, blr.nll, generator)
-        tensors, layout = flatten_state(state)
-        restored = unflatten_state(SGHMCState, {k: v.clone() for k, v in tensors.items()},
-                                   json.loads(json.dumps(layout)))
-        gen_a, gen_b = torch.Generator(), torch.Generator()
-        gen_a.set_state(generator.get_state())
-        gen_b.set_state(generator.get_state())
-        for _ in range(8):  # crosses the end of burn-in and the max_samples window
-            state, info_a = method.step(state, batch, blr.nll, gen_a)
-            restored, info_b = method.step(restored, batch, blr.nll, gen_b)
-            assert info_a == info_b
-        (ta, la), (tb, lb) = flatten_state(state), flatten_state(restored)
-        assert la == lb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for steps in (0, 3):  # before any cache exists, and mid burn-in; then past burn-in
+        assert_resumes_identically(method, SGHMCState, blr, torch.Generator().manual_seed(5), steps, 8)
 
 
 def test_classification_mlp_minibatches_lower_the_loss():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    x = torch.randn(64, 4)
-    y = (x @ torch.randn(4, 3)).argmax(1)
-
-    def nll(params, xb, yb):
-        return Categorical().nll(model, params, xb, yb)
-
+    model, x, y, nll = tiny_classification()
     params = detached_params(model)
     method = make_method("sghmc", prior=prior_from_model(model), num_data=64, lr=1e-3, friction=0.1,
                          num_burnin=200, thin=10)
