@@ -46,6 +46,7 @@ class TrainConfig:
     prior_scale: float = 1.0         # prior variance = prior_scale / fan_in
     seed: int = 0
     limit_train: int | None = None   # use only this many training examples (quick runs)
+    augment: int = 0                 # append this many randomly transformed copies (paper CIFAR-10: 40000)
     val_size: int = 1000             # held-out training examples for per-epoch validation
     val_samples: int = 8             # posterior samples used in validation
     device: str = "cpu"              # cpu | cuda | auto
@@ -63,6 +64,7 @@ class TrainConfig:
             (self.prior_scale > 0, f"prior scale must be > 0, got {self.prior_scale}"),
             (self.val_size >= 0 and self.val_samples >= 1, "val_size must be >= 0 and val_samples >= 1"),
             (self.limit_train is None or self.limit_train >= 1, f"limit_train must be >= 1, got {self.limit_train}"),
+            (self.augment >= 0, f"augment must be >= 0, got {self.augment}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
              f"device must be cpu, cuda[:N] or auto, got {self.device!r}"),

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from certbnn import __version__, data
 from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from certbnn.config import TrainConfig
+from certbnn.data.augment import augment
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.fileio import atomic_write_text
 from certbnn.functional import detached_params
@@ -52,14 +53,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def split_train_val(config: TrainConfig) -> tuple[data.ArrayDataset, data.ArrayDataset | None]:
-    """Seeded held-out split of the training set (``val_size`` examples)."""
+    """Seeded held-out split of the training set (``val_size`` examples), then ``augment`` copies appended."""
     full = data.load(config.dataset, "train", config.data_dir)
     if config.val_size >= len(full):
         raise ConfigError(f"val_size {config.val_size} leaves no training data ({len(full)} examples)")
     order = np.random.default_rng(config.seed).permutation(len(full))
     train_idx = np.sort(order[config.val_size:][: config.limit_train])
     val = full.subset(np.sort(order[: config.val_size])) if config.val_size else None
-    return full.subset(train_idx), val
+    return augment(full.subset(train_idx), config.augment, seed=config.seed), val
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,

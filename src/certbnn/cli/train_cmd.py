@@ -29,6 +29,7 @@ HELP = {
     "prior_scale": "prior variance = prior_scale / fan_in, per layer",
     "seed": "random seed: held-out split, initialisation, shuffling and weight noise",
     "limit_train": "train on only the first N (shuffled) training examples",
+    "augment": "append N randomly rotated / zoomed / shifted / flipped copies of training images (paper CIFAR-10: 40000)",
     "val_size": "training examples held out for per-epoch validation (0 disables)",
     "val_samples": "posterior samples used by the per-epoch validation",
     "device": "cpu, cuda[:N] or auto (GPU when available)",

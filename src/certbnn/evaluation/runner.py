@@ -118,7 +118,8 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     results["clean"] = {"accuracy": metrics.accuracy(mean_probs, y), "nll": metrics.nll(mean_probs, y),
                         "brier": metrics.brier(mean_probs, y), "ece": ece,
                         "entropy": float(split["total"].mean()), "aleatoric": float(split["aleatoric"].mean()),
-                        "epistemic": float(split["epistemic"].mean())}
+                        "epistemic": float(split["epistemic"].mean()),
+                        "reliability": {k: bins[k].tolist() for k in ("confidence", "accuracy", "count")}}
     timed("clean", began)
     bar.update()
 

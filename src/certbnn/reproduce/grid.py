@@ -1,0 +1,231 @@
+"""Presets: a TOML description of a grid of training runs and their evaluations.
+
+A preset file has these tables (every key optional except ``experiment``)::
+
+    [preset]            name, description
+    [train]             TrainConfig fields shared by every cell
+    [evaluate]          EvalOptions fields shared by every cell (eps, limit, samples, ...)
+    [methods.NAME]      TrainConfig overrides for one inference method
+    [modes.NAME]        TrainConfig overrides for one training mode (e.g. likelihood = "ibp")
+    [[experiment]]      one block per data set / model:
+        name, dataset, model, methods = [...], modes = [...]
+        [experiment.train]          overrides for this experiment
+        [experiment.evaluate]       evaluation overrides (e.g. ood = "fashion-mnist")
+        [experiment.method_settings.NAME]   method overrides for this experiment only
+        [experiment.sweep]          KEY = [values]: one cell per point of the product
+
+A cell's training config merges, later winning: ``train`` < ``experiment.train`` <
+``methods.M`` < ``experiment.method_settings.M`` < ``modes.X`` < the sweep point; the
+``method_options`` / ``likelihood_options`` tables merge key by key. ``init_from =
+"cell:M"`` warm-starts from method M's cell of the same experiment, mode and sweep
+point (e.g. HMC from SGD), which then runs first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from certbnn.config import FIELDS, TrainConfig, make_config
+from certbnn.errors import ConfigError
+from certbnn.evaluation.runner import EvalOptions
+
+PRESET_PACKAGE = "certbnn.reproduce.presets"
+_EVAL_FIELDS = {f.name for f in fields(EvalOptions)}
+_TOP_KEYS = {"preset", "train", "evaluate", "methods", "modes", "experiment"}
+_EXPERIMENT_KEYS = {"name", "dataset", "model", "methods", "modes", "train", "evaluate", "method_settings", "sweep"}
+_MERGED_TABLES = ("method_options", "likelihood_options")
+CELL_REF = "cell:"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run plus its evaluation."""
+
+    experiment: str
+    method: str
+    mode: str
+    sweep: tuple[tuple[str, Any], ...]
+    config: TrainConfig
+    evaluate: EvalOptions
+    depends_on: str | None = None  # cell id whose run is this cell's init_from
+
+    @property
+    def id(self) -> str:
+        point = "".join(f"/{key}={value}" for key, value in self.sweep)
+        return f"{self.experiment}/{self.method}/{self.mode}{point}"
+
+    @property
+    def dirname(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.id.replace("/", "__"))
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    cells: list[Cell]
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with certbnn."""
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".toml"))
+
+
+def read_preset_text(name_or_path: str) -> tuple[str, str]:
+    """(TOML text, source) of a shipped preset name or a path to a user's TOML file."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        try:
+            return path.read_text(), str(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: preset file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read preset ({exc})") from None
+    if name_or_path not in list_presets():
+        raise ConfigError(f"unknown preset {name_or_path!r} (shipped: {', '.join(list_presets())}; "
+                          "or give a path to a .toml file)")
+    return resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.toml").read_text(), f"preset:{name_or_path}"
+
+
+def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None,
+                eval_overrides: dict[str, Any] | None = None) -> Preset:
+    """Parse and expand a preset into its cells (validated; unknown keys are errors).
+
+    ``overrides`` (TrainConfig fields) and ``eval_overrides`` (EvalOptions fields)
+    win over everything in the file, e.g. ``{"device": "cuda"}`` from the CLI.
+    """
+    text, source = read_preset_text(name_or_path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    return expand(raw, source, overrides or {}, eval_overrides or {})
+
+
+def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_overrides: dict[str, Any]) -> Preset:
+    """The cells of a parsed preset, in run order (dependencies first)."""
+    _known(raw, _TOP_KEYS, source)
+    header = raw.get("preset", {})
+    _known(header, {"name", "description"}, f"{source} [preset]")
+    experiments = raw.get("experiment")
+    if not isinstance(experiments, list) or not experiments:
+        raise ConfigError(f"{source}: needs at least one [[experiment]] table")
+    train_defaults = _train_table(raw.get("train", {}), f"{source} [train]")
+    eval_defaults = _eval_table(raw.get("evaluate", {}), f"{source} [evaluate]")
+    methods = {k: _train_table(v, f"{source} [methods.{k}]") for k, v in raw.get("methods", {}).items()}
+    modes = {k: _train_table(v, f"{source} [modes.{k}]") for k, v in raw.get("modes", {}).items()}
+    _train_table(overrides, "overrides")
+    _eval_table(eval_overrides, "evaluation overrides")
+
+    cells: list[Cell] = []
+    names: set[str] = set()
+    for i, exp in enumerate(experiments):
+        where = f"{source} [[experiment]] #{i + 1}"
+        _known(exp, _EXPERIMENT_KEYS, where)
+        if "dataset" not in exp:
+            raise ConfigError(f"{where}: needs a dataset")
+        name = str(exp.get("name", exp["dataset"]))
+        if name in names:
+            raise ConfigError(f"{where}: experiment name {name!r} used twice (set distinct `name`s)")
+        names.add(name)
+        exp_methods = exp.get("methods", list(methods))
+        exp_modes = exp.get("modes", list(modes))
+        if not isinstance(exp_methods, list) or not isinstance(exp_modes, list):
+            raise ConfigError(f"{where}: `methods` and `modes` are lists of names "
+                              "(per-method settings go in [experiment.method_settings.NAME])")
+        if not exp_methods or not exp_modes or len(set(exp_methods)) != len(exp_methods):
+            raise ConfigError(f"{where}: needs non-empty methods and modes lists without repeats")
+        unknown_modes = [m for m in exp_modes if m not in modes]
+        if unknown_modes:
+            raise ConfigError(f"{where}: mode(s) {', '.join(unknown_modes)} have no [modes.NAME] table")
+        exp_train = _train_table(exp.get("train", {}), f"{where} train")
+        exp_eval = _eval_table(exp.get("evaluate", {}), f"{where} evaluate")
+        exp_method_tables = {k: _train_table(v, f"{where} method_settings.{k}")
+                             for k, v in exp.get("method_settings", {}).items()}
+        sweep = exp.get("sweep", {})
+        for key, values in sweep.items():
+            if key not in FIELDS or key in ("method", "dataset", "model"):
+                raise ConfigError(f"{where}: cannot sweep {key!r} (sweep TrainConfig fields such as lam or eps)")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: sweep {key} needs a non-empty list of values")
+        points = [tuple(zip(sweep, combo)) for combo in itertools.product(*sweep.values())] if sweep else [()]
+        base = {"dataset": exp["dataset"], **({"model": exp["model"]} if "model" in exp else {})}
+        evaluate = EvalOptions(**{**eval_defaults, **exp_eval, **eval_overrides}).validate()
+        for point in points:
+            for mode in exp_modes:
+                for method in exp_methods:
+                    layers = [train_defaults, base, exp_train, methods.get(method, {}),
+                              exp_method_tables.get(method, {}), modes[mode], dict(point),
+                              {"method": method}, overrides]
+                    values = _merge(layers)
+                    depends = None
+                    ref = values.get("init_from")
+                    if isinstance(ref, str) and ref.startswith(CELL_REF):
+                        target = ref[len(CELL_REF):]
+                        if target not in exp_methods[: exp_methods.index(method)]:
+                            raise ConfigError(f"{where}: {method} starts from {ref!r}, which must be a method "
+                                              "listed before it in this experiment")
+                        depends = Cell(name, target, mode, point, TrainConfig(), evaluate).id
+                    try:
+                        config = make_config({}, values)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{where}, {method}/{mode}: {exc}") from None
+                    cells.append(Cell(name, method, mode, point, config, evaluate, depends))
+    return Preset(str(header.get("name", Path(source).stem)), str(header.get("description", "")), cells,
+                  [dict(e) for e in experiments], raw, source)
+
+
+def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
+    """Cells whose id contains any of ``patterns`` (all when empty), plus the cells they start from."""
+    if not patterns:
+        return cells
+    chosen = {c.id for c in cells if any(p in c.id for p in patterns)}
+    if not chosen:
+        raise ConfigError(f"--only {','.join(patterns)} matches no cell (ids look like {cells[0].id})")
+    by_id = {c.id: c for c in cells}
+    for cell_id in list(chosen):
+        dep = by_id[cell_id].depends_on
+        while dep is not None:
+            chosen.add(dep)
+            dep = by_id[dep].depends_on
+    return [c for c in cells if c.id in chosen]
+
+
+def _merge(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            merged[key] = {**merged.get(key, {}), **value} if key in _MERGED_TABLES else value
+    return merged
+
+
+def _known(table: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+
+
+def _train_table(table: Any, where: str) -> dict[str, Any]:
+    _known(table, set(FIELDS), where)
+    return dict(table)
+
+
+def _eval_table(table: Any, where: str) -> dict[str, Any]:
+    _known(table, _EVAL_FIELDS, where)
+    return dict(table)

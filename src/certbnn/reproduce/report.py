@@ -1,0 +1,264 @@
+"""RESULTS.md and plots of a grid (from its ``results.json`` dict alone).
+
+Per experiment: a table like the paper's (rows = inference method, columns =
+training mode, cells = clean / PGD / certified accuracy at the first evaluation
+eps), calibration (ECE / NLL), uncertainty (OOD AUROC), wall-clock time per
+cell, the certified-accuracy lift of robust over standard training, and plots:
+certified accuracy against eps, reliability diagrams, OOD entropy. Experiments
+with a sweep get one table row per sweep point instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from certbnn.fileio import atomic_write_text
+
+ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
+
+
+def dataset_label(entry: dict[str, Any]) -> str:
+    """``cifar10 (jpeg-q75 copy)`` when the data came from a ``<name>-<variant>`` folder."""
+    name, folder = entry["dataset"], Path(entry.get("data_source", "")).name
+    return f"{name} ({folder[len(name) + 1:]} copy)" if folder.startswith(name + "-") else name
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``RESULTS.md`` and the plots into ``out_dir``; returns the Markdown path."""
+    out_dir = Path(out_dir)
+    done = [c for c in results.get("cells", {}).values() if c.get("status") == "done"]
+    machine = results.get("machine", {})
+    lines = [f"# certbnn reproduce: `{results.get('preset')}`", ""]
+    if results.get("description"):
+        lines += [results["description"], ""]
+    lines += [f"- command: `{results.get('command') or 'certbnn reproduce --preset ' + str(results.get('preset'))}`",
+              f"- machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, torch {machine.get('torch')}, "
+              f"{machine.get('torch_threads')} threads), device {machine.get('device')}"
+              + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
+              f"- certbnn {results.get('certbnn_version')}; {len(done)} of {len(results.get('cells', {}))} recorded "
+              f"cells finished; {results.get('seconds_total', 0):.0f} s of training + evaluation in total", ""]
+    failed = [c for c in results.get("cells", {}).values() if c.get("status") == "failed"]
+    if failed:
+        lines += ["**Failed cells** (rerun the command to retry):", ""]
+        lines += [f"- `{c['id']}`: {c['error']}" for c in failed] + [""]
+    for experiment in results.get("experiments", []):
+        name = experiment.get("name", experiment["dataset"])
+        cells = [c for c in done if c["experiment"] == name]
+        if not cells:
+            continue
+        if any(c["sweep"] for c in cells):
+            lines += _sweep_section(name, cells, out_dir)
+        else:
+            lines += _grid_section(name, cells, out_dir)
+    path = out_dir / "RESULTS.md"
+    atomic_write_text(path, "\n".join(lines) + "\n", "report")
+    return path
+
+
+def _ordered(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _first_row(cell: dict[str, Any]) -> dict[str, Any]:
+    return cell["evaluation"]["per_eps"][0]
+
+
+def _cert_name(cells: list[dict[str, Any]]) -> str | None:
+    names = _ordered([k for c in cells for k in _first_row(c)["certified_accuracy"]])
+    return "paper" if "paper" in names else (names[0] if names else None)
+
+
+def _pct(value: Any) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
+
+
+def _triple(cell: dict[str, Any] | None, cert: str | None) -> str:
+    if cell is None:
+        return "-"
+    row = _first_row(cell)
+    return f"{_pct(row['clean_accuracy'])} / {_pct(row.get('pgd_accuracy'))} / " \
+           f"{_pct(row['certified_accuracy'].get(cert)) if cert else '-'}"
+
+
+def _table(methods: list[str], modes: list[str], lookup, render) -> list[str]:
+    lines = ["| method | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(render(lookup.get((method, mode))) for mode in modes) + " |")
+    return lines + [""]
+
+
+def _grid_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    methods, modes = _ordered([c["method"] for c in cells]), _ordered([c["mode"] for c in cells])
+    lookup = {(c["method"], c["mode"]): c for c in cells}
+    cert = _cert_name(cells)
+    first = cells[0]
+    eps_test, eps_train = _first_row(first)["eps"], first["config"]["eps"]
+    lines = [f"## {name}: {dataset_label(first)}, {first['model']}", "",
+             f"Accuracy in % on the first {first['evaluation']['num_points']} test points: clean / PGD "
+             f"(eps {eps_test}, {first['evaluate_options']['pgd_steps']} steps, EOT over "
+             f"{first['evaluation']['num_samples']} samples) / certified ({cert} certificate, "
+             f"{first['evaluate_options']['bound']} bounds, eps {eps_test}). Training eps {eps_train}; "
+             f"{first['config']['epochs']} epochs on {first.get('num_train')} training images.", ""]
+    lines += _table(methods, modes, lookup, lambda c: _triple(c, cert))
+    lift = _lift(methods, lookup, cert)
+    if lift:
+        lines += ["Certified-accuracy lift of robust over standard training (percentage points): "
+                  + ", ".join(lift) + ".", ""]
+    lines += ["Calibration on clean test points, ECE / NLL:", ""]
+    lines += _table(methods, modes, lookup, lambda c: "-" if c is None else
+                    f"{c['evaluation']['clean']['ece']:.3f} / {c['evaluation']['clean']['nll']:.3f}")
+    ood_names = _ordered([k for c in cells for k in c["evaluation"].get("ood", {})])
+    if ood_names:
+        lines += [f"Uncertainty: AUROC of predictive entropy separating test points from {' / '.join(ood_names)}:", ""]
+        lines += _table(methods, modes, lookup, lambda c: "-" if c is None else " / ".join(
+            f"{c['evaluation']['ood'][k]['auroc_entropy']:.3f}" if k in c["evaluation"].get("ood", {}) else "-"
+            for k in ood_names))
+    lines += ["Wall-clock seconds, training + evaluation (per-epoch training time in brackets):", ""]
+    lines += _table(methods, modes, lookup, lambda c: "-" if c is None else
+                    f"{c['train_seconds']:.0f} + {c['eval_seconds']:.0f} ({c['seconds_per_epoch']:.1f}/epoch)")
+    plots = _grid_plots(name, methods, modes, lookup, out_dir, ood_names)
+    lines += [f"![{p}]({p})" for p in plots] + [""]
+    return lines
+
+
+def _lift(methods: list[str], lookup, cert: str | None) -> list[str]:
+    out = []
+    for method in methods:
+        standard = [c for (m, _), c in lookup.items() if m == method and c["config"]["likelihood"] == "standard"]
+        robust = [c for (m, _), c in lookup.items() if m == method and c["config"]["likelihood"] in ROBUST_LIKELIHOODS]
+        if standard and robust and cert:
+            before = _first_row(standard[0])["certified_accuracy"].get(cert)
+            after = _first_row(robust[0])["certified_accuracy"].get(cert)
+            if before is not None and after is not None:
+                out.append(f"{method} {100 * (after - before):+.1f}")
+    return out
+
+
+def _sweep_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    keys = _ordered([k for c in cells for k in c["sweep"]])
+    series = _ordered([f"{c['method']}/{c['mode']}" for c in cells])
+    points = _ordered([tuple(c["sweep"].get(k) for k in keys) for c in cells])
+    lookup = {(f"{c['method']}/{c['mode']}", tuple(c["sweep"].get(k) for k in keys)): c for c in cells}
+    cert = _cert_name(cells)
+    first = cells[0]
+    lines = [f"## {name}: {dataset_label(first)}, {first['model']}, sweeping {', '.join(keys)}", "",
+             f"Accuracy in % (clean / PGD / {cert} certified at eps {_first_row(first)['eps']}) on the first "
+             f"{first['evaluation']['num_points']} test points; rows are sweep points.", ""]
+    lines += ["| " + ", ".join(keys) + " | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+    for point in points:
+        lines.append("| " + ", ".join(str(v) for v in point) + " | "
+                     + " | ".join(_triple(lookup.get((s, point)), cert) for s in series) + " |")
+    eps_list = first["evaluate_options"]["eps"]
+    if len(eps_list) > 1 and cert:
+        lines += ["", f"{cert} certified accuracy in % at each test eps:", "",
+                  "| " + ", ".join(keys) + " | series | " + " | ".join(str(e) for e in eps_list) + " |",
+                  "|---|---|" + "---|" * len(eps_list)]
+        for point in points:
+            for s in series:
+                cell = lookup.get((s, point))
+                if cell is not None:
+                    rows = cell["evaluation"]["per_eps"]
+                    lines.append("| " + ", ".join(str(v) for v in point) + f" | {s} | "
+                                 + " | ".join(_pct(r["certified_accuracy"].get(cert)) for r in rows) + " |")
+    lines += [""]
+    plot = _sweep_plot(name, keys, series, points, lookup, cert, out_dir)
+    return lines + ([f"![{plot}]({plot})", ""] if plot else [])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[str]:
+    plt = _pyplot()
+    written = []
+    styles = ["-", "--", ":", "-."]
+    cert = _cert_name(list(lookup.values()))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, method in enumerate(methods):
+        for j, mode in enumerate(modes):
+            cell = lookup.get((method, mode))
+            if cell is None or cert is None:
+                continue
+            rows = cell["evaluation"]["per_eps"]
+            ax.plot([r["eps"] for r in rows], [r["certified_accuracy"].get(cert) for r in rows], marker="o",
+                    color=f"C{i}", linestyle=styles[j % len(styles)], label=f"{method}/{mode}")
+    ax.set(xlabel="eps (l_inf, pixel units)", ylabel=f"{cert} certified accuracy", ylim=(0, 1), title=name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    written.append(f"certified_vs_eps_{name}.png")
+    fig.savefig(out_dir / written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        for i, method in enumerate(methods):
+            cell = lookup.get((method, mode))
+            if cell is None or "reliability" not in cell["evaluation"]["clean"]:
+                continue
+            rel = cell["evaluation"]["clean"]["reliability"]
+            pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"]) if n > 0]
+            ax.plot(*zip(*pts), marker=".", color=f"C{i}", label=method)
+        ax.set(title=mode, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    written.append(f"reliability_{name}.png")
+    fig.savefig(out_dir / written[-1], dpi=110)
+    plt.close(fig)
+
+    if ood_names:
+        labels, groups = [], {"in-distribution": [], **{k: [] for k in ood_names}}
+        for method in methods:
+            for mode in modes:
+                cell = lookup.get((method, mode))
+                if cell is None:
+                    continue
+                labels.append(f"{method}\n{mode}")
+                groups["in-distribution"].append(cell["evaluation"]["clean"]["entropy"])
+                for k in ood_names:
+                    groups[k].append(cell["evaluation"].get("ood", {}).get(k, {}).get("mean_entropy_out", 0.0))
+        fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels)), 3.5))
+        width = 0.8 / len(groups)
+        for g, (label, values) in enumerate(groups.items()):
+            ax.bar([i + g * width for i in range(len(labels))], values, width, label=label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=6)
+        ax.set(ylabel="mean predictive entropy (nats)", title=f"{name}: uncertainty in and out of distribution")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(f"ood_entropy_{name}.png")
+        fig.savefig(out_dir / written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str | None:
+    if len(keys) != 1 or cert is None:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p[0] for p in points]
+    for i, s in enumerate(series):
+        clean, certified = [], []
+        for p in points:
+            row = _first_row(lookup[(s, p)]) if (s, p) in lookup else None
+            clean.append(row["clean_accuracy"] if row else None)
+            certified.append(row["certified_accuracy"].get(cert) if row else None)
+        ax.plot(xs, certified, marker="o", color=f"C{i}", label=f"{s} certified")
+        ax.plot(xs, clean, marker="x", linestyle="--", color=f"C{i}", label=f"{s} clean")
+    ax.set(xlabel=keys[0], ylabel="accuracy", ylim=(0, 1), title=name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = f"sweep_{name}.png"
+    fig.savefig(out_dir / path, dpi=110)
+    plt.close(fig)
+    return path

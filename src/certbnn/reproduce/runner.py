@@ -1,0 +1,222 @@
+"""``run_grid(preset, out_dir)``: train and evaluate every cell of a preset, resumably.
+
+Layout of ``out_dir``::
+
+    preset.toml                 the preset as given (for the record)
+    results.json                every cell's settings, training metrics and evaluation
+    RESULTS.md, *.png           the report (:mod:`certbnn.reproduce.report`)
+    cells/<cell>/run/           the `certbnn train` run directory of the cell
+    cells/<cell>/eval/          its `certbnn evaluate` output
+    cells/<cell>/log.txt        the cell's training log
+
+A cell is finished when ``eval/evaluation.json`` exists and was made with the
+cell's evaluation options; a rerun skips finished cells, resumes a training run
+from its last checkpoint, and evaluates runs that finished training. A cell whose
+saved ``config.json`` differs from the preset's is an error (nothing is
+overwritten). A cell that fails (e.g. training diverges) is recorded as failed
+and the grid goes on; the next run retries it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from certbnn import __version__, data
+from certbnn.errors import CertbnnError
+from certbnn.evaluation.runner import evaluate_run
+from certbnn.fileio import atomic_write_text
+from certbnn.reproduce.grid import CELL_REF, Cell, Preset
+from certbnn.training import CONFIG, POSTERIOR, resolve_device, train
+
+RESULTS_FORMAT_VERSION = 1
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What ran the grid: CPU model and cores, torch version and threads, device (and GPU name)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def cell_status(cell: Cell, out_dir: Path) -> str:
+    """``done`` | ``evaluate`` (trained) | ``resume`` (checkpointed) | ``train`` (nothing usable yet)."""
+    folder = out_dir / "cells" / cell.dirname
+    run, evaluation = folder / "run", folder / "eval" / "evaluation.json"
+    _check_same_config(cell, run)
+    if (run / POSTERIOR).exists():
+        if evaluation.exists():
+            try:
+                saved = json.loads(evaluation.read_text()).get("options")
+            except json.JSONDecodeError:
+                saved = None
+            if saved == asdict(cell.evaluate):
+                return "done"
+        return "evaluate"
+    return "resume" if (run / "checkpoint.safetensors").exists() else "train"
+
+
+def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = None, progress: bool = True,
+             log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
+    """Run ``cells`` (default: all of the preset's) into ``out_dir``; returns the results dict.
+
+    ``results.json`` and the report are rewritten after every cell, so a killed
+    grid leaves a valid partial record.
+    """
+    from certbnn.reproduce.report import write_report
+
+    out_dir = Path(out_dir)
+    cells = preset.cells if cells is None else cells
+    out_dir.mkdir(parents=True, exist_ok=True)
+    statuses = {cell.id: cell_status(cell, out_dir) for cell in cells}  # validates before any work
+    devices = sorted({str(resolve_device(cell.config.device)) for cell in cells})
+    results = _load_results(out_dir / "results.json", preset)
+    results.update({"format_version": RESULTS_FORMAT_VERSION, "certbnn_version": __version__,
+                    "preset": preset.name, "description": preset.description, "source": preset.source,
+                    "command": command or results.get("command", ""), "machine": machine_info(",".join(devices)),
+                    "experiments": preset.experiments})
+    known = {cell.id for cell in preset.cells}
+    results["cells"] = {k: v for k, v in results.get("cells", {}).items() if k in known}
+    todo = sum(s != "done" for s in statuses.values())
+    log(f"{preset.name}: {len(cells)} cells, {len(cells) - todo} already finished, {todo} to run, in {out_dir}")
+    bar = tqdm(cells, desc=preset.name, unit="cell", disable=not progress)
+    failures = []
+    for cell in bar:
+        bar.set_postfix_str(cell.id)
+        status = statuses[cell.id]
+        entry = results["cells"].get(cell.id, {})
+        if status == "done" and entry.get("status") == "done":
+            continue
+        try:
+            entry = _run_cell(cell, out_dir, status)
+        except CertbnnError as exc:
+            entry = {**_describe(cell), "status": "failed", "error": str(exc)}
+            failures.append(cell.id)
+            log(f"{cell.id}: failed: {exc}")
+        results["cells"][cell.id] = entry
+        results["seconds_total"] = round(sum(c.get("train_seconds", 0) + c.get("eval_seconds", 0)
+                                             for c in results["cells"].values()), 1)
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2), "results")
+        write_report(results, out_dir)
+        if status != "done" and entry.get("status") == "done":
+            log(f"{cell.id}: {_headline(entry)}")
+    bar.close()
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2), "results")
+    write_report(results, out_dir)
+    if failures:
+        raise CertbnnError(f"{len(failures)} cell(s) failed ({', '.join(failures)}); see {out_dir / 'results.json'}; "
+                           "rerun the same command to retry them")
+    return results
+
+
+def _run_cell(cell: Cell, out_dir: Path, status: str) -> dict[str, Any]:
+    folder = out_dir / "cells" / cell.dirname
+    run, evaluation_dir = folder / "run", folder / "eval"
+    config = cell.config
+    if cell.depends_on is not None:
+        source = out_dir / "cells" / Cell(cell.experiment, config.init_from[len(CELL_REF):], cell.mode, cell.sweep,
+                                          config, cell.evaluate).dirname / "run" / POSTERIOR
+        if not source.exists():
+            raise CertbnnError(f"{cell.id} starts from {cell.depends_on}, which has no posterior yet")
+        config = type(config)(**{**config.to_json(), "init_from": str(source.resolve())})
+    train_seconds = 0.0
+    if status in ("train", "resume"):
+        if status == "train" and run.exists():
+            shutil.rmtree(run)  # killed before its first checkpoint: nothing worth keeping
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "log.txt", "a") as log_file:
+            def cell_log(line: str) -> None:
+                log_file.write(line + "\n")
+                log_file.flush()
+            start = time.perf_counter()
+            train(config, run, resume=status == "resume", progress=False, log=cell_log)
+            train_seconds = time.perf_counter() - start
+    metrics = json.loads((run / "metrics.json").read_text())
+    start = time.perf_counter()
+    if status != "done":
+        evaluate_run(run, cell.evaluate, evaluation_dir, progress=False)
+    evaluation = json.loads((evaluation_dir / "evaluation.json").read_text())
+    eval_seconds = evaluation.get("seconds", time.perf_counter() - start)
+    train_total = sum(e["seconds"] for e in metrics.get("epochs", []))
+    return {**_describe(cell), "status": "done", "dir": str(folder.relative_to(out_dir)),
+            "data_source": _data_source(config),
+            "train_seconds": round(train_total or train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+            "device": metrics.get("device"), "seconds_per_epoch": metrics.get("seconds_per_epoch"),
+            "examples_per_second": metrics.get("examples_per_second"), "num_train": metrics.get("num_train"),
+            "test_accuracy": metrics.get("test_accuracy"), "evaluation": _slim(evaluation)}
+
+
+def _data_source(config) -> str:
+    """The folder the training data came from (its name tells a variant such as a JPEG copy)."""
+    try:
+        return str(data.locate(data.get_spec(config.dataset), config.data_dir))
+    except CertbnnError:
+        return "registered arrays"
+
+
+def _describe(cell: Cell) -> dict[str, Any]:
+    return {"id": cell.id, "experiment": cell.experiment, "dataset": cell.config.dataset, "model": cell.config.model,
+            "method": cell.method, "mode": cell.mode, "sweep": dict(cell.sweep), "config": cell.config.to_json(),
+            "evaluate_options": asdict(cell.evaluate)}
+
+
+def _slim(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation without what results.json repeats elsewhere."""
+    return {k: v for k, v in evaluation.items() if k not in ("options", "run", "plots")}
+
+
+def _headline(entry: dict[str, Any]) -> str:
+    row = entry["evaluation"]["per_eps"][0]
+    cert = row["certified_accuracy"]
+    parts = [f"clean {row['clean_accuracy']:.3f}"]
+    if "pgd_accuracy" in row:
+        parts.append(f"PGD {row['pgd_accuracy']:.3f}")
+    parts += [f"{name} {value:.3f}" for name, value in cert.items()]
+    return f"{', '.join(parts)} at eps {row['eps']} ({entry['train_seconds']:.0f} s train, {entry['eval_seconds']:.0f} s eval)"
+
+
+def _check_same_config(cell: Cell, run: Path) -> None:
+    saved_path = run / CONFIG
+    if not saved_path.exists():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError:
+        raise CertbnnError(f"{saved_path}: corrupt; delete that cell's folder to rerun it") from None
+    wanted = cell.config.to_json()
+    if cell.depends_on is not None:
+        saved = {**saved, "init_from": wanted["init_from"]}  # resolved to a path when it ran
+    if saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:3])
+        raise CertbnnError(f"cell {cell.id} in {run.parent} was trained with other settings ({detail}); "
+                           "use another --out, or delete that cell's folder to retrain it")
+
+
+def _load_results(path: Path, preset: Preset) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # rebuilt from the cell folders, which are the source of truth
+    return results if results.get("preset") == preset.name else {}
