@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from certbnn import __version__
 from certbnn.errors import CertbnnError
 
-from certbnn.cli import data_cmd, evaluate_cmd, reproduce_cmd, train_cmd
+from certbnn.cli import data_cmd, demo_cmd, evaluate_cmd, reproduce_cmd, train_cmd
 
-_COMMAND_MODULES = (data_cmd, train_cmd, evaluate_cmd, reproduce_cmd)
+_COMMAND_MODULES = (demo_cmd, data_cmd, train_cmd, evaluate_cmd, reproduce_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,8 @@ class EvalOptions:
     data_dir: str | None = None
 
     def validate(self) -> EvalOptions:
+        if not isinstance(self.eps, (list, tuple)) or not all(isinstance(e, (int, float)) for e in self.eps):
+            raise ConfigError(f"eps must be a list of radii, got {self.eps!r}")
         if not self.eps or any(not (e >= 0 and math.isfinite(e)) for e in self.eps):
             raise ConfigError(f"--eps needs finite values >= 0, got {self.eps}")
         for name, given, known in (("attack", self.attacks, ATTACKS), ("certificate", self.certificates, CERTIFICATES)):

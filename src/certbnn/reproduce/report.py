@@ -1,7 +1,7 @@
 """RESULTS.md and plots of a grid (from its ``results.json`` dict alone).
 
 Per experiment: a table like the paper's (rows = inference method, columns =
-training mode, cells = clean / PGD / certified accuracy at the first evaluation
+training mode, cells = clean / PGD / certified accuracy at the last (headline) evaluation
 eps), calibration (ECE / NLL), uncertainty (OOD AUROC), wall-clock time per
 cell, the certified-accuracy lift of robust over standard training, and plots:
 certified accuracy against eps, reliability diagrams, OOD entropy. Experiments
@@ -60,12 +60,13 @@ def _ordered(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _first_row(cell: dict[str, Any]) -> dict[str, Any]:
-    return cell["evaluation"]["per_eps"][0]
+def _main_row(cell: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation at the last (by convention the headline, largest) eps of the list."""
+    return cell["evaluation"]["per_eps"][-1]
 
 
 def _cert_name(cells: list[dict[str, Any]]) -> str | None:
-    names = _ordered([k for c in cells for k in _first_row(c)["certified_accuracy"]])
+    names = _ordered([k for c in cells for k in _main_row(c)["certified_accuracy"]])
     return "paper" if "paper" in names else (names[0] if names else None)
 
 
@@ -76,7 +77,7 @@ def _pct(value: Any) -> str:
 def _triple(cell: dict[str, Any] | None, cert: str | None) -> str:
     if cell is None:
         return "-"
-    row = _first_row(cell)
+    row = _main_row(cell)
     return f"{_pct(row['clean_accuracy'])} / {_pct(row.get('pgd_accuracy'))} / " \
            f"{_pct(row['certified_accuracy'].get(cert)) if cert else '-'}"
 
@@ -93,7 +94,7 @@ def _grid_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list
     lookup = {(c["method"], c["mode"]): c for c in cells}
     cert = _cert_name(cells)
     first = cells[0]
-    eps_test, eps_train = _first_row(first)["eps"], first["config"]["eps"]
+    eps_test, eps_train = _main_row(first)["eps"], first["config"]["eps"]
     lines = [f"## {name}: {dataset_label(first)}, {first['model']}", "",
              f"Accuracy in % on the first {first['evaluation']['num_points']} test points: clean / PGD "
              f"(eps {eps_test}, {first['evaluate_options']['pgd_steps']} steps, EOT over "
@@ -128,8 +129,8 @@ def _lift(methods: list[str], lookup, cert: str | None) -> list[str]:
         standard = [c for (m, _), c in lookup.items() if m == method and c["config"]["likelihood"] == "standard"]
         robust = [c for (m, _), c in lookup.items() if m == method and c["config"]["likelihood"] in ROBUST_LIKELIHOODS]
         if standard and robust and cert:
-            before = _first_row(standard[0])["certified_accuracy"].get(cert)
-            after = _first_row(robust[0])["certified_accuracy"].get(cert)
+            before = _main_row(standard[0])["certified_accuracy"].get(cert)
+            after = _main_row(robust[0])["certified_accuracy"].get(cert)
             if before is not None and after is not None:
                 out.append(f"{method} {100 * (after - before):+.1f}")
     return out
@@ -143,7 +144,7 @@ def _sweep_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> lis
     cert = _cert_name(cells)
     first = cells[0]
     lines = [f"## {name}: {dataset_label(first)}, {first['model']}, sweeping {', '.join(keys)}", "",
-             f"Accuracy in % (clean / PGD / {cert} certified at eps {_first_row(first)['eps']}) on the first "
+             f"Accuracy in % (clean / PGD / {cert} certified at eps {_main_row(first)['eps']}) on the first "
              f"{first['evaluation']['num_points']} test points; rows are sweep points.", ""]
     lines += ["| " + ", ".join(keys) + " | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
     for point in points:
@@ -249,7 +250,7 @@ def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str 
     for i, s in enumerate(series):
         clean, certified = [], []
         for p in points:
-            row = _first_row(lookup[(s, p)]) if (s, p) in lookup else None
+            row = _main_row(lookup[(s, p)]) if (s, p) in lookup else None
             clean.append(row["clean_accuracy"] if row else None)
             certified.append(row["certified_accuracy"].get(cert) if row else None)
         ax.plot(xs, certified, marker="o", color=f"C{i}", label=f"{s} certified")

@@ -185,7 +185,7 @@ def _slim(evaluation: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline(entry: dict[str, Any]) -> str:
-    row = entry["evaluation"]["per_eps"][0]
+    row = entry["evaluation"]["per_eps"][-1]
     cert = row["certified_accuracy"]
     parts = [f"clean {row['clean_accuracy']:.3f}"]
     if "pgd_accuracy" in row:

@@ -1,0 +1,225 @@
+"""``certbnn reproduce`` and ``certbnn demo`` end to end on tiny data: report, resume, refusals, failures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from certbnn import data
+from certbnn.cli import main
+from certbnn.reproduce.demo import run_demo, summary
+
+from tinydata import separable_images
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+from make_datafiles import write_mnist_dir  # noqa: E402
+
+PRESET = """
+[preset]
+name = "tiny"
+description = "a tiny grid"
+[train]
+epochs = 2
+batch_size = 32
+val_size = 40
+val_samples = 2
+eps = 0.1
+[evaluate]
+limit = 40
+samples = 4
+eps = [0.05, 0.1]
+pgd_steps = 3
+certificates = ["per-sample", "paper"]
+ood_fgsm_eps = 0.3
+[methods.sgd]
+lr = 0.05
+method_options = { prior_weight = 0.0 }
+[methods.hmc]
+init_from = "cell:sgd"
+epochs = 3
+method_options = { num_burnin = 1, num_leapfrog = 3, step_size = 0.0005 }
+[modes.standard]
+likelihood = "standard"
+[modes.ibp]
+likelihood = "ibp"
+[[experiment]]
+dataset = "tiny-grid"
+model = "mlp:16"
+methods = ["sgd", "hmc"]
+modes = ["standard", "ibp"]
+[[experiment]]
+name = "lam"
+dataset = "tiny-grid"
+model = "mlp:16"
+methods = ["sgd"]
+modes = ["ibp"]
+sweep = { lam = [0.0, 1.0] }
+"""
+
+CELLS = ["tiny-grid/sgd/standard", "tiny-grid/hmc/standard", "tiny-grid/sgd/ibp", "tiny-grid/hmc/ibp",
+         "lam/sgd/ibp/lam=0.0", "lam/sgd/ibp/lam=1.0"]
+
+
+@pytest.fixture(scope="module")
+def preset_file(tmp_path_factory):
+    images, labels = separable_images()
+    data.register_arrays("tiny-grid", {"train": (images, labels), "test": (images[:60], labels[:60])}, num_classes=2)
+    path = tmp_path_factory.mktemp("preset") / "tiny.toml"
+    path.write_text(PRESET)
+    yield path
+    data.unregister("tiny-grid")
+
+
+def _reproduce(preset_file, out, *extra):
+    return main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu",
+                 "--no-progress", *extra])
+
+
+def _posteriors(out: Path) -> dict[str, int]:
+    return {p.parent.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/run/posterior.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def finished_grid(preset_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "out"
+    assert _reproduce(preset_file, out) == 0
+    return out
+
+
+def test_grid_writes_results_report_and_plots(finished_grid):
+    results = json.loads((finished_grid / "results.json").read_text())
+    assert list(results["cells"]) == CELLS
+    assert all(c["status"] == "done" for c in results["cells"].values())
+    assert results["machine"]["device"] == "cpu" and results["preset"] == "tiny"
+    cell = results["cells"]["tiny-grid/hmc/ibp"]
+    assert cell["config"]["likelihood"] == "ibp" and cell["config"]["init_from"] == "cell:sgd"
+    assert [row["eps"] for row in cell["evaluation"]["per_eps"]] == [0.05, 0.1]
+    assert cell["evaluation"]["clean"]["reliability"]["count"]
+    report = (finished_grid / "RESULTS.md").read_text()
+    assert "| method | standard | ibp |" in report and "| sgd |" in report and "| hmc |" in report
+    assert "Certified-accuracy lift" in report and "| lam | sgd/ibp |" in report
+    for plot in ("certified_vs_eps_tiny-grid.png", "reliability_tiny-grid.png", "ood_entropy_tiny-grid.png",
+                 "sweep_lam.png"):
+        assert (finished_grid / plot).stat().st_size > 1000 and f"]({plot})" in report
+
+
+def test_hmc_cell_starts_from_its_sgd_cell(finished_grid):
+    config = json.loads((finished_grid / "cells/tiny-grid__hmc__ibp/run/config.json").read_text())
+    assert config["init_from"].endswith("tiny-grid__sgd__ibp/run/posterior.safetensors")
+
+
+def test_rerun_skips_finished_cells(preset_file, finished_grid, capsys):
+    before = _posteriors(finished_grid)
+    assert _reproduce(preset_file, finished_grid) == 0
+    assert "6 already finished, 0 to run" in capsys.readouterr().out
+    assert _posteriors(finished_grid) == before
+
+
+def test_killed_grid_continues_and_resumed_training_matches(preset_file, finished_grid, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "/standard") == 0
+    first = _posteriors(out)
+    assert sorted(first) == ["tiny-grid__hmc__standard", "tiny-grid__sgd__standard"]
+    # a cell killed after its last checkpoint but before writing the posterior and evaluation
+    assert _reproduce(preset_file, out, "--only", "lam=0.0") == 0
+    killed = out / "cells" / "lam__sgd__ibp__lam=0.0"
+    (killed / "run" / "posterior.safetensors").unlink()
+    (killed / "eval" / "evaluation.json").unlink()
+    assert _reproduce(preset_file, out, "--dry-run") == 0
+    states = capsys.readouterr().out
+    assert "resume    lam/sgd/ibp/lam=0.0" in states and "done      tiny-grid/sgd/standard" in states
+    assert "train     tiny-grid/sgd/ibp" in states
+    assert _reproduce(preset_file, out) == 0
+    after = _posteriors(out)
+    assert {k: after[k] for k in first} == first  # finished cells untouched
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["cells"]) == CELLS or set(results["cells"]) == set(CELLS)
+    # the same seed and settings give the same posterior, interrupted or not
+    for name in ("lam__sgd__ibp__lam=0.0", "tiny-grid__hmc__ibp"):
+        resumed, reference = (load_file(root / "cells" / name / "run/posterior.safetensors")
+                              for root in (out, finished_grid))
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in resumed)
+
+
+def test_changed_training_settings_are_refused_and_nothing_is_overwritten(preset_file, finished_grid, capsys):
+    before = _posteriors(finished_grid)
+    assert _reproduce(preset_file, finished_grid, "--set", "epochs=3") == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "was trained with other settings (epochs: 2 -> 3)" in err
+    assert _posteriors(finished_grid) == before
+
+
+def test_changed_evaluation_settings_reevaluate_without_retraining(preset_file, finished_grid, tmp_path):
+    out = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(finished_grid, out)
+    before = _posteriors(out)
+    assert _reproduce(preset_file, out, "--only", "tiny-grid/sgd/standard", "--eval-set", "limit=20") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"]["tiny-grid/sgd/standard"]["evaluation"]["num_points"] == 20
+    assert _posteriors(out) == before
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(preset_file, tmp_path, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text(PRESET.replace("num_burnin = 1,", "bogus = 1, num_burnin = 1,"))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(broken), "--out", str(out), "--no-progress", "--only", "standard"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 cell(s) failed (tiny-grid/hmc/standard)" in err[0]
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"]["tiny-grid/sgd/standard"]["status"] == "done"
+    failed = results["cells"]["tiny-grid/hmc/standard"]
+    assert failed["status"] == "failed" and "bogus" in failed["error"]
+    assert "Failed cells" in (out / "RESULTS.md").read_text()
+
+
+def test_cli_errors_are_one_line(preset_file, tmp_path, capsys):
+    for argv, message in ([["--preset", "nope", "--out", str(tmp_path)], "unknown preset 'nope'"],
+                          [["--preset", str(preset_file)], "--out DIR is required"],
+                          [["--preset", str(preset_file), "--out", str(tmp_path), "--only", "zzz"], "matches no cell"],
+                          [["--preset", str(preset_file), "--out", str(tmp_path), "--set", "epochz=1"],
+                           "overrides: unknown key(s) epochz"]):
+        assert main(["reproduce", *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+
+
+def test_list_names_every_shipped_preset(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("paper", "quick", "eps-sweep", "lambda-ablation", "demo"))
+
+
+def test_demo_trains_certifies_and_summarises(tmp_path, monkeypatch):
+    from certbnn.data import roots
+
+    monkeypatch.setattr(roots, "SYSTEM_ROOTS", ())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_mnist_dir(tmp_path / "data" / "mnist", counts={"train": 300, "test": 60})
+    results = run_demo(tmp_path / "demo", device="cpu", data_dir=str(tmp_path / "data"), progress=False, fetch=False,
+                       overrides={"epochs": 1, "val_size": 50}, eval_overrides={"pgd_steps": 2, "samples": 4},
+                       log=lambda line: None)
+    assert [c["mode"] for c in results["cells"].values()] == ["standard", "ibp"]
+    text = summary(results)
+    assert "standard BNN" in text and "IBP-robust BNN" in text and "mnist" in text
+    assert (tmp_path / "demo" / "RESULTS.md").exists()
+
+
+def test_demo_without_data_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    from certbnn.data import roots
+
+    monkeypatch.setattr(roots, "SYSTEM_ROOTS", ())
+    monkeypatch.setenv("CERTBNN_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["demo", "--no-download", "--out", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "needs MNIST or Fashion-MNIST and found neither" in err
+    assert not (tmp_path / "demo").exists()
