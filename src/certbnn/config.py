@@ -49,7 +49,8 @@ class TrainConfig:
     augment: int = 0                 # append this many randomly transformed copies (paper CIFAR-10: 40000)
     val_size: int = 1000             # held-out training examples for per-epoch validation
     val_samples: int = 8             # posterior samples used in validation
-    device: str = "cpu"              # cpu | cuda | auto
+    test_size: int | None = None     # test points scored into metrics.json at the end (None: all)
+    device: str = "auto"             # cpu | cuda[:N] | auto (a GPU when present)
     init_from: str | None = None     # posterior file or run dir whose mean initialises the weights
     method_options: dict[str, Any] = field(default_factory=dict)
     likelihood_options: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +65,7 @@ class TrainConfig:
             (self.prior_scale > 0, f"prior scale must be > 0, got {self.prior_scale}"),
             (self.val_size >= 0 and self.val_samples >= 1, "val_size must be >= 0 and val_samples >= 1"),
             (self.limit_train is None or self.limit_train >= 1, f"limit_train must be >= 1, got {self.limit_train}"),
+            (self.test_size is None or self.test_size >= 1, f"test_size must be >= 1, got {self.test_size}"),
             (self.augment >= 0, f"augment must be >= 0, got {self.augment}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),

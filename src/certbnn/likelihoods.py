@@ -21,9 +21,10 @@ Both upper-bound the clean loss mixture at the worst point of the ball.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -149,10 +150,11 @@ class Adversarial:
         if self.attack not in ("fgsm", "pgd"):
             raise ConfigError(f"adversarial attack must be fgsm or pgd, got {self.attack!r}")
 
-    def nll(self, model, params, x, y, eps=0.0, generator=None):
-        clean = cross_entropy(forward(model, params, x), y)
-        if self.lam == 1.0 or eps == 0.0:
-            return clean
+    def uses_attack(self, eps: float) -> bool:
+        return self.lam != 1.0 and eps != 0.0
+
+    def adversarial_inputs(self, model, params, x, y, eps: float, generator=None) -> Tensor:
+        """Detached attack inputs (B, ...) maximising the mean loss over the params' samples."""
         fixed = {k: v.detach() for k, v in params.items()}
 
         def loss_of_input(x_in: Tensor) -> Tensor:
@@ -160,12 +162,53 @@ class Adversarial:
             return loss.mean(0) if loss.dim() > 1 else loss
 
         if self.attack == "fgsm":
-            x_adv = fgsm(loss_of_input, x, eps)
-        else:
-            x_adv = pgd(loss_of_input, x, eps, steps=self.steps, step_size=self.step_size,
-                        random_start=self.random_start, generator=generator)
-        robust = cross_entropy(forward(model, params, x_adv), y)
-        return mix_losses(clean, robust, self.lam, self.mix)
+            return fgsm(loss_of_input, x, eps)
+        return pgd(loss_of_input, x, eps, steps=self.steps, step_size=self.step_size,
+                   random_start=self.random_start, generator=generator)
+
+    def nll_at(self, model, params, x, x_adv, y) -> Tensor:
+        """The mixed loss with the attack's inputs given (no gradient flows through the attack)."""
+        clean = cross_entropy(forward(model, params, x), y)
+        return mix_losses(clean, cross_entropy(forward(model, params, x_adv), y), self.lam, self.mix)
+
+    def nll(self, model, params, x, y, eps=0.0, generator=None):
+        if not self.uses_attack(eps):
+            return cross_entropy(forward(model, params, x), y)
+        return self.nll_at(model, params, x, self.adversarial_inputs(model, params, x, y, eps, generator), y)
+
+
+@dataclass(frozen=True)
+class BatchNLL:
+    """``nll(params, x, y)`` of one likelihood, model, radius and generator: what a method's
+    ``step`` differentiates. For adversarial likelihoods :attr:`attack_stage` is true and
+    :meth:`adversarial_inputs` / :meth:`nll_at` split the attack (computed once per batch,
+    no parameter gradient through it) from the loss, which per-example gradients (VOGN) need."""
+
+    likelihood: Any
+    model: Any
+    eps: float
+    generator: torch.Generator | None = None
+    comm: Any = None  # a certbnn.distributed.Communicator: gradients averaged over ranks
+
+    def __call__(self, params, x, y) -> Tensor:
+        from certbnn.distributed import average_grads
+
+        return self.likelihood.nll(self.model, average_grads(params, self.comm), x, y, self.eps,
+                                   generator=self.generator)
+
+    def local(self) -> BatchNLL:
+        """The same loss without the cross-rank gradient averaging (for explicit reductions)."""
+        return dataclasses.replace(self, comm=None)
+
+    @property
+    def attack_stage(self) -> bool:
+        return isinstance(self.likelihood, Adversarial) and self.likelihood.uses_attack(self.eps)
+
+    def adversarial_inputs(self, params, x, y) -> Tensor:
+        return self.likelihood.adversarial_inputs(self.model, params, x, y, self.eps, self.generator)
+
+    def nll_at(self, params, x, x_adv, y) -> Tensor:
+        return self.likelihood.nll_at(self.model, params, x, x_adv, y)
 
 
 _LIKELIHOODS = {

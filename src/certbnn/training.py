@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from certbnn import __version__, data
+from certbnn import __version__, data, distributed
 from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from certbnn.config import TrainConfig
 from certbnn.data.augment import augment
@@ -33,7 +33,7 @@ from certbnn.errors import CertbnnError, ConfigError
 from certbnn.fileio import atomic_write_text
 from certbnn.functional import detached_params
 from certbnn.inference import make_method
-from certbnn.likelihoods import make_likelihood
+from certbnn.likelihoods import BatchNLL, make_likelihood
 from certbnn.models import build_model
 from certbnn.posterior import load_posterior, save_posterior
 from certbnn.priors import prior_from_model
@@ -45,10 +45,14 @@ CHECKPOINT, POSTERIOR, METRICS, CONFIG = (
 
 
 def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda[:N]`` or ``auto`` (a GPU when present); under torchrun ``cuda`` is this
+    process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but no CUDA GPU is available")
+    if name == "cuda" and distributed.current() is not None:
+        name = f"cuda:{distributed.local_rank()}"
     return torch.device(name)
 
 
@@ -65,8 +69,16 @@ def split_train_val(config: TrainConfig) -> tuple[data.ArrayDataset, data.ArrayD
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fit ``config.method`` and write the run directory; returns the metrics dict."""
+    """Fit ``config.method`` and write the run directory; returns the metrics dict.
+
+    Under torchrun (see :mod:`certbnn.distributed`) every rank trains on its shard of
+    each global batch; rank 0 alone validates, logs, shows progress and writes files
+    (the other ranks return ``{}``).
+    """
     run_dir = Path(run_dir)
+    comm = distributed.current()
+    main = comm is None or comm.is_main
+    progress, log = (progress, log) if main else (False, lambda line: None)
     ckpt_path = run_dir / CHECKPOINT
     if resume:
         if not ckpt_path.exists():
@@ -90,6 +102,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     steps_per_epoch = 1 if method.full_batch else train_ds.num_batches(config.batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise ConfigError(f"batch size {config.batch_size} exceeds the {len(train_ds)} training examples")
+    shard = comm.batch_shard(config.batch_size) if comm and not method.full_batch else slice(None)
     schedule = epoch_ramp(config.eps, config.epochs, steps_per_epoch,
                           warmup_epochs=config.warmup_epochs, ramp_fraction=config.ramp_fraction)
 
@@ -98,17 +111,20 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         # the state's class, from a throw-away init (the checkpoint holds its data)
         state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
         ckpt, saved = load_checkpoint(ckpt_path, state_cls, device)
-        if saved != config.to_json():
+        if _normalised(saved) != config.to_json():
             raise ConfigError(f"{run_dir}: the saved run used a different configuration; resume without changing settings")
         state, start_epoch, step, history = ckpt.state, ckpt.epoch, ckpt.step, ckpt.history
         generator.set_state(ckpt.rng_state)
         log(f"resuming {run_dir} after epoch {start_epoch}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_json(), indent=2), "config")
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / CONFIG, json.dumps(config.to_json(), indent=2), "config")
         state, start_epoch, step, history = method.init(initial_params(model, config), generator), 0, 0, []
 
-    full_batch = train_ds.tensors(device=device) if method.full_batch else None
+    full_batch = None
+    if method.full_batch:  # distributed: each rank holds a contiguous share of the data
+        full_batch = (train_ds.subset(comm.data_shard(len(train_ds))) if comm else train_ds).tensors(device=device)
     for epoch in range(start_epoch, config.epochs):
         start = time.perf_counter()
         batches = [full_batch] if full_batch is not None else train_ds.batches(
@@ -119,33 +135,38 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         last_accuracy = {"val_acc": f"{history[-1]['val_accuracy']:.3f}"} if history and "val_accuracy" in history[-1] else {}
         for x, y in bar:
             eps = schedule.value(step)
-
-            def nll(params, xb, yb, _eps=eps):
-                return likelihood.nll(model, params, xb, yb, _eps, generator=generator)
-
-            state, info = method.step(state, (x, y), nll, generator)
+            x, y = x[shard], y[shard]
+            state, info = method.step(state, (x, y), BatchNLL(likelihood, model, eps, generator, comm), generator)
             loss = float(next((info[k] for k in ("nll", "loss", "potential") if k in info), math.nan))
+            if comm:  # the same number on every rank: the global batch mean (or the global potential)
+                loss = float(comm.all_reduce(torch.tensor(loss, dtype=torch.float64), "mean"))
             if not math.isfinite(loss):
                 raise CertbnnError(f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1} "
                                    f"(try a smaller learning rate); the last checkpoint in {run_dir} is intact")
-            loss_sum, seen, step = loss_sum + loss * len(y), seen + len(y), step + 1
+            count = len(train_ds) if method.full_batch else config.batch_size  # global, all ranks together
+            loss_sum, seen, step = loss_sum + loss * count, seen + count, step + 1
             bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps:.4f}", **last_accuracy,
                             ex_s=f"{seen / (time.perf_counter() - start):.0f}")
         state = method.end_epoch(state, epoch)
         seconds = time.perf_counter() - start
         record = {"epoch": epoch + 1, "train_nll": loss_sum / max(seen, 1), "eps": schedule.value(step - 1),
                   "seconds": round(seconds, 3), "examples_per_second": round(seen / seconds, 1)}
-        posterior = _posterior_so_far(method, state) if val_ds is not None else None
+        posterior = _posterior_so_far(method, state) if val_ds is not None and main else None
         if posterior is not None:
             record.update(validate(model, posterior, val_ds, record["eps"],
                                    num_samples=config.val_samples, seed=config.seed + epoch))
         history.append(record)
-        save_checkpoint(ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history),
-                        config.to_json())
+        if main:
+            save_checkpoint(ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history),
+                            config.to_json())
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
+    if not main:
+        return {}
     posterior = method.posterior(state)
     test_ds = data.load(config.dataset, "test", config.data_dir) if "test" in spec.splits else None
+    if test_ds is not None and config.test_size is not None:
+        test_ds = test_ds.subset(slice(0, config.test_size))
     final = dict(history[-1]) if history else {}
     if test_ds is not None:
         final.update(validate(model, posterior, test_ds, 0.0, num_samples=config.val_samples,
@@ -165,6 +186,14 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                "epochs": history, "final": final}
     atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2), "metrics")
     return metrics
+
+
+def _normalised(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """A saved config with the fields added since it was written at their defaults."""
+    try:
+        return TrainConfig(**saved).to_json()
+    except TypeError:
+        return None
 
 
 def initial_params(model, config: TrainConfig) -> dict[str, torch.Tensor]:

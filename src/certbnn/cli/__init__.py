@@ -9,10 +9,11 @@ line on stderr and exit status 1; usage errors exit with status 2 (argparse).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from certbnn import __version__
+from certbnn import __version__, distributed
 from certbnn.errors import CertbnnError
 
 from certbnn.cli import data_cmd, demo_cmd, evaluate_cmd, reproduce_cmd, train_cmd
@@ -44,11 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    prefix = ""
     try:
+        if distributed.launched_by_torchrun():  # torchrun: join the group; rank 0 alone prints
+            comm = distributed.init_from_env(getattr(args, "device", None) or "cpu")
+            if comm is not None and not comm.is_main:
+                prefix = f"[rank {comm.rank}] "
+                sys.stdout = open(os.devnull, "w")
         return int(handler(args) or 0)
     except CertbnnError as exc:
-        print(f"certbnn: error: {exc}", file=sys.stderr)
+        print(f"certbnn: {prefix}error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("certbnn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()

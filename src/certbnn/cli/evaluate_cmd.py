@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ood-fgsm-eps", type=float, help="also score FGSM examples at this eps as OOD (paper: 0.3)")
     p.add_argument("--radius", action="store_true", help="certified radius per point by bisection (decision certificate, the same --samples draws)")
     p.add_argument("--seed", type=int, default=0, help="seed for posterior samples and attack starts")
+    p.add_argument("--chunk-size", type=int, default=250,
+                   help="test points per attack / certificate call; smaller uses less memory (default 250)")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (a GPU when present; default auto)")
     p.add_argument("--data-dir", help="data directory (default: the run's, then the usual search)")
     p.add_argument("--out", help="output directory (default RUN_DIR)")
     p.add_argument("--json", action="store_true", help="also print evaluation.json")
@@ -50,13 +53,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from certbnn import distributed
     from certbnn.evaluation.runner import EvalOptions, evaluate_run, render_report
 
     options = EvalOptions(eps=args.eps, attacks=args.attacks, certificates=args.certificates, bound=args.bound,
                           float64=args.float64, limit=args.limit, samples=args.samples, pgd_steps=args.pgd_steps,
                           pgd_restarts=args.pgd_restarts, confidence=args.confidence, threshold=args.threshold,
                           ood=args.ood, ood_fgsm_eps=args.ood_fgsm_eps, radius=args.radius, seed=args.seed,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, device=args.device,
+                          chunk_size=args.chunk_size)
     results = evaluate_run(args.run_dir, options, args.out, progress=not args.no_progress)
+    comm = distributed.current()
+    if comm is not None and not comm.is_main:  # rank 0 reports
+        return 0
     print(json.dumps(results, indent=2) if args.json else render_report(results))
     return 0

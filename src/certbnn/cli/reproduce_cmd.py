@@ -38,7 +38,7 @@ def overrides_from(args: argparse.Namespace) -> tuple[dict, dict]:
     """Training and evaluation overrides from --device/--data-dir/--set/--eval-set."""
     train = dict(parse_option(t) for t in args.train_set)
     evaluate = dict(parse_option(t) for t in args.eval_set)
-    train["device"] = args.device
+    train["device"] = evaluate["device"] = args.device
     if args.data_dir:
         train["data_dir"] = args.data_dir
         evaluate["data_dir"] = args.data_dir

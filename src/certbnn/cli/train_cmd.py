@@ -32,6 +32,7 @@ HELP = {
     "augment": "append N randomly rotated / zoomed / shifted / flipped copies of training images (paper CIFAR-10: 40000)",
     "val_size": "training examples held out for per-epoch validation (0 disables)",
     "val_samples": "posterior samples used by the per-epoch validation",
+    "test_size": "score only the first N test points into metrics.json at the end (default: all)",
     "device": "cpu, cuda[:N] or auto (GPU when available)",
     "init_from": "warm start: a posterior file or run directory (same architecture) whose mean gives the initial weights, e.g. an SGD run before HMC",
 }
@@ -88,6 +89,8 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         config = make_config(file_values, given)
     metrics = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if not metrics:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     final = metrics["final"]
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("test_accuracy", "certified_accuracy_ibp") if k in final)
     print(f"wrote {args.out} ({summary}; {metrics['seconds_per_epoch']:.1f} s per epoch)")

@@ -2,6 +2,12 @@
 
 Writes ``evaluation.json``, ``report.md`` and plots (``reliability.png``,
 ``certified_vs_eps.png``, ``entropy_hist.png``) into the output directory.
+
+Attacks and certificates run on chunks of :data:`CHUNK` test points; each chunk
+draws from its own generator, seeded by (seed, part, eps, chunk index), so the
+results do not depend on the order the chunks run in. Under torchrun the chunks
+are dealt round-robin to the ranks and gathered on rank 0, which alone writes
+files: the results are identical to a single-process run.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +23,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from certbnn import __version__, data
+from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
 from certbnn.fileio import atomic_write_text
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
+from certbnn.training import resolve_device
 
 
 CHUNK = 250  # test points per attack / certificate call (bounds memory for CNNs with many samples)
@@ -45,6 +53,8 @@ class EvalOptions:
     radius: bool = False
     seed: int = 0
     data_dir: str | None = None
+    device: str = "auto"            # cpu | cuda[:N] | auto (a GPU when present)
+    chunk_size: int = CHUNK
 
     def validate(self) -> EvalOptions:
         if not isinstance(self.eps, (list, tuple)) or not all(isinstance(e, (int, float)) for e in self.eps):
@@ -55,8 +65,10 @@ class EvalOptions:
             unknown = [g for g in given if g not in known]
             if unknown:
                 raise ConfigError(f"unknown {name}(s) {', '.join(unknown)} (known: {', '.join(known)})")
-        if self.samples < 1 or (self.limit is not None and self.limit < 1):
-            raise ConfigError("--samples and --limit must be >= 1")
+        if self.samples < 1 or (self.limit is not None and self.limit < 1) or self.chunk_size < 1:
+            raise ConfigError("--samples, --limit and --chunk-size must be >= 1")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
         if not 0 < self.confidence < 1 or not 0 <= self.threshold <= 1:
             raise ConfigError("--confidence must be in (0, 1) and --threshold in [0, 1]")
         return self
@@ -92,16 +104,21 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     data_dir = options.data_dir or config.get("data_dir")
     test = _test_set(config["dataset"], options, data_dir)
     dtype = torch.float64 if options.float64 else torch.float32
-    model = model.to(dtype)
-    posterior = posterior.to(dtype=dtype)
-    generator = torch.Generator().manual_seed(options.seed)
+    device = resolve_device(options.device)
+    comm = distributed.current()
+    progress = progress and (comm is None or comm.is_main)
+    model = model.to(device=device, dtype=dtype)
+    posterior = posterior.to(device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(options.seed)
     params = posterior.sample(options.samples, generator=generator)
-    x, y = test.tensors(dtype=dtype)
+    x, y = test.tensors(dtype=dtype, device=device)
+    chunks = _Chunks(x, y, options.seed, comm, device, options.chunk_size)
     start = time.perf_counter()
     results: dict[str, Any] = {"certbnn_version": __version__, "run": str(run_dir), "dataset": config["dataset"],
                                "model": config["model"], "method": config["method"],
                                "likelihood": config["likelihood"], "eps_train": config["eps"],
-                               "seed": options.seed, "train_seed": config["seed"], "device": "cpu",
+                               "seed": options.seed, "train_seed": config["seed"], "device": str(device),
+                               "processes": comm.world_size if comm else 1,
                                "num_points": len(y), "num_samples": options.samples, "options": asdict(options)}
     seconds: dict[str, float] = {}
 
@@ -133,11 +150,9 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
                                "certified_accuracy": {}}
         for kind in options.attacks:
             began = time.perf_counter()
-            adv_probs = torch.cat([
-                _no_grad_probs(model, params, robustness.attack(
-                    model, params, xb, yb, eps, kind=kind, steps=options.pgd_steps, restarts=options.pgd_restarts,
-                    generator=generator))
-                for xb, yb in _chunks(x, y)])
+            adv_probs = torch.cat(chunks.map(f"{kind}/{eps}", lambda xb, yb, gen, _kind=kind, _eps=eps: _no_grad_probs(
+                model, params, robustness.attack(model, params, xb, yb, _eps, kind=_kind, steps=options.pgd_steps,
+                                                 restarts=options.pgd_restarts, generator=gen))))
             row[f"{kind}_accuracy"] = metrics.accuracy(adv_probs, y)
             row[f"{kind}_nll"] = metrics.nll(adv_probs, y)
             row[f"{kind}_ece"] = metrics.expected_calibration_error(adv_probs, y)[0]
@@ -146,8 +161,8 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
         common = dict(method=options.bound, dtype=dtype)
         for name in options.certificates:
             began = time.perf_counter()
-            per_point = [_certificate(name, model, posterior, params, xb, yb, eps, options, generator, common)
-                         for xb, yb in _chunks(x, y)]
+            per_point = chunks.map(f"{name}/{eps}", lambda xb, yb, gen, _name=name, _eps=eps: _certificate(
+                _name, model, posterior, params, xb, yb, _eps, options, gen, common))
             row.update(_summarise(name, per_point, correct))
             if f"{name.replace('-', '_')}_certified_accuracy" in row:
                 row["certified_accuracy"][name] = row[f"{name.replace('-', '_')}_certified_accuracy"]
@@ -159,9 +174,9 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
         def decision_at(xb, yb, eps):  # the same K samples at every bisection step (fixed seed)
             return certify.certify_decision(model, posterior, xb, yb, eps, num_samples=options.samples,
                                             method=options.bound, dtype=dtype,
-                                            generator=torch.Generator().manual_seed(options.seed))["certified"]
-        radius = torch.cat([certify.certified_radius(decision_at, xb, yb, eps_max=2 * max(max(options.eps), 0.05))
-                            for xb, yb in _chunks(x, y)])
+                                            generator=torch.Generator(device=device).manual_seed(options.seed))["certified"]
+        radius = torch.cat(chunks.map("radius", lambda xb, yb, gen: certify.certified_radius(
+            decision_at, xb, yb, eps_max=2 * max(max(options.eps), 0.05))))
         results["radius"] = {"certificate": "decision", "mean": float(radius.mean()),
                              "median": float(radius.median()), "mean_if_correct": float((radius * correct).mean())}
     began = time.perf_counter()
@@ -174,6 +189,8 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     bar.close()
     results["seconds"] = round(time.perf_counter() - start, 2)
     results["seconds_per_part"] = seconds
+    if comm is not None and not comm.is_main:
+        return results
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(out_dir, bins, results, split, options)
@@ -186,6 +203,47 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
 def _chunks(x: torch.Tensor, y: torch.Tensor, size: int = CHUNK):
     for start in range(0, len(y), size):
         yield x[start:start + size], y[start:start + size]
+
+
+class _Chunks:
+    """The test points in chunks of :data:`CHUNK`; :meth:`map` runs a function on each chunk
+    with that chunk's own generator (seeded by seed, part and chunk index), on this rank's
+    share of the chunks, and returns every chunk's result in order (gathered from all ranks)."""
+
+    def __init__(self, x, y, seed: int, comm, device, size: int) -> None:
+        self.parts = list(_chunks(x, y, size))
+        self.seed, self.comm, self.device = seed, comm, device
+
+    def generator(self, part: str, index: int) -> torch.Generator:
+        key = zlib.crc32(f"{part}/{index}".encode())
+        return torch.Generator(device=self.device).manual_seed((self.seed * 4_294_967_296 + key) % 2**63)
+
+    def map(self, part: str, fn) -> list:
+        rank, world = (self.comm.rank, self.comm.world_size) if self.comm else (0, 1)
+        mine = {i: fn(xb, yb, self.generator(part, i))
+                for i, (xb, yb) in enumerate(self.parts) if i % world == rank}
+        if self.comm is None:
+            return [mine[i] for i in range(len(self.parts))]
+        merged: dict[int, Any] = {}
+        for share in self.comm.gather(_to_cpu(mine)):
+            merged.update(share)
+        return [_to_device(merged[i], self.device) for i in range(len(self.parts))]
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _no_grad_probs(model, params, x):
@@ -242,7 +300,7 @@ def _ood(model, params, x, y, split, options, config, data_dir, generator, dtype
         ood = _test_set(options.ood, options, data_dir)
         if ood.image_shape != tuple(x.shape[1:]):
             raise ConfigError(f"OOD set {options.ood} has images {ood.image_shape}, the model expects {tuple(x.shape[1:])}")
-        x_ood, _ = ood.tensors(dtype=dtype)
+        x_ood, _ = ood.tensors(dtype=dtype, device=x.device)
         with torch.no_grad():
             _, ood_samples = metrics.predictive_probs(model, params, x_ood)
         ood_split = metrics.uncertainty_decomposition(ood_samples)
@@ -253,7 +311,7 @@ def _ood(model, params, x, y, split, options, config, data_dir, generator, dtype
         out["_entropy_out"] = ood_split["total"].tolist()
     if options.ood_fgsm_eps:
         x_adv = torch.cat([robustness.attack(model, params, xb, yb, options.ood_fgsm_eps, kind="fgsm")
-                           for xb, yb in _chunks(x, y)])
+                           for xb, yb in _chunks(x, y)])  # deterministic: every rank computes it
         with torch.no_grad():
             _, adv_samples = metrics.predictive_probs(model, params, x_adv)
         adv_entropy = metrics.uncertainty_decomposition(adv_samples)["total"]

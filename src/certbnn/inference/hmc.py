@@ -199,25 +199,30 @@ class HMC:
         return w, p, potential, gradient
 
     def potential_and_grad(self, position: Params, batch: Batch, nll: NLL) -> tuple[Tensor, Params]:
-        """U(w) and grad U(w), detached; the data term summed over chunks."""
+        """U(w) and grad U(w), detached; the data term summed over chunks (and, in a
+        distributed run, over the ranks' data shards: ``nll.comm``)."""
         x, y = batch
+        comm = getattr(nll, "comm", None)
+        local = nll.local() if comm else nll
         count = x.shape[0]
-        starts = list(range(0, count, self.chunk_size)) if self.num_data > 0 else []
+        if comm:
+            count = int(comm.all_reduce(torch.tensor(float(count), dtype=torch.float64)).item())
         scale = self.num_data / max(count, 1)
         w = requires_grad(position)
-        total: Tensor | None = None
-        grads: Params | None = None
         with torch.enable_grad():
-            for start in starts or [None]:
-                loss = -self.prior.log_prob(w) if total is None else 0.0
-                if start is not None:
-                    chunk = slice(start, start + self.chunk_size)
-                    loss = loss + nll(w, x[chunk], y[chunk]).sum() * scale
-                g = grad_of(loss, w)
-                grads = g if grads is None else {n: grads[n] + g[n] for n in g}
-                total = loss.detach() if total is None else total + loss.detach()
-        assert total is not None and grads is not None
-        return total, grads
+            prior_term = -self.prior.log_prob(w)
+            grads = grad_of(prior_term, w)
+            data_total = torch.zeros((), dtype=prior_term.dtype, device=prior_term.device)
+            data_grads = {n: torch.zeros_like(g) for n, g in grads.items()}
+            for start in range(0, x.shape[0], self.chunk_size) if self.num_data > 0 else []:
+                chunk = slice(start, start + self.chunk_size)
+                loss = local(w, x[chunk], y[chunk]).sum() * scale
+                data_grads = {n: data_grads[n] + g for n, g in grad_of(loss, w).items()}
+                data_total = data_total + loss.detach()
+        if comm:
+            data_total = comm.all_reduce(data_total)
+            data_grads = {n: comm.all_reduce(g) for n, g in data_grads.items()}
+        return prior_term.detach() + data_total, {n: grads[n] + data_grads[n] for n in grads}
 
     # --- protocol -------------------------------------------------------------------
 

@@ -33,7 +33,10 @@ the copies is exactly the per-example gradients -- same result, B times the forw
 ``"auto"`` (default) tries vmap and falls back to copies with a warning (pass ``"copies"`` for
 robust likelihoods to skip the failing attempt). Memory for the gradients is
 S * B * (number of weights) in both cases. (With copies, an attack-based likelihood attacks
-the mean loss over the copies, i.e. over the S samples, as in a stacked call.)
+the mean loss over the copies, i.e. over the S samples, as in a stacked call.) An
+adversarial :class:`~certbnn.likelihoods.BatchNLL` (``attack_stage``) is split: the batch is
+attacked once, outside vmap, against the mean loss over the S samples, then per-example
+gradients of the mixed loss are taken at those fixed inputs -- the same gradients as copies.
 
 Temperature: with ``kl_weight`` = t every N above is N / t (the tempered posterior
 p(D|w)^(1/t) p(w), the same knob as BBB's KL weight; t < 1 narrows the posterior).
@@ -66,13 +69,23 @@ class PerExampleFallbackWarning(UserWarning):
 
 def _vmap_grads(weights: Params, batch: Batch, nll: NLL) -> tuple[Params, Tensor]:
     x, y = batch
+    if getattr(nll, "attack_stage", False):  # an adversarial likelihood: attack once, outside vmap
+        x_adv = nll.adversarial_inputs(weights, x, y)
+
+        def one_attacked(w: Params, xi: Tensor, ai: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
+            value = nll.nll_at(w, xi.unsqueeze(0), ai.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)
+            return value, value.detach()
+
+        over_examples = vmap(grad(one_attacked, has_aux=True), in_dims=(None, 0, 0, 0))
+        return vmap(over_examples, in_dims=(0, None, None, None))(weights, x, x_adv, y)
 
     def one_example(w: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         value = nll(w, xi.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)
         return value, value.detach()
 
-    over_examples = vmap(grad(one_example, has_aux=True), in_dims=(None, 0, 0))
-    return vmap(over_examples, in_dims=(0, None, None))(weights, x, y)
+    # randomness="different": a likelihood's own draws (e.g. a PGD random start) differ per example
+    over_examples = vmap(grad(one_example, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+    return vmap(over_examples, in_dims=(0, None, None), randomness="different")(weights, x, y)
 
 
 def _copies_grads(weights: Params, batch: Batch, nll: NLL) -> tuple[Params, Tensor]:
@@ -137,7 +150,8 @@ class VOGN(PrecisionVI):
         lam = prior_precision(self.prior, state.mean)
         std = precision_std(state.precision, lam, self.effective_data)
         weights = sample_diag_gaussian(state.mean, std, self.num_samples, generator)
-        grads, values = per_example_grads(weights, batch, nll, self.per_example)
+        comm = getattr(nll, "comm", None)  # distributed: reduce the batch statistics explicitly
+        grads, values = per_example_grads(weights, batch, nll.local() if comm else nll, self.per_example)
         pull = prior_pull(state.mean, self.prior, lam, self.effective_data)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
@@ -145,11 +159,15 @@ class VOGN(PrecisionVI):
         mean, exp_avg, precision = {}, {}, {}
         for name, mu in state.mean.items():
             g = grads[name]  # (S, B, *shape)
-            s = beta2 * state.precision[name] + (1.0 - beta2) * (g * g).mean((0, 1))
-            m = beta1 * state.exp_avg[name] + (1.0 - beta1) * (g.mean((0, 1)) + pull[name])
+            g_mean, g_square = g.mean((0, 1)), (g * g).mean((0, 1))
+            if comm:  # equal shards: the mean of the ranks' means is the global batch mean
+                g_mean, g_square = comm.all_reduce(g_mean, "mean"), comm.all_reduce(g_square, "mean")
+            s = beta2 * state.precision[name] + (1.0 - beta2) * g_square
+            m = beta1 * state.exp_avg[name] + (1.0 - beta1) * (g_mean + pull[name])
             mean[name] = mu - (self.lr / correction1) * m / (s + lam[name] / self.effective_data)
             exp_avg[name], precision[name] = m, s
-        return VOGNState(mean, exp_avg, precision, step), {"nll": float(values.mean())}
+        value = values.mean()
+        return VOGNState(mean, exp_avg, precision, step), {"nll": float(comm.all_reduce(value, "mean") if comm else value)}
 
     def posterior(self, state: VOGNState) -> GaussianPosterior:
         return self.gaussian(state.mean, state.precision)

@@ -48,7 +48,7 @@ def run_demo(out_dir: str | Path, *, device: str = "auto", data_dir: str | None 
     """Train, certify and attack a standard and an IBP-robust BBB posterior; returns the results dict."""
     name = find_demo_dataset(data_dir, fetch=fetch, log=log)
     other = next((c for c in CANDIDATES if c != name), None)
-    evaluate = dict(eval_overrides or {})
+    evaluate = {"device": device, **(eval_overrides or {})}
     if other and data.find_dataset(data.get_spec(other), data_dir) is not None:
         evaluate.setdefault("ood", other)
     if data_dir:
