@@ -51,6 +51,7 @@ class TrainConfig:
     val_samples: int = 8             # posterior samples used in validation
     test_size: int | None = None     # test points scored into metrics.json at the end (None: all)
     device: str = "auto"             # cpu | cuda[:N] | auto (a GPU when present)
+    parallel: str = "data"           # under torchrun: data (shard the data) | chains (one sampler chain per process)
     init_from: str | None = None     # posterior file or run dir whose mean initialises the weights
     method_options: dict[str, Any] = field(default_factory=dict)
     likelihood_options: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class TrainConfig:
             (self.val_size >= 0 and self.val_samples >= 1, "val_size must be >= 0 and val_samples >= 1"),
             (self.limit_train is None or self.limit_train >= 1, f"limit_train must be >= 1, got {self.limit_train}"),
             (self.test_size is None or self.test_size >= 1, f"test_size must be >= 1, got {self.test_size}"),
+            (self.parallel in ("data", "chains"), f"parallel must be data or chains, got {self.parallel!r}"),
             (self.augment >= 0, f"augment must be >= 0, got {self.augment}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),

@@ -79,10 +79,16 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     comm = distributed.current()
     main = comm is None or comm.is_main
     progress, log = (progress, log) if main else (False, lambda line: None)
-    ckpt_path = run_dir / CHECKPOINT
+    chains = comm if comm is not None and config.parallel == "chains" else None
+    if chains is not None:
+        comm = None  # each process runs the whole problem: no sharding, no gradient averaging
+    ckpt_path = run_dir / (CHECKPOINT if chains is None or chains.is_main else f"checkpoint.rank{chains.rank}.safetensors")
     if resume:
         if not ckpt_path.exists():
-            raise CertbnnError(f"{run_dir}: nothing to resume (no {CHECKPOINT})")
+            raise CertbnnError(f"{run_dir}: nothing to resume (no {ckpt_path.name})")
+        if chains is not None and (run_dir / f"checkpoint.rank{chains.world_size}.safetensors").exists():
+            raise ConfigError(f"{run_dir} holds more chains than the {chains.world_size} processes of this run; "
+                              "resume with as many processes as it was started with")
     elif ckpt_path.exists() or (run_dir / POSTERIOR).exists():
         raise CertbnnError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     config.validate()
@@ -98,6 +104,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         if getattr(config, key) is not None:
             options[key] = getattr(config, key)
     method = make_method(config.method, prior=prior, num_data=len(train_ds), **options)
+    if chains is not None and config.method not in ("hmc", "sghmc"):
+        raise ConfigError(f"parallel = chains needs a sampler (hmc or sghmc), not {config.method}")
     likelihood = make_likelihood(config.likelihood, **_likelihood_options(config))
     steps_per_epoch = 1 if method.full_batch else train_ds.num_batches(config.batch_size, drop_last=True)
     if steps_per_epoch == 0:
@@ -106,7 +114,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     schedule = epoch_ramp(config.eps, config.epochs, steps_per_epoch,
                           warmup_epochs=config.warmup_epochs, ramp_fraction=config.ramp_fraction)
 
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    chain_seed = config.seed + (1_000_003 * chains.rank if chains is not None else 0)  # rank 0: the usual chain
+    generator = torch.Generator(device=device).manual_seed(chain_seed)
     if resume:
         # the state's class, from a throw-away init (the checkpoint holds its data)
         state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
@@ -156,14 +165,17 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             record.update(validate(model, posterior, val_ds, record["eps"],
                                    num_samples=config.val_samples, seed=config.seed + epoch))
         history.append(record)
-        if main:
+        if main or chains is not None:
             save_checkpoint(ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history),
                             config.to_json())
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
+    posterior = method.posterior(state)
+    chain_report = None
+    if chains is not None:
+        posterior, chain_report = _pool_chains(chains, posterior, run_dir)
     if not main:
         return {}
-    posterior = method.posterior(state)
     test_ds = data.load(config.dataset, "test", config.data_dir) if "test" in spec.splits else None
     if test_ds is not None and config.test_size is not None:
         test_ds = test_ds.subset(slice(0, config.test_size))
@@ -181,11 +193,27 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                "test_accuracy": final.get("test_accuracy"),
                "certified_accuracy_ibp": final.get("certified_accuracy_ibp"),
                "certified_eps": final.get("eps"),
+               **({"chains": chain_report} if chain_report else {}),
                "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
                "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
                "epochs": history, "final": final}
     atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2), "metrics")
     return metrics
+
+
+def _pool_chains(comm, posterior, run_dir: Path):
+    """Every rank's samples pooled on rank 0 (chain after chain), with R-hat / ESS across chains."""
+    from certbnn.inference.diagnostics import chain_diagnostics
+    from certbnn.posterior import SamplePosterior
+
+    samples = {name: t.cpu() for name, t in posterior.sample(None).items()}
+    per_chain = comm.gather(samples)
+    if not comm.is_main:
+        return posterior, None
+    pooled = SamplePosterior({n: torch.cat([c[n] for c in per_chain]) for n in samples})
+    report = chain_diagnostics(per_chain) if next(iter(samples.values())).shape[0] >= 4 else \
+        {"num_chains": len(per_chain), "note": "fewer than 4 samples per chain: no R-hat / ESS"}
+    return pooled.to(device=next(iter(posterior.mean().values())).device), report
 
 
 def _normalised(saved: dict[str, Any]) -> dict[str, Any] | None:

@@ -174,3 +174,21 @@ def test_a_dead_rank_fails_the_job_and_the_checkpoint_resumes_on_one_process(tmp
     _run([sys.executable, "-m", "certbnn", *args, "--out", str(tmp_path / "reference")])
     one, two = _posterior(tmp_path / "reference"), _posterior(run)
     assert all(torch.allclose(one[k], two[k], atol=1e-4, rtol=1e-3) for k in one)
+
+
+def test_independent_chains_pool_samples_and_report_rhat(tmp_path, data_dir):
+    config = {**BASE, **RUNS["hmc"], "epochs": 7, "data_dir": str(data_dir), "parallel": "chains"}
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"kind": "train", "out": str(tmp_path / "chains"), "config": config}]))
+    _run(_torchrun(2, str(WORKER), str(jobs)))
+    jobs.write_text(json.dumps([{"kind": "train", "out": str(tmp_path / "one"), "config": config}]))
+    _run([sys.executable, str(WORKER), str(jobs)])
+    pooled, single = _posterior(tmp_path / "chains"), _posterior(tmp_path / "one")
+    for key in single:  # chain 0 is the single-process chain; chain 1 is another one of the same length
+        assert pooled[key].shape[0] == 2 * single[key].shape[0] == 12
+        assert torch.equal(pooled[key][:6], single[key])
+        assert not torch.equal(pooled[key][6:], single[key])
+    report = json.loads((tmp_path / "chains" / "metrics.json").read_text())["chains"]
+    assert report["num_chains"] == 2 and report["samples_per_chain"] == 6
+    assert report["rhat_max"] > 0.9 and report["ess_min"] > 0
+    assert (tmp_path / "chains" / "checkpoint.rank1.safetensors").exists()

@@ -33,6 +33,8 @@ HELP = {
     "val_size": "training examples held out for per-epoch validation (0 disables)",
     "val_samples": "posterior samples used by the per-epoch validation",
     "test_size": "score only the first N test points into metrics.json at the end (default: all)",
+    "parallel": "under torchrun: data = every process takes a shard of each batch (one posterior); chains = "
+                "every process runs its own HMC / SG-HMC chain on all the data, samples pooled, R-hat and ESS reported",
     "device": "cpu, cuda[:N] or auto (GPU when available)",
     "init_from": "warm start: a posterior file or run directory (same architecture) whose mean gives the initial weights, e.g. an SGD run before HMC",
 }
