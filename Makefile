@@ -23,9 +23,7 @@ data:
 	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || echo "note: apt-get install dataset-fashion-mnist failed; Fashion-MNIST tests will be skipped"; fi
 
 demo: setup
-	$(BIN)/certbnn --help
-	$(BIN)/certbnn data list
-	$(BIN)/certbnn data check mnist
+	$(BIN)/certbnn demo --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -129,6 +129,12 @@ def test_torchrun_cli_trains_like_one_process(tmp_path, data_dir):
     _run([sys.executable, "-m", "certbnn", *args, "--out", str(tmp_path / "one")])
     one, both = _posterior(tmp_path / "one"), _posterior(tmp_path / "two")
     assert all(torch.allclose(one[k], both[k], atol=ATOL, rtol=RTOL) for k in one)
+    evaluate = ["evaluate", "--limit", "40", "--chunk-size", "10", "--samples", "3", "--pgd-steps", "2",
+                "--certificates", "per-sample,paper", "--device", "cpu", "--no-progress", "--data-dir", str(data_dir)]
+    _run(_torchrun(2, "-m", "certbnn", *evaluate, str(tmp_path / "one"), "--out", str(tmp_path / "eval2")))
+    _run([sys.executable, "-m", "certbnn", *evaluate, str(tmp_path / "one"), "--out", str(tmp_path / "eval1")])
+    sharded, single = (json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("eval2", "eval1"))
+    assert sharded["per_eps"] == single["per_eps"] and sharded["processes"] == 2
     odd = subprocess.run(_torchrun(2, "-m", "certbnn", *args[:-3], "--batch-size", "31", "--no-progress",
                                    "--out", str(tmp_path / "odd")), env=_env(), capture_output=True, text=True,
                          timeout=120)
@@ -192,3 +198,45 @@ def test_independent_chains_pool_samples_and_report_rhat(tmp_path, data_dir):
     assert report["num_chains"] == 2 and report["samples_per_chain"] == 6
     assert report["rhat_max"] > 0.9 and report["ess_min"] > 0
     assert (tmp_path / "chains" / "checkpoint.rank1.safetensors").exists()
+
+
+def test_torchrun_reproduce_runs_a_grid_like_one_process(tmp_path, data_dir):
+    preset = tmp_path / "grid.toml"
+    preset.write_text("""
+[train]
+epochs = 2
+batch_size = 30
+val_size = 40
+val_samples = 2
+test_size = 20
+eps = 0.05
+[evaluate]
+limit = 40
+samples = 3
+pgd_steps = 2
+chunk_size = 10
+certificates = ["per-sample", "paper"]
+[methods.sgd]
+lr = 0.05
+[methods.hmc]
+init_from = "cell:sgd"
+epochs = 3
+method_options = { num_burnin = 1, num_leapfrog = 2, step_size = 0.001 }
+[modes.ibp]
+likelihood = "ibp"
+[[experiment]]
+dataset = "mnist"
+model = "mlp:16"
+methods = ["sgd", "hmc"]
+modes = ["ibp"]
+""")
+    args = ["reproduce", "--preset", str(preset), "--device", "cpu", "--data-dir", str(data_dir), "--no-progress"]
+    two = _run(_torchrun(2, "-m", "certbnn", *args, "--out", str(tmp_path / "two")))
+    assert two.stdout.count("wrote ") == 1
+    _run([sys.executable, "-m", "certbnn", *args, "--out", str(tmp_path / "one")])
+    results = [json.loads((tmp_path / name / "results.json").read_text())["cells"] for name in ("one", "two")]
+    assert list(results[0]) == list(results[1]) == ["mnist/sgd/ibp", "mnist/hmc/ibp"]
+    for cell in results[0]:
+        rows = [r[cell]["evaluation"]["per_eps"][0] for r in results]
+        assert rows[0]["clean_accuracy"] == pytest.approx(rows[1]["clean_accuracy"], abs=0.03)
+    assert all(r[c]["evaluation"]["processes"] == p for r, p in zip(results, (1, 2)) for c in r)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from certbnn import __version__, data
+from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
 from certbnn.fileio import atomic_write_text
@@ -80,10 +80,14 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
     """Run ``cells`` (default: all of the preset's) into ``out_dir``; returns the results dict.
 
     ``results.json`` and the report are rewritten after every cell, so a killed
-    grid leaves a valid partial record.
+    grid leaves a valid partial record. Under torchrun every rank works on every
+    cell (training and evaluation are distributed) and rank 0 alone writes.
     """
     from certbnn.reproduce.report import write_report
 
+    comm = distributed.current()
+    main = comm is None or comm.is_main
+    progress, log = (progress, log) if main else (False, lambda line: None)
     out_dir = Path(out_dir)
     cells = preset.cells if cells is None else cells
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,11 +111,16 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
         if status == "done" and entry.get("status") == "done":
             continue
         try:
-            entry = _run_cell(cell, out_dir, status)
+            entry = _run_cell(cell, out_dir, status, main)
         except CertbnnError as exc:
             entry = {**_describe(cell), "status": "failed", "error": str(exc)}
             failures.append(cell.id)
             log(f"{cell.id}: failed: {exc}")
+        finally:
+            if comm is not None:
+                comm.barrier()  # rank 0 has written the cell's files before anyone reads them
+        if not main:
+            continue
         results["cells"][cell.id] = entry
         results["seconds_total"] = round(sum(c.get("train_seconds", 0) + c.get("eval_seconds", 0)
                                              for c in results["cells"].values()), 1)
@@ -120,15 +129,16 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
         if status != "done" and entry.get("status") == "done":
             log(f"{cell.id}: {_headline(entry)}")
     bar.close()
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2), "results")
-    write_report(results, out_dir)
+    if main:
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2), "results")
+        write_report(results, out_dir)
     if failures:
         raise CertbnnError(f"{len(failures)} cell(s) failed ({', '.join(failures)}); see {out_dir / 'results.json'}; "
                            "rerun the same command to retry them")
     return results
 
 
-def _run_cell(cell: Cell, out_dir: Path, status: str) -> dict[str, Any]:
+def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict[str, Any]:
     folder = out_dir / "cells" / cell.dirname
     run, evaluation_dir = folder / "run", folder / "eval"
     config = cell.config
@@ -140,16 +150,23 @@ def _run_cell(cell: Cell, out_dir: Path, status: str) -> dict[str, Any]:
         config = type(config)(**{**config.to_json(), "init_from": str(source.resolve())})
     train_seconds = 0.0
     if status in ("train", "resume"):
-        if status == "train" and run.exists():
+        if status == "train" and run.exists() and main:
             shutil.rmtree(run)  # killed before its first checkpoint: nothing worth keeping
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "log.txt", "a") as log_file:
+        with open(folder / "log.txt", "a") if main else open(os.devnull, "w") as log_file:
             def cell_log(line: str) -> None:
                 log_file.write(line + "\n")
                 log_file.flush()
             start = time.perf_counter()
             train(config, run, resume=status == "resume", progress=False, log=cell_log)
             train_seconds = time.perf_counter() - start
+        comm = distributed.current()
+        if comm is not None:
+            comm.barrier()  # rank 0 has written the posterior that every rank evaluates
+    if not main:
+        if status != "done":
+            evaluate_run(run, cell.evaluate, evaluation_dir, progress=False)
+        return {}
     metrics = json.loads((run / "metrics.json").read_text())
     start = time.perf_counter()
     if status != "done":
