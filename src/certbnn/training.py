@@ -120,7 +120,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         # the state's class, from a throw-away init (the checkpoint holds its data)
         state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
         ckpt, saved = load_checkpoint(ckpt_path, state_cls, device)
-        if _normalised(saved) != config.to_json():
+        if normalised_config(saved) != config.to_json():
             raise ConfigError(f"{run_dir}: the saved run used a different configuration; resume without changing settings")
         state, start_epoch, step, history = ckpt.state, ckpt.epoch, ckpt.step, ckpt.history
         generator.set_state(ckpt.rng_state)
@@ -216,7 +216,7 @@ def _pool_chains(comm, posterior, run_dir: Path):
     return pooled.to(device=next(iter(posterior.mean().values())).device), report
 
 
-def _normalised(saved: dict[str, Any]) -> dict[str, Any] | None:
+def normalised_config(saved: dict[str, Any]) -> dict[str, Any] | None:
     """A saved config with the fields added since it was written at their defaults."""
     try:
         return TrainConfig(**saved).to_json()

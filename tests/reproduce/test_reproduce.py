@@ -147,6 +147,19 @@ def test_killed_grid_continues_and_resumed_training_matches(preset_file, finishe
         assert all(torch.equal(resumed[k], reference[k]) for k in resumed)
 
 
+def test_cells_saved_before_a_setting_existed_still_count_as_finished(preset_file, finished_grid, capsys):
+    path = finished_grid / "cells" / "tiny-grid__sgd__standard" / "run" / "config.json"
+    original = path.read_text()
+    saved = json.loads(original)
+    del saved["parallel"]  # as written by a version without that setting (default "data")
+    path.write_text(json.dumps(saved))
+    try:
+        assert _reproduce(preset_file, finished_grid, "--dry-run") == 0
+        assert "done      tiny-grid/sgd/standard" in capsys.readouterr().out
+    finally:
+        path.write_text(original)
+
+
 def test_changed_training_settings_are_refused_and_nothing_is_overwritten(preset_file, finished_grid, capsys):
     before = _posteriors(finished_grid)
     assert _reproduce(preset_file, finished_grid, "--set", "epochs=3") == 1

@@ -59,5 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("certbnn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `certbnn ... | head`: the reader left, nothing to report
+        sys.stdout = open(os.devnull, "w")
+        return 0
     finally:
         distributed.shutdown()

@@ -36,7 +36,7 @@ from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
 from certbnn.fileio import atomic_write_text
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
-from certbnn.training import CONFIG, POSTERIOR, resolve_device, train
+from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
 RESULTS_FORMAT_VERSION = 1
 
@@ -224,6 +224,7 @@ def _check_same_config(cell: Cell, run: Path) -> None:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError:
         raise CertbnnError(f"{saved_path}: corrupt; delete that cell's folder to rerun it") from None
+    saved = normalised_config(saved) or saved  # fields added since the cell ran take their defaults
     wanted = cell.config.to_json()
     if cell.depends_on is not None:
         saved = {**saved, "init_from": wanted["init_from"]}  # resolved to a path when it ran
