@@ -1,0 +1,1 @@
+"""Preset grids shipped with certbnn (TOML files; see certbnn.reproduce.grid)."""
