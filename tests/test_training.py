@@ -125,3 +125,17 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert err.startswith("certbnn: error: unknown inference method 'nuts'") and "\n" not in err
     assert main(["train", "--dataset", "tiny", "--model", "mlp:16", "--lam", "3", "--val-size", "40", "--out", str(tmp_path / "r")]) == 1
     assert "lambda" in capsys.readouterr().err
+
+
+def test_augment_appends_copies_and_test_size_limits_the_final_score(tmp_path):
+    metrics = training.train(_config(epochs=1, augment=100, test_size=10), tmp_path / "run", progress=False,
+                             log=lambda s: None)
+    assert metrics["num_train"] == 200 + 100  # 240 images, 40 held out, 100 transformed copies appended
+    plain = training.train(_config(epochs=1), tmp_path / "plain", progress=False, log=lambda s: None)
+    assert plain["num_train"] == 200
+    with pytest.raises(ConfigError, match="augment must be >= 0"):
+        _config(augment=-1)
+    with pytest.raises(ConfigError, match="test_size must be >= 1"):
+        _config(test_size=0)
+    with pytest.raises(ConfigError, match="parallel must be data or chains"):
+        _config(parallel="model")

@@ -10,6 +10,7 @@ import pytest
 from certbnn import data, training
 from certbnn.cli import main
 from certbnn.config import make_config
+from certbnn.errors import ConfigError
 
 from tinydata import separable_images
 
@@ -80,3 +81,21 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "certbnn: error: unknown certificate(s) magic (known: per-sample, paper, statistical, weight-box, decision)"
     assert main(["evaluate", str(runs["sgd"]), "--eps", "-1"]) == 1
+
+
+def test_points_first_or_spread_over_a_class_sorted_test_set():
+    from certbnn.evaluation.runner import EvalOptions, _test_set
+
+    images = np.zeros((100, 1, 2, 2), dtype=np.uint8)
+    labels = np.repeat(np.arange(10), 10)  # sorted by class, like the CIFAR-10 JPEG copy
+    data.register_arrays("sorted-toy", {"test": (images, labels)}, num_classes=10)
+    try:
+        first = _test_set("sorted-toy", EvalOptions(limit=20), None)
+        spread = _test_set("sorted-toy", EvalOptions(limit=20, points="spread"), None)
+        assert first.class_counts() == [10, 10] + [0] * 8
+        assert spread.class_counts() == [2] * 10
+        assert len(_test_set("sorted-toy", EvalOptions(limit=500, points="spread"), None)) == 100
+    finally:
+        data.unregister("sorted-toy")
+    with pytest.raises(ConfigError, match="points must be first or spread"):
+        EvalOptions(points="random").validate()

@@ -32,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default per-sample,paper,statistical)")
     p.add_argument("--bound", choices=["ibp", "crown-ibp", "crown"], default="ibp", help="bound method (default ibp)")
     p.add_argument("--float64", action="store_true", help="certify in float64 (slower, tighter rounding)")
-    p.add_argument("--limit", type=int, default=1000, help="evaluate the first N test points (default 1000)")
+    p.add_argument("--limit", type=int, default=1000, help="evaluate N test points (default 1000)")
+    p.add_argument("--points", choices=["first", "spread"], default="first",
+                   help="which N: the first (the paper's protocol; default) or evenly spaced over the test set "
+                        "(use for class-sorted test sets such as the CIFAR-10 JPEG copy)")
     p.add_argument("--samples", type=int, default=24, help="posterior samples K for predictions and attacks (default 24)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (default 1)")
@@ -57,7 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from certbnn.evaluation.runner import EvalOptions, evaluate_run, render_report
 
     options = EvalOptions(eps=args.eps, attacks=args.attacks, certificates=args.certificates, bound=args.bound,
-                          float64=args.float64, limit=args.limit, samples=args.samples, pgd_steps=args.pgd_steps,
+                          float64=args.float64, limit=args.limit, points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
                           pgd_restarts=args.pgd_restarts, confidence=args.confidence, threshold=args.threshold,
                           ood=args.ood, ood_fgsm_eps=args.ood_fgsm_eps, radius=args.radius, seed=args.seed,
                           data_dir=args.data_dir, device=args.device,

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -43,6 +44,7 @@ class EvalOptions:
     bound: str = "ibp"
     float64: bool = False
     limit: int | None = 1000
+    points: str = "first"            # first: the first `limit` test points (the paper's protocol); spread: evenly spaced
     samples: int = 24
     pgd_steps: int = 20
     pgd_restarts: int = 1
@@ -65,6 +67,8 @@ class EvalOptions:
             unknown = [g for g in given if g not in known]
             if unknown:
                 raise ConfigError(f"unknown {name}(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        if self.points not in ("first", "spread"):
+            raise ConfigError(f"points must be first or spread, got {self.points!r}")
         if self.samples < 1 or (self.limit is not None and self.limit < 1) or self.chunk_size < 1:
             raise ConfigError("--samples, --limit and --chunk-size must be >= 1")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
@@ -91,7 +95,11 @@ def load_run(run_dir: Path):
 
 def _test_set(name: str, options: EvalOptions, data_dir: str | None):
     test = data.load(name, "test", data_dir)
-    return test.subset(slice(0, options.limit)) if options.limit else test
+    if not options.limit or options.limit >= len(test):
+        return test
+    if options.points == "spread":  # every (len / limit)-th point: all classes even in a class-sorted test set
+        return test.subset(np.arange(options.limit) * len(test) // options.limit)
+    return test.subset(slice(0, options.limit))
 
 
 def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path | None = None,
