@@ -156,9 +156,17 @@ class _AverageGrad(torch.autograd.Function):
 def average_grads(params: dict[str, Tensor], comm: Communicator | None) -> dict[str, Tensor]:
     """``params`` unchanged in value; gradients flowing back through them are averaged over ranks.
 
+    The tensors are viewed as one flat vector, so a backward pass makes a single
+    all-reduce (one bucket, like DDP's) whatever the number of weight tensors.
     Every rank must differentiate through the result the same number of times
     (one minibatch step each), or the collectives do not match.
     """
     if comm is None or comm.world_size == 1:
         return params
-    return {name: _AverageGrad.apply(tensor, comm) for name, tensor in params.items()}
+    names = list(params)
+    tensors = [params[n] for n in names]
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        return {name: _AverageGrad.apply(tensor, comm) for name, tensor in params.items()}
+    flat = _AverageGrad.apply(torch.cat([t.reshape(-1) for t in tensors]), comm)
+    pieces = flat.split([t.numel() for t in tensors])
+    return {n: piece.view_as(t) for n, piece, t in zip(names, pieces, tensors)}

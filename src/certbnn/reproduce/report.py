@@ -74,6 +74,11 @@ def _pct(value: Any) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
 
 
+def _which_points(cell: dict[str, Any]) -> str:
+    count = cell["evaluation"]["num_points"]
+    return f"{count} evenly spaced" if cell["evaluate_options"].get("points") == "spread" else f"the first {count}"
+
+
 def _seconds(value: Any) -> str:
     return "-" if value is None else f"{value:.0f} s"
 
@@ -100,7 +105,7 @@ def _grid_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list
     first = cells[0]
     eps_test, eps_train = _main_row(first)["eps"], first["config"]["eps"]
     lines = [f"## {name}: {dataset_label(first)}, {first['model']}", "",
-             f"Accuracy in % on the first {first['evaluation']['num_points']} test points: clean / PGD "
+             f"Accuracy in % on {_which_points(first)} test points: clean / PGD "
              f"(eps {eps_test}, {first['evaluate_options']['pgd_steps']} steps, EOT over "
              f"{first['evaluation']['num_samples']} samples) / certified ({cert} certificate, "
              f"{first['evaluate_options']['bound']} bounds, eps {eps_test}). Training eps {eps_train}; "
@@ -150,8 +155,8 @@ def _sweep_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> lis
     cert = _cert_name(cells)
     first = cells[0]
     lines = [f"## {name}: {dataset_label(first)}, {first['model']}, sweeping {', '.join(keys)}", "",
-             f"Accuracy in % (clean / PGD / {cert} certified at eps {_main_row(first)['eps']}) on the first "
-             f"{first['evaluation']['num_points']} test points; rows are sweep points.", ""]
+             f"Accuracy in % (clean / PGD / {cert} certified at eps {_main_row(first)['eps']}) on "
+             f"{_which_points(first)} test points; rows are sweep points.", ""]
     lines += ["| " + ", ".join(keys) + " | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
     for point in points:
         lines.append("| " + ", ".join(str(v) for v in point) + " | "
