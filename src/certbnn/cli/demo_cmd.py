@@ -27,7 +27,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     overrides = {"epochs": args.epochs} if args.epochs is not None else {}
     results = run_demo(args.out, device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
-                       fetch=not args.no_download, overrides=overrides)
+                       fetch=not args.no_download, overrides=overrides,
+                       log=lambda line: print(line, flush=True))
     print()
     print(summary(results))
     print(f"\nreport: {args.out}/RESULTS.md (plots beside it); {time.perf_counter() - start:.0f} s")

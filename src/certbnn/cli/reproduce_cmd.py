@@ -65,7 +65,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         for cell in cells:
             print(f"{cell_status(cell, Path(args.out)):9s} {cell.id}")
         return 0
-    results = run_grid(preset, args.out, cells=cells, progress=not args.no_progress, command=_command(args))
+    results = run_grid(preset, args.out, cells=cells, progress=not args.no_progress, command=_command(args),
+                       log=lambda line: print(line, flush=True))
     print(f"wrote {args.out}/results.json and {args.out}/RESULTS.md ({len(results['cells'])} cells)")
     return 0
 
