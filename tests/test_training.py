@@ -139,3 +139,10 @@ def test_augment_appends_copies_and_test_size_limits_the_final_score(tmp_path):
         _config(test_size=0)
     with pytest.raises(ConfigError, match="parallel must be data or chains"):
         _config(parallel="model")
+
+
+def test_full_batch_hmc_gets_a_deterministic_pgd_potential():
+    assert training._likelihood_options(_config(likelihood="pgd"), full_batch=True)["random_start"] is False
+    assert "random_start" not in training._likelihood_options(_config(likelihood="pgd"), full_batch=False)
+    explicit = _config(likelihood="pgd", likelihood_options={"random_start": True})
+    assert training._likelihood_options(explicit, full_batch=True)["random_start"] is True

@@ -106,7 +106,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     method = make_method(config.method, prior=prior, num_data=len(train_ds), **options)
     if chains is not None and config.method not in ("hmc", "sghmc"):
         raise ConfigError(f"parallel = chains needs a sampler (hmc or sghmc), not {config.method}")
-    likelihood = make_likelihood(config.likelihood, **_likelihood_options(config))
+    likelihood = make_likelihood(config.likelihood, **_likelihood_options(config, method.full_batch))
     steps_per_epoch = 1 if method.full_batch else train_ds.num_batches(config.batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise ConfigError(f"batch size {config.batch_size} exceeds the {len(train_ds)} training examples")
@@ -234,8 +234,11 @@ def initial_params(model, config: TrainConfig) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone().to(device) for name, tensor in posterior.mean().items()}
 
 
-def _likelihood_options(config: TrainConfig) -> dict[str, Any]:
+def _likelihood_options(config: TrainConfig, full_batch: bool = False) -> dict[str, Any]:
     options = dict(config.likelihood_options)
+    if full_batch and config.likelihood == "pgd":
+        # HMC's potential must be a function of the weights alone: no random PGD start
+        options.setdefault("random_start", False)
     if config.likelihood in ("ibp", "crown-ibp", "crown", "fgsm", "pgd"):
         options.setdefault("lam", config.lam)
         options.setdefault("mix", config.mix)
