@@ -72,9 +72,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this grid (for RESULTS.md)."""
+    """The command line that reproduces this grid (for RESULTS.md); without --only, since
+    results.json gathers the cells of every invocation into the same folder."""
     parts = ["certbnn", "reproduce", "--preset", args.preset, "--out", args.out]
-    parts += ["--only", args.only] if args.only else []
     parts += ["--device", args.device] if args.device != "auto" else []
     for flag, values in (("--set", args.train_set), ("--eval-set", args.eval_set)):
         for value in values:
