@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from certbnn.cli.options import add_device_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -13,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "there is internet) with the standard and the IBP-robust likelihood, certify and attack "
                     "them, and write OUT/RESULTS.md, OUT/results.json and plots. Rerunning resumes.")
     p.add_argument("--out", "-o", default="certbnn-demo", metavar="DIR", help="output directory (default certbnn-demo)")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default auto)")
+    add_device_option(p)
     p.add_argument("--data-dir", help="data directory (default: $CERTBNN_DATA, the usual search)")
     p.add_argument("--epochs", type=int, help="training epochs (default 5)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if no data set is found")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from certbnn.cli.options import add_device_option
 from certbnn.evaluation import ATTACKS, CERTIFICATES
 
 
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for posterior samples and attack starts")
     p.add_argument("--chunk-size", type=int, default=250,
                    help="test points per attack / certificate call; smaller uses less memory (default 250)")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (a GPU when present; default auto)")
+    add_device_option(p)
     p.add_argument("--data-dir", help="data directory (default: the run's, then the usual search)")
     p.add_argument("--out", help="output directory (default RUN_DIR)")
     p.add_argument("--json", action="store_true", help="also print evaluation.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from certbnn.cli.options import add_device_option
 from certbnn.config import parse_option
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default="", metavar="PATTERNS",
                    help="comma-separated substrings of cell ids (e.g. 'mnist/bbb,/ibp'); runs the matching cells "
                         "and the cells they start from")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (a GPU when present; default auto)")
+    add_device_option(p)
     p.add_argument("--data-dir", help="data directory for every data set (default: $CERTBNN_DATA, the usual search)")
     p.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting in every cell, e.g. --set epochs=2 (repeatable)")
