@@ -1,10 +1,13 @@
-"""Flatten a model into its layers and resolve each layer's tensors.
+"""Resolve each layer's tensors (the layers come from :mod:`certbnn.bounds.structure`).
 
 A layer's tensors are its own parameters and buffers, replaced by entries of
 ``params`` (point values, optionally with a leading sample dimension ``S``)
 and of ``param_bounds`` (weight intervals ``(low, high)``, also optionally with
 a leading ``S``). Names are those of ``model.named_parameters()`` /
-``model.named_buffers()``, e.g. ``"0.weight"`` or ``"2.1.bias"``.
+``model.named_buffers()``, e.g. ``"0.weight"`` or ``"2.1.bias"``: a tensor
+reached under several names (a module used twice, tied weights) has one
+canonical name, the first one (as there and in ``torch.func.functional_call``),
+and an entry replaces it at every use.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from certbnn.errors import ConfigError, UnsupportedLayerError
+from certbnn.errors import ConfigError
 
 
 @dataclass
@@ -35,16 +38,40 @@ class LayerTensors:
         return self.values.get(key)
 
 
-def flatten_layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """``(qualified_name, module)`` of every leaf layer of nested Sequentials, in order."""
-    from certbnn.bounds.registry import lookup_bound_class
+def flatten_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified_name, module)`` of every layer ``model(x)`` runs, in call order (a shared
+    instance once per use); raises where the engine cannot bound ``model`` exactly
+    (see :func:`certbnn.bounds.structure.model_layers`)."""
+    from certbnn.bounds.structure import model_layers
 
-    if isinstance(model, nn.Sequential) and lookup_bound_class(type(model)) is None:
-        out: list[tuple[str, nn.Module]] = []
-        for name, child in model.named_children():
-            out.extend(flatten_layers(child, f"{prefix}{name}."))
-        return out
-    return [(prefix[:-1], model)]
+    return [(name, module) for name, module, _ in model_layers(model)]
+
+
+def tensor_names(model: nn.Module) -> dict[int, str]:
+    """Canonical name of every parameter and buffer of ``model``, keyed by ``id(tensor)``."""
+    names = {id(t): n for n, t in model.named_parameters()}
+    names.update({id(t): n for n, t in model.named_buffers()})
+    return names
+
+
+def _check_names(model: nn.Module, given: set[str], canonical: set[str]) -> None:
+    """Refuse names that are not canonical names of the model's tensors (naming aliases)."""
+    unknown = given - canonical
+    if not unknown:
+        return
+    names = tensor_names(model)
+    for name in sorted(unknown):
+        try:
+            t = model.get_parameter(name)
+        except AttributeError:
+            try:
+                t = model.get_buffer(name)
+            except AttributeError:
+                continue
+        if id(t) in names:
+            raise ConfigError(f"params/param_bounds name '{name}' is a second name of '{names[id(t)]}' "
+                              f"(a module or tensor used twice); pass it as '{names[id(t)]}'")
+    raise ConfigError(f"params/param_bounds name(s) not in the model: {', '.join(sorted(unknown))}")
 
 
 def _sample_dim(name: str, given: Tensor, own: Tensor) -> bool:
@@ -57,15 +84,22 @@ def _sample_dim(name: str, given: Tensor, own: Tensor) -> bool:
 
 
 def resolve_tensors(
+    model: nn.Module,
     layers: list[tuple[str, nn.Module]],
     params: Mapping[str, Tensor] | None,
     param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None,
     dtype: torch.dtype | None,
 ) -> tuple[list[LayerTensors], int | None]:
-    """Resolve every layer's tensors; return them and the sample count ``S`` (None if unsampled)."""
+    """Resolve every layer's tensors; return them and the sample count ``S`` (None if unsampled).
+
+    ``layers`` are ``(name, module)`` of ``model`` (a module may appear twice);
+    entries of ``params``/``param_bounds`` are looked up by each tensor's
+    canonical name, so every use of a shared tensor gets the same value.
+    """
     params = dict(params or {})
     param_bounds = dict(param_bounds or {})
-    known: set[str] = set()
+    canon = tensor_names(model)
+    _check_names(model, set(params) | set(param_bounds), set(canon.values()))
     sizes: dict[str, int] = {}
     resolved: list[LayerTensors] = []
     for lname, module in layers:
@@ -76,10 +110,9 @@ def resolve_tensors(
         else:  # fast path for leaf layers
             own = {**module._parameters, **module._buffers}
         for key, t in own.items():
-            full = f"{lname}.{key}" if lname else key
-            known.add(full)
             if t is None:
                 continue
+            full = canon[id(t)]
             if full in param_bounds:
                 pair = param_bounds[full]
                 if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -107,24 +140,10 @@ def resolve_tensors(
             else:
                 lt.values[key] = t if dtype is None else t.to(dtype)
         resolved.append(lt)
-    unknown = (set(params) | set(param_bounds)) - known
-    if unknown:
-        raise ConfigError(f"params/param_bounds name(s) not in the model: {', '.join(sorted(unknown))}")
     distinct = set(sizes.values())
     if len(distinct) > 1:
         raise ConfigError(f"sampled tensors disagree on the sample count S: {sizes}")
     return resolved, (distinct.pop() if distinct else None)
-
-
-def check_layer_supported(name: str, module: nn.Module) -> None:
-    """Raise :class:`UnsupportedLayerError` if no bound rule is registered for ``module``."""
-    from certbnn.bounds.registry import lookup_bound_class
-
-    if lookup_bound_class(type(module)) is None:
-        raise UnsupportedLayerError(
-            f"layer '{name}' ({type(module).__name__}) has no bound rule; "
-            "register one with certbnn.bounds.register_bound"
-        )
 
 
 def sample_slices(model: nn.Module, params: Mapping[str, Tensor] | None,

@@ -1,7 +1,9 @@
 """Registry mapping ``nn.Module`` types to their bound classes.
 
 Lookup walks the module type's MRO, so subclasses of a registered type use its
-rule unless they register their own. Users extend the engine with::
+rule unless they register their own -- provided they compute the same function:
+:func:`certbnn.bounds.structure.model_layers` refuses a subclass that overrides
+``forward`` (or another method on the call path). Users extend the engine with::
 
     @register_bound(MyLayer)
     class BoundMyLayer(BoundOp): ...
@@ -46,12 +48,18 @@ def register_bound(module_type: type[nn.Module], bound_class: type[BoundOp] | No
     return _register(bound_class)
 
 
-def lookup_bound_class(module_type: type) -> type[BoundOp] | None:
-    """The bound class for ``module_type`` (nearest registered base in its MRO), or None."""
+def lookup_rule(module_type: type) -> tuple[type, type[BoundOp]] | None:
+    """``(registered_type, bound_class)`` of the nearest registered base in ``module_type``'s MRO, or None."""
     for t in module_type.__mro__:
         if t in _REGISTRY:
-            return _REGISTRY[t]
+            return t, _REGISTRY[t]
     return None
+
+
+def lookup_bound_class(module_type: type) -> type[BoundOp] | None:
+    """The bound class for ``module_type`` (nearest registered base in its MRO), or None."""
+    found = lookup_rule(module_type)
+    return None if found is None else found[1]
 
 
 def registered_types() -> dict[type, type[BoundOp]]:
