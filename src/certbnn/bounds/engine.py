@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
 from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, mid_rad
 from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
-from certbnn.bounds.params import check_layer_supported, flatten_layers, resolve_tensors, sample_slices
-from certbnn.bounds.registry import lookup_bound_class
+from certbnn.bounds.params import resolve_tensors, sample_slices
+from certbnn.bounds.structure import model_layers
 from certbnn.bounds.specs import known_true
 from certbnn.bounds.specs import resolve_tol, widen
 from certbnn.errors import ConfigError
@@ -35,16 +35,12 @@ class BoundsFallbackWarning(UserWarning):
 
 def build_ops(model: nn.Module, params: ParamDict | None, param_bounds: BoxDict | None,
               dtype: torch.dtype | None) -> tuple[list[BoundOp], int | None]:
-    """One bound op per leaf layer, with resolved tensors; and the sample count S."""
-    layers = flatten_layers(model)
-    classes = []
-    for name, module in layers:
-        cls = lookup_bound_class(type(module))
-        if cls is None:
-            check_layer_supported(name, module)  # raises, naming the layer
-        classes.append(cls)
-    tensors, S = resolve_tensors(layers, params, param_bounds, dtype)
-    ops = [cls(m, n, t) for cls, (n, m), t in zip(classes, layers, tensors)]
+    """One bound op per layer call of ``model(x)`` (a shared module once per use), with
+    resolved tensors; and the sample count S. Raises :class:`UnsupportedLayerError`
+    where the ops would not compute exactly ``model(x)`` (see :mod:`certbnn.bounds.structure`)."""
+    layers = model_layers(model)
+    tensors, S = resolve_tensors(model, [(n, m) for n, m, _ in layers], params, param_bounds, dtype)
+    ops = [rule(m, n, t) for (n, m, rule), t in zip(layers, tensors)]
     return ops, S
 
 
@@ -190,7 +186,7 @@ def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:
     x = torch.zeros(1, *l.shape[2:], dtype=l.dtype)
     widest = x.numel()
     with torch.no_grad():
-        for _, module in flatten_layers(model):
+        for module in (op.module for op in ops):
             first = next(iter(module.parameters()), None)
             try:  # shapes only: the module's own (unsampled) tensors, one example
                 x = module(x if first is None else x.to(first.dtype))
