@@ -6,6 +6,7 @@ fall outside given bounds. A check, not a proof; use it to test bound rules
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,26 @@ def sample_box(lower: Tensor, upper: Tensor, n: int, generator: torch.Generator 
     if fixed:
         x[: len(fixed)] = torch.stack(fixed)
     return x
+
+
+@contextmanager
+def _slots_restored(model: nn.Module):
+    """Restore every module's parameter/buffer slots on exit: ``functional_call`` (tie_weights)
+    leaves a module reached under two names holding the passed tensors (pytorch#164759)."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
+
+
+def reference_call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """``model(x)`` with ``params`` (canonical names) replacing the model's tensors at every use;
+    the model is left unchanged (also when it reuses a module)."""
+    with _slots_restored(model):
+        return functional_call(model, dict(params), (x,))
 
 
 def _split_sampled(model: nn.Module, given: Mapping[str, Tensor]) -> tuple[set[str], int | None]:
@@ -112,7 +133,7 @@ def check_soundness(
                 p[k] = sample_box(a, b, 3 + w, generator)[[0, 1, 3][w] if w < 3 else -1]
             xs = sample_box(x_lo, x_up, n_inputs, generator)
             with torch.no_grad():
-                y = functional_call(model, p, (xs.reshape(-1, *x_lo.shape[1:]),))
+                y = reference_call(model, p, xs.reshape(-1, *x_lo.shape[1:]))
             y = y.reshape(n_inputs, x_lo.shape[0], -1)
             if spec is not None:
                 y = y @ spec.t() if spec.dim() == 2 else torch.einsum("bkf,nbf->nbk", spec, y)

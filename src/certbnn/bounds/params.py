@@ -61,14 +61,13 @@ def _check_names(model: nn.Module, given: set[str], canonical: set[str]) -> None
         return
     names = tensor_names(model)
     for name in sorted(unknown):
+        path, _, key = name.rpartition(".")
         try:
-            t = model.get_parameter(name)
+            owner = model.get_submodule(path)
         except AttributeError:
-            try:
-                t = model.get_buffer(name)
-            except AttributeError:
-                continue
-        if id(t) in names:
+            continue
+        t = owner._parameters.get(key, owner._buffers.get(key))
+        if t is not None and id(t) in names:
             raise ConfigError(f"params/param_bounds name '{name}' is a second name of '{names[id(t)]}' "
                               f"(a module or tensor used twice); pass it as '{names[id(t)]}'")
     raise ConfigError(f"params/param_bounds name(s) not in the model: {', '.join(sorted(unknown))}")

@@ -83,14 +83,14 @@ def _override(module: nn.Module, base: type) -> str | None:
 
 def _call_extras(module: nn.Module) -> str | None:
     """Hooks / parametrizations / lazy state that make ``module(x)`` differ from its plain forward."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "is a lazy module with uninitialised parameters; run the model on one input first"
     if module._forward_pre_hooks:
         return "has a forward pre-hook (it can change the layer's input)"
     if module._forward_hooks:
         return "has a forward hook (it can change the layer's output)"
     if parametrize.is_parametrized(module):
         return "has parametrizations (torch.nn.utils.parametrize): its tensors are computed at call time"
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        return "is a lazy module with uninitialised parameters; run the model on one input first"
     return None
 
 
