@@ -36,7 +36,7 @@ def _config(**overrides):
     return make_config({}, base)
 
 
-METHOD_OPTIONS = {"hmc": {"num_burnin": 1, "num_leapfrog": 5}, "sghmc": {"num_burnin": 3, "thin": 2},
+METHOD_OPTIONS = {"hmc": {"num_burnin": 1, "num_leapfrog": 5}, "sghmc": {"thin": 2},
                   "swag": {"burnin_epochs": 1}}
 
 

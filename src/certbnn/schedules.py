@@ -35,6 +35,14 @@ class LinearRamp:
             return self.target
         return self.start + position / self.ramp * (self.target - self.start)
 
+    @property
+    def first_target_step(self) -> int:
+        """The first step whose value is ``target`` (0 when ``start == target``); every later
+        step holds it. Samplers store samples only from this step on."""
+        if self.start == self.target:
+            return 0
+        return self.warmup + max(self.ramp, 1) - 1
+
 
 def epoch_ramp(target: float, epochs: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0,
                ramp_fraction: float = 0.5, start: float = 0.0) -> LinearRamp:

@@ -62,9 +62,9 @@ RUNS = {
     "vogn": {"method": "vogn", "likelihood": "fgsm", "lr": 0.01, "method_options": {"init_precision": 100.0}},
     "swag": {"method": "swag", "likelihood": "standard", "lr": 0.05,
              "method_options": {"snapshot_every": 2, "rank": 2, "num_posterior_samples": 4}},
-    "sghmc": {"method": "sghmc", "likelihood": "ibp", "lr": 1e-5, "method_options": {"num_burnin": 4, "thin": 2}},
+    "sghmc": {"method": "sghmc", "likelihood": "ibp", "lr": 1e-5, "method_options": {"thin": 2}},
     "hmc": {"method": "hmc", "likelihood": "ibp", "epochs": 4,
-            "method_options": {"num_burnin": 1, "num_leapfrog": 3, "step_size": 0.002}},
+            "method_options": {"warm_start_epochs": 0, "num_leapfrog": 3, "step_size": 0.002}},
 }
 EVAL = {"eps": [0.02, 0.05], "limit": 60, "samples": 4, "pgd_steps": 3, "chunk_size": 16, "device": "cpu",
         "certificates": ["per-sample", "paper", "statistical", "decision"], "ood_fgsm_eps": 0.3, "radius": True}

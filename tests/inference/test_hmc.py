@@ -38,7 +38,7 @@ MASS = {"0.weight": torch.tensor([[4.0, 0.25, 2.0]], dtype=torch.float64), "0.bi
 
 @pytest.mark.parametrize("mass", [1.0, MASS], ids=["identity-mass", "diagonal-mass"])
 def test_blr_posterior_recovered_with_sane_acceptance(blr, mass):
-    method = HMC(prior=blr.prior, num_data=30, step_size=0.01, num_leapfrog=8, num_burnin=200,
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.01, num_leapfrog=8, num_burnin=200,
                  jitter=0.2, mass=mass)
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1200, seed=1)
     posterior = method.posterior(state)
@@ -61,7 +61,7 @@ def test_prior_gradient_included_samples_the_prior(case):
     def constant_nll(params, xb, yb):  # depends on nothing: the potential is -log p(w) alone
         return torch.zeros(xb.shape[0], dtype=xb.dtype) + 0.0 * params["bias"].sum()
 
-    method = HMC(prior=prior, num_data=10, step_size=0.5, num_leapfrog=5, num_burnin=100, jitter=0.2)
+    method = HMC(warm_start_epochs=0, prior=prior, num_data=10, step_size=0.5, num_leapfrog=5, num_burnin=100, jitter=0.2)
     state, _ = run(method, detached_params(model), (x, y), constant_nll, 1100, seed=2)
     theta = torch.cat([s.flatten(1) for s in method.posterior(state).sample().values()], 1)
     assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64))
@@ -69,8 +69,8 @@ def test_prior_gradient_included_samples_the_prior(case):
 
 def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr):
     params = {n: p + 0.1 for n, p in detached_params(blr.model).items()}
-    whole = HMC(prior=blr.prior, num_data=90)
-    chunked = HMC(prior=blr.prior, num_data=90, chunk_size=7)
+    whole = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90)
+    chunked = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90, chunk_size=7)
     u, grad = whole.potential_and_grad(params, (blr.x, blr.y), blr.nll)
     u_chunked, grad_chunked = chunked.potential_and_grad(params, (blr.x, blr.y), blr.nll)
     w = {n: p.clone().requires_grad_(True) for n, p in params.items()}
@@ -86,7 +86,7 @@ def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr):
 def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     # The energy error of leapfrog with the kinetic energy it integrates is O(eps^2) over
     # a fixed trajectory time; with an integrator that ignored M^{-1} it would be O(1).
-    method = HMC(prior=blr.prior, num_data=30, mass=MASS)
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, mass=MASS)
     position = {"0.weight": blr.mean[:3].reshape(1, 3) + 0.05, "0.bias": blr.mean[3:] + 0.05}
     masses = method.masses(position)
     g = torch.Generator().manual_seed(3)
@@ -95,7 +95,7 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     h0 = u0 + method.kinetic(momentum, masses)
     errors = []
     for eps in (4e-3, 2e-3):
-        leaps = HMC(prior=blr.prior, num_data=30, mass=MASS, num_leapfrog=round(0.04 / eps))
+        leaps = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, mass=MASS, num_leapfrog=round(0.04 / eps))
         _, p, u, _ = leaps.leapfrog(position, momentum, g0, eps, masses, (blr.x, blr.y), blr.nll)
         errors.append(abs(float(u + method.kinetic(p, masses) - h0)))
     assert errors[0] < 0.05 and 3.0 < errors[0] / errors[1] < 5.0
@@ -103,7 +103,7 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
 
 @pytest.mark.parametrize("huge_step", [1e3, 1e300], ids=["huge-energy", "non-finite-energy"])
 def test_rejection_restores_the_exact_old_state(blr, huge_step):
-    method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 3)
     forced = dataclasses.replace(state, step_size=huge_step)
     before = {k: v.clone() for k, v in flatten_state(forced)[0].items()}
@@ -119,7 +119,7 @@ def test_rejection_restores_the_exact_old_state(blr, huge_step):
 
 def test_stored_samples_are_independent_copies_and_differ(blr):
     # a large fixed step: a mix of accepted and rejected proposals (a rejection re-stores the old position)
-    method = HMC(prior=blr.prior, num_data=30, step_size=0.12, num_leapfrog=3, num_burnin=5, thin=2,
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.12, num_leapfrog=3, num_burnin=5, thin=2,
                  adapt_step_size=False)
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 45)
     assert len(state.samples) == 20 and all(i["num_samples"] == 0 for i in infos[:5])
@@ -135,13 +135,13 @@ def test_stored_samples_are_independent_copies_and_differ(blr):
 
 
 def test_max_samples_keeps_the_newest(blr):
-    method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=2, num_burnin=0, max_samples=3)
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=2, num_burnin=0, max_samples=3)
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6)
     assert len(state.samples) == 3 and torch.equal(blr.flat(state.samples[-1]), blr.flat(state.position))
 
 
 def test_checkpoint_round_trip_continues_identically(blr):
-    method = HMC(prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
     for steps in (0, 2):  # before any cache exists, and mid burn-in; then past burn-in
         assert_resumes_identically(method, HMCState, blr, torch.Generator().manual_seed(5), steps, 6)
 
@@ -149,7 +149,7 @@ def test_checkpoint_round_trip_continues_identically(blr):
 def test_classification_mlp_runs_and_lowers_the_loss():
     model, x, y, nll = tiny_classification()
     params = detached_params(model)
-    method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.01,
+    method = make_method("hmc", prior=prior_from_model(model), num_data=64, warm_start_epochs=0, step_size=0.01,
                          num_leapfrog=10, num_burnin=30, chunk_size=16)
     state, infos = run(method, params, (x, y), nll, 50)
     start = float(nll(params, x, y).mean())
@@ -166,6 +166,106 @@ def test_bad_options_are_config_errors(blr, options):
 
 
 def test_posterior_without_samples_is_a_clear_error(blr):
-    method = HMC(prior=blr.prior, num_data=30, num_burnin=10)
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, num_burnin=10)
     with pytest.raises(ConfigError, match="no samples"):
         method.posterior(method.init(detached_params(blr.model), torch.Generator()))
+
+
+# --- the eps schedule: cache keyed on eps, samples only at the target, warm start ----------
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedNLL:
+    """BLR's NLL plus 50 * eps per example: U(w) grows by N * 50 * eps at every w, the way a
+    robust likelihood grows with its radius (same interface as certbnn.likelihoods.BatchNLL)."""
+
+    base: object
+    eps: float
+
+    def __call__(self, params, x, y):
+        return self.base(params, x, y) + 50.0 * self.eps
+
+
+def test_stale_potential_across_an_eps_change_is_recomputed(blr):
+    # A potential cached at a smaller eps makes log r = U_stale - U_new = -N * 50 * d_eps (-15 per
+    # 0.01 step here): every proposal rejected, the chain frozen. Keyed on eps, nothing changes.
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.03, num_leapfrog=4,
+                 num_burnin=0, adapt_step_size=False)
+    batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(7)
+    state = method.init(detached_params(blr.model), generator)
+    for _ in range(5):
+        state, _ = method.step(state, batch, ShiftedNLL(blr.nll, 0.0), generator)
+    infos = []
+    for k in range(1, 41):  # eps changes at every proposal
+        nll = ShiftedNLL(blr.nll, 0.01 * k)
+        state, info = method.step(state, batch, nll, generator)
+        infos.append(info)
+        u, grad = method.potential_and_grad(state.position, batch, nll)
+        assert state.potential_eps == 0.01 * k and torch.equal(state.potential, u)
+        assert all(torch.equal(state.gradient[n], grad[n]) for n in grad)
+    accepted = sum(i["accepted"] for i in infos)
+    assert accepted >= 25, f"only {accepted} of 40 proposals accepted under a changing eps"
+    assert len({tuple(blr.flat(s).tolist()) for s in state.samples[-40:]}) >= 25
+    assert state.sample_eps[-40:] == [0.01 * k for k in range(1, 41)]
+
+
+def test_cache_is_reused_while_eps_is_fixed(blr, monkeypatch):
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    calls = []
+    real = HMC.potential_and_grad
+    monkeypatch.setattr(HMC, "potential_and_grad", lambda self, *a: calls.append(1) or real(self, *a))
+    run(method, detached_params(blr.model), (blr.x, blr.y), ShiftedNLL(blr.nll, 0.1), 4)
+    assert len(calls) == 1 + 4 * 3  # one initial evaluation, then only the leapfrog's
+
+
+def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin():
+    # The trainer's loop on a small ReLU net with the IBP likelihood and a ramp over half the run:
+    # burn-in (automatic) covers the ramp, samples are all drawn at the target eps, and the chain
+    # still moves (the frozen chain of issue 11 stored 1 distinct sample out of 20).
+    from certbnn.likelihoods import BatchNLL, make_likelihood
+    from certbnn.schedules import epoch_ramp
+
+    model, x, y, _ = tiny_classification()
+    x = x.sigmoid()  # inputs in [0, 1] like images
+    likelihood = make_likelihood("ibp")
+    total, target = 40, 0.05
+    schedule = epoch_ramp(target, total, 1, ramp_fraction=0.5)
+    method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.005, num_leapfrog=10,
+                         warm_start_batch_size=16).for_schedule(schedule.first_target_step, total)
+    assert method.num_burnin == schedule.first_target_step - 1 == 18  # + 1 warm-start epoch
+    generator = torch.Generator().manual_seed(0)
+    state, infos = method.init(detached_params(model), generator), []
+    for step in range(total):
+        state, info = method.step(state, (x, y), BatchNLL(likelihood, model, schedule.value(step)), generator)
+        infos.append(info)
+    assert state.sample_eps == [target] * 21 and len(state.samples) == 21  # steps 20-40 (1-based)
+    rate = infos[-1]["accept_rate"]
+    assert 0.3 <= rate <= 0.995 and rate == pytest.approx(sum(i["accepted"] for i in infos[-21:]) / 21)
+    flat = {tuple(torch.cat([t.flatten() for t in s.values()]).tolist()) for s in state.samples}
+    assert len(flat) >= 6
+
+
+def test_for_schedule_sets_the_automatic_burnin_and_refuses_early_or_no_samples(blr):
+    method = HMC(prior=blr.prior, num_data=30)  # num_burnin None, warm_start_epochs 1
+    assert method.burnin == 0
+    assert method.for_schedule(first_target_step=9, total_steps=20).num_burnin == 8
+    assert method.for_schedule(first_target_step=0, total_steps=20).num_burnin == 0
+    with pytest.raises(ConfigError, match=r"hmc: warm_start_epochs=1, num_burnin=2, thin=1 would store samples "
+                                          r"from step 4 of 8, before eps reaches its target at step 5 \(ctx\)"):
+        dataclasses.replace(method, num_burnin=2).for_schedule(4, 8, context="ctx")
+    with pytest.raises(ConfigError, match="hmc: warm_start_epochs=1, num_burnin=100, thin=1 stores no sample in 20"):
+        dataclasses.replace(method, num_burnin=100).for_schedule(9, 20)
+    with pytest.raises(ConfigError, match="stores no sample in 3 steps"):  # the ramp alone fills the run
+        method.for_schedule(3, 3)
+
+
+def test_warm_start_epoch_is_sgd_on_the_map_objective_not_a_proposal():
+    model, x, y, nll = tiny_classification()
+    params = detached_params(model)
+    method = make_method("hmc", prior=prior_from_model(model), num_data=64, warm_start_epochs=4,
+                         warm_start_batch_size=16, warm_start_lr=0.3, num_burnin=0, step_size=0.01)
+    state, infos = run(method, params, (x, y), nll, 4)
+    assert all(i["warm_start"] == 1.0 and i["num_samples"] == 0 for i in infos)
+    assert state.num_steps == 0 and state.warm_epochs_done == 4 and state.potential is None
+    assert float(nll(state.position, x, y).mean()) < 0.7 * float(nll(params, x, y).mean())
+    state, info = method.step(state, (x, y), nll, torch.Generator().manual_seed(1))
+    assert "warm_start" not in info and state.num_steps == 1 and len(state.samples) == 1

@@ -17,7 +17,14 @@ leapfrog uses the SAME M^{-1}::
 
 One ``step`` is one proposal, accepted with probability ``min(1, exp(H_old - H_new))``,
 ``H = U + K``; a non-finite ``H_new`` is a rejection. A rejection returns the old
-position, potential and gradient tensors themselves (bit-identical).
+position tensors themselves (bit-identical) with U and grad U at it.
+
+The likelihood may change between steps (``certbnn train`` ramps eps): U and grad U at
+the current position are cached together with the radius they were computed at
+(``nll.eps``; a callable without ``eps`` is one fixed likelihood) and recomputed before
+a proposal whenever it differs, so H_old and H_new always come from the same likelihood.
+(Comparing a stale U at a smaller eps with U_new at a larger one rejects every
+proposal: the chain froze.)
 
 Step size: during the first ``num_burnin`` proposals it is adapted (if
 ``adapt_step_size``) by dual averaging (Hoffman & Gelman 2014, Alg. 5; gamma=0.05,
@@ -26,18 +33,26 @@ the averaged iterate. ``jitter`` > 0 draws each proposal's step size uniformly
 in ``eps * [1 - jitter, 1 + jitter]`` (Neal 2011 §5.4.2.2) against periodic
 trajectories. Burn-in proposals store nothing; afterwards every ``thin``-th
 position (accepted or not) is stored as an independent copy (the newest
-``max_samples`` if set).
+``max_samples`` if set), with the eps it was drawn at (``state.sample_eps``).
 
-The cached U and grad U at the current position are reused between proposals
-after burn-in (the likelihood, e.g. its eps, must then be fixed); during burn-in
-they are recomputed at the start of every proposal (and of the first one after
-it), so a ramping eps is allowed.
+``num_burnin=None`` (the default) means "burn in while eps ramps": ``certbnn train``
+sets it (:meth:`HMC.for_schedule`) to the proposals before eps reaches its target,
+and refuses, before any training, explicit settings that would store a sample
+earlier or store none at all. Used directly (no schedule), None is 0.
 
-Warm start: ``init(params)`` accepts any params, e.g. an SGD/Adam solution.
+Warm start: ``init(params)`` accepts any params, e.g. an SGD solution (``--init-from``).
+Besides, the first ``warm_start_epochs`` steps (default 1) are not proposals: each runs
+one epoch of minibatch SGD (momentum 0.9, ``warm_start_lr``, batches of
+``warm_start_batch_size`` drawn from ``batch`` with the generator) on the MAP objective
+``U / N``, so that a chain started from random weights begins near a mode (a chain
+from a random initialisation needs far more proposals than a training budget allows).
+Under data-parallel training every rank takes the same number of local batches and the
+gradients are averaged. ``warm_start_epochs=0`` turns it off (e.g. after ``--init-from``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +63,7 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
+from certbnn.inference.sgd import map_gradient, sgd_update
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
@@ -92,10 +108,35 @@ def copy_params(params: Params) -> Params:
     return {name: t.detach().clone() for name, t in params.items()}
 
 
-def store_sample(samples: list[Params], position: Params, max_samples: int | None) -> list[Params]:
-    """A new list with a copy of ``position`` appended, oldest dropped beyond ``max_samples``."""
-    kept = samples + [copy_params(position)]
-    return kept[-max_samples:] if max_samples is not None else kept
+def store_sample(samples: list[Params], sample_eps: list[float | None], position: Params, eps: float | None,
+                 max_samples: int | None) -> tuple[list[Params], list[float | None]]:
+    """New lists with a copy of ``position`` (drawn at radius ``eps``) appended, oldest dropped
+    beyond ``max_samples``."""
+    kept, kept_eps = samples + [copy_params(position)], sample_eps + [eps]
+    if max_samples is not None:
+        return kept[-max_samples:], kept_eps[-max_samples:]
+    return kept, kept_eps
+
+
+def likelihood_eps(nll: NLL) -> float | None:
+    """The radius ``nll`` evaluates the likelihood at (``nll.eps``, as on a
+    :class:`~certbnn.likelihoods.BatchNLL`), or None for a callable without one."""
+    eps = getattr(nll, "eps", None)
+    return None if eps is None else float(eps)
+
+
+def check_sample_window(method: str, settings: str, first_sample_step: int, first_target_step: int,
+                        total_steps: int, context: str = "") -> None:
+    """ConfigError (one line) unless the first stored sample (0-based step ``first_sample_step``)
+    comes once eps has reached its target (step ``first_target_step``) and within ``total_steps``."""
+    where = f" ({context})" if context else ""
+    if first_sample_step < first_target_step:
+        raise ConfigError(f"{method}: {settings} would store samples from step {first_sample_step + 1} of "
+                          f"{total_steps}, before eps reaches its target at step {first_target_step + 1}{where}; "
+                          f"burn in longer (or leave the burn-in option unset) or shorten the eps ramp")
+    if first_sample_step >= total_steps:
+        raise ConfigError(f"{method}: {settings} stores no sample in {total_steps} steps (the first would come "
+                          f"at step {first_sample_step + 1}){where}; train longer or shorten the burn-in")
 
 
 def samples_posterior(samples: list[Params], method: str) -> SamplePosterior:
@@ -123,6 +164,9 @@ class HMCState:
     num_steps: int                # proposals made
     num_accepted: int             # accepted proposals in the current phase (burn-in / sampling)
     samples: list[Params] = field(default_factory=list)
+    potential_eps: float | None = None   # the radius the cached U and grad U were computed at
+    sample_eps: list[float | None] = field(default_factory=list)  # radius of each stored sample
+    warm_epochs_done: int = 0            # warm-start SGD epochs run (they precede the proposals)
 
 
 @register_method
@@ -134,7 +178,7 @@ class HMC:
     num_data: int
     step_size: float = 1e-3
     num_leapfrog: int = 20
-    num_burnin: int = 100
+    num_burnin: int | None = None
     target_accept: float = 0.8
     adapt_step_size: bool = True
     jitter: float = 0.0
@@ -142,6 +186,9 @@ class HMC:
     thin: int = 1
     max_samples: int | None = None
     chunk_size: int = 4096
+    warm_start_epochs: int = 1
+    warm_start_lr: float = 0.05
+    warm_start_batch_size: int = 128
 
     name: ClassVar[str] = "hmc"
     full_batch: ClassVar[bool] = True
@@ -150,7 +197,10 @@ class HMC:
         check_prior(self.prior, self.num_data, 0)
         check_number("step_size", self.step_size)
         check_count("num_leapfrog", self.num_leapfrog, 1)
-        check_count("num_burnin", self.num_burnin, 0)
+        check_count("num_burnin", self.num_burnin, 0, allow_none=True)
+        check_count("warm_start_epochs", self.warm_start_epochs, 0)
+        check_number("warm_start_lr", self.warm_start_lr)
+        check_count("warm_start_batch_size", self.warm_start_batch_size, 1)
         check_number("target_accept", self.target_accept, 0.0, 1.0, high_inclusive=False)
         check_number("jitter", self.jitter, 0.0, 1.0, low_inclusive=True, high_inclusive=False)
         check_count("thin", self.thin, 1)
@@ -167,6 +217,29 @@ class HMC:
                 values = torch.tensor(float("nan"))
             if not bool((values > 0).all() and torch.isfinite(values).all()):
                 raise ConfigError(f"option mass must be positive and finite, got {m!r}")
+
+    @property
+    def burnin(self) -> int:
+        """Burn-in proposals (``num_burnin``; None is 0 when used without a schedule)."""
+        return self.num_burnin or 0
+
+    def for_schedule(self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1,
+                     context: str = "") -> HMC:
+        """This sampler for a run of ``total_steps`` steps whose eps reaches its target at
+        0-based step ``first_target_step``: ``num_burnin=None`` becomes the proposals before
+        it; ConfigError when a sample would be stored earlier, or none at all."""
+        method = self
+        if self.num_burnin is None:
+            method = dataclasses.replace(self, num_burnin=max(first_target_step - self.warm_start_epochs, 0))
+        first = method.warm_start_epochs + method.burnin + method.thin - 1
+        settings = (f"warm_start_epochs={method.warm_start_epochs}, num_burnin={method.num_burnin}, "
+                    f"thin={method.thin}")
+        check_sample_window("hmc", settings, first, first_target_step, total_steps, context)
+        return method
+
+    def sampling_metadata(self, state: HMCState) -> dict[str, list[float | None]]:
+        """``{"sample_eps": [...]}``: the radius each stored sample was drawn at."""
+        return {"sample_eps": list(state.sample_eps)}
 
     # --- energies -------------------------------------------------------------------
 
@@ -235,9 +308,14 @@ class HMC:
 
     def step(self, state: HMCState, batch: Batch, nll: NLL,
              generator: torch.Generator) -> tuple[HMCState, dict[str, float]]:
-        burning_in = state.num_steps < self.num_burnin
+        if state.warm_epochs_done < self.warm_start_epochs:
+            return self._warm_start_epoch(state, batch, nll, generator)
+        num_burnin = self.burnin
+        burning_in = state.num_steps < num_burnin
+        eps_now = likelihood_eps(nll)
         potential, gradient = state.potential, state.gradient
-        if potential is None or gradient is None or state.num_steps <= self.num_burnin:
+        if potential is None or gradient is None or state.potential_eps != eps_now:
+            # no cache yet, or it belongs to another likelihood: H_old must use this one
             potential, gradient = self.potential_and_grad(state.position, batch, nll)
         jitter_u, accept_u = torch.rand(2, generator=generator, dtype=torch.float64,
                                         device=generator.device).tolist()
@@ -255,15 +333,17 @@ class HMC:
         new = HMCState(position=position, potential=potential, gradient=gradient, step_size=state.step_size,
                        da_log_step_avg=state.da_log_step_avg, da_h_bar=state.da_h_bar,
                        num_steps=state.num_steps + 1, num_accepted=state.num_accepted + int(accepted),
-                       samples=state.samples)
-        phase_steps = new.num_steps if burning_in else new.num_steps - self.num_burnin
+                       samples=state.samples, potential_eps=eps_now, sample_eps=state.sample_eps,
+                       warm_epochs_done=state.warm_epochs_done)
+        phase_steps = new.num_steps if burning_in else new.num_steps - num_burnin
         rate = new.num_accepted / phase_steps
         if burning_in and self.adapt_step_size:
             self._adapt(new, accept_prob)
-        if burning_in and new.num_steps == self.num_burnin:
+        if burning_in and new.num_steps == num_burnin:
             new.num_accepted = 0  # the sampling phase counts its own acceptance rate
-        elif not burning_in and (new.num_steps - self.num_burnin) % self.thin == 0:
-            new.samples = store_sample(state.samples, position, self.max_samples)
+        elif not burning_in and (new.num_steps - num_burnin) % self.thin == 0:
+            new.samples, new.sample_eps = store_sample(state.samples, state.sample_eps, position, eps_now,
+                                                       self.max_samples)
         info = {"potential": u_new_value if accepted else u_old_value, "accept_prob": accept_prob,
                 "accepted": float(accepted), "step_size": eps, "accept_rate": rate,
                 "num_samples": float(len(new.samples))}
@@ -278,8 +358,33 @@ class HMC:
         log_step = min(max(mu - math.sqrt(m) / _DA_GAMMA * state.da_h_bar, -300.0), 300.0)  # no overflow
         avg = m ** -_DA_KAPPA
         state.da_log_step_avg = avg * log_step + (1.0 - avg) * state.da_log_step_avg
-        last = m == self.num_burnin
+        last = m == self.burnin
         state.step_size = math.exp(state.da_log_step_avg if last else log_step)
+
+    def _warm_start_epoch(self, state: HMCState, batch: Batch, nll: NLL,
+                          generator: torch.Generator) -> tuple[HMCState, dict[str, float]]:
+        """One epoch of minibatch SGD with momentum on U / N (module docstring); not a proposal."""
+        x, y = batch
+        count = x.shape[0]
+        comm = getattr(nll, "comm", None)
+        if comm:  # the same number of local batches on every rank (shares differ by at most one)
+            total = int(comm.all_reduce(torch.tensor(float(count), dtype=torch.float64)).item())
+            count_all = total // comm.world_size
+        else:
+            count_all = count
+        size = min(self.warm_start_batch_size, count_all)
+        order = torch.randperm(count, generator=generator, device=generator.device).to(x.device)
+        position = state.position
+        velocity = {n: torch.zeros_like(w) for n, w in position.items()}
+        nll_sum, batches = 0.0, count_all // size if size else 0
+        for b in range(batches):
+            index = order[b * size:(b + 1) * size]
+            grads, info = map_gradient(position, (x[index], y[index]), nll, self.prior, 1.0, max(self.num_data, 1))
+            position, velocity = sgd_update(position, grads, velocity, self.warm_start_lr, 0.9, 0.0)
+            nll_sum += info["nll"]
+        new = dataclasses.replace(state, position={n: w.detach() for n, w in position.items()}, potential=None,
+                                  gradient=None, potential_eps=None, warm_epochs_done=state.warm_epochs_done + 1)
+        return new, {"nll": nll_sum / max(batches, 1), "warm_start": 1.0, "num_samples": 0.0}
 
     def end_epoch(self, state: HMCState, epoch: int) -> HMCState:
         return state

@@ -17,8 +17,12 @@ stationary distribution is ~ exp(-U / T) up to O(eta) discretisation error and t
 N-scaled potential, ``lr`` is about (an SGD learning rate on the mean loss) / N.
 
 Sampling: the first ``num_burnin`` steps store nothing; afterwards a copy of the
-position is stored every ``thin`` steps. With ``max_samples`` set, only the newest
-``max_samples`` are kept (a FIFO window: the oldest sample is dropped).
+position is stored every ``thin`` steps, with the eps of the step that produced it
+(``state.sample_eps``). With ``max_samples`` set, only the newest ``max_samples`` are
+kept (a FIFO window: the oldest sample is dropped). ``num_burnin=None`` (the default)
+means "burn in while eps ramps": ``certbnn train`` sets it to the steps before eps
+reaches its target (:meth:`SGHMC.for_schedule`) and refuses, before training, explicit
+settings that would store a sample earlier or none at all; used directly, None is 0.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import dataclasses
+
 import torch
 
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
-from certbnn.inference.hmc import (check_count, check_number, check_params, check_prior, copy_params, randn_like,
-                                   samples_posterior, store_sample)
+from certbnn.inference.hmc import (check_count, check_number, check_params, check_prior, check_sample_window,
+                                   copy_params, likelihood_eps, randn_like, samples_posterior, store_sample)
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
@@ -41,6 +47,7 @@ class SGHMCState:
     velocity: Params
     num_steps: int
     samples: list[Params] = field(default_factory=list)
+    sample_eps: list[float | None] = field(default_factory=list)  # radius of each stored sample
 
 
 @register_method
@@ -53,7 +60,7 @@ class SGHMC:
     lr: float = 1e-6
     friction: float = 0.1
     temperature: float = 1.0
-    num_burnin: int = 1000
+    num_burnin: int | None = None
     thin: int = 100
     max_samples: int | None = 100
 
@@ -65,9 +72,27 @@ class SGHMC:
         check_number("lr", self.lr)
         check_number("friction", self.friction, 0.0, 1.0)
         check_number("temperature", self.temperature, 0.0, low_inclusive=True)
-        check_count("num_burnin", self.num_burnin, 0)
+        check_count("num_burnin", self.num_burnin, 0, allow_none=True)
         check_count("thin", self.thin, 1)
         check_count("max_samples", self.max_samples, 1, allow_none=True)
+
+    @property
+    def burnin(self) -> int:
+        """Burn-in steps (``num_burnin``; None is 0 when used without a schedule)."""
+        return self.num_burnin or 0
+
+    def for_schedule(self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1,
+                     context: str = "") -> SGHMC:
+        """As :meth:`certbnn.inference.hmc.HMC.for_schedule`: ``num_burnin=None`` becomes the
+        steps before eps reaches its target; ConfigError for a sample before it or none at all."""
+        method = self if self.num_burnin is not None else dataclasses.replace(self, num_burnin=first_target_step)
+        check_sample_window("sghmc", f"num_burnin={method.num_burnin}, thin={method.thin}",
+                            method.burnin + method.thin - 1, first_target_step, total_steps, context)
+        return method
+
+    def sampling_metadata(self, state: SGHMCState) -> dict[str, list[float | None]]:
+        """``{"sample_eps": [...]}``: the radius each stored sample was drawn at."""
+        return {"sample_eps": list(state.sample_eps)}
 
     def init(self, params: Params, generator: torch.Generator | None = None) -> SGHMCState:
         check_params(params, self.prior)
@@ -90,10 +115,11 @@ class SGHMC:
             velocity[n] = (1.0 - self.friction) * v - self.lr * grad[n] + noise
             position[n] = state.position[n] + velocity[n]
         num_steps = state.num_steps + 1
-        samples = state.samples
-        if num_steps > self.num_burnin and (num_steps - self.num_burnin) % self.thin == 0:
-            samples = store_sample(samples, position, self.max_samples)
-        new = SGHMCState(position=position, velocity=velocity, num_steps=num_steps, samples=samples)
+        samples, sample_eps = state.samples, state.sample_eps
+        if num_steps > self.burnin and (num_steps - self.burnin) % self.thin == 0:
+            samples, sample_eps = store_sample(samples, sample_eps, position, likelihood_eps(nll), self.max_samples)
+        new = SGHMCState(position=position, velocity=velocity, num_steps=num_steps, samples=samples,
+                         sample_eps=sample_eps)
         values = torch.stack([potential.detach(), data_term.detach()]).tolist()  # one device sync
         info = {"potential": values[0], "nll": values[1], "num_samples": float(len(samples))}
         return new, info

@@ -15,6 +15,12 @@ every ``end_epoch`` (``snapshot_every="epoch"``) or after every k-th step
     D[n mod rank] <- w - mean           (with the updated mean, as Maddox et al.'s code)
 
 so D holds the last ``rank`` deviations (a ring buffer, leading dim ``rank``).
+Each snapshot records the eps of the last step before it (``state.snapshot_eps``).
+
+``burnin_steps=None`` (the default) means "burn in while eps ramps": ``certbnn train``
+sets it (:meth:`SWAG.for_schedule`) so that the first snapshot follows the first step
+at the target eps, and refuses, before training, explicit settings that would take a
+snapshot earlier or none at all; used directly (no schedule), None is 0.
 
 Posterior:
 
@@ -34,6 +40,7 @@ the std positive).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -42,6 +49,7 @@ import torch
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, register_method
+from certbnn.inference.hmc import check_sample_window, likelihood_eps
 from certbnn.inference.sgd import (adam_update, check_betas, check_common, check_number, detached_copy,
                                    map_gradient, sgd_update, zeros_like)
 from certbnn.posterior import GaussianPosterior, SamplePosterior
@@ -63,6 +71,8 @@ class SWAGState:
     num_steps: int = 0
     num_epochs: int = 0
     steps_since_snapshot: int = 0    # steps after burn-in since the last snapshot (step schedule)
+    last_eps: float | None = None    # the radius of the latest step
+    snapshot_eps: list[float | None] = dataclasses.field(default_factory=list)  # radius of each snapshot
 
 
 @register_method
@@ -83,7 +93,7 @@ class SWAG:
     weight_decay: float = 0.0
     prior_weight: float = 1.0
     burnin_epochs: int = 0
-    burnin_steps: int = 0
+    burnin_steps: int | None = None
     snapshot_every: str | int = "epoch"
     rank: int = 20
     var_clamp: float = 1e-30
@@ -99,6 +109,8 @@ class SWAG:
         for option, low in (("burnin_epochs", 0), ("burnin_steps", 0), ("rank", 0),
                             ("num_posterior_samples", 1), ("posterior_seed", 0)):
             value = getattr(self, option)
+            if option == "burnin_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"swag: option {option} must be an int >= {low}, got {value!r}")
         every = self.snapshot_every
@@ -115,7 +127,32 @@ class SWAG:
         return SWAGState(start, moments, zeros_like(start), zeros_like(start), deviations)
 
     def _burnin_done(self, num_epochs: int, num_steps: int) -> bool:
-        return num_epochs >= self.burnin_epochs and num_steps >= self.burnin_steps
+        return num_epochs >= self.burnin_epochs and num_steps >= (self.burnin_steps or 0)
+
+    def first_snapshot_step(self, steps_per_epoch: int) -> int:
+        """0-based index of the last training step before the first snapshot."""
+        burnin_steps = self.burnin_steps or 0
+        if self.snapshot_every == "epoch":  # end of epoch e >= burnin_epochs with (e + 1) * spe >= burnin_steps
+            epoch = max(self.burnin_epochs, -(-burnin_steps // steps_per_epoch) - 1)
+            return (epoch + 1) * steps_per_epoch - 1
+        return max(burnin_steps, self.burnin_epochs * steps_per_epoch) + self.snapshot_every - 1
+
+    def for_schedule(self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1,
+                     context: str = "") -> SWAG:
+        """This SWAG for a run of ``total_steps`` steps whose eps reaches its target at 0-based
+        step ``first_target_step``: ``burnin_steps=None`` becomes ``first_target_step + 1`` (no
+        snapshot before a step at the target); ConfigError for a snapshot before it or none."""
+        method = self if self.burnin_steps is not None else dataclasses.replace(
+            self, burnin_steps=first_target_step + 1 if first_target_step else 0)
+        settings = (f"burnin_epochs={method.burnin_epochs}, burnin_steps={method.burnin_steps}, "
+                    f"snapshot_every={method.snapshot_every!r}")
+        check_sample_window("swag", settings, method.first_snapshot_step(steps_per_epoch), first_target_step,
+                            total_steps, context)
+        return method
+
+    def sampling_metadata(self, state: SWAGState) -> dict[str, list[float | None]]:
+        """``{"snapshot_eps": [...]}``: the radius of the last step before each snapshot."""
+        return {"snapshot_eps": list(state.snapshot_eps)}
 
     def step(self, state: SWAGState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[SWAGState, dict[str, float]]:
@@ -130,7 +167,8 @@ class SWAG:
                                                       self.lr, tuple(self.betas), self.eps, self.weight_decay)
             moments = [exp_avg, exp_avg_sq]
         new = SWAGState(params, moments, state.mean, state.sq_mean, state.deviations, state.num_snapshots,
-                        num_steps, state.num_epochs, state.steps_since_snapshot)
+                        num_steps, state.num_epochs, state.steps_since_snapshot, likelihood_eps(nll),
+                        state.snapshot_eps)
         if self.snapshot_every != "epoch" and self._burnin_done(state.num_epochs, state.num_steps):
             new.steps_since_snapshot += 1
             if new.steps_since_snapshot == self.snapshot_every:
@@ -141,7 +179,8 @@ class SWAG:
 
     def end_epoch(self, state: SWAGState, epoch: int) -> SWAGState:
         new = SWAGState(state.params, state.optimizer_moments, state.mean, state.sq_mean, state.deviations,
-                        state.num_snapshots, state.num_steps, state.num_epochs + 1, state.steps_since_snapshot)
+                        state.num_snapshots, state.num_steps, state.num_epochs + 1, state.steps_since_snapshot,
+                        state.last_eps, state.snapshot_eps)
         if self.snapshot_every == "epoch" and self._burnin_done(state.num_epochs, state.num_steps):
             new = self._collect(new)
         return new
@@ -158,7 +197,8 @@ class SWAG:
                 buffer[n % self.rank] = w - mean[name]
                 deviations[name] = buffer
         return SWAGState(state.params, state.optimizer_moments, mean, sq_mean, deviations, n + 1,
-                         state.num_steps, state.num_epochs, state.steps_since_snapshot)
+                         state.num_steps, state.num_epochs, state.steps_since_snapshot, state.last_eps,
+                         state.snapshot_eps + [state.last_eps])
 
     # --- posterior --------------------------------------------------------------------
 

@@ -9,7 +9,12 @@ whose value is a JSON object with
 - ``architecture``: ``{"spec": model spec str or null, "fingerprint": {...}}``
   (see :func:`certbnn.models.model_fingerprint`); the fingerprint lists the
   parameters in the posterior's order;
-- any free-form JSON fields given by the caller (dataset, method, eps, metrics, ...).
+- any free-form JSON fields given by the caller (dataset, method, eps, metrics, ...);
+- optionally ``sample_eps`` (samplers: the training radius each stored sample was drawn
+  at, one number or null per sample, checked against M on save and load) and
+  ``snapshot_eps`` (SWAG: the radius before each snapshot). Both are optional fields of
+  format version 1: older files lack them and older readers ignore them, so the version
+  is unchanged.
 
 Writes are atomic: a temporary file in the same directory is fsynced and then
 renamed over ``path``, so an existing file survives any failure.
@@ -63,6 +68,9 @@ def save_posterior(path: str | os.PathLike, posterior: Posterior, metadata: Mapp
         if difference:
             raise ConfigError(f"cannot save {path}: posterior does not match the model: {difference}")
     header = {k: v for k, v in (metadata or {}).items() if k not in _RESERVED}
+    problem = _eps_record_problem(header, posterior)
+    if problem:
+        raise ConfigError(f"cannot save {path}: {problem}")
     if model_spec is None:
         arch = (metadata or {}).get("architecture")
         model_spec = arch.get("spec") if isinstance(arch, Mapping) else None
@@ -96,6 +104,9 @@ def load_posterior(path: str | os.PathLike, expected_fingerprint: Mapping[str, A
         raise PosteriorFileError(f"{path} is not a valid posterior file (corrupt or truncated?): {first_line}") from None
     meta = _read_metadata(path, data)
     posterior = _rebuild(path, meta, tensors)
+    problem = _eps_record_problem(meta, posterior)
+    if problem:
+        raise PosteriorFileError(f"{path}: {problem}")
     if expected_fingerprint is not None:
         expected = (model_fingerprint(expected_fingerprint) if isinstance(expected_fingerprint, nn.Module)
                     else expected_fingerprint)
@@ -103,6 +114,22 @@ def load_posterior(path: str | os.PathLike, expected_fingerprint: Mapping[str, A
         if difference:
             raise ConfigError(f"posterior file {path} does not match the model architecture: {difference}")
     return posterior, meta
+
+
+def _eps_record_problem(meta: Mapping[str, Any], posterior: Posterior) -> str | None:
+    """Why ``sample_eps`` / ``snapshot_eps`` in ``meta`` are malformed, or None."""
+    for key in ("sample_eps", "snapshot_eps"):
+        values = meta.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"))
+                for v in values):
+            return f"metadata {key} must be a list of non-negative finite numbers or nulls"
+        if key == "sample_eps" and (posterior.kind != "samples" or len(values) != posterior.num_samples):
+            count = posterior.num_samples if posterior.kind == "samples" else "no"
+            return f"metadata sample_eps has {len(values)} entries for {count} stored samples"
+    return None
 
 
 # --- writing ---------------------------------------------------------------------------
