@@ -28,9 +28,21 @@ Public API
       Linear layer, CROWN starts its backward pass from it (see :func:`margin_spec`).
     * ``dtype``: compute in this dtype (e.g. ``torch.float64`` to certify); by
       default the input box's dtype; parameters are cast to it.
-    * ``tol``: outward widening of the result by ``atol + rtol*|bound|``:
-      ``None`` (default: no widening, for training), ``"auto"`` (per-dtype
-      values of ``AUTO_TOL``, for certification), a float or ``(rtol, atol)``.
+    * ``tol``: floating-point policy. ``None`` (default, for training): plain
+      rounding to nearest, no widening. ``"sound"``: rigorous in floating point
+      (float32 or float64; certificates use it, in float64 by default): the
+      box and weight boxes are cast outward, centre/radius rounded outward,
+      every layer adds an a-priori bound on its rounding error (Higham's
+      ``gamma_n`` for dot products of length ``n``, in any summation order) and
+      rounds its results outward, CROWN adds the rounding error of every
+      back-substitution step and uses relaxation lines valid for their float
+      coefficients; TF32/cuDNN are switched off for the call. Assumes IEEE
+      round-to-nearest, no fast-math, and ``tanh``/``sigmoid`` within
+      ``LIBM_ULPS`` ulps (see docs/bounds.md, "Floating point"). Layers
+      without such rules (BatchNorm, LeakyReLU, user rules without ``*_sound``
+      methods) are refused with :class:`~certbnn.errors.UnsupportedLayerError`.
+      ``"auto"`` (explicitly NOT rigorous): widen by the empirical per-dtype
+      ``AUTO_TOL``; a float or ``(rtol, atol)``: widen by ``atol + rtol*|bound|``.
     * ``intersect_ibp``: CROWN methods return the elementwise intersection with
       the IBP bounds (so they are never looser than IBP). Default True.
     * ``sample_chunk``: samples per batched pass; default all of them on GPU
@@ -46,15 +58,17 @@ Public API
 input_has_samples=None) -> list[(name, lower, upper)]``
     IBP bounds of every layer's output.
 ``widen(lower, upper, rtol, atol)``, ``AUTO_TOL``
-    The tolerance widening used by ``tol``.
+    The (non-rigorous) tolerance widening used by a numeric ``tol`` / ``"auto"``.
 ``register_bound(module_type, bound_class=None)``, ``BoundOp``
     Register the bound rules (a :class:`BoundOp` subclass) of a module type.
 ``check_soundness(...)``
     Sampling-based soundness checker (for tests of user-registered rules).
 
-Guarantee: in exact arithmetic every returned bound is sound. Floating-point
-rounding can move a bound by a few ulps of the magnitudes involved; pass
-``tol="auto"`` (and preferably ``dtype=torch.float64``) when certifying.
+Guarantee: in exact arithmetic every returned bound is sound; with
+``tol="sound"`` it is also sound for the floating-point computation (the bound
+encloses the exact real-arithmetic output of the network with the given float
+weights), under the assumptions above. Without it, rounding can move a bound by
+ulps of the magnitudes summed (unboundedly many ulps of the bound itself).
 Everything is differentiable with respect to the box, ``params`` and the
 module parameters.
 """

@@ -9,8 +9,10 @@ Shape conventions (inside the engine):
   may be 1 and broadcast) and ``b`` broadcastable to ``(S, B, K)``;
 * a sampled tensor has a leading ``S`` (``(S, out, in)`` for a Linear weight).
 
-Every rule is sound in exact arithmetic; rounding is handled by the engine's
-``tol`` widening (see :func:`certbnn.bounds.widen`).
+Every rule is sound in exact arithmetic. With ``tol="sound"`` the engine calls the
+``*_sound`` variants instead, which are sound in floating point (directed
+rounding and a-priori error bounds of :mod:`certbnn.bounds.rounding`); a rule
+without them is refused in that mode.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds.params import LayerTensors
-from certbnn.errors import ConfigError
+from certbnn.bounds.rounding import dot_error, down, sound_mid_rad, up
+from certbnn.errors import ConfigError, UnsupportedLayerError
 
 Box = tuple[Tensor, Tensor]
 BackwardResult = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
@@ -55,6 +58,39 @@ def affine_ibp(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None,
     lower_out = yc - yr
     # in place: ``apply``'s backward never needs its own output, so autograd allows it
     return lower_out, yr.add_(yc)
+
+
+def affine_ibp_sound(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None, n: int,
+                     W_rad: Tensor | None = None, b_rad: Tensor | None = None) -> Box:
+    """Floating-point-sound IBP of ``apply(x, W, b)`` (every output a dot product of at most
+    ``n`` products plus the bias) over the box and the weight box ``W +- W_rad``, ``b +- b_rad``.
+
+    ``c, r`` enclose the box exactly; ``yc = W c + b``, ``yr = |W| r + W_rad s + b_rad`` with
+    ``s = up(|c| + r)``; the rounding errors of the three dot products are at most
+    ``gamma_{n+1} T + 3 (n+1) tiny`` with ``T = (|W| + W_rad) s + |b| + b_rad`` (Higham),
+    bounded from the computed ``T`` by :func:`dot_error`; the final ``-``/``+`` round outward.
+    """
+    c, r = sound_mid_rad(lower, upper)
+    W_abs = W.abs()
+    yc = apply(c, W, b)
+    yr = apply(r, W_abs, b_rad)
+    s = up(c.abs() + r)
+    W_t, b_t = W_abs, None if b is None else b.abs()
+    if W_rad is not None:
+        yr = up(yr + apply(s, W_rad, None))
+        W_t = up(W_abs + W_rad)
+    if b_rad is not None:
+        b_t = b_rad if b_t is None else up(b_t + b_rad)
+    R = up(yr + dot_error(apply(s, W_t, b_t), n + 1, products=3))
+    return down(yc - R), up(yc + R)
+
+
+def interval_spec_sound(lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
+    """Floating-point-sound :func:`interval_spec`."""
+    def apply(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        return x @ W.t() if W.dim() == 2 else torch.einsum("bkf,sbf->sbk", W, x)
+
+    return affine_ibp_sound(lower.flatten(2), upper.flatten(2), apply, spec, None, spec.shape[-1])
 
 
 def add_opt(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -109,6 +145,7 @@ class BoundOp:
     needs_input_bounds: ClassVar[bool] = False  # CROWN relaxation needs the input box
     input_rank: ClassVar[int | None] = None  # feature rank it expects, if fixed
     interval_keys: ClassVar[frozenset[str]] = frozenset()  # tensors that may be intervals
+    sound: bool = False  # set by the engine: tol="sound" (crown_backward builds float-valid relaxations)
 
     def __init__(self, module: nn.Module, name: str, tensors: LayerTensors) -> None:
         self.module = module
@@ -140,6 +177,29 @@ class BoundOp:
         """Interval bounds of ``spec @ output``; affine ops may fold ``spec`` in."""
         lo, up = self.ibp(lower, upper)
         return interval_spec(lo, up, spec)
+
+    def refuse_sound(self, what: str) -> UnsupportedLayerError:
+        return UnsupportedLayerError(f"layer {self.label()}: no floating-point-sound {what} rule (tol='sound')")
+
+    def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
+        """:meth:`ibp`, sound in floating point (``tol="sound"``); refused unless overridden."""
+        raise self.refuse_sound("IBP")
+
+    def ibp_spec_sound(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
+        lo, up_ = self.ibp_sound(lower, upper)
+        return interval_spec_sound(lo, up_, spec)
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int] | None:
+        """Rounding model of the last :meth:`crown_backward` (``tol="sound"``).
+
+        None when it is exact in floating point (a reshape, a copy). Else ``(v, n)``: the
+        exact step is ``A y >= A' x + beta`` with ``y = J x + o`` (for relaxations: the
+        selected lines), and the computed ``A'``, bias are those exact values up to
+        ``gamma_n |A| |J|`` entrywise and ``gamma_n |A| |o|`` plus ``n tiny`` each; ``v``
+        ``(Sx, B, *out)`` is an upper bound on ``|J| m_in + |o|`` for ``m_in`` ``(Sx, B, *in)``
+        ``>= |x|`` on the input box. Refused unless overridden.
+        """
+        raise self.refuse_sound("CROWN")
 
     def crown_backward(self, A_lo: Tensor, A_up: Tensor) -> BackwardResult:
         """Push linear bounds ``A_lo y + .`` (lower) / ``A_up y + .`` (upper) on the
@@ -186,9 +246,24 @@ class ElementwiseOp(BoundOp):
         for all ``x`` in ``[lower, upper]`` (None offsets mean 0)."""
         raise NotImplementedError
 
+    def relax_sound(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """:meth:`relax` with lines valid in exact arithmetic for the float coefficients returned."""
+        raise self.refuse_sound("CROWN relaxation")
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
+        a_lo, c_lo, a_up, c_up = self._relaxation
+        v = up(torch.maximum(a_lo.abs(), a_up.abs()) * m_in)
+        c = [t.abs() for t in (c_lo, c_up) if t is not None]
+        if c:
+            v = up(v + (c[0] if len(c) == 1 else torch.maximum(*c)))
+        return v, m_in[0, 0].numel() + 1
+
     def crown_backward(self, A_lo: Tensor, A_up: Tensor) -> BackwardResult:
         assert self.input_bounds is not None
-        a_lo, c_lo, a_up, c_up = (None if t is None else t.unsqueeze(2) for t in self.relax(*self.input_bounds))
+        rel = (self.relax_sound if self.sound else self.relax)(*self.input_bounds)
+        if self.sound:
+            self._relaxation = rel
+        a_lo, c_lo, a_up, c_up = (None if t is None else t.unsqueeze(2) for t in rel)
 
         def side(A: Tensor, pos: tuple, neg: tuple) -> tuple[Tensor, Tensor | None]:
             Ap, An = A.clamp(min=0), A.clamp(max=0)

@@ -9,12 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
-from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, mid_rad
+from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, interval_spec_sound, mid_rad
 from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
 from certbnn.bounds.params import resolve_tensors, sample_slices
 from certbnn.bounds.structure import model_layers
 from certbnn.bounds.specs import known_true
 from certbnn.bounds.specs import resolve_tol, widen
+from certbnn.bounds.rounding import (cast_down, cast_up, check_dtype, dot_error, dot_upper, kappa,
+                                     plain_arithmetic, scalar_up, sound_mid_rad)
+from certbnn.bounds.rounding import down as round_down
+from certbnn.bounds.rounding import up as round_up
 from certbnn.errors import ConfigError
 
 METHODS = ("ibp", "crown", "crown-ibp")
@@ -103,13 +107,66 @@ def _linear_bound(A: Tensor, x: Tensor) -> Tensor:
     return torch.matmul(A, x.unsqueeze(-1)).squeeze(-1)
 
 
-def crown_backward_pass(ops: list[BoundOp], A0: Tensor, lower: Tensor, upper: Tensor) -> Box:
-    """Back-substitute ``A0 @ output(ops)`` to the input box ``[lower, upper]``; return ``(S, B, K)`` bounds."""
+def _step_error(A: Tensor, v: Tensor, n: int, m_in: Tensor) -> Tensor:
+    """``(S, B, K)`` bound on the rounding error of one back-substitution step from ``A``
+    (see :meth:`BoundOp.sound_backward_terms`): ``gamma_n |A| v + n tiny (1 + sum m_in)``,
+    with ``sum m_in <= numel * max m_in``."""
+    w = dot_upper(_linear_bound(A.abs(), v), v[0, 0].numel())
+    tiny = torch.finfo(A.dtype).tiny
+    numel = m_in[0, 0].numel()
+    mmax = m_in.flatten(2).amax(-1).unsqueeze(-1)
+    per_max, const = scalar_up(n * numel * tiny * (1 + 1e-9), mmax), scalar_up(n * tiny * (1 + 1e-9), mmax)
+    tiny_term = round_up(round_up(mmax * per_max) + const)
+    return round_up(round_up(w * scalar_up(kappa(n, A.dtype), w)) + tiny_term)
+
+
+def _acc(b: Tensor | None, x: Tensor | None, upward: bool) -> Tensor | None:
+    """``b + x`` rounded outward (None means zero)."""
+    if b is None or x is None:
+        return x if b is None else b
+    return round_up(b + x) if upward else round_down(b + x)
+
+
+def _concretize_sound(A_lo: Tensor, A_up: Tensor, lower: Tensor, upper: Tensor) -> Box:
+    """``min/max A x`` over the box, rounded outward: ``A c -+ |A| r`` plus ``gamma_n |A| (|c| + r)``."""
+    c, r = sound_mid_rad(lower, upper)
+    s = round_up(c.abs() + r)
+    n = lower[0, 0].numel()
+
+    def side(A: Tensor, sign: int) -> Tensor:
+        Aa = A.abs()
+        cen, spread = _linear_bound(A, c), _linear_bound(Aa, r)
+        err = dot_error(_linear_bound(Aa, s), n, products=2)
+        return round_down(round_down(cen - spread) - err) if sign < 0 else round_up(round_up(cen + spread) + err)
+
+    return side(A_lo, -1), side(A_up, 1)
+
+
+def crown_backward_pass(ops: list[BoundOp], A0: Tensor, lower: Tensor, upper: Tensor, sound: bool = False) -> Box:
+    """Back-substitute ``A0 @ output(ops)`` to the input box ``[lower, upper]``; return ``(S, B, K)`` bounds.
+
+    ``sound``: every step's rounding error (:func:`_step_error`, from the op's
+    ``sound_backward_terms`` and its stored input box ``op.sound_box``) is
+    subtracted from the lower bias and added to the upper one, outward-rounded."""
     A_lo = A_up = A0
     b_lo = b_up = None
     for op in reversed(ops):
-        A_lo, bl, A_up, bu = op.crown_backward(A_lo, A_up)
-        b_lo, b_up = add_opt(b_lo, bl), add_opt(b_up, bu)
+        A_lo_new, bl, A_up_new, bu = op.crown_backward(A_lo, A_up)
+        if sound:
+            m_in = torch.maximum(op.sound_box[0].abs(), op.sound_box[1].abs())
+            terms = op.sound_backward_terms(m_in)
+            if terms is not None:
+                e_lo = _step_error(A_lo, *terms, m_in)
+                e_up = e_lo if A_up is A_lo else _step_error(A_up, *terms, m_in)
+                bl = -e_lo if bl is None else round_down(bl - e_lo)
+                bu = e_up if bu is None else round_up(bu + e_up)
+            b_lo, b_up = _acc(b_lo, bl, False), _acc(b_up, bu, True)
+        else:
+            b_lo, b_up = add_opt(b_lo, bl), add_opt(b_up, bu)
+        A_lo, A_up = A_lo_new, A_up_new
+    if sound:
+        lo, up_ = _concretize_sound(A_lo, A_up, lower, upper)
+        return _acc(lo, b_lo, False), _acc(up_, b_up, True)  # type: ignore[return-value]
     c, r = mid_rad(lower, upper)
     if A_up is A_lo:
         centre, spread = _linear_bound(A_lo, c), _linear_bound(A_lo.abs(), r)
@@ -126,7 +183,7 @@ def _ibp_exact(prefix: list[BoundOp]) -> bool:
 
 
 def _crown_intermediate(prefix: list[BoundOp], target: BoundOp, lower: Tensor, upper: Tensor, feat: torch.Size,
-                        S: int | None) -> Box:
+                        S: int | None, sound: bool = False) -> Box:
     n = feat.numel()
     widest = max([lower[0, 0].numel()] + [op.in_shape.numel() for op in prefix if op.in_shape is not None])
     need = (S or 1) * lower.shape[1] * n * widest
@@ -135,7 +192,7 @@ def _crown_intermediate(prefix: list[BoundOp], target: BoundOp, lower: Tensor, u
             f"method='crown' needs ~{need / 2**28:.1f} GiB (float32) of coefficients for the input of layer "
             f"{target.label()}; use method='crown-ibp' (IBP intermediate bounds)")
     eye = torch.eye(n, dtype=lower.dtype, device=lower.device).view(1, 1, n, *feat)
-    lo, up = crown_backward_pass(prefix, eye, lower, upper)
+    lo, up = crown_backward_pass(prefix, eye, lower, upper, sound)
     return lo.view(*lo.shape[:2], *feat), up.view(*up.shape[:2], *feat)
 
 
@@ -146,27 +203,33 @@ def _out_shape(op: BoundOp, lower: Tensor) -> torch.Size:
 
 
 def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method: str, spec: Tensor | None,
-                       S: int | None, collect: list | None = None) -> Box:
+                       S: int | None, collect: list | None = None, sound: bool = False) -> Box:
     """IBP through ``ops`` (``spec`` folded into the last real op), storing each op's
-    input shape and, where needed, input bounds (tightened by CROWN for ``"crown"``)."""
+    input shape and, where needed, input bounds (tightened by CROWN for ``"crown"``).
+    ``sound``: the ops' ``*_sound`` rules, and every op's input box in ``op.sound_box``."""
     last = max((i for i, op in enumerate(ops) if not op.passthrough), default=-1)
     l, u = lower, upper
     for i, op in enumerate(ops):
         op.in_shape = l.shape[2:]
+        op.sound = sound
         if op.needs_input_bounds:
             if method == "crown" and not _ibp_exact(ops[:i]):
-                cl, cu = _crown_intermediate(ops[:i], op, lower, upper, l.shape[2:], S)
+                cl, cu = _crown_intermediate(ops[:i], op, lower, upper, l.shape[2:], S, sound)
                 l, u = torch.maximum(l, cl), torch.minimum(u, cu)
             op.input_bounds = (l, u)
+        if sound:
+            op.sound_box = (l, u)
         if i == last and spec is not None:
             out_numel = _out_shape(op, l).numel()
             if spec.shape[-1] != out_numel:
                 raise ConfigError(f"spec has {spec.shape[-1]} columns but the model has {out_numel} outputs")
-            return op.ibp_spec(l, u, spec)
-        l, u = op.ibp(l, u)
+            return op.ibp_spec_sound(l, u, spec) if sound else op.ibp_spec(l, u, spec)
+        l, u = op.ibp_sound(l, u) if sound else op.ibp(l, u)
         if collect is not None:
             collect.append((op.name, l, u))
-    return (l, u) if spec is None else interval_spec(l, u, spec)
+    if spec is None:
+        return l, u
+    return interval_spec_sound(l, u, spec) if sound else interval_spec(l, u, spec)
 
 
 def _finish(lo: Tensor, up: Tensor, sampled: bool, S: int | None) -> Box:
@@ -199,9 +262,11 @@ def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:
 
 
 def _bounds(ops: list[BoundOp], l: Tensor, u: Tensor, method: str, spec: Tensor | None, S: int | None,
-            intersect_ibp: bool) -> Box:
+            intersect_ibp: bool, sound: bool = False) -> Box:
     """Bounds ``(S', B, ...)`` of prepared inputs ``(Sx, B, ...)`` (``S'`` in ``{1, S}``)."""
-    ibp_lo, ibp_up = _forward_intervals(ops, l, u, method, spec, S)
+    if sound:
+        _outward_radii(ops)
+    ibp_lo, ibp_up = _forward_intervals(ops, l, u, method, spec, S, sound=sound)
     if method == "ibp":
         return ibp_lo, ibp_up
     real = [op for op in ops if not op.passthrough]
@@ -211,12 +276,51 @@ def _bounds(ops: list[BoundOp], l: Tensor, u: Tensor, method: str, spec: Tensor 
         A0 = torch.eye(n, dtype=l.dtype, device=l.device).view(1, 1, n, *out_feat)
     else:
         A0 = spec.view(1, -1 if spec.dim() == 3 else 1, spec.shape[-2], *out_feat)
-    lo, up = crown_backward_pass(ops, A0, l, u)
+    lo, up = crown_backward_pass(ops, A0, l, u, sound)
     if spec is None:
         lo, up = lo.view(*lo.shape[:2], *out_feat), up.view(*up.shape[:2], *out_feat)
     if intersect_ibp:
         lo, up = torch.maximum(lo, ibp_lo), torch.minimum(up, ibp_up)
     return lo, up
+
+
+def _outward_radii(ops: list[BoundOp]) -> None:
+    """Weight-box radii one float up: params.resolve_tensors computes ``max(hi - c, c - lo)``
+    rounded to nearest, so the next float up encloses ``[lo, hi]`` exactly."""
+    for op in ops:
+        for k, r in op.t.radius.items():
+            op.t.radius[k] = round_up(r)
+
+
+def _sound_inputs(model: nn.Module, lower: Tensor, upper: Tensor, params: ParamDict | None,
+                  param_bounds: BoxDict | None, spec: Tensor | None, dtype: torch.dtype):
+    """``tol="sound"``: the input box and weight boxes cast to ``dtype`` outward; point
+    parameters and the spec must be exactly representable in ``dtype`` (else refused)."""
+    check_dtype(dtype)
+    lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
+    if lower.is_floating_point() and upper.is_floating_point():
+        lower, upper = cast_down(lower, dtype), cast_up(upper, dtype)
+
+    def exact(name: str, t: Tensor) -> None:
+        t = torch.as_tensor(t)
+        if t.is_floating_point() and t.dtype != dtype and torch.finfo(t.dtype).bits > torch.finfo(dtype).bits:
+            if not torch.equal(t.to(dtype).to(t.dtype), t):
+                raise ConfigError(f"tol='sound': {name} ({t.dtype}) is not exactly representable in {dtype}; "
+                                  f"pass dtype={t.dtype}")
+
+    given = dict(params or {})
+    for k, t in [*model.named_parameters(), *model.named_buffers()]:
+        if k not in given and (param_bounds is None or k not in param_bounds):
+            exact(f"parameter '{k}'", t.detach())
+    for k, t in given.items():
+        exact(f"params entry '{k}'", t.detach() if isinstance(t, Tensor) else t)
+    if spec is not None:
+        exact("spec", spec)
+    if param_bounds:
+        param_bounds = {k: (cast_down(torch.as_tensor(a), dtype) if torch.as_tensor(a).is_floating_point() else a,
+                            cast_up(torch.as_tensor(b), dtype) if torch.as_tensor(b).is_floating_point() else b)
+                        for k, (a, b) in param_bounds.items()}
+    return lower, upper, param_bounds
 
 
 def compute_bounds(
@@ -250,6 +354,19 @@ def compute_bounds(
                       BoundsFallbackWarning, stacklevel=2)
         method = "ibp"
     dtype = _compute_dtype(lower, dtype)
+    sound = isinstance(tol, str) and tol == "sound"
+    if sound:
+        lower, upper, param_bounds = _sound_inputs(model, lower, upper, params, param_bounds, spec, dtype)
+        with plain_arithmetic():
+            return _compute(model, lower, upper, method, params, param_bounds, spec, dtype, None, intersect_ibp,
+                            input_has_samples, sample_chunk, True)
+    return _compute(model, lower, upper, method, params, param_bounds, spec, dtype, resolve_tol(tol, dtype),
+                    intersect_ibp, input_has_samples, sample_chunk, False)
+
+
+def _compute(model: nn.Module, lower: Tensor, upper: Tensor, method: str, params: ParamDict | None,
+             param_bounds: BoxDict | None, spec: Tensor | None, dtype: torch.dtype, rt: tuple[float, float] | None,
+             intersect_ibp: bool, input_has_samples: bool | None, sample_chunk: int | None, sound: bool) -> Box:
     ops, S = build_ops(model, params, param_bounds, dtype)
     l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
     if x_sampled and S is None:
@@ -259,7 +376,7 @@ def compute_bounds(
     if S is not None and S > 1:
         chunk = _auto_chunk(model, ops, l, S) if sample_chunk is None else max(1, int(sample_chunk))
     if S is None or chunk >= S:
-        lo, up = _bounds(ops, l, u, method, spec_t, S, intersect_ibp)
+        lo, up = _bounds(ops, l, u, method, spec_t, S, intersect_ibp, sound)
     else:
         parts = []
         for i in range(0, S, chunk):
@@ -267,11 +384,10 @@ def compute_bounds(
             ops_i, S_i = build_ops(model, p, pb, dtype)
             li, ui = (l[i : i + chunk], u[i : i + chunk]) if x_sampled and l.shape[0] > 1 else (l, u)
             n = min(chunk, S - i)
-            lo_i, up_i = _finish(*_bounds(ops_i, li, ui, method, spec_t, S_i or n, intersect_ibp), True, n)
+            lo_i, up_i = _finish(*_bounds(ops_i, li, ui, method, spec_t, S_i or n, intersect_ibp, sound), True, n)
             parts.append((lo_i, up_i))
         lo, up = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
     lo, up = _finish(lo, up, x_sampled or S is not None, S)
-    rt = resolve_tol(tol, lo.dtype)
     return widen(lo, up, *rt) if rt is not None else (lo, up)
 
 

@@ -12,6 +12,15 @@ non-monotone function it is). CROWN relaxations, for ``x`` in ``[l, u]``:
   ``f'`` is unimodal with its peak at 0, so ``f - k x`` is non-decreasing);
   where the interval is one-signed and not tiny, chord and midpoint tangent
   (convex for ``x <= 0``, concave for ``x >= 0``).
+
+``tol="sound"``: ReLU IBP is exact; its chord keeps the float slope and takes
+the intercept ``max(up(-a l), up(u - down(a u)))`` so the float line lies above
+``relu`` at both end points (hence on ``[l, u]``, by convexity). Tanh/Sigmoid:
+``f`` is evaluated with an assumed libm error of at most ``LIBM_ULPS`` ulps
+(+ ``tiny``), IBP takes the widened end points, CROWN only the parallel lines
+with a slope rounded below ``min(f'(l), f'(u))`` and outward-rounded intercepts
+(the chord/tangent lines are not used). LeakyReLU is refused (its slope is not
+a float in general).
 """
 
 from __future__ import annotations
@@ -21,6 +30,12 @@ from torch import Tensor, nn
 
 from certbnn.bounds.base import Box, ElementwiseOp
 from certbnn.bounds.registry import register_bound
+from certbnn.bounds.rounding import down, scalar_up, unit_roundoff, up
+
+# Assumed bound on the error of torch.tanh / torch.sigmoid, in ulps of the result
+# (SLEEF/glibc/CUDA document <= 1-4 ulps for tanh, exp, expm1; sigmoid adds an
+# addition and a division). Stated, not proven: see docs/bounds.md.
+LIBM_ULPS = 16
 
 Relaxation = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
 
@@ -43,6 +58,14 @@ class BoundReLU(ElementwiseOp):
         c_up = torch.where(unstable, -lower * chord, torch.zeros_like(lower))
         a_lo = (active | (unstable & (upper > -lower))).to(lower.dtype)
         return a_lo, None, a_up, c_up
+
+    ibp_sound = ibp
+
+    def relax_sound(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        a_lo, _, a_up, c_up = self.relax(lower, upper)
+        unstable = (lower < 0) & (upper > 0)
+        c_safe = torch.maximum(up(-(a_up * lower)), up(upper - down(a_up * upper)))
+        return a_lo, None, a_up, torch.where(unstable, c_safe, torch.zeros_like(c_up))
 
 
 @register_bound(nn.LeakyReLU)
@@ -113,6 +136,29 @@ class SShapedOp(ElementwiseOp):
         c_lo = torch.where(convex, tan_c, torch.where(concave, chord_c, c_lo))
         return a_lo, c_lo, a_up, c_up
 
+    f_range: tuple[float, float] = (-1.0, 1.0)
+
+    def f_bounds(self, x: Tensor) -> Box:
+        """Float enclosure ``[lo, hi]`` of the exact ``f(x)`` (libm margin ``LIBM_ULPS`` ulps + tiny)."""
+        y = self.f(x)
+        margin = up(up(y.abs() * scalar_up(2 * LIBM_ULPS * unit_roundoff(y.dtype), y)) + torch.finfo(y.dtype).tiny)
+        return down(y - margin).clamp(*self.f_range), up(y + margin).clamp(*self.f_range)
+
+    def df_lower(self, x: Tensor) -> Tensor:
+        """A float ``<= f'(x)``, ``>= 0``."""
+        raise NotImplementedError
+
+    def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
+        return self.f_bounds(lower)[0], self.f_bounds(upper)[1]
+
+    def relax_sound(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        """Parallel lines of slope ``k <= min f'`` on ``[l, u]``: ``f(x) - k x`` is non-decreasing
+        there, so ``k x + (f(l) - k l) <= f(x) <= k x + (f(u) - k u)``; intercepts rounded outward."""
+        k = torch.minimum(self.df_lower(lower), self.df_lower(upper))
+        c_lo = down(self.f_bounds(lower)[0] - up(k * lower))
+        c_up = up(self.f_bounds(upper)[1] - down(k * upper))
+        return k, c_lo, k, c_up
+
 
 @register_bound(nn.Tanh)
 class BoundTanh(SShapedOp):
@@ -124,6 +170,11 @@ class BoundTanh(SShapedOp):
     def df(self, x: Tensor) -> Tensor:
         return 1 - torch.tanh(x) ** 2
 
+    def df_lower(self, x: Tensor) -> Tensor:
+        lo, hi = self.f_bounds(x)
+        t = torch.maximum(lo.abs(), hi.abs())  # >= |tanh x|
+        return down(down(1 - t) * down(1 + t)).clamp(min=0)
+
 
 @register_bound(nn.Sigmoid)
 class BoundSigmoid(SShapedOp):
@@ -132,6 +183,12 @@ class BoundSigmoid(SShapedOp):
     def f(self, x: Tensor) -> Tensor:
         return torch.sigmoid(x)
 
+    f_range = (0.0, 1.0)
+
     def df(self, x: Tensor) -> Tensor:
         s = torch.sigmoid(x)
         return s * (1 - s)
+
+    def df_lower(self, x: Tensor) -> Tensor:
+        lo, hi = self.f_bounds(x)
+        return down(lo * down(1 - hi)).clamp(min=0)

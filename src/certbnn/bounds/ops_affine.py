@@ -5,6 +5,10 @@ affine maps ``y = a x + s`` (IBP exact: ``c' = a c + s``, ``r' = |a| r``; a
 diagonal map loses nothing, so BatchNorm needs no folding into the previous
 layer). Flatten reshapes; Identity and Dropout are the identity (Dropout is
 bounded with evaluation semantics whatever ``module.training`` says).
+
+``tol="sound"``: Flatten, Identity and Dropout are exact; Normalize rounds
+``(x - mean) / std`` outward; BatchNorm is refused (its ``rsqrt`` is not
+correctly rounded).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds.base import Box, LinearOp, affine_ibp, channel_view, mid_rad, sum_features
+from certbnn.bounds.rounding import down, up
 from certbnn.bounds.registry import register_bound
 from certbnn.errors import UnsupportedLayerError
 from certbnn.layers import Normalize
@@ -70,6 +75,19 @@ class BoundNormalize(ChannelAffineOp):
         yc, yr = (c - mean) / std, r / std
         return yc - yr, yc + yr
 
+    def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
+        """Monotone in ``x`` (either sign of ``std``): end points, every operation rounded outward."""
+        mean, std = self._ms(lower.dim() - 2)
+        lo_n, hi_n = down(lower - mean), up(upper - mean)
+        q = (lo_n / std, hi_n / std)
+        return torch.minimum(down(q[0]), down(q[1])), torch.maximum(up(q[0]), up(q[1]))
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
+        """``J = 1/std``, ``o = -mean/std``, each computed with one rounding, then one product (n >= 2)."""
+        mean, std = self._ms(m_in.dim() - 2)
+        sa = std.abs()
+        return up(up(m_in / sa) + up(mean.abs() / sa)), m_in[0, 0].numel() + 2
+
 
 @register_bound(nn.modules.batchnorm._BatchNorm)
 class BoundBatchNorm(ChannelAffineOp):
@@ -114,6 +132,11 @@ class BoundFlatten(LinearOp):
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         return self.forward(lower), self.forward(upper)
 
+    ibp_sound = ibp
+
+    def sound_backward_terms(self, m_in: Tensor) -> None:
+        return None  # a reshape
+
     def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
         assert self.in_shape is not None
         return A.reshape(*A.shape[:3], *self.in_shape), None
@@ -135,6 +158,11 @@ class BoundIdentity(LinearOp):
 
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         return lower, upper
+
+    ibp_sound = ibp
+
+    def sound_backward_terms(self, m_in: Tensor) -> None:
+        return None
 
     def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
         return A, None

@@ -6,6 +6,10 @@ weight box ``W in [Wc +- Wr]`` the bilinear product adds
 batched matmul (Linear) or one grouped convolution with ``S * groups`` groups
 (Conv2d). CROWN back-substitution is ``A W`` (Linear) or a transposed
 convolution (Conv2d).
+
+``tol="sound"``: :func:`~certbnn.bounds.base.affine_ibp_sound` with the dot
+length of the layer (``in_features``; ``in_channels / groups * kh * kw``); a
+folded spec enters as a weight box ``spec W +- err`` covering the fold's rounding.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certbnn.bounds.base import Box, LinearOp, affine_ibp, mid_rad, sum_features
+from certbnn.bounds.base import Box, LinearOp, affine_ibp, affine_ibp_sound, mid_rad, sum_features
+from certbnn.bounds.rounding import dot_error, dot_upper, up
 from certbnn.bounds.registry import register_bound
 from certbnn.errors import UnsupportedLayerError
 
@@ -98,6 +103,57 @@ class BoundLinear(LinearOp):
             yr = yr + torch.einsum("bko,...o->...bk", sa, br)
         return yc - yr, yc + yr
 
+    def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
+        v, rad = self.t.values, self.t.radius
+        W = v["weight"]
+        return affine_ibp_sound(lower, upper, linear_apply, W, v.get("bias"), W.shape[-1], rad.get("weight"),
+                                rad.get("bias"))
+
+    def ibp_spec_sound(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
+        """Spec folded into the weights; the fold ``spec W`` (dot length ``out``) is computed with
+        rounding, so ``W' = fl(spec W) +- (dot_error(|spec| |W|) + |spec| W_rad)`` encloses the exact fold."""
+        if lower.dim() != 3:
+            return super().ibp_spec_sound(lower, upper, spec)
+        v, rad = self.t.values, self.t.radius
+        W, Wr, b, br = v["weight"], rad.get("weight"), v.get("bias"), rad.get("bias")
+        out = W.shape[-2]
+        sa = spec.abs()
+        if spec.dim() == 2:  # (K, out)
+            def fold_w(s: Tensor, w: Tensor) -> Tensor:
+                return s @ w
+
+            def fold_b(s: Tensor, bb: Tensor) -> Tensor:
+                return bb @ s.t()
+
+            apply = linear_apply
+        else:  # (B, K, out): per-example weights ([S,] B, K, in)
+            def fold_w(s: Tensor, w: Tensor) -> Tensor:
+                return torch.einsum("bko,...oi->...bki", s, w)
+
+            def fold_b(s: Tensor, bb: Tensor) -> Tensor:
+                return torch.einsum("bko,...o->...bk", s, bb)
+
+            def apply(x: Tensor, w: Tensor, bb: Tensor | None) -> Tensor:
+                y = _per_example_apply(w, x)
+                return y if bb is None else y + bb
+
+        Wf, Wf_rad = fold_w(spec, W), dot_error(fold_w(sa, W.abs()), out)
+        if Wr is not None:
+            Wf_rad = up(Wf_rad + dot_upper(fold_w(sa, Wr), out))
+        bf = bf_rad = None
+        if b is not None:
+            bf, bf_rad = fold_b(spec, b), dot_error(fold_b(sa, b.abs()), out)
+        if br is not None:
+            br_f = dot_upper(fold_b(sa, br), out)
+            bf_rad = br_f if bf_rad is None else up(bf_rad + br_f)
+        return affine_ibp_sound(lower, upper, apply, Wf, bf, W.shape[-1], Wf_rad, bf_rad)
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
+        """``|W| m + |b|`` (dot length ``in + 1``); ``A W`` and ``A b`` sum over the outputs."""
+        W, b = self.t.values["weight"], self.t.get("bias")
+        v = dot_upper(linear_apply(m_in, W.abs(), None if b is None else b.abs()), W.shape[-1] + 1)
+        return v, v[0, 0].numel() + 1
+
     def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
         W, b = self.t.values["weight"], self.t.get("bias")
         if W.dim() == 2:
@@ -176,6 +232,28 @@ class BoundConv2d(LinearOp):
             return self._conv(x, W, b, s("weight"), s("bias"))
 
         return affine_ibp(lower, upper, apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias"))
+
+    def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
+        v, rad, s = self.t.values, self.t.radius, self.sampled
+
+        def apply(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+            return self._conv(x, W, b, s("weight"), s("bias"))
+
+        W = v["weight"]
+        return affine_ibp_sound(lower, upper, apply, W, v.get("bias"), W[0, 0].numel() if s("weight") else
+                                W[0].numel(), rad.get("weight"), rad.get("bias"))
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
+        """``|W| m + |b|``; each coefficient of the transposed convolution sums at most
+        ``Co/groups * kh * kw`` products (times the copies a non-zero padding mode makes,
+        bounded by the output size), the bias term ``Co * Ho * Wo``."""
+        W, b, s = self.t.values["weight"], self.t.get("bias"), self.sampled
+        taps = W[0, 0].numel() if s("weight") else W[0].numel()
+        v = dot_upper(self._conv(m_in, W.abs(), None if b is None else b.abs(), s("weight"), s("bias")), taps + 1)
+        Co, kh, kw = W.shape[-4], W.shape[-2], W.shape[-1]
+        n_out = v[0, 0].numel()
+        n = Co // self.groups * kh * kw if self.pads is None or self.mode == "constant" else n_out * kh * kw
+        return v, max(n, n_out) + 1
 
     def _unpad(self, G: Tensor, H: int, Wd: int) -> Tensor:
         if self.pads is None or not any(self.pads):

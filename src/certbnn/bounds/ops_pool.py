@@ -5,6 +5,10 @@ AvgPool2d is linear (exact back-substitution through its adjoint);
 MaxPool2d is relaxed per window by ``x_j <= y <= max_i u_i``, ``j`` the
 window's argmax of the lower bounds (sound: ``y >= x_j`` always, and
 ``y <= max_i u_i``).
+
+``tol="sound"``: max pooling is exact; average pooling (a nonnegative linear
+map of ``k`` = kernel-size terms, then a division) adds the Higham bound
+``gamma_{k+1} pool(|x|)``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 from certbnn.bounds.base import BackwardResult, Box, BoundOp, LinearOp, sum_features
 from certbnn.bounds.ops_linear import linear_vjp
 from certbnn.bounds.registry import register_bound
+from certbnn.bounds.rounding import dot_error, dot_upper, down, up
 
 
 def _fold(fn, x: Tensor) -> Tensor:
@@ -41,6 +46,19 @@ class BoundAvgPool2d(LinearOp):
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         return self.forward(lower), self.forward(upper)
 
+    def _taps(self) -> int:
+        k = self.module.kernel_size
+        return (k * k if isinstance(k, int) else k[0] * k[1]) + 1
+
+    def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
+        n = self._taps()
+        return (down(self.forward(lower) - dot_error(self.forward(lower.abs()), n)),
+                up(self.forward(upper) + dot_error(self.forward(upper.abs()), n)))
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
+        v = dot_upper(self.forward(m_in), self._taps())
+        return v, v[0, 0].numel() + 1
+
     def backward_linear(self, A: Tensor) -> tuple[Tensor, Tensor | None]:
         assert self.in_shape is not None
         G = linear_vjp(self._pool, (A.shape[:3].numel(), *self.in_shape), A.reshape(-1, *A.shape[3:]))
@@ -64,6 +82,14 @@ class BoundMaxPool2d(BoundOp):
 
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         return self.forward(lower), self.forward(upper)
+
+    ibp_sound = ibp
+
+    def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
+        """Routing ``A`` to the argmax sums at most ``numel(out)`` coefficients per input;
+        ``|x_j| <= maxpool(m)`` and ``|u_max| <= maxpool(m)`` (exact max, exact doubling)."""
+        v = self.forward(m_in) * 2
+        return v, v[0, 0].numel() + 1
 
     def crown_backward(self, A_lo: Tensor, A_up: Tensor) -> BackwardResult:
         assert self.input_bounds is not None

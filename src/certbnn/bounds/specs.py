@@ -10,7 +10,8 @@ from certbnn.errors import ConfigError
 # Outward widening (rtol, atol) used by ``tol="auto"``, per dtype: about 40x the
 # largest float32-vs-float64 discrepancy measured by benchmarks/bounds_bench.py
 # on trained MNIST MLPs (2.5e-5 * (1 + |bound|)), scaled by the unit roundoff for
-# the other dtypes. Empirical, not a proof (see docs/bounds.md, "Tolerance policy").
+# the other dtypes. Empirical and NOT rigorous (a layer with weights of 3e7 defeats
+# it in float32): certificates use ``tol="sound"`` (see docs/bounds.md, "Floating point").
 AUTO_TOL: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (1e-1, 1e-1),
     torch.bfloat16: (5e-1, 5e-1),
@@ -65,7 +66,7 @@ def resolve_tol(tol: float | tuple[float, float] | str | None, dtype: torch.dtyp
         return None
     if isinstance(tol, str):
         if tol != "auto":
-            raise ConfigError(f"tol must be None, 'auto', a float or (rtol, atol), got '{tol}'")
+            raise ConfigError(f"tol must be None, 'sound', 'auto', a float or (rtol, atol), got '{tol}'")
         return AUTO_TOL.get(dtype, AUTO_TOL[torch.float32])
     if isinstance(tol, (int, float)):
         return float(tol), float(tol)
