@@ -2,9 +2,10 @@
 
 Every function takes ``x`` ``(B, *in)`` in [0, 1], labels ``y`` ``(B,)`` and
 ``eps`` as a float or a ``(B,)`` tensor (one radius per point), and is batched
-over points and posterior samples. Bounds are computed with ``tol="auto"``
-(outward widening against rounding); pass ``dtype=torch.float64`` to certify in
-float64. ``method`` is the bound method of :func:`certbnn.bounds.compute_bounds`.
+over points and posterior samples. Bounds are rigorous in floating point
+(``tol="sound"`` of :func:`certbnn.bounds.compute_bounds`, input boxes rounded
+outward by :func:`_input_box`), in float64 by default; ``dtype=torch.float32``
+is faster and still rigorous but looser. ``method`` is the bound method of :func:`certbnn.bounds.compute_bounds`.
 
 * :func:`per_sample_certified` -- per weight sample: every margin lower bound > 0.
 * :func:`certify_paper` -- the authors' protocol (summed worst-case softmaxes).
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds import compute_bounds, margin_spec, worst_case_logits
+from certbnn.bounds.rounding import add_down, add_up, cast_down, cast_up
 from certbnn.errors import ConfigError
 from certbnn.evaluation import stats
 from certbnn.posterior import GaussianPosterior
@@ -46,11 +48,15 @@ def _eps_vector(eps: Eps, x: Tensor) -> Tensor:
 
 
 def _input_box(x: Tensor, eps: Eps, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """``[clip(x - eps, 0, 1), clip(x + eps, 0, 1)]`` in ``dtype`` (default ``x``'s), eps broadcast per point."""
-    dt = dtype or x.dtype
-    e = _eps_vector(eps, x).to(dt).view(-1, *([1] * (x.dim() - 1)))
-    xd = x.detach().to(dt)
-    return (xd - e).clamp(0, 1), (xd + e).clamp(0, 1)
+    """A ``dtype`` box (default float64) containing ``[clip(x - eps, 0, 1), clip(x + eps, 0, 1)]``
+    exactly (``x`` and the float64 ``eps`` taken as exact reals), eps broadcast per point:
+    ``x -+ eps`` rounded down/up in float64 (exact when representable), clipping (exact),
+    then an outward cast to ``dtype``."""
+    dt = dtype or torch.float64
+    e = _eps_vector(eps, x).view(-1, *([1] * (x.dim() - 1)))
+    xd = x.detach().to(torch.float64)  # exact for every floating dtype up to 64 bits
+    lo, hi = add_down(xd, -e).clamp(0, 1), add_up(xd, e).clamp(0, 1)
+    return cast_down(lo, dt), cast_up(hi, dt)
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
@@ -72,7 +78,7 @@ def per_sample_certified(model: nn.Module, params: Mapping[str, Tensor], x: Tens
     ``(S, *shape)`` (an unstacked dict gives ``S = 1``)."""
     lo, hi = _input_box(x, eps, dtype)
     spec = margin_spec(y.to(x.device), _num_classes(model, x), exclude_true=True)
-    m_lo, _ = compute_bounds(model, lo, hi, method, params=params, spec=spec, dtype=dtype, tol="auto")
+    m_lo, _ = compute_bounds(model, lo, hi, method, params=params, spec=spec, dtype=lo.dtype, tol="sound")
     cert = (m_lo > 0).all(-1)
     return cert if cert.dim() == 2 else cert.unsqueeze(0)
 
@@ -92,7 +98,7 @@ def certify_paper(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *
     n = stats.hoeffding_sample_size(gamma, delta)
     lo, hi = _input_box(x, eps, dtype)
     params = posterior.sample(n, generator)
-    z_lo, z_hi = compute_bounds(model, lo, hi, method, params=params, dtype=dtype, tol="auto")
+    z_lo, z_hi = compute_bounds(model, lo, hi, method, params=params, dtype=lo.dtype, tol="sound")
     z_hat = worst_case_logits(z_lo, z_hi, y.to(x.device))  # (S, B, K)
     onehot = torch.nn.functional.one_hot(y.to(x.device), z_hat.shape[-1]).bool()
 
@@ -192,7 +198,7 @@ def _box_certified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y:
     K = _num_classes(model, x)
     spec = _pairwise_spec(K, dt, x.device)  # shared spec: the label differs per "sample"
     m_lo, _ = compute_bounds(model, lo.unsqueeze(1), hi.unsqueeze(1), method, param_bounds=boxes, spec=spec,
-                             dtype=dtype, tol="auto", input_has_samples=True)
+                             dtype=dt, tol="sound", input_has_samples=True)
     m_lo = m_lo[:, 0].view(-1, K, K)[torch.arange(x.shape[0], device=x.device), y.to(x.device)]  # (B, K): z_y - z_j
     others = ~torch.nn.functional.one_hot(y.to(x.device), K).bool()
     return torch.where(others, m_lo > 0, torch.ones_like(others)).all(-1)
@@ -269,7 +275,7 @@ def certify_decision(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps
     params = posterior.sample(num_samples, generator)
     K = _num_classes(model, x)
     d_lo, d_hi = compute_bounds(model, lo, hi, method, params=params, spec=_pairwise_spec(K, lo.dtype, x.device),
-                                dtype=dtype, tol="auto")
+                                dtype=lo.dtype, tol="sound")
     eye = torch.eye(K, dtype=torch.bool, device=x.device)
     d_lo = d_lo.view(*d_lo.shape[:-1], K, K).masked_fill(eye, 0.0)  # (S, B, i, j); z_j - z_j = 0 exactly
     d_hi = d_hi.view(*d_hi.shape[:-1], K, K).masked_fill(eye, 0.0)
