@@ -2,7 +2,8 @@
 weights, against exact rational (``fractions.Fraction``) arithmetic, or mpmath at
 100 digits for tanh/sigmoid, on adversarial layers in float32 and float64:
 huge and tiny (subnormal-producing) weights, catastrophic cancellation, boxes
-straddling 0 and boxes one float wide. Zero violations are allowed.
+straddling 0 and boxes one float wide. Zero violations are allowed. CROWN runs
+with ``intersect_ibp=False`` so that its own rounding analysis is what is tested.
 """
 
 from __future__ import annotations
@@ -194,6 +195,22 @@ def test_issue_huge_weights_point_box(dtype, scale):
         assert Fraction(float(lo)) <= exact <= Fraction(float(hi)), method
 
 
+@pytest.mark.parametrize("dtype,w", [(torch.float32, 3e7), (torch.float64, 3e15)])
+def test_crown_backsubstitution_rounding(dtype, w):
+    """``A W1`` with catastrophic cancellation: the float back-substitution is off by about
+    ``ulp(w)``; the sound CROWN step error (not the IBP intersection) must cover it."""
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).to(dtype)
+    one_up = 1 + torch.finfo(dtype).eps
+    p = {"0.weight": torch.tensor([[one_up], [1.0]], dtype=dtype), "0.bias": torch.zeros(2, dtype=dtype),
+         "2.weight": torch.tensor([[w, -w]], dtype=dtype), "2.bias": torch.zeros(1, dtype=dtype)}
+    x = torch.ones(1, 1, dtype=dtype)
+    for method in ("crown", "crown-ibp"):
+        plain = compute_bounds(model, x, x, method, params=p, intersect_ibp=False)
+        lo, hi = compute_bounds(model, x, x, method, params=p, tol="sound", intersect_ibp=False)
+        n = check_exact(model, x, x, [(None, p)], [x], lo, hi)
+        assert n == 0 and check_exact(model, x, x, [(None, p)], [x], *plain) == 1, method
+
+
 # ------------------------------------------------------------------ adversarial MLPs / CNNs
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["point", "ulp", "straddle", "wide"])
@@ -206,12 +223,12 @@ def test_adversarial_mlp_all_methods(dtype, kind):
         lo_b, hi_b = adversarial_box((2, 5), rng, dtype, kind)
         pts = box_points(lo_b, hi_b, 6, gen)
         for method in METHODS:
-            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound")
+            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", intersect_ibp=False)
             assert torch.isfinite(lo).all() and torch.isfinite(hi).all()
             viol += check_exact(model, lo_b, hi_b, [(None, p)], pts, lo, hi)
             y = torch.tensor([1, 0])
             spec = margin_spec(y, 3).to(dtype)
-            mlo, mhi = compute_bounds(model, lo_b, hi_b, method, params=p, spec=spec, tol="sound")
+            mlo, mhi = compute_bounds(model, lo_b, hi_b, method, params=p, spec=spec, tol="sound", intersect_ibp=False)
             viol += check_exact(model, lo_b, hi_b, [(None, p)], pts, mlo, mhi, spec=spec)
     assert viol == 0
 
@@ -228,7 +245,7 @@ def test_smooth_activations_against_mpmath(dtype, act):
         lo_b, hi_b = adversarial_box((2, 5), rng, dtype, ["ulp", "straddle", "wide"][trial])
         pts = box_points(lo_b, hi_b, 4, gen)
         for method in METHODS:
-            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound")
+            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", intersect_ibp=False)
             viol += check_exact(model, lo_b, hi_b, [(None, p)], pts, lo, hi)
     assert viol == 0
 
@@ -244,7 +261,7 @@ def test_adversarial_conv_all_methods(dtype, pool):
         lo_b, hi_b = adversarial_box((1, 2, 3, 3), rng, dtype, kind)
         pts = box_points(lo_b, hi_b, 3, gen)
         for method in METHODS:
-            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound")
+            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", intersect_ibp=False)
             viol += check_exact(model, lo_b, hi_b, [(None, p)], pts, lo, hi)
     assert viol == 0
 
@@ -263,7 +280,8 @@ def test_stacked_samples_and_weight_boxes(dtype):
         pts = box_points(lo_b, hi_b, 3, gen)
         singles = [(s, {k: v[s] for k, v in p.items()}) for s in range(S)]
         for method in METHODS:
-            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", sample_chunk=1)
+            lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", sample_chunk=1,
+                                    intersect_ibp=False)
             assert lo.shape[0] == S
             viol += check_exact(model, lo_b, hi_b, singles, pts, lo, hi)
         # weight boxes, with a leading S, via a spec folded into the last Linear
