@@ -48,6 +48,10 @@ def test_every_method_trains_with_the_robust_likelihood(tmp_path, method):
     assert all(np.isfinite(r["train_nll"]) for r in metrics["epochs"])
     posterior, meta = load_posterior(tmp_path / method / training.POSTERIOR)
     assert meta["method"] == method and meta["likelihood"] == "ibp"
+    if method in ("hmc", "sghmc"):  # every sample drawn at the target eps, recorded and loaded back
+        assert meta["sample_eps"] == [0.05] * posterior.num_samples
+    if method == "swag":
+        assert meta["snapshot_eps"] and set(meta["snapshot_eps"]) == {0.05}
     on_disk = json.loads((tmp_path / method / training.METRICS).read_text())
     assert on_disk["final"] == metrics["final"]
 
@@ -146,3 +150,38 @@ def test_full_batch_hmc_gets_a_deterministic_pgd_potential():
     assert "random_start" not in training._likelihood_options(_config(likelihood="pgd"), full_batch=False)
     explicit = _config(likelihood="pgd", likelihood_options={"random_start": True})
     assert training._likelihood_options(explicit, full_batch=True)["random_start"] is True
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("sghmc", {"num_burnin": 2, "thin": 1}, "sghmc: num_burnin=2, thin=1 would store samples from step 3 of 18, "
+                                            "before eps reaches its target at step 9"),
+    ("sghmc", {"num_burnin": 2}, "sghmc: num_burnin=2, thin=100 stores no sample in 18 steps"),
+    ("sghmc", {"num_burnin": 9, "thin": 2}, None),
+    ("hmc", {"num_burnin": 100}, "hmc: warm_start_epochs=1, num_burnin=100, thin=1 stores no sample in 20 steps"),
+    ("hmc", {"num_burnin": 0, "warm_start_epochs": 0}, "hmc: warm_start_epochs=0, num_burnin=0, thin=1 would store "
+                                                       "samples from step 1 of 20, before eps reaches its target at step 10"),
+    ("swag", {"burnin_steps": 0}, "swag: burnin_epochs=0, burnin_steps=0, snapshot_every='epoch' would store samples "
+                                  "from step 6 of 18, before eps reaches its target at step 9"),
+])
+def test_sampler_settings_against_the_eps_ramp_are_checked_before_training(tmp_path, monkeypatch, method, options,
+                                                                           message):
+    epochs = 20 if method == "hmc" else 3
+    config = _config(method=method, epochs=epochs, method_options=options)
+    if message is None:  # burn-in ends where the ramp does: accepted (training itself not run here)
+        monkeypatch.setattr(training, "split_train_val", lambda c: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(ConfigError if message else KeyboardInterrupt) as err:
+        training.train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    if message:
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+        assert "ramp_fraction=0.5" in str(err.value) and not (tmp_path / "run").exists()
+
+
+def test_automatic_burnin_is_logged_and_init_from_skips_the_hmc_warm_start(tmp_path):
+    lines = []
+    training.train(_config(epochs=1), tmp_path / "sgd", progress=False, log=lambda s: None)
+    config = _config(method="hmc", epochs=6, init_from=str(tmp_path / "sgd"), method_options={"num_leapfrog": 3})
+    training.train(config, tmp_path / "hmc", progress=False, log=lines.append)
+    assert any(line.startswith("note: hmc samples only once eps reaches its target 0.05 (step 3); "
+                               "set num_burnin=2, warm_start_epochs=0") for line in lines), lines
+    _, meta = load_posterior(tmp_path / "hmc" / training.POSTERIOR)
+    assert meta["sample_eps"] == [0.05] * 4

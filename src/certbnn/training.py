@@ -15,6 +15,7 @@ uninterrupted process would have produced.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -113,6 +114,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     shard = comm.batch_shard(config.batch_size) if comm and not method.full_batch else slice(None)
     schedule = epoch_ramp(config.eps, config.epochs, steps_per_epoch,
                           warmup_epochs=config.warmup_epochs, ramp_fraction=config.ramp_fraction)
+    method = sampler_for_schedule(method, config, schedule, steps_per_epoch, log)
 
     chain_seed = config.seed + (1_000_003 * chains.rank if chains is not None else 0)  # rank 0: the usual chain
     generator = torch.Generator(device=device).manual_seed(chain_seed)
@@ -171,9 +173,11 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     posterior = method.posterior(state)
+    sampling = checked_sampling_metadata(method, state, schedule.target)
     chain_report = None
     if chains is not None:
         posterior, chain_report = _pool_chains(chains, posterior, run_dir)
+        sampling = {key: [e for chain in chains.gather(sampling) for e in chain[key]] for key in sampling}
     if not main:
         return {}
     test_ds = data.load(config.dataset, "test", config.data_dir) if "test" in spec.splits else None
@@ -186,6 +190,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     metadata = {"dataset": config.dataset, "preprocessing": "pixels scaled to [0, 1], no normalisation",
                 "method": config.method, "likelihood": config.likelihood, "eps": config.eps,
                 "lam": config.lam, "seed": config.seed, "config": config.to_json(), "metrics": final}
+    metadata.update(sampling)  # sample_eps / snapshot_eps: the radius each sample was drawn at
     save_posterior(run_dir / POSTERIOR, posterior, metadata, model=model, model_spec=config.model)
     seconds = sum(r["seconds"] for r in history)
     metrics = {"certbnn_version": __version__, "config": config.to_json(), "device": str(device),
@@ -199,6 +204,43 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                "epochs": history, "final": final}
     atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2), "metrics")
     return metrics
+
+
+def sampler_for_schedule(method, config: TrainConfig, schedule, steps_per_epoch: int,
+                         log: Callable[[str], None] = print):
+    """Samplers (HMC, SG-HMC, SWAG) store samples only once eps has reached its target: an
+    automatic burn-in (option unset) is set to end there (logged); explicit settings that
+    would store a sample earlier, or none at all, are a ConfigError before any training."""
+    if not hasattr(method, "for_schedule"):
+        return method
+    original = method
+    if config.init_from is not None and getattr(method, "warm_start_epochs", 0) \
+            and "warm_start_epochs" not in config.method_options:
+        method = dataclasses.replace(method, warm_start_epochs=0)  # the chain starts at --init-from
+    context = (f"eps {config.eps} after epochs={config.epochs} x {steps_per_epoch} steps/epoch, "
+               f"warmup_epochs={config.warmup_epochs}, ramp_fraction={config.ramp_fraction}")
+    fitted = method.for_schedule(schedule.first_target_step, config.epochs * steps_per_epoch, steps_per_epoch,
+                                 context)
+    changed = [f"{f.name}={getattr(fitted, f.name)}" for f in dataclasses.fields(fitted)
+               if f.name != "prior" and getattr(fitted, f.name) != getattr(original, f.name)]
+    if changed:
+        log(f"note: {config.method} samples only once eps reaches its target {config.eps} "
+            f"(step {schedule.first_target_step + 1}); set {', '.join(changed)}")
+    return fitted
+
+
+def checked_sampling_metadata(method, state, target_eps: float) -> dict[str, list]:
+    """The sampler's per-sample eps record (empty for other methods); a CertbnnError if a
+    sample was drawn at another radius than the target (the pre-training check prevents it)."""
+    if not hasattr(method, "sampling_metadata"):
+        return {}
+    sampling = method.sampling_metadata(state)
+    for key, values in sampling.items():
+        off = [e for e in values if e is not None and e != target_eps]
+        if off:
+            raise CertbnnError(f"{method.name}: {len(off)} stored sample(s) were drawn at eps {off[0]}, "
+                               f"not at the target {target_eps} ({key})")
+    return sampling
 
 
 def _pool_chains(comm, posterior, run_dir: Path):

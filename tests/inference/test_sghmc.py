@@ -10,6 +10,7 @@ the covariance, the discretisation bias bound derived in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -126,3 +127,36 @@ def test_posterior_without_samples_is_a_clear_error(blr):
     method = SGHMC(prior=blr.prior, num_data=30)
     with pytest.raises(ConfigError, match="no samples"):
         method.posterior(method.init(detached_params(blr.model), torch.Generator()))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsNLL:
+    """BLR's NLL carrying the radius it stands for (like certbnn.likelihoods.BatchNLL)."""
+
+    base: object
+    eps: float
+
+    def __call__(self, params, x, y):
+        return self.base(params, x, y)
+
+
+def test_stores_nothing_before_the_target_eps(blr):
+    from certbnn.schedules import epoch_ramp
+
+    schedule = epoch_ramp(0.1, 4, 10, ramp_fraction=0.5)  # 40 steps; eps reaches 0.1 at step 20 (1-based)
+    method = SGHMC(prior=blr.prior, num_data=30, lr=1e-3, friction=0.3, thin=3, max_samples=None)
+    method = method.for_schedule(schedule.first_target_step, 40)
+    assert method.num_burnin == schedule.first_target_step == 19
+    generator = torch.Generator().manual_seed(3)
+    state = method.init(detached_params(blr.model), generator)
+    for step in range(40):
+        state, info = method.step(state, (blr.x, blr.y), EpsNLL(blr.nll, schedule.value(step)), generator)
+        if schedule.value(step) < 0.1:
+            assert info["num_samples"] == 0
+    assert len(state.samples) == 7 and state.sample_eps == [0.1] * 7  # steps 22, 25, ..., 40
+    assert method.sampling_metadata(state) == {"sample_eps": [0.1] * 7}
+    with pytest.raises(ConfigError, match="sghmc: num_burnin=10, thin=3 would store samples from step 13 of 40, "
+                                          "before eps reaches its target at step 20"):
+        dataclasses.replace(method, num_burnin=10).for_schedule(19, 40)
+    with pytest.raises(ConfigError, match="sghmc: num_burnin=None|stores no sample in 40 steps"):
+        dataclasses.replace(method, num_burnin=None, thin=25).for_schedule(19, 40)

@@ -249,3 +249,44 @@ def test_low_rank_with_single_snapshot_falls_back_to_diagonal():
     for name, value in samples.items():
         torch.testing.assert_close(value, state.params[name].expand_as(value), atol=1e-14, rtol=0)
     assert math.isfinite(float(samples["0.bias"].sum()))
+
+
+class EpsNLL:
+    """BLR's NLL carrying the radius it stands for (like certbnn.likelihoods.BatchNLL)."""
+
+    def __init__(self, base, eps):
+        self.base, self.eps = base, eps
+
+    def __call__(self, params, x, y):
+        return self.base(params, x, y)
+
+
+@pytest.mark.parametrize("every", ["epoch", 3])
+def test_no_snapshot_before_the_target_eps(every):
+    from certbnn.schedules import epoch_ramp
+
+    blr = blr_problem()
+    steps_per_epoch, epochs = N // BATCH, 6                       # 8 steps per epoch, 48 in all
+    schedule = epoch_ramp(0.1, epochs, steps_per_epoch, ramp_fraction=0.5)   # target from step 24 (1-based)
+    method = SWAG(blr.prior, N, lr=0.05, snapshot_every=every, rank=2)
+    method = method.for_schedule(schedule.first_target_step, epochs * steps_per_epoch, steps_per_epoch)
+    assert method.burnin_steps == schedule.first_target_step + 1 == 24
+    step = 0
+    state = method.init(detached_params(blr.model), torch.Generator())
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        for i in range(0, N, BATCH):
+            state, _ = method.step(state, (blr.x[i:i + BATCH], blr.y[i:i + BATCH]),
+                                   EpsNLL(blr.nll, schedule.value(step)), g)
+            step += 1
+            if schedule.value(step - 1) < 0.1:
+                assert state.num_snapshots == 0
+        state = method.end_epoch(state, epoch)
+    expected = 4 if every == "epoch" else (48 - 24) // 3  # ends of epochs 3-6; after steps 27, 30, ..., 48
+    assert state.num_snapshots == expected and state.snapshot_eps == [0.1] * expected
+    assert method.sampling_metadata(state) == {"snapshot_eps": [0.1] * expected}
+    with pytest.raises(ConfigError, match=r"swag: burnin_epochs=2, burnin_steps=0, snapshot_every='epoch' would "
+                                          r"store samples from step 24 of 48, before eps reaches its target at step 25"):
+        SWAG(blr.prior, N, burnin_epochs=2, burnin_steps=0).for_schedule(24, 48, steps_per_epoch)
+    with pytest.raises(ConfigError, match="stores no sample in 48 steps"):
+        SWAG(blr.prior, N, burnin_epochs=6).for_schedule(0, 48, steps_per_epoch)

@@ -180,3 +180,22 @@ def test_metadata_accepts_numpy_and_tensor_scalars(tmp_path):
                    {"acc": numpy.float32(0.5), "eps": torch.tensor(0.25), "path": tmp_path / "data"})
     meta = load_posterior(tmp_path / "p.safetensors")[1]
     assert meta["acc"] == 0.5 and meta["eps"] == 0.25 and meta["path"] == str(tmp_path / "data")
+
+
+def test_sample_eps_round_trips_and_must_match_the_samples(tmp_path):
+    _, gaussian = model_and_gaussian(torch.float32)
+    samples = SamplePosterior({n: torch.stack([m, m + 1, m + 2]) for n, m in gaussian.mean().items()})
+    path = tmp_path / "p.safetensors"
+    save_posterior(path, samples, {"sample_eps": [0.11, 0.11, 0.11], "snapshot_eps": [0.1, 0.11]})
+    _, meta = load_posterior(path)
+    assert meta["sample_eps"] == [0.11] * 3 and meta["snapshot_eps"] == [0.1, 0.11]
+    assert meta["format_version"] == FORMAT_VERSION == 1  # an optional field: older readers ignore it
+    for bad, match in (([0.11, 0.11], "2 entries for 3 stored samples"), ([0.1, -1.0, 0.1], "non-negative finite"),
+                       ("0.11", "non-negative finite")):
+        with pytest.raises(ConfigError, match=match):
+            save_posterior(tmp_path / "bad.safetensors", samples, {"sample_eps": bad})
+        rewrite_metadata(path, lambda meta: {**meta, "sample_eps": bad})
+        with pytest.raises(PosteriorFileError, match=match):
+            load_posterior(path)
+    with pytest.raises(ConfigError, match="1 entries for no stored samples"):
+        save_posterior(tmp_path / "g.safetensors", gaussian, {"sample_eps": [0.1]})
