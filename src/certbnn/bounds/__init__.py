@@ -7,8 +7,20 @@ Public API
     Bounds of ``model(x)`` -- or of ``spec @ model(x)`` -- valid for every ``x``
     with ``lower <= x <= upper`` (and every weight in ``param_bounds``).
 
-    * ``model``: ``nn.Sequential`` (nested allowed) of registered layers;
-      anything else raises :class:`~certbnn.errors.UnsupportedLayerError`.
+    * ``model``: the engine bounds exactly the function ``model(x)`` computes,
+      or raises :class:`~certbnn.errors.UnsupportedLayerError` (one line: the
+      module's qualified name, type and the reason). Accepted: a registered
+      layer, or an ``nn.Sequential`` (nested, subclasses that keep
+      ``Sequential.forward``) of them, walked as ``Sequential.forward`` runs
+      it -- a module instance used twice is bounded at each use, and its
+      tensors are named (in ``params``/``param_bounds``) by their first name
+      in ``named_parameters()``. Refused: custom ``forward`` code (functional
+      ops, residual sums), subclasses overriding ``forward`` of a registered
+      type or of ``Sequential`` (unless they register their own rule), a
+      replaced instance ``forward``, forward hooks (module or global),
+      parametrizations, and configurations a rule does not implement (Dropout
+      with ``p > 0`` or BatchNorm in training mode, ...); see
+      :mod:`certbnn.bounds.structure`.
     * ``lower``/``upper``: ``(B, *in)``. With sampled params an input of
       ``(S, B, *in)`` is also accepted (auto-detected from the rank the first
       shape-fixing layer expects -- Linear 1, Conv2d/pools 3 -- or forced with
