@@ -274,6 +274,18 @@ def _monkeypatched() -> nn.Module:
     return model
 
 
+def _patched_container() -> nn.Module:
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    inner.forward = lambda x: x + inner[1](inner[0](x))  # a residual block, patched on the instance
+    return nn.Sequential(inner, nn.Linear(4, 2))
+
+
+def _patched_call_impl() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[2]._call_impl = lambda x: x.sum(-1, keepdim=True)
+    return model
+
+
 def _with_none() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 2))
     model.add_module("gap", None)
@@ -314,6 +326,8 @@ REFUSED = {
         lambda: nn.Sequential(BiasFreeConv(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)),
         r"'0' \(BiasFreeConv\) overrides _conv_forward"),
     "monkeypatched instance forward": (_monkeypatched, r"'1' \(ReLU\) has an instance attribute 'forward'"),
+    "monkeypatched container forward": (_patched_container, r"'0' \(Sequential\) has an instance attribute 'forward'"),
+    "monkeypatched _call_impl": (_patched_call_impl, r"'2' \(Linear\) has an instance attribute '_call_impl'"),
     "forward hook": (lambda: _hooked("forward"), r"'1' \(ReLU\) has a forward hook"),
     "forward pre-hook on the container": (lambda: _hooked("pre"), r"<model> \(Sequential\) has a forward pre-hook"),
     "train-mode dropout": (lambda: nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2)).train(),

@@ -64,13 +64,19 @@ def _refuse(name: str, module: nn.Module, why: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(f"layer {label(name, module)} {why}")
 
 
-def _override(module: nn.Module, base: type) -> str | None:
-    """How ``module``'s call differs from ``base``'s (a method overridden between
-    ``type(module)`` and ``base`` in the MRO, or set on the instance), or None."""
+def _patched(module: nn.Module, base: type) -> str | None:
+    """A call-path method replaced on the instance (``module.forward = ...``), or None."""
     helpers = tuple(n for t, names in _HELPERS if issubclass(base, t) for n in names)
-    for name in ("forward", *helpers):
+    for name in ("forward", "_call_impl", *helpers):  # looked up on the instance first
         if name in module.__dict__:
-            return f"has an instance attribute '{name}' replacing {base.__name__}.{name}"
+            return (f"has an instance attribute '{name}' replacing {base.__name__}.{name}: "
+                    "the engine cannot see what it computes")
+    return None
+
+
+def _override(module: nn.Module, base: type) -> str | None:
+    """A call-path method overridden between ``type(module)`` and ``base`` in the MRO, or None."""
+    helpers = tuple(n for t, names in _HELPERS if issubclass(base, t) for n in names)
     for cls in type(module).__mro__:
         if cls is base:
             break
@@ -122,10 +128,10 @@ def _check_global_hooks(model: nn.Module) -> None:
 def _walk(module: nn.Module | None, name: str, out: list[Layer], ancestors: set[int]) -> None:
     if module is None:
         raise UnsupportedLayerError(f"layer '{name}' is None: Sequential.forward would call None")
-    why = _call_extras(module)
+    found = lookup_rule(type(module))
+    why = _call_extras(module) or _patched(module, found[0] if found else type(module))
     if why:
         raise _refuse(name, module, why)
-    found = lookup_rule(type(module))
     if found is not None:
         base, rule = found
         why = _override(module, base)
