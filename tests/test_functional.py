@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from certbnn.errors import ConfigError
@@ -34,3 +35,19 @@ def test_mixed_sample_sizes_are_refused():
     params = {k: (v.detach().expand(2, *v.shape) if i == 0 else v.detach()) for i, (k, v) in enumerate(params.items())}
     with pytest.raises(ConfigError, match="mix sample sizes"):
         forward(model, params, torch.rand(1, 1, 2, 2))
+
+
+def test_forward_leaves_a_model_with_a_shared_module_unchanged():
+    """functional_call alone leaves the passed tensors inside a module used twice (pytorch#164759)."""
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    params = {k: torch.full_like(v, 5.0) for k, v in model.named_parameters()}
+    x = torch.randn(4, 3)
+    out = forward(model, params, x)
+    ref = torch.relu(x @ params["0.weight"].T + params["0.bias"]) @ params["0.weight"].T + params["0.bias"]
+    torch.testing.assert_close(out, ref)
+    stacked = {k: v.unsqueeze(0).expand(2, *v.shape) for k, v in params.items()}
+    forward(model, stacked, x)
+    for k, v in model.named_parameters():
+        assert isinstance(v, nn.Parameter) and torch.equal(v, before[k]), k

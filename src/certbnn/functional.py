@@ -12,7 +12,8 @@ input gradient), so those loop over the samples.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -46,15 +47,31 @@ def sample_size(model: nn.Module, params: Mapping[str, Tensor]) -> int | None:
     return sizes.pop() if sizes else None
 
 
+@contextmanager
+def slots_restored(model: nn.Module) -> Iterator[None]:
+    """Restore every module's parameter/buffer slots on exit. ``functional_call`` leaves a
+    module reached under two names (a shared instance, tied weights) holding the tensors
+    passed in (pytorch#164759); wrapping each call in this keeps the model unchanged."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
+
+
 def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """Model output for input ``x`` (B, ...) under ``params``: (B, K), or (S, B, K)
-    when ``params`` carry a sample dimension S."""
+    when ``params`` carry a sample dimension S. The model itself is left unchanged."""
     size = sample_size(model, params)
-    if size is None:
-        return functional_call(model, dict(params), (x,))
-    if x.device.type == "cpu" and _is_convolutional(model):
-        return torch.stack([functional_call(model, {k: v[i] for k, v in params.items()}, (x,)) for i in range(size)])
-    return torch.vmap(lambda p: functional_call(model, p, (x,)))(dict(params))
+    with slots_restored(model):
+        if size is None:
+            return functional_call(model, dict(params), (x,))
+        if x.device.type == "cpu" and _is_convolutional(model):
+            return torch.stack([functional_call(model, {k: v[i] for k, v in params.items()}, (x,))
+                                for i in range(size)])
+        return torch.vmap(lambda p: functional_call(model, p, (x,)))(dict(params))
 
 
 def _is_convolutional(model: nn.Module) -> bool:

@@ -6,7 +6,6 @@ fall outside given bounds. A check, not a proof; use it to test bound rules
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from certbnn.errors import ConfigError
+from certbnn.functional import slots_restored
 
 
 @dataclass
@@ -49,23 +49,10 @@ def sample_box(lower: Tensor, upper: Tensor, n: int, generator: torch.Generator 
     return x
 
 
-@contextmanager
-def _slots_restored(model: nn.Module):
-    """Restore every module's parameter/buffer slots on exit: ``functional_call`` (tie_weights)
-    leaves a module reached under two names holding the passed tensors (pytorch#164759)."""
-    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, params, buffers in saved:
-            m._parameters.update(params)
-            m._buffers.update(buffers)
-
-
 def reference_call(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """``model(x)`` with ``params`` (canonical names) replacing the model's tensors at every use;
     the model is left unchanged (also when it reuses a module)."""
-    with _slots_restored(model):
+    with slots_restored(model):
         return functional_call(model, dict(params), (x,))
 
 
