@@ -1,6 +1,7 @@
 """Benchmark of the bound engine (certbnn.bounds): speed and tightness.
 
     .venv/bin/python benchmarks/bounds_bench.py [--repeats 7] [--write-docs] [--skip-tightness]
+    .venv/bin/python benchmarks/bounds_bench.py --float-rigor [--repeats 3] [--write-docs]
 
 Speed (batch 128, float32, torch.no_grad, default threads): the paper's MNIST
 MLP 784-512-10 and CIFAR CNN (conv16@4x4 - ReLU - conv32@4x4 - ReLU - maxpool2
@@ -14,6 +15,11 @@ Tightness: MLPs trained for a few seconds on MNIST (when CERTBNN_DATA or
 ../shared/data holds it; synthetic data otherwise), margin bounds by IBP,
 CROWN-IBP and CROWN, plus the float32-vs-float64 rounding discrepancy that
 sets ``AUTO_TOL``.
+
+``--float-rigor``: only the cost of rigorous floating point -- plain float32
+(``tol=None``) against ``tol="sound"`` in float64 (the certification default)
+and in float32, IBP and CROWN-IBP with the margin spec, on both networks
+(block ``rigor`` of docs/bounds.md).
 
 ``--write-docs`` replaces the generated blocks of docs/bounds.md.
 """
@@ -227,6 +233,32 @@ def tightness() -> list[str]:
     return lines
 
 
+def float_rigor(repeats: int) -> list[str]:
+    rows = ["| network | method | plain float32 (ms) | sound float64 (ms) | x plain | sound float32 (ms) | x plain "
+            "| mean margin width: plain f32 / sound f64 / sound f32 |", "|---|---|---|---|---|---|---|---|"]
+    for name, build, shape, eps in (("MLP 784-512-10", mlp, (1, 28, 28), 0.1), ("CNN (CIFAR)", cnn, (3, 32, 32), 0.01)):
+        torch.manual_seed(0)
+        model = build().eval()
+        x = torch.rand(128, *shape)
+        spec = margin_spec(torch.randint(0, 10, (128,)), 10, exclude_true=True)
+        lo, up = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+        lo64, up64 = lo.double(), up.double()
+        for method in ("ibp", "crown-ibp"):
+            cases = {
+                "plain": lambda: compute_bounds(model, lo, up, method, spec=spec),
+                "sound64": lambda: compute_bounds(model, lo64, up64, method, spec=spec, tol="sound"),
+                "sound32": lambda: compute_bounds(model, lo, up, method, spec=spec, tol="sound"),
+            }
+            with torch.no_grad():
+                t = timeit_interleaved(cases, repeats)
+                width = {k: float((fn()[1] - fn()[0]).mean()) for k, fn in cases.items()}
+            rows.append(f"| {name} | {method} | {t['plain'] * 1e3:.1f} | {t['sound64'] * 1e3:.1f} | "
+                        f"{t['sound64'] / t['plain']:.2f} | {t['sound32'] * 1e3:.1f} | {t['sound32'] / t['plain']:.2f} | "
+                        f"{width['plain']:.6f} / {width['sound64']:.6f} / {width['sound32']:.6f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def write_docs(block: str, lines: list[str]) -> None:
     path = ROOT / "docs" / "bounds.md"
     text = path.read_text()
@@ -243,10 +275,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--skip-tightness", action="store_true")
+    ap.add_argument("--float-rigor", action="store_true", help="only time tol='sound' against plain float32")
     args = ap.parse_args()
     cmd = "cd /work/main && .venv/bin/python benchmarks/bounds_bench.py " + " ".join(sys.argv[1:])
     info = [f"Command: `{cmd.strip()}`", "", f"Machine: {machine()}.", ""]
     print("\n".join(info))
+    if args.float_rigor:
+        rows = float_rigor(args.repeats)
+        rows.append(f"\nLoad average (1 min) at the end: {os.getloadavg()[0]:.2f}.")
+        if args.write_docs:
+            write_docs("rigor", info + rows)
+        return
     lines, _ = speed(args.repeats)
     lines.append(f"\nLoad average (1 min) at the end of the speed runs: {os.getloadavg()[0]:.2f}.")
     print("\n".join(lines))
