@@ -51,7 +51,8 @@ def pgd(loss_fn: LossOfInput, x: Tensor, eps: float, *, steps: int = 10, step_si
     for _ in range(restarts):
         x_adv = x.clone()
         if random_start:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            gen_device = generator.device if generator is not None else x.device  # a CPU generator works for any x
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=gen_device).to(x.device)
             x_adv = project(x + (2 * noise - 1) * eps, x, eps, lo, hi)
         for _ in range(steps):
             grad, _ = _input_grad(loss_fn, x_adv)

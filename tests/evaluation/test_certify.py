@@ -9,8 +9,9 @@ from torch.func import functional_call
 from certbnn.attacks import pgd
 from certbnn.bounds import compute_bounds, margin_spec
 from certbnn.errors import ConfigError
-from certbnn.evaluation.certify import (certified_accuracy, certified_radius, certify_decision, certify_paper,
-                                        certify_statistical, certify_weight_box, per_sample_certified)
+from certbnn.evaluation.certify import (box_log_mass_lower, certified_accuracy, certified_radius, certify_decision,
+                                        certify_paper, certify_statistical, certify_weight_box, per_sample_certified,
+                                        statistical_certified_radius)
 from certbnn.functional import detached_params, forward
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, SamplePosterior
@@ -102,61 +103,115 @@ def test_pgd_never_breaks_certified_posterior_samples(trained):
     assert _attack_successes(model, _rows(samples, s_idx), x[b_idx], y[b_idx], 0.1) == 0
 
 
-def test_pgd_never_breaks_weights_inside_a_certified_box(trained):
+def _box_params(posterior, ks, idx, reps, gen):
+    """Per point in ``idx``, ``reps`` weight sets inside its box ``mu ± k_l sigma`` (half random corners,
+    half uniform draws), stacked: name -> (len(idx) * reps, *shape)."""
+    params = {}
+    for name, mu in posterior.mean().items():
+        k = ks[name][idx].float().repeat_interleave(reps).view(-1, *[1] * mu.dim())
+        u = torch.rand(k.shape[0], *mu.shape, generator=gen) * 2 - 1
+        corner = (torch.arange(k.shape[0]) % reps < reps // 2).view(-1, *[1] * mu.dim())
+        params[name] = mu + k * posterior.std()[name] * torch.where(corner, u.sign(), u)
+    return params
+
+
+def test_pgd_never_breaks_weights_inside_a_verified_box(trained):
     model, _, posterior, x, y = trained
     eps = 0.08
     res = certify_weight_box(model, posterior, x, y, eps, dtype=F64)
-    idx = res["certified"].nonzero().squeeze(1)
+    idx = res["verified"].nonzero().squeeze(1)
     assert idx.numel() >= 10
-    gen = torch.Generator().manual_seed(2)
-    reps = 8  # per point: 4 random corners of mu ± k sigma, 4 uniform draws inside it
-    k = res["k"][idx].float().repeat_interleave(reps)
-    params = {}
-    for name, mu in posterior.mean().items():
-        u = torch.rand(k.numel(), *mu.shape, generator=gen) * 2 - 1
-        corner = torch.arange(k.numel()) % reps < reps // 2
-        u = torch.where(corner.view(-1, *[1] * mu.dim()), u.sign(), u)
-        params[name] = mu + k.view(-1, *[1] * mu.dim()) * posterior.std()[name] * u
+    reps = 8
+    params = _box_params(posterior, res["k"], idx, reps, torch.Generator().manual_seed(2))
     rows = idx.repeat_interleave(reps)
     assert _attack_successes(model, params, x[rows], y[rows], eps) == 0
 
 
-def test_weight_box_mass_is_that_of_the_box_verified(trained):
+def _exact_log_mass(ks: dict, b: int, posterior) -> float:
+    """log prod_l erf(k_l / sqrt 2)^{n_l} in 60-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        return float(sum(t.numel() * mpmath.log(mpmath.erf(mpmath.mpf(float(ks[n][b])) / mpmath.sqrt(2)))
+                         for n, t in posterior.mean().items()))
+
+
+def test_weight_box_lower_bound_is_the_rounded_down_mass_of_the_box_verified(trained):
     model, _, posterior, x, y = trained
-    res = certify_weight_box(model, posterior, x, y, 0.05, k_max=5.0, iters=12)
-    k, log_mass = res["k"], res["log_mass"]
-    assert bool(res["certified"].all()) and bool((k > 0).all() & (k <= 5.0).all())
-    d = posterior.num_coordinates
+    res = certify_weight_box(model, posterior, x, y, 0.05, k_max=5.0, iters=12, refine=1)
+    ks, log_lower = res["k"], res["log_lower"]
+    assert bool(res["verified"].all())
     for b in range(0, 64, 9):
-        kb = float(k[b])
-        expected = d * math.log(math.erf(kb / math.sqrt(2)))  # prod erf(k/sqrt 2) of THIS k
-        assert float(log_mass[b]) == pytest.approx(expected, rel=1e-12)
-        assert float(log_mass[b]) == pytest.approx(posterior.box_log_mass(kb), rel=1e-12)
-        assert float(log_mass[b]) < posterior.box_log_mass(2 * kb)  # not the (larger) mass of a box twice as wide
-        # the box mu ± k sigma of that same k is certified by a direct call of the engine ...
+        exact = _exact_log_mass(ks, b, posterior)
+        assert float(log_lower[b]) <= exact and float(log_lower[b]) == pytest.approx(exact, rel=1e-9)
+        assert float(res["log10_lower"][b]) <= exact / math.log(10)
+        # the box mu ± k_l sigma of those k_l is verified by a direct call of the engine
         lo, up = (x[b:b + 1] - 0.05).clamp(0, 1), (x[b:b + 1] + 0.05).clamp(0, 1)
-        m_lo, _ = compute_bounds(model, lo, up, param_bounds=posterior.weight_box(kb),
-                                 spec=margin_spec(y[b:b + 1], K, exclude_true=True), dtype=F64, tol="auto")
+        box = {n: (mu - float(ks[n][b]) * posterior.std()[n], mu + float(ks[n][b]) * posterior.std()[n])
+               for n, mu in posterior.mean().items()}
+        m_lo, _ = compute_bounds(model, lo, up, param_bounds=box, spec=margin_spec(y[b:b + 1], K, exclude_true=True),
+                                 dtype=F64, tol="auto")
         assert bool((m_lo > 0).all())
-        # ... and a box one bisection step wider is not (k is maximal to the bisection's resolution)
-        wider = certify_weight_box(model, posterior, x[b:b + 1], y[b:b + 1], 0.05, k=kb + 5.0 / 2**12 * 1.01)
-        assert not bool(wider["certified"][0]) or kb == 5.0
+    # a box one common-bisection step wider than the common k is not verified (k is maximal to that resolution)
+    common = certify_weight_box(model, posterior, x[:8], y[:8], 0.05, refine=0)
+    kc = common["k"]["1.weight"]
+    assert all(bool(torch.equal(common["k"][n], kc)) for n in common["k"])
+    assert bool(((kc > 0) & (kc <= 5.0)).all())
+    for b in range(8):
+        wider = certify_weight_box(model, posterior, x[b:b + 1], y[b:b + 1], 0.05, k=float(kc[b]) + 5.0 / 2**12 * 1.01)
+        assert not bool(wider["verified"][0]) or float(kc[b]) == 5.0
+    # the per-tensor refinement never loses mass, and gains some
+    assert bool((res["log_lower"][:8] >= common["log_lower"]).all())
+    assert bool((res["log_lower"][:8] > common["log_lower"] + 1.0).any())
+
+
+def test_weight_box_counts_a_point_only_when_the_bound_reaches_the_threshold(trained):
+    model, mean, posterior, x, y = trained
+    wide = certify_weight_box(model, posterior, x, y, 0.05, threshold=0.5)  # std 0.02: verified, tiny mass
+    assert bool(wide["verified"].all()) and not bool(wide["certified"].any())
+    assert bool((wide["log10_lower"] < -10).all())
+    narrow = GaussianPosterior(mean, {n: torch.full_like(t, 1e-4) for n, t in mean.items()})
+    for threshold in (0.0, 0.5, 0.9, 1.0):
+        res = certify_weight_box(model, narrow, x, y, 0.05, threshold=threshold, iters=4)
+        expected = res["verified"] & (res["log_lower"] >= math.log(threshold) if threshold else True)
+        assert torch.equal(res["certified"], expected) and bool(res["verified"].all())
+        assert bool(res["certified"].all()) == (threshold < 1)  # k_max = 5 in 643 dims: mass 0.9996 < 1
+    assert torch.equal(res["lower"], torch.exp(res["log_lower"]) * (1 - 2.0 ** -50))
+    with pytest.raises(ConfigError, match="threshold"):
+        certify_weight_box(model, narrow, x, y, 0.05, threshold=1.5)
+
+
+def test_box_log_mass_lower_against_high_precision():
+    mpmath = pytest.importorskip("mpmath")
+    counts = torch.tensor([1.0, 407_050.0], dtype=F64)
+    for k1, k2 in ((1e-3, 0.44), (0.7, 1.0), (1.5, 4.0), (5.0, 40.0), (0.0, 1.0)):
+        got = float(box_log_mass_lower(torch.tensor([k1, k2], dtype=F64), counts))
+        if k1 == 0:
+            assert got == -math.inf
+            continue
+        with mpmath.workdps(80):
+            exact = sum(n * mpmath.log(mpmath.erf(mpmath.mpf(k) / mpmath.sqrt(2))) for k, n in ((k1, 1), (k2, 407_050)))
+        assert got <= exact and (got == pytest.approx(float(exact), rel=1e-9, abs=1e-280)), (k1, k2)
 
 
 def test_weight_box_with_given_k_and_errors(trained):
     model, mean, posterior, x, y = trained
-    found = certify_weight_box(model, posterior, x, y, 0.08)["k"]
+    found = certify_weight_box(model, posterior, x, y, 0.08, refine=0)["k"]["1.weight"]
     fixed = certify_weight_box(model, posterior, x, y, 0.08, k=0.5)
     resolution = 5.0 / 2**12
     clear = (found - 0.5).abs() > resolution
-    assert torch.equal(fixed["certified"][clear], (found >= 0.5)[clear])
-    assert bool((fixed["k"][fixed["certified"]] == 0.5).all()) and bool((fixed["k"][~fixed["certified"]] == 0).all())
-    assert bool(torch.isinf(fixed["log_mass"][~fixed["certified"]]).all())
+    assert torch.equal(fixed["verified"][clear], (found >= 0.5)[clear])
+    for ks in fixed["k"].values():
+        assert bool((ks[fixed["verified"]] == 0.5).all()) and bool((ks[~fixed["verified"]] == 0).all())
+    assert bool(torch.isinf(fixed["log_lower"][~fixed["verified"]]).all())
+    per_tensor = certify_weight_box(model, posterior, x, y, 0.08, k={n: 0.5 for n in mean})
+    assert torch.equal(per_tensor["log_lower"], fixed["log_lower"])
     stored = SamplePosterior({n: t.unsqueeze(0) for n, t in mean.items()})
     with pytest.raises(ConfigError, match="GaussianPosterior"):
         certify_weight_box(model, stored, x, y, 0.08)
     with pytest.raises(ConfigError):
         certify_weight_box(model, posterior, x, y, 0.08, k=-1.0)
+    with pytest.raises(ConfigError, match="every posterior tensor"):
+        certify_weight_box(model, posterior, x, y, 0.08, k={"1.weight": 0.5})
 
 
 def test_decision_certificate_is_sound_by_sampling(trained):
@@ -225,8 +280,8 @@ def test_per_point_eps_tensors(trained):
             assert torch.equal(full[..., sel], part[..., sel]), (key, float(level))
 
     same(lambda e: per_sample_certified(model, mean, x, y, e))
-    same(lambda e: certify_weight_box(model, posterior, x, y, e, k=0.5), "certified")
-    same(lambda e: certify_weight_box(model, posterior, x, y, e, iters=6), "k")
+    same(lambda e: certify_weight_box(model, posterior, x, y, e, k=0.5), "verified")
+    same(lambda e: certify_weight_box(model, posterior, x, y, e, iters=6, refine=0), "log_lower")
     for fn in (certify_decision, certify_paper):
         same(lambda e: fn(model, posterior, x, y, e, generator=torch.Generator().manual_seed(0)), "certified")
     same(lambda e: certify_statistical(model, posterior, x, y, e, num_samples=50,
@@ -257,3 +312,32 @@ def test_certified_radius_bisection(trained):
     assert acc == pytest.approx(float((clean & cert(x, y, 0.1)).double().mean()))
     with pytest.raises(ConfigError):
         certified_accuracy(clean, clean[:3])
+
+
+def test_certified_radius_refuses_a_randomised_certificate(trained):
+    model, _, posterior, x, y = trained
+    gen = torch.Generator().manual_seed(0)
+
+    def coin(xx, yy, e):  # a randomised "certificate"
+        return torch.rand(xx.shape[0], generator=gen) < 0.5
+
+    with pytest.raises(ConfigError, match="deterministic") as err:
+        certified_radius(coin, x, y, eps_max=0.1)
+    assert "\n" not in str(err.value)
+
+
+def test_statistical_radius_corrects_for_the_tests_made(trained, monkeypatch):
+    from certbnn.evaluation import certify
+    model, _, posterior, x, y = trained
+    seen, real = [], certify.certify_statistical
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["confidence"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(certify, "certify_statistical", spy)
+    iters = 5
+    radius = statistical_certified_radius(model, posterior, x[:16], y[:16], eps_max=0.2, iters=iters,
+                                          confidence=0.99, num_samples=64, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == iters + 1 and all(c == pytest.approx(1 - 0.01 / (iters + 1)) for c in seen)
+    assert radius.shape == (16,) and bool(((radius >= 0) & (radius <= 0.2)).all()) and bool((radius > 0).any())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -58,6 +59,13 @@ def test_evaluate_writes_everything(runs, capsys):
         assert key in saved, key
     assert {"clean", "fgsm", "pgd", "certificate:paper", "ood"} <= set(saved["seconds_per_part"])
     assert saved["radius"]["certificate"] == "decision" and saved["radius"]["mean"] >= 0
+    for row in saved["per_eps"]:  # weight box: a point counts only when its lower bound on P_rob reaches 0.5
+        per_point = row["weight_box_log10_lower_per_point"]
+        assert len(per_point) == saved["num_points"] and set(row["weight_box_log10_lower"]) == {
+            "min", "q10", "median", "q90", "max"}
+        reaching = sum(v is not None and v >= math.log10(0.5) for v in per_point) / len(per_point)
+        assert row["weight_box_certified_accuracy"] <= reaching
+        assert row["weight_box_certified_accuracy"] <= row["weight_box_verified_rate"]
     small, large = saved["per_eps"]
     assert small["paper_certified_accuracy"] >= large["paper_certified_accuracy"]
     assert "tiny-noise" in saved["ood"] and "fgsm-0.3" in saved["ood"]
@@ -65,6 +73,7 @@ def test_evaluate_writes_everything(runs, capsys):
         assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (run / "report.md").read_text()
     assert "paper certified accuracy" in report and "![reliability.png]" in report
+    assert "Weight-box certificate, eps 0.02: a box verified for" in report and "lower bound on P_rob (log10)" in report
 
 
 def test_point_estimate_has_no_weight_box(runs, tmp_path, capsys):

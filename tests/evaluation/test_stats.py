@@ -1,4 +1,4 @@
-"""Sample sizes, Clopper-Pearson intervals and the sequential stopping rule."""
+"""Sample sizes, exact binomial bounds, the statistical certificate's test and the sequential stopping rule."""
 
 import math
 
@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from certbnn.errors import ConfigError
-from certbnn.evaluation.stats import (clopper_pearson, hoeffding_sample_size, sequential_confidence,
+from certbnn.evaluation import certify
+from certbnn.evaluation.certify import certify_statistical
+from certbnn.evaluation.stats import (binomial_lower_bound, binomial_upper_bound, clopper_pearson,
+                                      hoeffding_sample_size, one_sided_bounds, sequential_confidence,
                                       sequential_looks)
+from certbnn.posterior import GaussianPosterior
 
 
 def test_hoeffding_sample_sizes_of_the_paper():
@@ -90,3 +94,97 @@ def test_sequential_rule():
     assert sequential_confidence(0.99, 7) == pytest.approx(1 - 0.01 / 7)
     with pytest.raises(ConfigError):
         sequential_confidence(0.99, 0)
+
+
+def _pmf(n: int, p: float | torch.Tensor) -> torch.Tensor:
+    """Binomial(n, p) pmf over k = 0..n, ``(..., n + 1)`` for ``p`` of shape ``(...)`` (float64, exact at 0 and 1)."""
+    p = torch.as_tensor(p, dtype=torch.float64).unsqueeze(-1)
+    k = torch.arange(n + 1, dtype=torch.float64)
+    log_comb = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    return (log_comb + torch.special.xlogy(k, p) + torch.special.xlogy(n - k, 1 - p)).exp()
+
+
+@pytest.mark.parametrize("n", [1, 10, 95])
+def test_one_sided_lower_bound_solves_its_equation_at_the_stated_level(n):
+    conf = 0.95
+    k = torch.arange(n + 1)
+    lower, upper = one_sided_bounds(k, n, conf)
+    assert torch.equal(lower, binomial_lower_bound(k, n, conf)) and torch.equal(upper, binomial_upper_bound(k, n, conf))
+    assert lower[0] == 0 and upper[n] == 1
+    two_sided_90, two_sided_95 = clopper_pearson(k, n, 0.90)[0], clopper_pearson(k, n, conf)[0]
+    for kk in range(1, n + 1):  # P(X >= k; L) = alpha (not alpha/2: the two-sided interval's end)
+        assert _tail_ge(kk, n, lower[kk].item()) == pytest.approx(0.05, rel=1e-9)
+        assert lower[kk].item() == pytest.approx(two_sided_90[kk].item(), abs=1e-12)  # the 2-sided 90 % lower end
+        assert lower[kk].item() > two_sided_95[kk].item()  # tighter than the two-sided 95 % one
+    assert lower[n].item() == pytest.approx(0.05 ** (1 / n), abs=1e-12)  # k = n: p^n = alpha
+
+
+def test_one_sided_lower_bound_exact_coverage_is_at_the_stated_level():
+    # P_p(L(X) <= p) = sum_k pmf(k) 1[L_k <= p], exactly: >= 1 - alpha for every p, and the worst case comes
+    # close to 1 - alpha (the two-sided Clopper-Pearson end would stay above 1 - alpha/2).
+    for n, conf in ((24, 0.95), (200, 0.99)):
+        lower = binomial_lower_bound(torch.arange(n + 1), n, conf)
+        p = torch.linspace(0.0, 1.0, 2001, dtype=torch.float64)
+        coverage = (_pmf(n, p) * (lower <= p.unsqueeze(-1)).double()).sum(-1)
+        assert bool((coverage >= conf - 1e-9).all()), (n, p[coverage.argmin()])
+        assert float(coverage.min()) < 1 - 0.7 * (1 - conf), (n, float(coverage.min()))
+
+
+@pytest.mark.parametrize("conf", [0.9, 0.99])
+def test_one_sided_lower_bound_monte_carlo_coverage(conf):
+    # The statistical test of coverage: 4000 binomial draws per (n, p); if P(L <= p) >= conf the empirical miss
+    # rate has standard error <= sqrt(conf (1 - conf) / reps); we allow 3 of those (fixed seed).
+    reps = 4000
+    margin = 3 * math.sqrt(conf * (1 - conf) / reps)
+    gen = torch.Generator().manual_seed(99)
+    for n in (24, 300):
+        for p in (0.0, 0.05, 0.3, 0.5, 0.77, 0.99, 1.0):
+            k = torch.binomial(torch.full((reps,), float(n)), torch.full((reps,), p), generator=gen)
+            coverage = (binomial_lower_bound(k, n, conf) <= p).double().mean().item()
+            assert coverage >= conf - margin, (n, p, coverage)
+
+
+@pytest.fixture
+def bernoulli_certifier(monkeypatch):
+    """``make(p, reps)`` -> (posterior, x, y) for ``reps`` points at which each posterior sample is
+    certified independently with probability ``p``: the fake ``per_sample_certified`` certifies
+    sample ``s`` at point ``b`` (``x[b] = b``) iff ``u[s, b] < Phi^-1(p)``, ``u ~ N(0, 1)`` drawn by
+    the posterior from the certificate's own generator."""
+    def fake(model, params, x, y, eps, **kwargs):
+        return params["u"][:, x[:, 0].long()] < params["z"][:, :1]
+
+    monkeypatch.setattr(certify, "per_sample_certified", fake)
+
+    def make(p, reps):
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([p], dtype=torch.float64))
+        posterior = GaussianPosterior({"u": torch.zeros(reps, dtype=torch.float64), "z": z},
+                                      {"u": torch.ones(reps, dtype=torch.float64), "z": torch.full_like(z, 1e-300)})
+        return posterior, torch.arange(reps, dtype=torch.float64).unsqueeze(1), torch.zeros(reps, dtype=torch.int64)
+
+    return make
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_false_certification_rate_under_h0_is_at_most_alpha(bernoulli_certifier, sequential):
+    # H0 true: P_rob = 0.49 < threshold 0.5. Each of 4000 independent points is one repetition of the test.
+    reps, alpha, t, p, n = 4000, 0.05, 0.5, 0.49, 256
+    posterior, x, y = bernoulli_certifier(p, reps)
+    res = certify_statistical(None, posterior, x, y, 0.0, num_samples=n, confidence=1 - alpha, threshold=t,
+                              sequential=sequential, generator=torch.Generator().manual_seed(7))
+    rate = res["certified"].double().mean().item()
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+    if not sequential:  # the rate is the one-sided exact test's size at p, computed exactly (not a looser test)
+        assert abs(res["p_hat"].mean().item() - p) < 4 * math.sqrt(p * (1 - p) / (n * reps))
+        lower = binomial_lower_bound(torch.arange(n + 1), n, 1 - alpha)
+        exact = float((_pmf(n, p) * (lower >= t).double()).sum())
+        two_sided = float((_pmf(n, p) * (clopper_pearson(torch.arange(n + 1), n, 1 - alpha)[0] >= t).double()).sum())
+        assert two_sided < exact <= alpha  # the stated level is used, not 1 - alpha/2
+        assert abs(rate - exact) <= 4 * math.sqrt(exact * (1 - exact) / reps), (rate, exact)
+        assert torch.equal(res["lower"], binomial_lower_bound(res["p_hat"] * n, n, 1 - alpha))
+    else:
+        assert bool((res["num_samples"] < n).any())  # some points stopped early (futility)
+    # ... and the same test has power when H1 holds clearly
+    posterior, x, y = bernoulli_certifier(0.8, reps)
+    res = certify_statistical(None, posterior, x, y, 0.0, num_samples=n, confidence=1 - alpha, threshold=t,
+                              sequential=sequential, generator=torch.Generator().manual_seed(8))
+    assert res["certified"].double().mean().item() > 0.99

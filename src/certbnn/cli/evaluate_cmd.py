@@ -27,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"attacks on the predictive, comma-separated from {','.join(ATTACKS)} (default both; '' for none)")
     p.add_argument("--certificates", type=_list(str), default=["per-sample", "paper", "statistical"],
                    help=f"comma-separated from {','.join(CERTIFICATES)}: per-sample = fraction of sampled nets "
-                        "certified; paper = the authors' protocol (24 samples); statistical = Clopper-Pearson "
-                        "lower bound on P_rob >= --threshold; weight-box = sound mass of a certified weight box "
-                        "(Gaussian posteriors); decision = the predictive's argmax cannot change "
+                        "certified; paper = the authors' protocol (24 samples); statistical = exact one-sided "
+                        "binomial test of P_rob >= --threshold at --confidence; weight-box = sound lower bound on "
+                        "P_rob (Gaussian mass of a verified weight box) >= --threshold (Gaussian posteriors); "
+                        "decision = the predictive's argmax cannot change "
                         "(default per-sample,paper,statistical)")
     p.add_argument("--bound", choices=["ibp", "crown-ibp", "crown"], default="ibp", help="bound method (default ibp)")
     p.add_argument("--float64", action="store_true", help="certify in float64 (slower, tighter rounding)")
@@ -40,8 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=24, help="posterior samples K for predictions and attacks (default 24)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (default 1)")
-    p.add_argument("--confidence", type=float, default=0.99, help="Clopper-Pearson confidence (default 0.99)")
-    p.add_argument("--threshold", type=float, default=0.5, help="statistical certificate: lower bound on P_rob needed (default 0.5)")
+    p.add_argument("--confidence", type=float, default=0.99,
+                   help="statistical certificate: 1 - level of the one-sided test of P_rob >= --threshold "
+                        "(default 0.99)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="statistical and weight-box certificates: lower bound on P_rob needed (default 0.5)")
+    p.add_argument("--weight-box-refine", type=int, default=1,
+                   help="weight-box certificate: rounds of per-tensor pattern search on the box radii after the "
+                        "common-k bisection, each 2 x (parameter tensors) x 6 bound passes (default 1; 0: common k)")
     p.add_argument("--ood", metavar="DATASET", help="out-of-distribution test set, e.g. fashion-mnist")
     p.add_argument("--ood-fgsm-eps", type=float, help="also score FGSM examples at this eps as OOD (paper: 0.3)")
     p.add_argument("--radius", action="store_true", help="certified radius per point by bisection (decision certificate, the same --samples draws)")
@@ -63,6 +70,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     options = EvalOptions(eps=args.eps, attacks=args.attacks, certificates=args.certificates, bound=args.bound,
                           float64=args.float64, limit=args.limit, points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
                           pgd_restarts=args.pgd_restarts, confidence=args.confidence, threshold=args.threshold,
+                          weight_box_refine=args.weight_box_refine,
                           ood=args.ood, ood_fgsm_eps=args.ood_fgsm_eps, radius=args.radius, seed=args.seed,
                           data_dir=args.data_dir, device=args.device,
                           chunk_size=args.chunk_size)

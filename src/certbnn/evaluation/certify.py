@@ -9,10 +9,11 @@ is faster and still rigorous but looser. ``method`` is the bound method of :func
 
 * :func:`per_sample_certified` -- per weight sample: every margin lower bound > 0.
 * :func:`certify_paper` -- the authors' protocol (summed worst-case softmaxes).
-* :func:`certify_statistical` -- Clopper-Pearson interval on ``P_rob``.
-* :func:`certify_weight_box` -- sound ``P_rob >= mass(mu ± k sigma)`` (Gaussian).
+* :func:`certify_statistical` -- exact one-sided binomial test of ``P_rob >= threshold``.
+* :func:`certify_weight_box` -- sound ``P_rob >= mass(mu ± k_l sigma)`` (Gaussian); certified when >= threshold.
 * :func:`certify_decision` -- the argmax of the Monte Carlo predictive is constant on the ball.
-* :func:`certified_radius`, :func:`certified_accuracy`.
+* :func:`certified_radius` (deterministic certificates), :func:`statistical_certified_radius`,
+  :func:`certified_accuracy`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from certbnn.errors import ConfigError
 from certbnn.evaluation import stats
 from certbnn.posterior import GaussianPosterior
 
-__all__ = ["certified_accuracy", "certified_radius", "certify_decision", "certify_paper", "certify_statistical",
-           "certify_weight_box", "per_sample_certified"]
+__all__ = ["box_log_mass_lower", "certified_accuracy", "certified_radius", "certify_decision", "certify_paper",
+           "certify_statistical", "certify_weight_box", "per_sample_certified", "statistical_certified_radius"]
 
 Eps = float | Tensor
 
@@ -125,26 +126,34 @@ def certify_statistical(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: 
                         num_samples: int | None = None, confidence: float = 0.99, threshold: float = 0.5,
                         method: str = "ibp", sequential: bool = False, generator: torch.Generator | None = None,
                         dtype: torch.dtype | None = None, sample_chunk: int = 256, first_look: int = 32) -> dict:
-    """Clopper-Pearson interval on ``P_rob = P_w[sample w certified on T_eps(x)]``.
+    """Exact binomial test of ``H0: P_rob < threshold`` at level ``alpha = 1 - confidence``.
 
-    ``num_samples`` defaults to ``hoeffding_sample_size(0.05, 0.01) = 1060``;
-    samples are drawn ``sample_chunk`` at a time. ``certified = lower >= threshold``.
-    With ``sequential=True`` samples are examined at the looks of
-    :func:`stats.sequential_looks` (``first_look`` doubling up to ``num_samples``);
-    a point stops once its interval, at the Bonferroni-adjusted confidence
-    :func:`stats.sequential_confidence`, lies on one side of ``threshold``; the
-    reported interval (valid at ``confidence`` by the union bound over looks) is
-    the one at its stopping look. Returns ``p_hat``, ``lower``, ``upper`` (B,)
-    float64, ``certified`` (B,) bool, ``num_samples`` (int, or (B,) int64 when sequential).
+    ``P_rob = P_w[sample w certified on T_eps(x)]`` (a lower bound on the
+    posterior probability that the network is robust). ``X`` of ``n`` fresh
+    samples are certified; ``lower`` is the exact one-sided lower confidence
+    bound (:func:`stats.binomial_lower_bound`: ``P(lower > P_rob) <= alpha``)
+    and ``certified = lower >= threshold``, so a point with ``P_rob < threshold``
+    is certified with probability ``<= alpha``. ``num_samples`` defaults to
+    ``hoeffding_sample_size(0.05, 0.01) = 1060``, drawn ``sample_chunk`` at a time.
+
+    ``sequential=True``: samples are examined at the ``T`` looks of
+    :func:`stats.sequential_looks` (``first_look`` doubling up to ``num_samples``),
+    each at level ``1 - alpha/T`` (Bonferroni over the looks,
+    :func:`stats.sequential_confidence`); a point stops certified once ``lower >=
+    threshold`` and uncertified once ``upper < threshold``. The false-certification
+    rate stays ``<= alpha`` (union bound over the looks); the bounds returned are
+    those of the stopping look. Returns ``p_hat``, ``lower``, ``upper`` (B,)
+    float64 (``upper``: the one-sided upper bound at the same level),
+    ``certified`` (B,) bool, ``num_samples`` (int, or (B,) int64 when sequential).
     """
     n_max = stats.hoeffding_sample_size(0.05, 0.01) if num_samples is None else int(num_samples)
-    if n_max < 1 or sample_chunk < 1 or not 0 <= threshold <= 1:
-        raise ConfigError(f"need num_samples >= 1, sample_chunk >= 1, 0 <= threshold <= 1 "
-                          f"(got {n_max}, {sample_chunk}, {threshold})")
+    if n_max < 1 or sample_chunk < 1 or not 0 <= threshold <= 1 or not 0 < confidence < 1:
+        raise ConfigError(f"need num_samples >= 1, sample_chunk >= 1, 0 <= threshold <= 1, 0 < confidence < 1 "
+                          f"(got {n_max}, {sample_chunk}, {threshold}, {confidence})")
     e = _eps_vector(eps, x)
     if not sequential:
         succ = _count_certified(model, posterior, x, y, e, n_max, sample_chunk, method, generator, dtype)
-        lower, upper = stats.clopper_pearson(succ, n_max, confidence)
+        lower, upper = stats.one_sided_bounds(succ, n_max, confidence)
         return {"p_hat": succ.double() / n_max, "lower": lower, "upper": upper,
                 "certified": lower >= threshold, "num_samples": n_max}
     looks = stats.sequential_looks(n_max, first_look)
@@ -159,9 +168,9 @@ def certify_statistical(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: 
         succ[idx] += _count_certified(model, posterior, x[idx], y[idx], e[idx], look - int(used[idx[0]]),
                                       sample_chunk, method, generator, dtype)
         used[idx] = look
-        lower, upper = stats.clopper_pearson(succ[idx], look, conf)
+        lower, upper = stats.one_sided_bounds(succ[idx], look, conf)
         active[idx[(lower >= threshold) | (upper < threshold)]] = False
-    lower, upper = stats.clopper_pearson(succ, used, conf)
+    lower, upper = stats.one_sided_bounds(succ, used, conf)
     return {"p_hat": succ.double() / used, "lower": lower, "upper": upper,
             "certified": lower >= threshold, "num_samples": used}
 
@@ -187,14 +196,43 @@ def _log_erf(z: Tensor) -> Tensor:
     return torch.where(z > 1, torch.log1p(-torch.special.erfc(z)), torch.log(torch.special.erf(z)))
 
 
+_REL_SAFETY = 1e-12  # >> the float64 error of erf/erfc/log/log1p (a few ulps each) and of the sums below
+
+
+def box_log_mass_lower(k: Tensor, counts: Tensor) -> Tensor:
+    """Rigorous float64 lower bound on ``log prod_l erf(k_l / sqrt 2)^{n_l}``, the log mass of
+    the box ``mu ± k_l sigma`` (tensor ``l`` of ``n_l = counts[l]`` coordinates) under the
+    diagonal Gaussian ``N(mu, sigma^2)``. ``k``: ``(..., L)`` float64 ``>= 0``; ``-inf`` where
+    some ``k_l = 0``.
+
+    Rounded down: ``z = k / sqrt 2`` is shrunk by ``2^-50`` relative (more than the
+    rounding of the division; ``erf`` increases), the float64 sum of ``n_l log erf(z_l)``
+    (all terms ``<= 0``) is enlarged by ``1e-12`` relative, far above the few-ulp error of
+    the math library's ``erf``/``erfc``/``log1p`` (``|log erf z| >= 0.17`` on the ``log``
+    branch ``z <= 1``), and ``1e-290`` is subtracted for ``erfc`` underflow."""
+    z = k / math.sqrt(2.0) * (1.0 - 2.0 ** -50)
+    positive = (z > 0).all(-1)
+    total = (_log_erf(torch.where(z > 0, z, torch.ones_like(z))) * counts).sum(-1)
+    lower = total * (1.0 + _REL_SAFETY) - 1e-290
+    return torch.where(positive, lower, torch.full_like(lower, -math.inf))
+
+
+def _log_threshold_up(threshold: float) -> float:
+    """``log(threshold)`` rounded up (two ulps; ``-inf`` for 0): ``lower >= this`` implies ``>= threshold``."""
+    if threshold <= 0:
+        return -math.inf
+    return math.nextafter(math.nextafter(math.log(threshold), math.inf), math.inf)
+
+
 def _box_certified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y: Tensor, eps: Tensor, k: Tensor,
                    method: str, dtype: torch.dtype | None) -> Tensor:
-    """Per point ``b``: is the whole weight box ``mu ± k_b sigma`` certified on ``T_eps_b(x_b)``?
-    Point ``b`` gets its own box as sample ``b`` (inputs ``(B, 1, *in)``), one batched pass."""
+    """Per point ``b``: is the whole weight box ``mu ± k[b, l] sigma`` (``l``: the posterior's
+    tensors in order; ``k`` ``(B, L)`` float64) certified on ``T_eps_b(x_b)``? Point ``b``
+    gets its own box as sample ``b`` (inputs ``(B, 1, *in)``), one batched pass."""
     lo, hi = _input_box(x, eps, dtype)
     dt = lo.dtype
     std = posterior.std()
-    boxes = {name: _outward_box(mu, std[name], k, dt) for name, mu in posterior.mean().items()}
+    boxes = {name: _outward_box(mu, std[name], k[:, i], dt) for i, (name, mu) in enumerate(posterior.mean().items())}
     K = _num_classes(model, x)
     spec = _pairwise_spec(K, dt, x.device)  # shared spec: the label differs per "sample"
     m_lo, _ = compute_bounds(model, lo.unsqueeze(1), hi.unsqueeze(1), method, param_bounds=boxes, spec=spec,
@@ -204,56 +242,125 @@ def _box_certified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y:
     return torch.where(others, m_lo > 0, torch.ones_like(others)).all(-1)
 
 
-def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *, k: float | None = None,
-                       k_max: float = 5.0, iters: int = 12, method: str = "ibp", dtype: torch.dtype | None = None,
-                       point_chunk: int = 64) -> dict:
-    """Sound lower bound on ``P_rob`` from a certified weight box ``H = mu ± k sigma`` (SPEC §5).
+def _largest_scale(cert: Callable[[Tensor], Tensor], d: Tensor, lo: Tensor, hi: Tensor, iters: int,
+                   try_hi: bool) -> tuple[Tensor, Tensor]:
+    """Per point, the largest ``s`` in ``[lo, hi]`` found by bisection with ``cert(s d)`` true
+    (``d`` ``(B, L)``; ``hi`` tried first if ``try_hi``). Returns ``(s, ok)``: ``ok`` where
+    ``s d`` was itself verified by a call of ``cert`` (elsewhere ``s = 0``)."""
+    good, bad = lo.clone(), hi.clone()
+    ok = torch.zeros_like(lo, dtype=torch.bool)
+    top = cert(hi.unsqueeze(-1) * d) if try_hi else ok.clone()
+    for _ in range(iters):
+        mid = (good + bad) / 2
+        passed = cert(mid.unsqueeze(-1) * d) & ~top
+        good, bad = torch.where(passed, mid, good), torch.where(passed | top, bad, mid)
+        ok |= passed
+    ok |= top
+    return torch.where(top, bad, torch.where(ok, good, torch.zeros_like(good))), ok
 
-    If every weight in ``H`` (and every input in the ball) keeps ``y`` on top,
-    ``P_rob >= mass(H) = prod erf(k / sqrt 2)`` over the posterior's coordinates,
-    with no sampling error. The box actually verified contains ``mu ± k sigma``
-    (rounded outward by a few ulps), so the reported mass is that of a box
-    inside the verified one. With ``k`` given: that box for all points; else per
-    point the largest certified ``k`` found by ``iters`` bisection steps on
-    ``(0, k_max]`` (``k_max`` itself is tried first). Points are processed
-    ``point_chunk`` at a time (each holds its own weight box).
 
-    Returns ``k`` (B,) float64 (0 when nothing is certified), ``log_mass`` (B,)
-    float64 (``-inf`` where ``k = 0``), ``certified`` (B,) bool (``k > 0``).
+def _search_box(cert: Callable[[Tensor, Tensor], Tensor], counts: Tensor, B: int, k_max: float, iters: int,
+                refine: int, refine_iters: int, device: torch.device) -> Tensor:
+    """Per-point per-tensor half-widths ``(B, L)`` of a verified box (0 rows: none found):
+    bisection on a common ``k`` in ``(0, k_max]``, then ``refine`` rounds of pattern search
+    on the log mass: per tensor ``l`` and factor ``f in {rho, 1/rho}`` (``rho = 2^(2^-r)`` in
+    round ``r``), scale ``k_l`` by ``f`` and bisect (``refine_iters`` steps) the largest
+    common rescaling ``s`` of the result (``s`` in ``[min(1, 1/f), max(1, 1/f)]``) that
+    verifies; keep it if its mass is larger."""
+    L = counts.numel()
+    ones = torch.ones(B, L, dtype=torch.float64, device=device)
+    every = torch.arange(B, device=device)
+    zero = torch.zeros(B, dtype=torch.float64, device=device)
+    scale, _ = _largest_scale(lambda kk: cert(kk, every), ones, zero, torch.full_like(zero, k_max), iters, True)
+    ks = scale.unsqueeze(-1) * ones
+    idx = (scale > 0).nonzero().squeeze(1)
+    if idx.numel() == 0 or L == 0:
+        return ks
+    best, best_mass = ks[idx], box_log_mass_lower(ks[idx], counts)
+    for r in range(refine):
+        rho = 2.0 ** (2.0 ** -r)
+        for i in range(L):
+            for f in (rho, 1.0 / rho):
+                d = best.clone()
+                d[:, i] *= f
+                lo = torch.full_like(best_mass, min(1.0, 1.0 / f))
+                s, ok = _largest_scale(lambda kk: cert(kk, idx), d, lo, torch.full_like(lo, max(1.0, 1.0 / f)),
+                                       refine_iters, False)
+                cand = s.unsqueeze(-1) * d
+                mass = box_log_mass_lower(cand, counts)
+                better = ok & (mass > best_mass)
+                best = torch.where(better.unsqueeze(-1), cand, best)
+                best_mass = torch.where(better, mass, best_mass)
+    ks[idx] = best
+    return ks
+
+
+def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *,
+                       k: float | Mapping[str, float] | None = None, threshold: float = 0.5, k_max: float = 5.0,
+                       iters: int = 12, refine: int = 1, refine_iters: int = 6, method: str = "ibp",
+                       dtype: torch.dtype | None = None, point_chunk: int = 64) -> dict:
+    """Sound lower bound on ``P_rob`` from a verified weight box ``H = mu ± k_l sigma`` (SPEC §5).
+
+    If every weight in ``H`` (and every input in the ball) keeps ``y`` on top, then
+    ``P_rob >= mass(H) = prod_l erf(k_l / sqrt 2)^{n_l}`` (``k_l``: the half-width, in
+    stds, of the posterior's tensor ``l`` of ``n_l`` coordinates), with no sampling
+    error. The box verified contains ``mu ± k_l sigma`` (rounded outward by a few
+    ulps); its log mass is rounded down (:func:`box_log_mass_lower`). A point is
+    ``certified`` only when that lower bound reaches ``threshold``.
+
+    With ``k`` given (one float for every tensor, or ``{name: k_l}``): that box for
+    all points. Else per point: the largest common ``k`` by ``iters`` bisection steps
+    on ``(0, k_max]`` (``k_max`` tried first), then ``refine`` rounds of per-tensor
+    pattern search that maximise the mass subject to verification (see
+    :func:`_search_box`; ``refine=0``: the common ``k`` only). Cost: ``1 + iters +
+    refine * 2 L * refine_iters`` bound passes per chunk of ``point_chunk`` points.
+
+    Returns ``k`` (name -> (B,) float64; 0 where nothing verified), ``log_lower``
+    (B,) float64 (natural log of the lower bound; ``-inf`` where nothing verified),
+    ``log10_lower`` (B,) (its base-10 value, rounded down), ``lower`` (B,) (may
+    underflow to 0), ``verified`` (B,) bool (some box verified) and ``certified`` (B,)
+    bool (``lower >= threshold``).
     """
     if not isinstance(posterior, GaussianPosterior):
         raise ConfigError(f"certify_weight_box needs a GaussianPosterior (mean ± k std boxes), "
                           f"got {type(posterior).__name__}")
-    if k is not None and not (math.isfinite(k) and k > 0):
-        raise ConfigError(f"weight box half-width k must be a positive finite number of stds, got {k!r}")
-    if k is None and not (math.isfinite(k_max) and k_max > 0 and iters >= 0):
-        raise ConfigError(f"need k_max > 0 and iters >= 0, got {k_max}, {iters}")
+    names = list(posterior.mean())
+    if k is not None:
+        given = {n: k for n in names} if not isinstance(k, Mapping) else dict(k)
+        if set(given) != set(names):
+            raise ConfigError(f"weight box k must give every posterior tensor ({', '.join(names)}), "
+                              f"got {', '.join(map(str, given))}")
+        for name, value in given.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"weight box half-width k[{name}] must be a positive finite number of stds, "
+                                  f"got {value!r}")
+    elif not (math.isfinite(k_max) and k_max > 0 and iters >= 0 and refine >= 0 and refine_iters >= 0):
+        raise ConfigError(f"need k_max > 0 and iters, refine, refine_iters >= 0, got {k_max}, {iters}, {refine}, "
+                          f"{refine_iters}")
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold must lie in [0, 1], got {threshold}")
     e = _eps_vector(eps, x)
-    B = x.shape[0]
-    ks = torch.zeros(B, dtype=torch.float64, device=x.device)
+    B, dev = x.shape[0], x.device
+    counts = torch.tensor([t.numel() for t in posterior.mean().values()], dtype=torch.float64, device=dev)
+    ks = torch.zeros(B, len(names), dtype=torch.float64, device=dev)
     for s in range(0, B, max(1, point_chunk)):
         xs, ys, es = x[s:s + point_chunk], y[s:s + point_chunk], e[s:s + point_chunk]
 
-        def cert(kk: Tensor) -> Tensor:
-            return _box_certified(model, posterior, xs, ys, es, kk, method, dtype)
+        def cert(kk: Tensor, rows: Tensor) -> Tensor:
+            return _box_certified(model, posterior, xs[rows], ys[rows], es[rows], kk, method, dtype)
 
         if k is not None:
-            ks[s:s + point_chunk] = torch.where(cert(torch.full((xs.shape[0],), float(k), dtype=torch.float64)),
-                                                float(k), 0.0)
+            kk = torch.tensor([float(given[n]) for n in names], dtype=torch.float64, device=dev).expand(xs.shape[0], -1)
+            ok = cert(kk, torch.arange(xs.shape[0], device=dev))
+            ks[s:s + point_chunk] = torch.where(ok.unsqueeze(-1), kk, torch.zeros_like(kk))
             continue
-        good = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
-        bad = torch.full_like(good, float(k_max))
-        top = cert(bad)
-        for _ in range(iters):
-            mid = (good + bad) / 2
-            ok = cert(mid) & ~top
-            good, bad = torch.where(ok, mid, good), torch.where(ok | top, bad, mid)
-        ks[s:s + point_chunk] = torch.where(top, bad, good)
-    certified = ks > 0
-    safe = torch.where(certified, ks, torch.ones_like(ks))
-    log_mass = posterior.num_coordinates * _log_erf(safe / math.sqrt(2.0))
-    return {"k": ks, "log_mass": torch.where(certified, log_mass, torch.full_like(ks, -math.inf)),
-            "certified": certified}
+        ks[s:s + point_chunk] = _search_box(cert, counts, xs.shape[0], float(k_max), iters, refine, refine_iters, dev)
+    verified = (ks > 0).all(-1)
+    log_lower = box_log_mass_lower(ks, counts)
+    log10_lower = log_lower / math.log(10.0) * (1.0 + 1e-15)  # negative: enlarging rounds down
+    return {"k": {n: ks[:, i] for i, n in enumerate(names)}, "log_lower": log_lower, "log10_lower": log10_lower,
+            "lower": torch.exp(log_lower) * (1.0 - 2.0 ** -50), "verified": verified,
+            "certified": verified & (log_lower >= _log_threshold_up(threshold))}
 
 
 def certify_decision(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *, num_samples: int = 24,
@@ -293,25 +400,63 @@ def certified_radius(certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: 
                      eps_max: float, iters: int = 10) -> Tensor:
     """Per-point bisection for the largest certified radius, ``(B,)`` float64 in ``[0, eps_max]``.
 
-    ``certify_fn(x, y, eps)`` must accept a ``(B,)`` eps tensor and return
-    ``(B,)`` bool. ``eps_max`` is tried first; every returned radius > 0 was
-    itself certified by ``certify_fn`` (0: nothing certified among those tried).
+    ``certify_fn(x, y, eps)`` must accept a ``(B,)`` eps tensor, return ``(B,)``
+    bool, and be **deterministic** (per-sample, weight-box, decision with a fixed
+    generator): the bisection makes ``1 + iters`` calls per point, and each call of a
+    randomised certificate is a test with its own error probability. ``eps_max`` is
+    evaluated twice and a disagreement is refused (``ConfigError``); for the
+    statistical certificate use :func:`statistical_certified_radius`, which corrects
+    for the calls. ``eps_max`` is tried first; every returned radius > 0 was itself
+    certified by ``certify_fn`` (0: nothing certified among those tried).
     """
     if not (math.isfinite(eps_max) and eps_max > 0) or iters < 0:
         raise ConfigError(f"certified_radius needs eps_max > 0 and iters >= 0, got {eps_max}, {iters}")
-    good = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    bad = torch.full_like(good, float(eps_max))
-    top = torch.as_tensor(certify_fn(x, y, bad)).bool()
+    top_eps = torch.full((x.shape[0],), float(eps_max), dtype=torch.float64, device=x.device)
+    first = torch.as_tensor(certify_fn(x, y, top_eps), device=x.device).bool()
+    again = torch.as_tensor(certify_fn(x, y, top_eps), device=x.device).bool()
+    if not torch.equal(first, again):
+        raise ConfigError(f"certified_radius needs a deterministic certify_fn: two calls at eps_max disagree on "
+                          f"{int((first != again).sum())} points (randomised certificate? use "
+                          f"statistical_certified_radius)")
+    return _bisect_radius(certify_fn, x, y, top_eps, first, iters)
+
+
+def _bisect_radius(certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor, top_eps: Tensor,
+                   top: Tensor, iters: int) -> Tensor:
+    good, bad = torch.zeros_like(top_eps), top_eps.clone()
     for _ in range(iters):
         mid = (good + bad) / 2
-        ok = torch.as_tensor(certify_fn(x, y, mid)).bool() & ~top
+        ok = torch.as_tensor(certify_fn(x, y, mid), device=x.device).bool() & ~top
         good, bad = torch.where(ok, mid, good), torch.where(ok | top, bad, mid)
     return torch.where(top, bad, good)
 
 
+def statistical_certified_radius(model: nn.Module, posterior, x: Tensor, y: Tensor, *, eps_max: float,
+                                 iters: int = 10, confidence: float = 0.99, threshold: float = 0.5,
+                                 **statistical) -> Tensor:
+    """Largest radius, by bisection, at which :func:`certify_statistical` certifies
+    ``P_rob >= threshold``, corrected for the ``1 + iters`` tests made per point: each
+    call runs at level ``1 - alpha/(1 + iters)`` (``alpha = 1 - confidence``; Bonferroni),
+    so with probability ``>= confidence`` every certifying call of a point is right and
+    ``P_rob(radius) >= threshold`` wherever ``radius > 0``. Each call draws fresh
+    samples; ``statistical`` goes to :func:`certify_statistical`. ``(B,)`` float64."""
+    if not (math.isfinite(eps_max) and eps_max > 0) or iters < 0 or not 0 < confidence < 1:
+        raise ConfigError(f"statistical_certified_radius needs eps_max > 0, iters >= 0 and 0 < confidence < 1, "
+                          f"got {eps_max}, {iters}, {confidence}")
+    per_call = 1.0 - (1.0 - confidence) / (1 + iters)
+
+    def cert(xx: Tensor, yy: Tensor, e: Tensor) -> Tensor:
+        return certify_statistical(model, posterior, xx, yy, e, confidence=per_call, threshold=threshold,
+                                   **statistical)["certified"]
+
+    top_eps = torch.full((x.shape[0],), float(eps_max), dtype=torch.float64, device=x.device)
+    return _bisect_radius(cert, x, y, top_eps, cert(x, y, top_eps), iters)
+
+
 def certified_accuracy(correct: Tensor, certified: Tensor) -> float:
     """Fraction of points both correctly classified and certified (state which certificate)."""
-    correct, certified = torch.as_tensor(correct).bool(), torch.as_tensor(certified).bool()
+    correct = torch.as_tensor(correct).bool()
+    certified = torch.as_tensor(certified, device=correct.device).bool()
     if correct.shape != certified.shape or correct.dim() != 1 or correct.numel() == 0:
         raise ConfigError(f"correct {tuple(correct.shape)} and certified {tuple(certified.shape)} "
                           "must be equal non-empty (B,) tensors")

@@ -50,6 +50,7 @@ class EvalOptions:
     pgd_restarts: int = 1
     confidence: float = 0.99
     threshold: float = 0.5
+    weight_box_refine: int = 1      # pattern-search rounds of the weight-box certificate (0: common k only)
     ood: str | None = None
     ood_fgsm_eps: float | None = None
     radius: bool = False
@@ -75,6 +76,8 @@ class EvalOptions:
             raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
         if not 0 < self.confidence < 1 or not 0 <= self.threshold <= 1:
             raise ConfigError("--confidence must be in (0, 1) and --threshold in [0, 1]")
+        if self.weight_box_refine < 0:
+            raise ConfigError(f"--weight-box-refine must be >= 0, got {self.weight_box_refine}")
         return self
 
 
@@ -271,7 +274,8 @@ def _certificate(name, model, posterior, params, x, y, eps, options, generator, 
     if name == "weight-box":
         if not isinstance(posterior, GaussianPosterior):
             return {}
-        return certify.certify_weight_box(model, posterior, x, y, eps, **common)
+        return certify.certify_weight_box(model, posterior, x, y, eps, threshold=options.threshold,
+                                          refine=options.weight_box_refine, **common)
     return certify.certify_decision(model, posterior, x, y, eps, num_samples=options.samples, generator=generator,
                                     **common)
 
@@ -291,14 +295,27 @@ def _summarise(name: str, chunks: list[dict[str, Any]], correct: torch.Tensor) -
     summary = {f"{key}_certified_accuracy": certify.certified_accuracy(correct, cat("certified").bool())}
     if name == "statistical":
         summary["statistical_mean_lower"] = float(cat("lower").mean())
-    if name == "weight-box":
-        log_mass = cat("log_mass")
-        summary["weight_box_mean_mass"] = float(torch.exp(log_mass).mean())
-        certified = torch.isfinite(log_mass)
-        summary["weight_box_median_log10_mass"] = (  # over certified points; the mass of a box in
-            float(log_mass[certified].median() / math.log(10)) if certified.any() else None)  # 400k dims is tiny
-        summary["weight_box_mean_k"] = float(cat("k").float().mean())
+    if name == "weight-box":  # the lower bound on P_rob is tiny for large nets: report it in log10
+        log10 = cat("log10_lower")
+        verified = cat("verified").bool()
+        summary["weight_box_verified_rate"] = float(verified.double().mean())
+        summary["weight_box_mean_lower"] = float(cat("lower").mean())
+        summary["weight_box_log10_lower"] = _distribution(log10)
+        summary["weight_box_log10_lower_per_point"] = [v if math.isfinite(v) else None for v in log10.tolist()]
+        summary["weight_box_median_k"] = {n: float(torch.cat([c["k"][n] for c in chunks])[verified].median())
+                                          if verified.any() else 0.0 for n in chunks[0]["k"]}
     return summary
+
+
+def _distribution(values: torch.Tensor) -> dict[str, float | None]:
+    """min, 10 %, median, 90 % and max of ``values`` (nearest rank, no interpolation: -inf is
+    a value); ``None`` for -inf (no verified box) so that the JSON stays standard."""
+    ordered = values.double().sort().values
+    out = {}
+    for key, q in (("min", 0.0), ("q10", 0.1), ("median", 0.5), ("q90", 0.9), ("max", 1.0)):
+        v = float(ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))])
+        out[key] = v if math.isfinite(v) else None
+    return out
 
 
 def _ood(model, params, x, y, split, options, config, data_dir, generator, dtype) -> dict[str, Any]:
@@ -341,7 +358,7 @@ def _plots(out_dir: Path, bins, results, split, options) -> list[str]:
         written.append("certified_vs_eps.png")
     entropy_out = results["ood"].pop("_entropy_out", None)
     if entropy_out is not None:
-        metrics.entropy_histogram(split["total"], torch.tensor(entropy_out), out_dir / "entropy_hist.png",
+        metrics.entropy_histogram(split["total"], torch.tensor(entropy_out, device="cpu"), out_dir / "entropy_hist.png",
                                   labels=(results["dataset"], options.ood))
         written.append("entropy_hist.png")
     return written
@@ -394,6 +411,14 @@ def render_report(results: dict[str, Any]) -> str:
     if "radius" in results:
         r = results["radius"]
         lines += ["", f"Certified radius ({r['certificate']} certificate): mean {r['mean']:.4f}, median {r['median']:.4f}."]
+    for row in rows:
+        if "weight_box_log10_lower" in row:
+            d = row["weight_box_log10_lower"]
+            lines += ["", f"Weight-box certificate, eps {row['eps']}: a box verified for "
+                          f"{row['weight_box_verified_rate']:.2%} of the points; lower bound on P_rob (log10) "
+                          + ", ".join(f"{k} {'-inf' if v is None else f'{v:.4g}'}" for k, v in d.items())
+                          + f"; certified (bound >= threshold {results['options']['threshold']}, and correct): "
+                          f"{row['weight_box_certified_accuracy']:.2%}."]
     for name, ood in results["ood"].items():
         lines += ["", f"OOD vs {name}: AUROC (entropy) {ood['auroc_entropy']:.4f}, mean entropy out "
                       f"{ood['mean_entropy_out']:.4f}."]

@@ -1,25 +1,38 @@
-"""Sample sizes and confidence intervals for Monte Carlo estimates of P_rob.
+"""Sample sizes, exact binomial confidence bounds and the statistical certificate's test.
 
 ``hoeffding_sample_size(gamma, delta)``
     ``n = ceil(ln(2/delta) / (2 gamma^2))``: with ``n`` i.i.d. Bernoulli draws,
     ``P(|p_hat - p| > gamma) <= delta`` (two-sided Chernoff-Hoeffding).
+``binomial_lower_bound(successes, trials, confidence)`` / ``binomial_upper_bound``
+    Exact one-sided (Clopper-Pearson) confidence bounds, vectorised over points (no scipy).
 ``clopper_pearson(successes, trials, confidence)``
-    Exact two-sided binomial interval, vectorised over points (no scipy).
+    Exact two-sided binomial interval (each end at ``(1 - confidence)/2``).
 ``sequential_looks(max_samples, first)`` / ``sequential_confidence(confidence, looks)``
     The stopping rule of the sequential certificate (see below).
+
+The statistical certificate as a test
+-------------------------------------
+``X`` of ``n`` i.i.d. posterior samples are certified (``X ~ Binomial(n, p)``,
+``p <= P_rob``). For a threshold ``t`` and ``alpha = 1 - confidence`` the
+certificate tests ``H0: p < t`` against ``H1: p >= t`` and certifies (rejects
+``H0``) iff the one-sided exact lower bound ``L(X)`` at level ``1 - alpha`` is
+``>= t``. ``L(k)`` solves ``P(X >= k; n, L) = alpha`` (``L(0) = 0``), so
+``P_p(L(X) > p) <= alpha`` for every ``p``: under ``H0`` the certificate is
+wrong with probability ``<= alpha``.
 
 Sequential certificate
 ----------------------
 Samples are examined at ``T`` pre-fixed looks ``n_1 < ... < n_T``
 (:func:`sequential_looks`: doubling from ``first`` up to ``max_samples``). At
-look ``t`` a Clopper-Pearson interval at confidence ``1 - alpha/T`` is
-computed (:func:`sequential_confidence`), and a point stops when its interval
-lies on one side of the threshold. By the union bound (Bonferroni) over the
-``T`` looks, with probability ``>= 1 - alpha`` *every* look's interval covers
-``p``, so the interval reported at the (data-dependent) stopping look covers
-``p`` with probability ``>= 1 - alpha`` whatever the stopping rule. Geometric
-looks keep ``T = O(log(max_samples/first))``, so the price of looking is a
-factor ``T`` in ``alpha`` only.
+look ``j`` the one-sided bounds are computed at level ``1 - alpha/T``
+(:func:`sequential_confidence`); a point is certified and stops when its lower
+bound reaches ``t``, and stops uncertified when its upper bound falls below
+``t`` (futility: stopping without certifying can only lower the chance of a
+false certificate). Under ``H0`` each look certifies with probability
+``<= alpha/T``, so by the union bound (Bonferroni) over the ``T`` looks the
+false-certification rate is ``<= alpha`` whatever the stopping rule, and the
+lower bound reported at the stopping look is a ``1 - alpha`` lower confidence
+bound. Geometric looks keep ``T = O(log(max_samples/first))``.
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 
-__all__ = ["clopper_pearson", "hoeffding_sample_size", "sequential_confidence", "sequential_looks"]
+__all__ = ["binomial_lower_bound", "binomial_upper_bound", "clopper_pearson", "hoeffding_sample_size",
+           "one_sided_bounds", "sequential_confidence", "sequential_looks"]
 
 _BISECTION_STEPS = 64  # halves [0, 1] down to 2^-64 < float64 resolution near 1
 
@@ -72,37 +86,72 @@ def _bisect_increasing(fn, target: float, batch: int, device: torch.device) -> t
     return lo, hi
 
 
-def clopper_pearson(successes: Tensor, trials: int | Tensor, confidence: float) -> tuple[Tensor, Tensor]:
-    """Exact (Clopper-Pearson) two-sided interval for a binomial proportion.
-
-    ``successes``: ``(B,)`` integer counts; ``trials``: an int or a ``(B,)``
-    tensor (per-point counts). Returns float64 ``(lower, upper)``, ``(B,)``:
-    ``lower`` solves ``P(X >= k; n, p) = alpha/2`` (0 when ``k = 0``) and
-    ``upper`` solves ``P(X <= k; n, p) = alpha/2`` (1 when ``k = n``), with
-    ``alpha = 1 - confidence``; coverage is ``>= confidence`` for every ``p``.
-    Bisection to float64 resolution, rounded outward (lower down, upper up).
-    """
+def _counts(successes: Tensor, trials: int | Tensor, confidence: float) -> tuple[Tensor, Tensor]:
+    """Checked float64 ``(k, n)``, ``(B,)`` each."""
     if not 0 < confidence < 1:
         raise ConfigError(f"confidence must lie in (0, 1), got {confidence}")
     k = torch.as_tensor(successes).to(torch.float64).reshape(-1)
-    if k.numel() == 0:
-        return k.clone(), k.clone()
     n = torch.as_tensor(trials, device=k.device).to(torch.float64).expand_as(k).clone()
     if bool((n < 1).any()) or bool((k < 0).any()) or bool((k > n).any()) or bool((k != k.round()).any()):
-        raise ConfigError("clopper_pearson needs integer 0 <= successes <= trials and trials >= 1")
+        raise ConfigError("binomial bounds need integer 0 <= successes <= trials and trials >= 1")
+    return k, n
+
+
+def _bounds(successes: Tensor, trials: int | Tensor, confidence: float, alpha_lower: float,
+            alpha_upper: float) -> tuple[Tensor, Tensor]:
+    k, n = _counts(successes, trials, confidence)
+    if k.numel() == 0:
+        return k.clone(), k.clone()
     pairs, inverse = torch.unique(torch.stack([k, n], 1), dim=0, return_inverse=True)  # solve each (k, n) once
-    lower, upper = _clopper_pearson_unique(pairs[:, 0].contiguous(), pairs[:, 1].contiguous(), confidence)
+    lower, upper = _exact_bounds_unique(pairs[:, 0].contiguous(), pairs[:, 1].contiguous(), alpha_lower, alpha_upper)
     return lower[inverse], upper[inverse]
 
 
-def _clopper_pearson_unique(k: Tensor, n: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
+def binomial_lower_bound(successes: Tensor, trials: int | Tensor, confidence: float) -> Tensor:
+    """Exact one-sided lower confidence bound for a binomial proportion, ``(B,)`` float64.
+
+    ``L`` solves ``P(X >= k; n, L) = 1 - confidence`` (0 when ``k = 0``), so
+    ``P_p(L > p) <= 1 - confidence`` for every ``p`` (coverage ``>= confidence``).
+    ``successes``: ``(B,)`` integer counts; ``trials``: an int or a ``(B,)``
+    tensor. Bisection to float64 resolution, keeping the low end of the bracket
+    (the returned value is ``<=`` the exact root).
+    """
+    return _bounds(successes, trials, confidence, 1.0 - confidence, 1.0 - confidence)[0]
+
+
+def binomial_upper_bound(successes: Tensor, trials: int | Tensor, confidence: float) -> Tensor:
+    """Exact one-sided upper confidence bound (solves ``P(X <= k; n, U) = 1 - confidence``,
+    1 when ``k = n``; rounded up); ``P_p(U < p) <= 1 - confidence``. Arguments as
+    :func:`binomial_lower_bound`."""
+    return _bounds(successes, trials, confidence, 1.0 - confidence, 1.0 - confidence)[1]
+
+
+def one_sided_bounds(successes: Tensor, trials: int | Tensor, confidence: float) -> tuple[Tensor, Tensor]:
+    """``(binomial_lower_bound, binomial_upper_bound)``, each at level ``confidence``
+    (separately; jointly ``2 confidence - 1``), in one pass."""
+    return _bounds(successes, trials, confidence, 1.0 - confidence, 1.0 - confidence)
+
+
+def clopper_pearson(successes: Tensor, trials: int | Tensor, confidence: float) -> tuple[Tensor, Tensor]:
+    """Exact (Clopper-Pearson) two-sided interval for a binomial proportion.
+
+    Returns float64 ``(lower, upper)``, ``(B,)``: the one-sided bounds of
+    :func:`binomial_lower_bound` / :func:`binomial_upper_bound` at level
+    ``1 - alpha/2`` each (``alpha = 1 - confidence``); coverage ``>= confidence``
+    for every ``p``. For a one-sided decision (``p >= t``?) use
+    :func:`binomial_lower_bound` at ``confidence`` instead: it is tighter.
+    """
     alpha_half = (1.0 - confidence) / 2.0
+    return _bounds(successes, trials, confidence, alpha_half, alpha_half)
+
+
+def _exact_bounds_unique(k: Tensor, n: Tensor, alpha_lower: float, alpha_upper: float) -> tuple[Tensor, Tensor]:
     j, log_comb = _log_binom_pmf_table(n)
     kk = k.unsqueeze(1)
-    # P(X >= k; p) increases with p: the lower end solves it = alpha/2 (keep the bracket's low side).
-    low, _ = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j >= kk), alpha_half, k.numel(), k.device)
-    # P(X <= k; p) = alpha/2  <=>  P(X >= k+1; p) = 1 - alpha/2, increasing in p (keep the high side).
-    _, up = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j > kk), 1.0 - alpha_half,
+    # P(X >= k; p) increases with p: the lower end solves it = alpha_lower (keep the bracket's low side).
+    low, _ = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j >= kk), alpha_lower, k.numel(), k.device)
+    # P(X <= k; p) = alpha_upper  <=>  P(X >= k+1; p) = 1 - alpha_upper, increasing in p (keep the high side).
+    _, up = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j > kk), 1.0 - alpha_upper,
                                k.numel(), k.device)
     lower = torch.where(k == 0, torch.zeros_like(k), low)
     upper = torch.where(k == n, torch.ones_like(k), up)
