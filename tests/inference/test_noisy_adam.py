@@ -38,7 +38,7 @@ def vadam_by_hand(b, mean, m, s, t, generator, *, num_data, prior_std, lr, betas
 @pytest.mark.parametrize("init_precision", [0.0, 50.0])
 def test_two_steps_follow_the_vadam_equations(init_precision):
     b = make_blr(n=25, d=3, sigma=0.5, prior_std=0.7, seed=4)
-    opts = dict(num_data=400, lr=0.01, betas=(0.8, 0.95), num_samples=3)
+    opts = dict(num_data=400, lr=0.01, betas=(0.8, 0.95), num_samples=3, kl_weight=1.0)
     method = NoisyAdam(prior=b.prior, init_precision=init_precision, **opts)
     g = torch.Generator().manual_seed(5)
     state = method.init(point_params(b), g)
@@ -57,7 +57,7 @@ def test_two_steps_follow_the_vadam_equations(init_precision):
 
 def test_posterior_std_is_the_precision_not_raw_s():
     b = make_blr(n=25, d=3, sigma=0.5, prior_std=0.7, seed=4)
-    method = NoisyAdam(prior=b.prior, num_data=25, init_precision=30.0, lr=0.01)
+    method = NoisyAdam(prior=b.prior, num_data=25, init_precision=30.0, lr=0.01, kl_weight=1.0)
     g = torch.Generator().manual_seed(0)
     state = method.init(point_params(b), g)
     expected0 = torch.full((4,), (30.0 + 1 / 0.49) ** -0.5, dtype=torch.float64)

@@ -42,14 +42,14 @@ def run_full_batch(method, blr, steps: int, state=None):
 
 def test_sgd_converges_to_exact_posterior_mean():
     blr = blr_problem()
-    state, info = run_full_batch(SGD(blr.prior, N), blr, 800)
+    state, info = run_full_batch(SGD(blr.prior, N, prior_weight=1.0), blr, 800)
     torch.testing.assert_close(blr.flat(state.params), blr.mean, atol=1e-10, rtol=0)
     assert state.num_steps == 800 and set(info) == {"loss", "nll"}
 
 
 def test_adam_converges_to_exact_posterior_mean():
     blr = blr_problem()
-    state, _ = run_full_batch(Adam(blr.prior, N, lr=0.05), blr, 2500)
+    state, _ = run_full_batch(Adam(blr.prior, N, lr=0.05, prior_weight=1.0), blr, 2500)
     torch.testing.assert_close(blr.flat(state.params), blr.mean, atol=1e-8, rtol=0)
 
 
@@ -64,7 +64,7 @@ def test_prior_is_scaled_by_one_over_n():
     """The exact posterior mean is reached only with log p(w) / N: the MAPs of the
     mis-scaled objectives (prior weight N or 1/N) lie far outside the tolerance."""
     blr = blr_problem()
-    state, _ = run_full_batch(SGD(blr.prior, N), blr, 800)
+    state, _ = run_full_batch(SGD(blr.prior, N, prior_weight=1.0), blr, 800)
     found = blr.flat(state.params)
     torch.testing.assert_close(found, analytic_map(blr, 1.0), atol=1e-10, rtol=0)
     for wrong_weight in (float(N), 1.0 / N):

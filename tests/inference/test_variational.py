@@ -117,7 +117,8 @@ def test_bbb_recovers_tempered_mean_field_optimum(kl_weight):
 
 def test_noisy_adam_recovers_mean_and_its_fixed_point_std():
     b, phi, lam = blr_problem()
-    method = NoisyAdam(prior=b.prior, num_data=len(b.y), num_samples=16, betas=(0.9, 0.99))
+    method = NoisyAdam(prior=b.prior, num_data=len(b.y), num_samples=16, betas=(0.9, 0.99), kl_weight=1.0,
+                       init_precision=0.0)
     avg, se = run_and_average(method, [(0.03, 800), (0.003, 1500)], b, skip=500)
     mean, std = noisy_adam_fixed_point(b, phi, lam, len(b.y))
     assert torch.allclose(mean, b.mean)
@@ -130,7 +131,8 @@ def test_noisy_adam_recovers_mean_and_its_fixed_point_std():
 @pytest.mark.parametrize("num_data", [20, 60])
 def test_vogn_precision_learns_the_curvature(num_data):
     b, phi, lam = blr_problem()
-    method = VOGN(prior=b.prior, num_data=num_data, num_samples=16, betas=(0.9, 0.99))
+    method = VOGN(prior=b.prior, num_data=num_data, num_samples=16, betas=(0.9, 0.99), kl_weight=1.0,
+                  init_precision=0.0, damping=0.0)
     avg, se = run_and_average(method, [(0.3, 200), (0.05, 700)], b, skip=200)
     mf_mean, mf_std = mean_field_optimum(b, phi, lam, num_data)
     _, std = vogn_fixed_point(b, phi, lam, num_data)

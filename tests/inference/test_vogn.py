@@ -100,7 +100,7 @@ def test_two_steps_follow_the_vogn_equations():
     phi = torch.cat([b.x, torch.ones(25, 1, dtype=torch.float64)], dim=1)
     num_data, lr, (b1, b2), samples, lam = 300, 0.2, (0.8, 0.9), 3, 1 / 0.49
     method = VOGN(prior=b.prior, num_data=num_data, lr=lr, betas=(b1, b2), num_samples=samples,
-                  init_precision=40.0)
+                  init_precision=40.0, kl_weight=1.0, damping=0.0)
     g = torch.Generator().manual_seed(5)
     state = method.init({n: p.detach().clone() for n, p in b.model.named_parameters()}, g)
     g_ref = clone(g)

@@ -24,8 +24,12 @@ HELP = {
     "ramp_fraction": "fraction of the post-warm-up steps over which eps ramps linearly, then holds",
     "epochs": "training epochs (full-batch HMC: proposals)",
     "batch_size": "minibatch size",
-    "lr": "learning rate (or HMC step size is a method option); method default when omitted",
-    "kl_weight": "BBB: weight of KL/N in the ELBO, the posterior temperature (1 = proper ELBO)",
+    "lr": "learning rate (HMC's step size is a method option: --opt step_size=...)",
+    "kl_weight": "posterior temperature T: train towards p(D|w)^(1/T) p(w); the KL weight of bbb / noisy-adam / "
+                 "vogn (weight of KL/N in the ELBO), the prior_weight of sgd / adam / swag. The default 0.01 is a "
+                 "tempered posterior, common practice for BNNs: it trains and certifies far better than T = 1 "
+                 "(docs/training.md, Defaults). --kl-weight 1 gives the proper ELBO / Bayesian posterior. "
+                 "metrics.json and the posterior file record the value used",
     "prior_scale": "prior variance = prior_scale / fan_in, per layer",
     "seed": "random seed: held-out split, initialisation, shuffling and weight noise",
     "limit_train": "train on only the first N (shuffled) training examples",
@@ -62,12 +66,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         kind = _TYPES[str(f.type).removesuffix(" | None")]
-        help_text = f"{HELP[name]} (default {f.default})"
+        help_text = f"{HELP[name]} (default {per_method_defaults(name) or f.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, type=kind, help=help_text)
     parser.set_defaults(handler=run_train)
+
+
+def per_method_defaults(name: str) -> str | None:
+    """'per method: sgd 0.1, adam 0.003, ...' for the config keys whose default is the method's own
+    (``lr``, ``kl_weight``), read off the method classes so the help cannot drift from the code."""
+    import dataclasses
+
+    from certbnn.inference.base import method_class, method_names
+    from certbnn.training import TEMPERATURE_OPTIONS
+
+    if name not in ("lr", "kl_weight"):
+        return None
+    parts = []
+    for method in method_names():
+        option = "lr" if name == "lr" else TEMPERATURE_OPTIONS.get(method)
+        field = next((f for f in dataclasses.fields(method_class(method)) if f.name == option), None)
+        if field is not None and field.default is not dataclasses.MISSING:
+            parts.append(f"{method} {field.default:g}")
+    return "per method: " + ", ".join(parts)
 
 
 def run_train(args: argparse.Namespace) -> int:

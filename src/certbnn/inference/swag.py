@@ -86,12 +86,12 @@ class SWAG:
     prior: GaussianPrior
     num_data: int
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.1
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    prior_weight: float = 1.0
+    prior_weight: float = 0.01
     burnin_epochs: int = 0
     burnin_steps: int | None = None
     snapshot_every: str | int = "epoch"

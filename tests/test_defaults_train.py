@@ -1,0 +1,131 @@
+"""Defaults that train (issue 11, part 5).
+
+``certbnn train --method M --likelihood L`` with nothing else but the size of the experiment
+(a 10k-image MNIST subset, 3 epochs) must give a good network: >= 90 % clean test accuracy with
+the standard likelihood, >= 85 % with IBP at the default eps 0.11. Every run goes through the
+CLI entry point, so the defaults tested are the CLI's. The realdata checks skip where MNIST is
+absent (CI points CERTBNN_DATA at it). The default temperature (0.01) is recorded in
+metrics.json and in the posterior file, and the proper ELBO is one flag away (--kl-weight 1):
+checked on a tiny in-memory data set, always.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from certbnn import data
+from certbnn.cli import main
+from certbnn.cli.train_cmd import per_method_defaults
+from certbnn.errors import ConfigError
+from certbnn.posterior import load_posterior
+from certbnn import training
+
+from tinydata import separable_images
+
+SUBSET = ["--limit-train", "10000", "--epochs", "3"]
+TARGET = {"standard": 0.90, "ibp": 0.85}
+QUICK = ["sgd", "adam", "bbb", "noisy-adam", "swag"]  # ~3-8 s per run on 2 CPU cores
+# SG-HMC's and HMC's defaults are not tuned here (see docs/training.md, "Defaults"): their checks
+# use the best working invocation, stated in full.
+SAMPLERS = {"sghmc": ["--prior-scale", "10", "--opt", "lr=1e-5", "--opt", "thin=10", "--opt", "temperature=0.01"]}
+
+
+def train_cli(out, *args: str) -> dict:
+    """``certbnn train ARGS --out OUT``; the metrics.json it wrote."""
+    assert main(["train", *args, "--no-progress", "--out", str(out)]) == 0
+    return json.loads((out / training.METRICS).read_text())
+
+
+# --- the temperature: recorded, and the proper ELBO one flag away (tiny data, always run) --------
+
+@pytest.fixture
+def tiny_dataset():
+    images, labels = separable_images()
+    data.register_arrays("tiny", {"train": (images, labels), "test": (images[:40], labels[:40])}, num_classes=2)
+    yield ["--dataset", "tiny", "--model", "mlp:16", "--epochs", "1", "--batch-size", "32", "--val-size", "40",
+           "--val-samples", "2", "--eps", "0.05"]
+    data.unregister("tiny")
+
+
+@pytest.mark.parametrize("method,option,flags,expected", [
+    ("bbb", "kl_weight", [], 0.01), ("bbb", "kl_weight", ["--kl-weight", "1"], 1.0),
+    ("vogn", "kl_weight", ["--kl-weight", "1"], 1.0), ("noisy-adam", "kl_weight", [], 0.01),
+    ("sgd", "prior_weight", [], 0.01), ("adam", "prior_weight", ["--kl-weight", "1"], 1.0),
+    ("swag", "prior_weight", ["--kl-weight", "0.5"], 0.5)])
+def test_temperature_is_recorded_in_metrics_and_posterior(tiny_dataset, tmp_path, method, option, flags, expected):
+    metrics = train_cli(tmp_path / "run", *tiny_dataset, "--method", method, "--likelihood", "ibp", *flags)
+    record = {"temperature": expected, "option": option, "target": "p(D|w)^(1/T) p(w)"}
+    assert metrics["temperature"] == record
+    assert metrics["method_settings"][option] == expected
+    _, meta = load_posterior(tmp_path / "run" / training.POSTERIOR)
+    assert meta["temperature"] == record and meta["method_settings"][option] == expected
+
+
+def test_kl_weight_is_refused_where_it_has_no_meaning(tiny_dataset, tmp_path, capsys):
+    args = ["train", *tiny_dataset, "--method", "hmc", "--likelihood", "standard", "--kl-weight", "1"]
+    assert main([*args, "--no-progress", "--out", str(tmp_path / "run")]) != 0
+    assert "kl_weight (the temperature T of p(D|w)^(1/T) p(w)) does not apply to hmc" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="does not apply to sghmc"):
+        training.temperature_option("sghmc")
+
+
+def test_help_states_each_methods_default_from_the_code(capsys):
+    from certbnn.inference import make_method  # noqa: F401  (registers the methods)
+    from certbnn.inference.bbb import BayesByBackprop
+    from certbnn.inference.vogn import VOGN
+
+    assert f"bbb {BayesByBackprop.kl_weight:g}" in per_method_defaults("kl_weight")
+    assert f"vogn {VOGN.lr:g}" in per_method_defaults("lr")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kl-weight 1 gives the proper ELBO" in text and "per method: adam" in text
+
+
+# --- real MNIST: every method's CLI defaults train ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist():
+    if data.find_dataset(data.get_spec("mnist")) is None:
+        pytest.skip("MNIST not available here")
+
+
+def check_run(tmp_path, method: str, likelihood: str, *extra: str) -> None:
+    metrics = train_cli(tmp_path / f"{method}-{likelihood}", "--method", method, "--likelihood", likelihood,
+                        *SUBSET, *extra)
+    assert metrics["num_train"] == 10000 and metrics["config"]["eps"] == 0.11
+    assert metrics["test_accuracy"] >= TARGET[likelihood], (metrics["temperature"], metrics["final"])
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("likelihood", ["standard", "ibp"])
+@pytest.mark.parametrize("method", QUICK)
+def test_cli_defaults_train_on_mnist(mnist, tmp_path, method, likelihood):
+    check_run(tmp_path, method, likelihood)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("likelihood", ["standard", "ibp"])
+def test_vogn_cli_defaults_train_on_mnist(mnist, tmp_path, likelihood):
+    """3 epochs of VOGN on 10k images: ~80 s (standard), ~5 min (IBP) on 2 CPU cores."""
+    check_run(tmp_path, "vogn", likelihood)
+
+
+@pytest.mark.realdata
+def test_vogn_cli_defaults_train_on_a_small_subset(mnist, tmp_path):
+    """The CI-sized VOGN check: its defaults, standard likelihood, 2,000 images, 3 epochs (85 %
+    measured; the old defaults' undamped first Newton steps failed this). IBP needs more steps
+    than such a subset gives (the eps ramp then spans ~20 steps): only the slow check above."""
+    metrics = train_cli(tmp_path / "vogn", "--method", "vogn", "--likelihood", "standard", "--limit-train", "2000",
+                        "--epochs", "3", "--test-size", "2000")
+    assert metrics["test_accuracy"] >= 0.80, metrics["final"]
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("likelihood", ["standard", "ibp"])
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_samplers_train_on_mnist(mnist, tmp_path, method, likelihood):
+    check_run(tmp_path, method, likelihood, *SAMPLERS[method])
