@@ -101,9 +101,10 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     model = build_model(config.model, spec.image_shape, spec.num_classes).to(device)
     prior = prior_from_model(model, config.prior_scale)
     options = dict(config.method_options)
-    for key in ("lr", "kl_weight"):
-        if getattr(config, key) is not None:
-            options[key] = getattr(config, key)
+    if config.lr is not None:
+        options["lr"] = config.lr
+    if config.kl_weight is not None:  # the posterior temperature, under the method's own option name
+        options[temperature_option(config.method)] = config.kl_weight
     method = make_method(config.method, prior=prior, num_data=len(train_ds), **options)
     if chains is not None and config.method not in ("hmc", "sghmc"):
         raise ConfigError(f"parallel = chains needs a sampler (hmc or sghmc), not {config.method}")
@@ -189,7 +190,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                               seed=config.seed, prefix="test_"))
     metadata = {"dataset": config.dataset, "preprocessing": "pixels scaled to [0, 1], no normalisation",
                 "method": config.method, "likelihood": config.likelihood, "eps": config.eps,
-                "lam": config.lam, "seed": config.seed, "config": config.to_json(), "metrics": final}
+                "lam": config.lam, "seed": config.seed, "config": config.to_json(), "metrics": final,
+                "temperature": posterior_temperature(method), "method_settings": method_settings(method)}
     metadata.update(sampling)  # sample_eps / snapshot_eps: the radius each sample was drawn at
     save_posterior(run_dir / POSTERIOR, posterior, metadata, model=model, model_spec=config.model)
     seconds = sum(r["seconds"] for r in history)
@@ -198,6 +200,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                "test_accuracy": final.get("test_accuracy"),
                "certified_accuracy_ibp": final.get("certified_accuracy_ibp"),
                "certified_eps": final.get("eps"),
+               "temperature": metadata["temperature"], "method_settings": metadata["method_settings"],
                **({"chains": chain_report} if chain_report else {}),
                "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
                "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
@@ -241,6 +244,49 @@ def checked_sampling_metadata(method, state, target_eps: float) -> dict[str, lis
             raise CertbnnError(f"{method.name}: {len(off)} stored sample(s) were drawn at eps {off[0]}, "
                                f"not at the target {target_eps} ({key})")
     return sampling
+
+
+# The option that sets the temperature T of the tempered posterior p(D|w)^(1/T) p(w) (``kl_weight``
+# in the config and on the command line): the VI methods' KL weight, the point estimates' prior weight
+# (their objective is then -log of that posterior divided by N / T).
+TEMPERATURE_OPTIONS = {"bbb": "kl_weight", "noisy-adam": "kl_weight", "vogn": "kl_weight",
+                       "sgd": "prior_weight", "adam": "prior_weight", "swag": "prior_weight"}
+
+
+def temperature_option(method_name: str) -> str:
+    """The option ``config.kl_weight`` sets for ``method_name``; ConfigError for a method without one."""
+    from certbnn.inference.base import method_class
+
+    name = method_class(method_name).name
+    if name not in TEMPERATURE_OPTIONS:
+        raise ConfigError(f"kl_weight (the temperature T of p(D|w)^(1/T) p(w)) does not apply to {name}; "
+                          f"use its own options (--opt KEY=VALUE)")
+    return TEMPERATURE_OPTIONS[name]
+
+
+def posterior_temperature(method) -> dict[str, Any]:
+    """What the method targets, for metrics.json and the posterior's metadata: ``temperature`` T,
+    the ``option`` holding it and the ``target`` density (T = 1: the Bayesian posterior)."""
+    option = TEMPERATURE_OPTIONS.get(method.name)
+    if option is not None:
+        return {"temperature": float(getattr(method, option)), "option": option, "target": "p(D|w)^(1/T) p(w)"}
+    if isinstance(getattr(method, "temperature", None), (int, float)):  # SG-HMC: the whole density is tempered
+        return {"temperature": float(method.temperature), "option": "temperature",
+                "target": "(p(D|w) p(w))^(1/T)"}
+    return {"temperature": 1.0, "option": None, "target": "p(D|w) p(w)"}
+
+
+def method_settings(method) -> dict[str, Any]:
+    """The method's resolved options (its defaults filled in), JSON scalars and pairs only."""
+    settings = {}
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, (bool, int, float, str)) or (
+                isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+            settings[f.name] = value
+    return settings
 
 
 def _pool_chains(comm, posterior, run_dir: Path):
