@@ -171,7 +171,7 @@ def test_blr_posterior_approximation():
     """
     blr = blr_problem()
     lr = 2 * BATCH * SIGMA**2 / N
-    method = SWAG(blr.prior, N, lr=lr, momentum=0.0, burnin_steps=200, snapshot_every=1,
+    method = SWAG(blr.prior, N, lr=lr, momentum=0.0, burnin_steps=200, snapshot_every=1, prior_weight=1.0,
                   num_posterior_samples=4000)
     state = method.init({n: torch.zeros_like(p) for n, p in detached_params(blr.model).items()}, None)
     g = torch.Generator().manual_seed(7)
