@@ -3,8 +3,8 @@
 :class:`~certbnn.layers.Normalize` and eval-mode BatchNorm are per-channel
 affine maps ``y = a x + s`` (IBP exact: ``c' = a c + s``, ``r' = |a| r``; a
 diagonal map loses nothing, so BatchNorm needs no folding into the previous
-layer). Flatten reshapes; Identity and Dropout are the identity (Dropout is
-bounded with evaluation semantics whatever ``module.training`` says).
+layer). Flatten reshapes; Identity and Dropout are the identity (Dropout in
+training mode with ``p > 0`` is refused by :mod:`certbnn.bounds.structure`).
 
 ``tol="sound"``: Flatten, Identity and Dropout are exact; Normalize rounds
 ``(x - mean) / std`` outward; BatchNorm is refused (its ``rsqrt`` is not
