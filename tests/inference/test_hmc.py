@@ -229,7 +229,7 @@ def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin():
     likelihood = make_likelihood("ibp")
     total, target = 40, 0.05
     schedule = epoch_ramp(target, total, 1, ramp_fraction=0.5)
-    method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.005, num_leapfrog=10,
+    method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.04, num_leapfrog=10,
                          warm_start_batch_size=16).for_schedule(schedule.first_target_step, total)
     assert method.num_burnin == schedule.first_target_step - 1 == 18  # + 1 warm-start epoch
     generator = torch.Generator().manual_seed(0)
