@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "decision = the predictive's argmax cannot change "
                         "(default per-sample,paper,statistical)")
     p.add_argument("--bound", choices=["ibp", "crown-ibp", "crown"], default="ibp", help="bound method (default ibp)")
-    p.add_argument("--float64", action="store_true", help="certify in float64 (slower, tighter rounding)")
+    p.add_argument("--float64", action="store_true", help="predictions and attacks in float64 (default float32)")
+    p.add_argument("--certify-float32", action="store_true",
+                   help="certificates in float32: faster, still rigorous (outward rounding) but looser "
+                        "(default float64)")
     p.add_argument("--limit", type=int, default=1000, help="evaluate N test points (default 1000)")
     p.add_argument("--points", choices=["first", "spread"], default="first",
                    help="which N: the first (the paper's protocol; default) or evenly spaced over the test set "
@@ -68,7 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from certbnn.evaluation.runner import EvalOptions, evaluate_run, render_report
 
     options = EvalOptions(eps=args.eps, attacks=args.attacks, certificates=args.certificates, bound=args.bound,
-                          float64=args.float64, limit=args.limit, points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
+                          float64=args.float64, certify_float32=args.certify_float32, limit=args.limit, points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
                           pgd_restarts=args.pgd_restarts, confidence=args.confidence, threshold=args.threshold,
                           weight_box_refine=args.weight_box_refine,
                           ood=args.ood, ood_fgsm_eps=args.ood_fgsm_eps, radius=args.radius, seed=args.seed,

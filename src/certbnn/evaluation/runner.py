@@ -42,7 +42,8 @@ class EvalOptions:
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     certificates: list[str] = field(default_factory=lambda: ["per-sample", "paper", "statistical"])
     bound: str = "ibp"
-    float64: bool = False
+    float64: bool = False            # predictions and attacks in float64 (certificates: see certify_float32)
+    certify_float32: bool = False    # certificates in float32 (rigorous but looser); default float64
     limit: int | None = 1000
     points: str = "first"            # first: the first `limit` test points (the paper's protocol); spread: evenly spaced
     samples: int = 24
@@ -115,6 +116,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     data_dir = options.data_dir or config.get("data_dir")
     test = _test_set(config["dataset"], options, data_dir)
     dtype = torch.float64 if options.float64 else torch.float32
+    cert_dtype = torch.float32 if options.certify_float32 else torch.float64  # bounds rounded outward in either
     device = resolve_device(options.device)
     comm = distributed.current()
     progress = progress and (comm is None or comm.is_main)
@@ -169,7 +171,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
             row[f"{kind}_ece"] = metrics.expected_calibration_error(adv_probs, y)[0]
             timed(kind, began)
             bar.update()
-        common = dict(method=options.bound, dtype=dtype)
+        common = dict(method=options.bound, dtype=cert_dtype)
         for name in options.certificates:
             began = time.perf_counter()
             per_point = chunks.map(f"{name}/{eps}", lambda xb, yb, gen, _name=name, _eps=eps: _certificate(
@@ -184,7 +186,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     if options.radius:
         def decision_at(xb, yb, eps):  # the same K samples at every bisection step (fixed seed)
             return certify.certify_decision(model, posterior, xb, yb, eps, num_samples=options.samples,
-                                            method=options.bound, dtype=dtype,
+                                            method=options.bound, dtype=cert_dtype,
                                             generator=torch.Generator(device=device).manual_seed(options.seed))["certified"]
         radius = torch.cat(chunks.map("radius", lambda xb, yb, gen: certify.certified_radius(
             decision_at, xb, yb, eps_max=2 * max(max(options.eps), 0.05))))
@@ -395,7 +397,8 @@ def render_report(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{results['run']}`", "",
              f"{results['dataset']}, {results['method']} / {results['likelihood']}; "
              f"{results['num_points']} test points, {results['num_samples']} posterior samples, "
-             f"bounds: {results['options']['bound']}{' (float64)' if results['options']['float64'] else ''}; "
+             f"bounds: {results['options']['bound']} "
+             f"({'float32' if results['options'].get('certify_float32') else 'float64'}, rigorous); "
              f"{results['seconds']} s.", "",
              "| clean acc | NLL | Brier | ECE | entropy | epistemic |", "|---|---|---|---|---|---|",
              f"| {clean['accuracy']:.4f} | {clean['nll']:.4f} | {clean['brier']:.4f} | {clean['ece']:.4f} | "
