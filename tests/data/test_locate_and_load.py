@@ -93,6 +93,17 @@ def test_register_arrays_and_custom_spec(tmp_path):
         data.unregister("toy")
 
 
+def test_registered_arrays_need_no_data_folder(isolated_roots):
+    """In-memory arrays load on a machine with no data root at all (none of the roots exists)."""
+    x = np.zeros((6, 1, 4, 4), dtype=np.uint8)
+    try:
+        data.register_arrays("toy-nowhere", {"train": (x, np.arange(6) % 2)}, num_classes=2)
+        assert len(data.load("toy-nowhere", "train")) == 6
+        assert len(data.load("toy-nowhere", "train", data_dir=isolated_roots / "missing")) == 6
+    finally:
+        data.unregister("toy-nowhere")
+
+
 def test_dataset_validation():
     x = np.zeros((3, 1, 2, 2), np.uint8)
     with pytest.raises(DataError, match=r"labels must lie in \[0, 2\)"):

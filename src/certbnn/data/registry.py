@@ -57,6 +57,7 @@ class DatasetSpec:
     class_names: tuple[str, ...] = ()
     resources: tuple[Resource, ...] = ()
     description: str = ""
+    in_memory: bool = False
 
     def folders(self) -> tuple[str, ...]:
         return self.folder_names or (self.name,)
@@ -112,7 +113,7 @@ def register_arrays(
         DatasetSpec(
             name=name, image_shape=shapes.pop(), num_classes=num_classes, reader=reader,
             marker=lambda _folder: True, splits={s: len(y) for s, (_, y) in frozen.items()},
-            class_names=class_names, description="in-memory arrays",
+            class_names=class_names, description="in-memory arrays", in_memory=True,
         ),
         overwrite=True,
     )

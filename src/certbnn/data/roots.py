@@ -59,7 +59,10 @@ def candidate_folders(spec: DatasetSpec, root: Path) -> list[Path]:
 
 
 def find_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Root | None:
-    """First folder holding ``spec`` along :func:`search_roots`, with its origin, or None."""
+    """First folder holding ``spec`` along :func:`search_roots`, with its origin, or None.
+    An in-memory data set needs no folder: its root is the current directory, origin ``"memory"``."""
+    if spec.in_memory:
+        return Root(Path("."), "memory")
     for root in search_roots(data_dir):
         for folder in candidate_folders(spec, root.path):
             if folder.is_dir() and spec.marker(folder):
