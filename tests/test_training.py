@@ -155,7 +155,7 @@ def test_full_batch_hmc_gets_a_deterministic_pgd_potential():
 @pytest.mark.parametrize("method,options,message", [
     ("sghmc", {"num_burnin": 2, "thin": 1}, "sghmc: num_burnin=2, thin=1 would store samples from step 3 of 18, "
                                             "before eps reaches its target at step 9"),
-    ("sghmc", {"num_burnin": 2}, "sghmc: num_burnin=2, thin=100 stores no sample in 18 steps"),
+    ("sghmc", {"num_burnin": 2, "thin": 100}, "sghmc: num_burnin=2, thin=100 stores no sample in 18 steps"),
     ("sghmc", {"num_burnin": 9, "thin": 2}, None),
     ("hmc", {"num_burnin": 100}, "hmc: warm_start_epochs=1, num_burnin=100, thin=1 stores no sample in 20 steps"),
     ("hmc", {"num_burnin": 0, "warm_start_epochs": 0}, "hmc: warm_start_epochs=0, num_burnin=0, thin=1 would store "

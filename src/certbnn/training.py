@@ -248,9 +248,11 @@ def checked_sampling_metadata(method, state, target_eps: float) -> dict[str, lis
 
 # The option that sets the temperature T of the tempered posterior p(D|w)^(1/T) p(w) (``kl_weight``
 # in the config and on the command line): the VI methods' KL weight, the point estimates' prior weight
-# (their objective is then -log of that posterior divided by N / T).
+# (their objective is then -log of that posterior divided by N / T), the samplers' temperature (their
+# potential is (N / T) mean nll - log p(w)).
 TEMPERATURE_OPTIONS = {"bbb": "kl_weight", "noisy-adam": "kl_weight", "vogn": "kl_weight",
-                       "sgd": "prior_weight", "adam": "prior_weight", "swag": "prior_weight"}
+                       "sgd": "prior_weight", "adam": "prior_weight", "swag": "prior_weight",
+                       "hmc": "temperature", "sghmc": "temperature"}
 
 
 def temperature_option(method_name: str) -> str:
@@ -270,9 +272,6 @@ def posterior_temperature(method) -> dict[str, Any]:
     option = TEMPERATURE_OPTIONS.get(method.name)
     if option is not None:
         return {"temperature": float(getattr(method, option)), "option": option, "target": "p(D|w)^(1/T) p(w)"}
-    if isinstance(getattr(method, "temperature", None), (int, float)):  # SG-HMC: the whole density is tempered
-        return {"temperature": float(method.temperature), "option": "temperature",
-                "target": "(p(D|w) p(w))^(1/T)"}
     return {"temperature": 1.0, "option": None, "target": "p(D|w) p(w)"}
 
 

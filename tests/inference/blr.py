@@ -33,6 +33,17 @@ class BLR:
     def nll(self, params, x, y):
         return self.likelihood.nll(self.model, params, x, y)
 
+    def tempered(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, cov) of the tempered posterior p(D|w)^(1/T) p(w), T = ``temperature``: the
+        likelihood alone is tempered, i.e. BLR with noise variance T sigma^2 and the same prior;
+        T = 1 gives (mean, cov)."""
+        phi = torch.cat([self.x, torch.ones_like(self.x[:, :1])], dim=1)
+        noise_var = temperature * self.likelihood.sigma ** 2
+        prior_precision = self.flat(self.prior.std()) ** -2  # zero prior mean (make_blr)
+        precision = phi.T @ phi / noise_var + torch.diag(prior_precision)
+        cov = torch.linalg.inv(precision)
+        return cov @ phi.T @ self.y / noise_var, cov
+
     @staticmethod
     def flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
         """[w..., b] (with any leading sample dims) from a params dict of the model."""

@@ -1,5 +1,5 @@
-"""HMC (Neal 2011): exact posterior recovery on Bayesian linear regression, MH
-rejection restores the state, independent samples, prior gradient, mass matrix,
+"""HMC (Neal 2011): exact posterior recovery on Bayesian linear regression (T = 1 and the
+tempered posterior p(D|w)^(1/T) p(w)), MH rejection restores the state, independent samples, prior gradient, mass matrix,
 leapfrog order, chunked potential, checkpoint round trip.
 
 Statistical checks whiten the chain, z = L^{-1} (theta - mu) with Sigma = L L^T the
@@ -38,7 +38,7 @@ MASS = {"0.weight": torch.tensor([[4.0, 0.25, 2.0]], dtype=torch.float64), "0.bi
 
 @pytest.mark.parametrize("mass", [1.0, MASS], ids=["identity-mass", "diagonal-mass"])
 def test_blr_posterior_recovered_with_sane_acceptance(blr, mass):
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.01, num_leapfrog=8, num_burnin=200,
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.01, num_leapfrog=8, num_burnin=200,
                  jitter=0.2, mass=mass)
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1200, seed=1)
     posterior = method.posterior(state)
@@ -47,6 +47,38 @@ def test_blr_posterior_recovered_with_sane_acceptance(blr, mass):
     assert 0.5 < infos[-1]["accept_rate"] < 0.99  # target 0.8 after dual averaging
     assert infos[-1]["accept_rate"] == pytest.approx(sum(i["accepted"] for i in infos[200:]) / 1000)
     assert len({i["step_size"] for i in infos[:200]}) > 100 and infos[-1]["step_size"] != 0.01
+
+
+def test_tempered_posterior_is_recovered():
+    # T = 0.25: the target p(D|w)^(1/T) p(w) is BLR with noise variance T sigma^2 and the same prior
+    # (blr.tempered). With a prior as strong as the data, the samples also reject the T = 1
+    # posterior and (p(D|w) p(w))^(1/T) (prior tempered too) by the same check.
+    blr, temperature = make_blr(n=10, d=3, sigma=1.0, prior_std=0.2, seed=1), 0.25
+    mean, cov = blr.tempered(temperature)
+    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=10, temperature=temperature, num_leapfrog=8,
+                 num_burnin=200, jitter=0.2)
+    assert method.initial_step_size == pytest.approx(0.01 * (temperature / 10) ** 0.5)
+    state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1200, seed=3)
+    theta = blr.flat(method.posterior(state).sample())
+    assert_gaussian(theta, mean, cov)
+    assert 0.5 < infos[-1]["accept_rate"] < 0.99
+    for wrong_mean, wrong_cov in ((blr.mean, temperature * blr.cov), (blr.mean, blr.cov)):
+        with pytest.raises(AssertionError, match="error"):
+            assert_gaussian(theta, wrong_mean, wrong_cov)
+    # info["nll"] is the mean NLL at the chain's position, (T / N) (U + log p(w))
+    assert infos[-1]["nll"] == pytest.approx(float(blr.nll(state.position, blr.x, blr.y).mean()), rel=1e-9)
+
+
+def test_warm_start_optimises_the_tempered_objective():
+    # mean nll - T log p(w) / N: for BLR its minimiser is the tempered posterior's mean (a Gaussian's
+    # mode), which with a strong prior is far from the T = 1 posterior mean.
+    blr, temperature = make_blr(n=10, d=3, sigma=1.0, prior_std=0.2, seed=1), 0.25
+    mean, _ = blr.tempered(temperature)
+    method = HMC(prior=blr.prior, num_data=10, temperature=temperature, warm_start_epochs=1000)
+    state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1000)
+    assert state.num_steps == 0 and all(i["warm_start"] == 1.0 for i in infos)
+    assert torch.allclose(blr.flat(state.position), mean, rtol=0, atol=1e-6)
+    assert not torch.allclose(blr.flat(state.position), blr.mean, rtol=0, atol=1e-2)
 
 
 @pytest.mark.parametrize("case", ["constant-likelihood", "no-data"])
@@ -67,14 +99,15 @@ def test_prior_gradient_included_samples_the_prior(case):
     assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64))
 
 
-def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr):
+@pytest.mark.parametrize("temperature", [1.0, 0.01])
+def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr, temperature):
     params = {n: p + 0.1 for n, p in detached_params(blr.model).items()}
-    whole = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90)
-    chunked = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90, chunk_size=7)
+    whole = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90, temperature=temperature)
+    chunked = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90, temperature=temperature, chunk_size=7)
     u, grad = whole.potential_and_grad(params, (blr.x, blr.y), blr.nll)
     u_chunked, grad_chunked = chunked.potential_and_grad(params, (blr.x, blr.y), blr.nll)
     w = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-    expected = 90 * blr.nll(w, blr.x, blr.y).mean() - blr.prior.log_prob(w)
+    expected = 90 / temperature * blr.nll(w, blr.x, blr.y).mean() - blr.prior.log_prob(w)
     expected_grad = torch.autograd.grad(expected, list(w.values()))
     for value in (u, u_chunked):
         assert torch.allclose(value, expected.detach(), rtol=1e-12)
@@ -86,7 +119,7 @@ def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr):
 def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     # The energy error of leapfrog with the kinetic energy it integrates is O(eps^2) over
     # a fixed trajectory time; with an integrator that ignored M^{-1} it would be O(1).
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, mass=MASS)
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, mass=MASS)
     position = {"0.weight": blr.mean[:3].reshape(1, 3) + 0.05, "0.bias": blr.mean[3:] + 0.05}
     masses = method.masses(position)
     g = torch.Generator().manual_seed(3)
@@ -95,7 +128,7 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     h0 = u0 + method.kinetic(momentum, masses)
     errors = []
     for eps in (4e-3, 2e-3):
-        leaps = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, mass=MASS, num_leapfrog=round(0.04 / eps))
+        leaps = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, mass=MASS, num_leapfrog=round(0.04 / eps))
         _, p, u, _ = leaps.leapfrog(position, momentum, g0, eps, masses, (blr.x, blr.y), blr.nll)
         errors.append(abs(float(u + method.kinetic(p, masses) - h0)))
     assert errors[0] < 0.05 and 3.0 < errors[0] / errors[1] < 5.0
@@ -103,7 +136,7 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
 
 @pytest.mark.parametrize("huge_step", [1e3, 1e300], ids=["huge-energy", "non-finite-energy"])
 def test_rejection_restores_the_exact_old_state(blr, huge_step):
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 3)
     forced = dataclasses.replace(state, step_size=huge_step)
     before = {k: v.clone() for k, v in flatten_state(forced)[0].items()}
@@ -119,7 +152,7 @@ def test_rejection_restores_the_exact_old_state(blr, huge_step):
 
 def test_stored_samples_are_independent_copies_and_differ(blr):
     # a large fixed step: a mix of accepted and rejected proposals (a rejection re-stores the old position)
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.12, num_leapfrog=3, num_burnin=5, thin=2,
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.12, num_leapfrog=3, num_burnin=5, thin=2,
                  adapt_step_size=False)
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 45)
     assert len(state.samples) == 20 and all(i["num_samples"] == 0 for i in infos[:5])
@@ -135,13 +168,13 @@ def test_stored_samples_are_independent_copies_and_differ(blr):
 
 
 def test_max_samples_keeps_the_newest(blr):
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=2, num_burnin=0, max_samples=3)
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=2, num_burnin=0, max_samples=3)
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6)
     assert len(state.samples) == 3 and torch.equal(blr.flat(state.samples[-1]), blr.flat(state.position))
 
 
 def test_checkpoint_round_trip_continues_identically(blr):
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
     for steps in (0, 2):  # before any cache exists, and mid burn-in; then past burn-in
         assert_resumes_identically(method, HMCState, blr, torch.Generator().manual_seed(5), steps, 6)
 
@@ -150,7 +183,7 @@ def test_classification_mlp_runs_and_lowers_the_loss():
     model, x, y, nll = tiny_classification()
     params = detached_params(model)
     method = make_method("hmc", prior=prior_from_model(model), num_data=64, warm_start_epochs=0, step_size=0.01,
-                         num_leapfrog=10, num_burnin=30, chunk_size=16)
+                         temperature=1.0, num_leapfrog=10, num_burnin=30, chunk_size=16)
     state, infos = run(method, params, (x, y), nll, 50)
     start = float(nll(params, x, y).mean())
     final = float(nll(method.posterior(state).sample(), x, y).mean())
@@ -166,7 +199,7 @@ def test_bad_options_are_config_errors(blr, options):
 
 
 def test_posterior_without_samples_is_a_clear_error(blr):
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, num_burnin=10)
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, num_burnin=10)
     with pytest.raises(ConfigError, match="no samples"):
         method.posterior(method.init(detached_params(blr.model), torch.Generator()))
 
@@ -188,7 +221,7 @@ class ShiftedNLL:
 def test_stale_potential_across_an_eps_change_is_recomputed(blr):
     # A potential cached at a smaller eps makes log r = U_stale - U_new = -N * 50 * d_eps (-15 per
     # 0.01 step here): every proposal rejected, the chain frozen. Keyed on eps, nothing changes.
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.03, num_leapfrog=4,
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.03, num_leapfrog=4,
                  num_burnin=0, adapt_step_size=False)
     batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(7)
     state = method.init(detached_params(blr.model), generator)
@@ -209,7 +242,7 @@ def test_stale_potential_across_an_eps_change_is_recomputed(blr):
 
 
 def test_cache_is_reused_while_eps_is_fixed(blr, monkeypatch):
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
     calls = []
     real = HMC.potential_and_grad
     monkeypatch.setattr(HMC, "potential_and_grad", lambda self, *a: calls.append(1) or real(self, *a))
@@ -230,7 +263,7 @@ def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin():
     total, target = 40, 0.05
     schedule = epoch_ramp(target, total, 1, ramp_fraction=0.5)
     method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.04, num_leapfrog=10,
-                         warm_start_batch_size=16).for_schedule(schedule.first_target_step, total)
+                         temperature=1.0, warm_start_batch_size=16).for_schedule(schedule.first_target_step, total)
     assert method.num_burnin == schedule.first_target_step - 1 == 18  # + 1 warm-start epoch
     generator = torch.Generator().manual_seed(0)
     state, infos = method.init(detached_params(model), generator), []

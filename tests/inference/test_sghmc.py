@@ -1,6 +1,7 @@
 """SG-HMC (Chen et al. 2014): posterior recovery on Bayesian linear regression (with a
-bounded, documented discretisation bias), prior gradient, burn-in / thinning /
-max_samples, independent samples, checkpoint round trip.
+bounded, documented discretisation bias) at T = 1 and at T != 1 (the tempered posterior
+p(D|w)^(1/T) p(w): the likelihood alone is tempered), prior gradient, the defaults,
+burn-in / thinning / max_samples, independent samples, checkpoint round trip.
 
 Tolerances as in test_hmc.py: whiten z = L^{-1} (theta - mu) (Sigma = L L^T exact), then
 each mean and covariance entry within Z = 5 batch-means SEs (B = 20 batches), plus, for
@@ -40,24 +41,72 @@ def test_blr_posterior_recovered_up_to_discretisation_bias(blr):
     lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(blr.cov)).max())
     lr, friction = 0.1 / lam_max, 0.3
     bias = 1.0 / (1.0 - lr * lam_max / (2.0 * (2.0 - friction))) - 1.0
-    method = SGHMC(prior=blr.prior, num_data=30, lr=lr, friction=friction, num_burnin=200, thin=1,
-                   max_samples=None)
+    method = SGHMC(prior=blr.prior, num_data=30, lr=lr, friction=friction, temperature=1.0, num_burnin=200,
+                   thin=1, max_samples=None)
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6200, seed=1)
     posterior = method.posterior(state)
     assert posterior.num_samples == 6000 and infos[-1]["num_samples"] == 6000
     assert_gaussian(blr.flat(posterior.sample()), blr.mean, blr.cov, bias=bias)
 
 
-def test_zero_temperature_converges_to_the_map_with_the_prior(blr):
-    # T = 0 is SGD with momentum on U = N mean(nll) - log p: the MAP, which for BLR is the
-    # posterior mean (it would be least squares, ~1 % away, without the prior gradient).
-    lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(blr.cov)).max())
+@pytest.mark.parametrize("temperature", [0.25, 4.0])
+def test_tempered_posterior_is_recovered(temperature):
+    # The target is p(D|w)^(1/T) p(w): BLR with noise variance T sigma^2 and the SAME prior
+    # (closed form: blr.tempered). A prior as strong as the data (std 0.2, 10 points, sigma 1)
+    # tells it apart from (p(D|w) p(w))^(1/T), which tempers the prior too (the pre-issue-11
+    # target), and from the T = 1 posterior: both are rejected by the same check.
+    # Chen et al.'s learning rate on U_T is lr * T: h = lr T lam_max = 0.1, bias as above.
+    blr = make_blr(n=10, d=3, sigma=1.0, prior_std=0.2, seed=1)
+    mean, cov = blr.tempered(temperature)
+    lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(cov)).max())
+    lr, friction = 0.1 / (temperature * lam_max), 0.3
+    bias = 1.0 / (1.0 - 0.1 / (2.0 * (2.0 - friction))) - 1.0
+    method = SGHMC(prior=blr.prior, num_data=10, lr=lr, friction=friction, temperature=temperature,
+                   num_burnin=200, thin=1, max_samples=None)
+    state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6200, seed=4)
+    theta = blr.flat(method.posterior(state).sample())
+    assert_gaussian(theta, mean, cov, bias=bias)
+    # the same samples against the whole density tempered, (p(D|w) p(w))^(1/T) = N(mean_1, T cov_1)
+    for wrong_mean, wrong_cov in ((blr.mean, temperature * blr.cov), (blr.mean, blr.cov)):
+        with pytest.raises(AssertionError, match="error"):
+            assert_gaussian(theta, wrong_mean, wrong_cov, bias=bias)
+
+
+def test_zero_temperature_converges_to_maximum_likelihood(blr):
+    # T = 0 is noise-free SGD with momentum on N mean(nll): the limit of p(D|w)^(1/T) p(w) as
+    # T -> 0 is the maximum-likelihood point (least squares for BLR), not the MAP.
+    phi = torch.cat([blr.x, torch.ones_like(blr.x[:, :1])], dim=1)
+    least_squares = torch.linalg.lstsq(phi, blr.y[:, None]).solution[:, 0]
+    lam_max = float(torch.linalg.eigvalsh(phi.T @ phi / 0.25).max())
     method = SGHMC(prior=blr.prior, num_data=30, lr=0.5 / lam_max, friction=0.3, temperature=0.0)
-    state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1500)
-    assert torch.allclose(blr.flat(state.position), blr.mean, rtol=0, atol=1e-9)
+    state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1500)
+    assert torch.allclose(blr.flat(state.position), least_squares, rtol=0, atol=1e-9)
+    assert not torch.allclose(least_squares, blr.mean, rtol=0, atol=1e-4)  # the prior did matter at T = 1
+    assert "potential" not in infos[-1] and math.isfinite(infos[-1]["nll"])
 
 
-def test_constant_likelihood_samples_the_prior():
+def test_defaults_are_the_tempered_posterior_with_lr_relative_to_n(blr):
+    method = SGHMC(prior=blr.prior, num_data=30)
+    assert method.temperature == 0.01 and method.lr is None and method.learning_rate == pytest.approx(0.1 / 30)
+    assert method.thin == 10 and method.friction == 0.1
+    assert SGHMC(prior=blr.prior, num_data=30, lr=1e-3).learning_rate == 1e-3
+    # one step from rest: v = -lr (N grad mean nll - T grad log p) + noise of variance 2 alpha lr T
+    params = {n: p + 0.3 for n, p in detached_params(blr.model).items()}
+    w = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    scaled = 30 * blr.nll(w, blr.x, blr.y).mean() - 0.01 * blr.prior.log_prob(w)
+    grads = dict(zip(w, torch.autograd.grad(scaled, list(w.values()))))
+    generator = torch.Generator().manual_seed(9)
+    state, info = method.step(method.init(params), (blr.x, blr.y), blr.nll, torch.Generator().manual_seed(9))
+    noise_std = (2 * 0.1 * (0.1 / 30) * 0.01) ** 0.5
+    for n in params:
+        noise = torch.randn(params[n].shape, generator=generator, dtype=torch.float64) * noise_std
+        assert torch.allclose(state.velocity[n], -(0.1 / 30) * grads[n] + noise, rtol=1e-10, atol=1e-14)
+    u_t = 30 / 0.01 * blr.nll(params, blr.x, blr.y).mean() - blr.prior.log_prob(params)
+    assert info["potential"] == pytest.approx(float(u_t), rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+def test_constant_likelihood_samples_the_prior(temperature):
     model = nn.Linear(3, 1).double()
     prior = GaussianPrior({n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
                           {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()})
@@ -66,11 +115,13 @@ def test_constant_likelihood_samples_the_prior():
     def constant_nll(params, xb, yb):
         return torch.zeros(xb.shape[0], dtype=xb.dtype) + 0.0 * params["bias"].sum()
 
-    # precision 1/4, lr 0.16: h = 0.04, friction ~ critical damping; covariance bias as in the
-    # BLR test: 1 / (1 - 0.04 / (2 (2 - 0.4))) - 1 = 0.0127
-    lr, friction = 0.16, 0.4
-    bias = 1.0 / (1.0 - lr / 4.0 / (2.0 * (2.0 - friction))) - 1.0
-    method = SGHMC(prior=prior, num_data=10, lr=lr, friction=friction, num_burnin=100, thin=1, max_samples=None)
+    # precision 1/4, lr T = 0.16: h = 0.04, friction ~ critical damping; covariance bias as in the
+    # BLR test: 1 / (1 - 0.04 / (2 (2 - 0.4))) - 1 = 0.0127. The temperature tempers the
+    # likelihood only: the prior is sampled at its own width whatever T.
+    lr, friction = 0.16 / temperature, 0.4
+    bias = 1.0 / (1.0 - lr * temperature / 4.0 / (2.0 * (2.0 - friction))) - 1.0
+    method = SGHMC(prior=prior, num_data=10, lr=lr, friction=friction, temperature=temperature, num_burnin=100,
+                   thin=1, max_samples=None)
     state, _ = run(method, detached_params(model), (x, y), constant_nll, 6100, seed=2)
     theta = torch.cat([s.flatten(1) for s in method.posterior(state).sample().values()], 1)
     assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64),
@@ -103,7 +154,7 @@ def test_classification_mlp_minibatches_lower_the_loss():
     model, x, y, nll = tiny_classification()
     params = detached_params(model)
     method = make_method("sghmc", prior=prior_from_model(model), num_data=64, lr=1e-3, friction=0.1,
-                         num_burnin=200, thin=10)
+                         temperature=1.0, num_burnin=200, thin=10)
     generator = torch.Generator().manual_seed(6)
     state = method.init(params, generator)
     for step in range(400):

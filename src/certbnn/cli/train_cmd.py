@@ -26,7 +26,8 @@ HELP = {
     "batch_size": "minibatch size",
     "lr": "learning rate (HMC's step size is a method option: --opt step_size=...)",
     "kl_weight": "posterior temperature T: train towards p(D|w)^(1/T) p(w); the KL weight of bbb / noisy-adam / "
-                 "vogn (weight of KL/N in the ELBO), the prior_weight of sgd / adam / swag. The default 0.01 is a "
+                 "vogn (weight of KL/N in the ELBO), the prior_weight of sgd / adam / swag, the temperature of hmc / "
+                 "sghmc (potential (N/T) mean nll - log p(w)). The default 0.01 is a "
                  "tempered posterior, common practice for BNNs: it trains and certifies far better than T = 1 "
                  "(docs/training.md, Defaults). --kl-weight 1 gives the proper ELBO / Bayesian posterior. "
                  "metrics.json and the posterior file record the value used",
@@ -87,9 +88,12 @@ def per_method_defaults(name: str) -> str | None:
     parts = []
     for method in method_names():
         option = "lr" if name == "lr" else TEMPERATURE_OPTIONS.get(method)
-        field = next((f for f in dataclasses.fields(method_class(method)) if f.name == option), None)
+        cls = method_class(method)
+        field = next((f for f in dataclasses.fields(cls) if f.name == option), None)
         if field is not None and field.default is not dataclasses.MISSING:
-            parts.append(f"{method} {field.default:g}")
+            default = field.default  # None: a default that depends on N (the class's default_text)
+            text = getattr(cls, "default_text", {}).get(option, "auto") if default is None else f"{default:g}"
+            parts.append(f"{method} {text}")
     return "per method: " + ", ".join(parts)
 
 

@@ -1,20 +1,32 @@
 """Stochastic-gradient HMC (Chen, Fox & Guestrin 2014, ICML), minibatch.
 
-Minibatch potential (prior gradient included)::
+Target: the tempered posterior p(D|w)^(1/T) p(w) (T = ``temperature``; T = 1 is the Bayesian
+posterior), the same density every other method targets with ``--kl-weight T``. Its potential
+and the minibatch estimate (prior gradient included)::
 
-    U_tilde(w) = N * mean_batch nll(w, x, y) - log p(w)
+    U_T(w) = (N / T) * mean_{D} nll(w, x, y) - log p(w)
+    U_tilde_T(w) = (N / T) * mean_batch nll(w, x, y) - log p(w)
 
-Update in the "SGD with momentum" parameterisation (Chen et al. 2014, eq. 15, with
-learning rate eta = ``lr`` = eps^2 M^{-1}, friction alpha = ``friction`` = eps M^{-1} C,
-temperature T = ``temperature``, and gradient-noise estimate beta_hat = 0)::
+Update in the "SGD with momentum" parameterisation (Chen et al. 2014, eq. 15) with friction
+alpha = ``friction`` and learning rate eta = ``lr``, gradient-noise estimate beta_hat = 0::
 
-    v <- (1 - alpha) v - eta grad U_tilde(w) + N(0, 2 alpha eta T)
+    v <- (1 - alpha) v - eta (N grad mean_batch nll(w) - T grad log p(w)) + N(0, 2 alpha eta T)
     w <- w + v
 
-so the injected noise variance is 2 (alpha - beta_hat) eta T with beta_hat = 0; the
-stationary distribution is ~ exp(-U / T) up to O(eta) discretisation error and the
-(ignored) minibatch gradient noise. The velocity starts at 0. Because U is the
-N-scaled potential, ``lr`` is about (an SGD learning rate on the mean loss) / N.
+i.e. Chen et al.'s update on U_T with learning rate eta T (eta T grad U_T is the gradient
+term above, and the injected noise variance is 2 (alpha - beta_hat) (eta T)). Its stationary
+distribution is exp(-U_T(w)) = p(D|w)^(1/T) p(w) up to O(eta) discretisation error and the
+(ignored) minibatch gradient noise. (Before issue 11, ``temperature`` scaled only the noise,
+so the chain targeted (p(D|w) p(w))^(1/T): the prior was tempered too.) T = 0 is noise-free
+SGD with momentum on the mean NLL (maximum likelihood, the limit of the tempered posterior).
+The velocity starts at 0.
+
+Defaults: T = 0.01 (``certbnn train --kl-weight T`` sets it, and the trainer records it);
+``lr`` None is 0.1 / N, so the data term takes the step of SGD with learning rate 0.1 and
+momentum 1 - alpha = 0.9 on the mean loss (SGD's defaults): a fixed lr does not suit every
+N (the data gradient grows like N); ``friction`` 0.1; ``thin`` 10 (a 3-epoch run on 10,000
+images, batch 128, eps ramped over half the run, stores 11 samples; ``max_samples`` 100 keeps
+the newest).
 
 Sampling: the first ``num_burnin`` steps store nothing; afterwards a copy of the
 position is stored every ``thin`` steps, with the eps of the step that produced it
@@ -57,24 +69,31 @@ class SGHMC:
 
     prior: GaussianPrior
     num_data: int
-    lr: float = 1e-6
+    lr: float | None = None
     friction: float = 0.1
-    temperature: float = 1.0
+    temperature: float = 0.01
     num_burnin: int | None = None
-    thin: int = 100
+    thin: int = 10
     max_samples: int | None = 100
 
     name: ClassVar[str] = "sghmc"
     full_batch: ClassVar[bool] = False
+    default_text: ClassVar[dict[str, str]] = {"lr": "0.1/N"}  # defaults that depend on N (``--help``)
 
     def __post_init__(self) -> None:
         check_prior(self.prior, self.num_data, 1)
-        check_number("lr", self.lr)
+        if self.lr is not None:
+            check_number("lr", self.lr)
         check_number("friction", self.friction, 0.0, 1.0)
         check_number("temperature", self.temperature, 0.0, low_inclusive=True)
         check_count("num_burnin", self.num_burnin, 0, allow_none=True)
         check_count("thin", self.thin, 1)
         check_count("max_samples", self.max_samples, 1, allow_none=True)
+
+    @property
+    def learning_rate(self) -> float:
+        """eta: ``lr``, or by default 0.1 / N (module docstring)."""
+        return float(self.lr) if self.lr is not None else 0.1 / self.num_data
 
     @property
     def burnin(self) -> int:
@@ -104,15 +123,17 @@ class SGHMC:
              generator: torch.Generator) -> tuple[SGHMCState, dict[str, float]]:
         x, y = batch
         w = requires_grad(state.position)
+        lr, temperature = self.learning_rate, self.temperature
         with torch.enable_grad():
             data_term = nll(w, x, y).mean()
-            potential = self.num_data * data_term - self.prior.log_prob(w)
-            grad = grad_of(potential, w)
-        noise_std = (2.0 * self.friction * self.lr * self.temperature) ** 0.5
+            log_prior = self.prior.log_prob(w)
+            scaled = self.num_data * data_term - temperature * log_prior  # T * U_tilde_T
+            grad = grad_of(scaled, w)
+        noise_std = (2.0 * self.friction * lr * temperature) ** 0.5
         velocity, position = {}, {}
         for n, v in state.velocity.items():
             noise = randn_like(v, generator) * noise_std
-            velocity[n] = (1.0 - self.friction) * v - self.lr * grad[n] + noise
+            velocity[n] = (1.0 - self.friction) * v - lr * grad[n] + noise
             position[n] = state.position[n] + velocity[n]
         num_steps = state.num_steps + 1
         samples, sample_eps = state.samples, state.sample_eps
@@ -120,8 +141,10 @@ class SGHMC:
             samples, sample_eps = store_sample(samples, sample_eps, position, likelihood_eps(nll), self.max_samples)
         new = SGHMCState(position=position, velocity=velocity, num_steps=num_steps, samples=samples,
                          sample_eps=sample_eps)
-        values = torch.stack([potential.detach(), data_term.detach()]).tolist()  # one device sync
-        info = {"potential": values[0], "nll": values[1], "num_samples": float(len(samples))}
+        data_value, prior_value = torch.stack([data_term.detach(), log_prior.detach()]).tolist()  # one sync
+        info = {"nll": data_value, "num_samples": float(len(samples))}
+        if temperature > 0:  # U_tilde_T (at T = 0 there is no density, only the mean NLL)
+            info["potential"] = self.num_data * data_value / temperature - prior_value
         return new, info
 
     def end_epoch(self, state: SGHMCState, epoch: int) -> SGHMCState:
