@@ -71,7 +71,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from certbnn.evaluation.runner import EvalOptions, evaluate_run, render_report
 
     options = EvalOptions(eps=args.eps, attacks=args.attacks, certificates=args.certificates, bound=args.bound,
-                          float64=args.float64, certify_float32=args.certify_float32, limit=args.limit, points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
+                          float64=args.float64, certify_float32=args.certify_float32, limit=args.limit,
+                          points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
                           pgd_restarts=args.pgd_restarts, confidence=args.confidence, threshold=args.threshold,
                           weight_box_refine=args.weight_box_refine,
                           ood=args.ood, ood_fgsm_eps=args.ood_fgsm_eps, radius=args.radius, seed=args.seed,
