@@ -14,6 +14,7 @@ always.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -143,3 +144,12 @@ def test_hmc_cli_defaults_train_on_mnist(mnist, tmp_path, likelihood):
     assert meta["sample_eps"] == [0.11, 0.11] and meta["temperature"]["temperature"] == 0.01
     samples = posterior.sample(None)
     assert any(not torch.equal(t[0], t[1]) for t in samples.values())
+
+
+@pytest.mark.parametrize("method,option,expected", [
+    ("sghmc", "lr", lambda n: 0.1 / n), ("hmc", "step_size", lambda n: 0.01 * math.sqrt(0.01 / n))])
+def test_data_dependent_defaults_are_recorded_resolved(tiny_dataset, tmp_path, method, option, expected):
+    """A None default computed from N is recorded as the value the run used, not as None."""
+    metrics = train_cli(tmp_path / "run", *tiny_dataset, "--method", method, "--likelihood", "ibp", "--epochs", "3")
+    n = metrics["method_settings"]["num_data"]
+    assert metrics["method_settings"][option] == pytest.approx(expected(n), rel=1e-12)

@@ -275,11 +275,19 @@ def posterior_temperature(method) -> dict[str, Any]:
     return {"temperature": 1.0, "option": None, "target": "p(D|w) p(w)"}
 
 
+# Options whose default None is resolved by the method from the data (read off a property).
+RESOLVED_DEFAULTS = {"sghmc": {"lr": "learning_rate"}, "hmc": {"step_size": "initial_step_size"}}
+
+
 def method_settings(method) -> dict[str, Any]:
-    """The method's resolved options (its defaults filled in), JSON scalars and pairs only."""
+    """The method's resolved options (its defaults filled in, data-dependent ones such as
+    SG-HMC's ``lr`` = 0.1 / N computed), JSON scalars and pairs only."""
     settings = {}
+    resolved = RESOLVED_DEFAULTS.get(method.name, {})
     for f in dataclasses.fields(method):
         value = getattr(method, f.name)
+        if value is None and f.name in resolved:
+            value = float(getattr(method, resolved[f.name]))
         if isinstance(value, tuple):
             value = list(value)
         if value is None or isinstance(value, (bool, int, float, str)) or (
