@@ -38,7 +38,7 @@ __all__ = [
 
 def load(name: str, split: str = "train", data_dir: str | os.PathLike | None = None) -> ArrayDataset:
     """Load one split of a registered data set, validated (magic numbers, shapes,
-    counts, label range). Raises :class:`DataError` with a one-line message."""
+    counts, label range; an empty split is refused). Raises :class:`DataError` with a one-line message."""
     spec = get_spec(name)
     if split not in spec.splits:
         raise DataError(f"{name} has no split {split!r} (splits: {', '.join(spec.splits)})")
@@ -49,4 +49,6 @@ def load(name: str, split: str = "train", data_dir: str | os.PathLike | None = N
             f"{folder}: {name}/{split} images have shape {tuple(images.shape[1:])}, "
             f"expected {spec.image_shape}"
         )
+    if len(images) == 0:
+        raise DataError(f"{folder}: {name}/{split} is empty (0 examples)")
     return ArrayDataset(images, labels, spec.num_classes, name, split, spec.class_names)

@@ -23,8 +23,11 @@ import numpy as np
 
 from certbnn.data.safe_pickle import safe_loads
 from certbnn.errors import DataError
+from certbnn.safe_open import open_regular, read_regular
 
 IMAGE_BYTES = 3 * 32 * 32
+#: Largest batch file or archive member read; an official batch is 30 MB.
+MAX_BATCH_BYTES = 1 << 30
 SPLIT_BATCHES = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
@@ -50,7 +53,8 @@ def parse_python_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray
     """Unpickle (restricted) a python batch into images (N, 3, 32, 32) and labels (N,)."""
     try:
         batch = safe_loads(data)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, MemoryError, RecursionError) as exc:
         raise DataError(f"{source}: not a valid CIFAR-10 python batch ({exc})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{source}: pickled object is not a dict with b'data' and b'labels'")
@@ -85,10 +89,14 @@ def _read_archive(archive: Path, split: str) -> tuple[str, dict[str, bytes]]:
     found: dict[str, dict[str, bytes]] = {layout: {} for layout in LAYOUTS}
     layout_of = {dirname: layout for layout, (dirname, _) in LAYOUTS.items()}
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with open_regular(archive, "CIFAR-10 archive") as raw, \
+                tarfile.open(fileobj=raw, mode="r:*") as tar:
             for member in tar:
                 path = PurePosixPath(member.name)
                 if member.isfile() and (path.parent.name, path.name) in wanted:
+                    if member.size > MAX_BATCH_BYTES:
+                        raise DataError(f"{archive}: member {member.name} announces {member.size} "
+                                        f"bytes, more than the {MAX_BATCH_BYTES} a CIFAR-10 batch may hold")
                     extracted = tar.extractfile(member)
                     assert extracted is not None
                     found[layout_of[path.parent.name]][path.name] = extracted.read()
@@ -113,10 +121,9 @@ def read_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         names = [b + suffix for b in SPLIT_BATCHES[split]]
         blobs = {}
         for name in names:
-            try:
-                blobs[name] = (path / name).read_bytes()
-            except FileNotFoundError:
-                raise DataError(f"{path / name}: missing batch of the {split} split") from None
+            if not (path / name).exists():
+                raise DataError(f"{path / name}: missing batch of the {split} split")
+            blobs[name] = read_regular(path / name, "CIFAR-10 batch", max_bytes=MAX_BATCH_BYTES)
         where = {name: str(path / name) for name in names}
     else:
         layout, blobs = _read_archive(path, split)

@@ -247,6 +247,26 @@ def download_file(
     failure (HTTP error, offline machine, mismatch).
     """
     dest = Path(dest)
+    _check_url(url)
+    try:
+        return _download_file(url, dest, md5=md5, sha256=sha256, expected_size=expected_size,
+                              timeout=timeout, retries=retries, progress=progress, chunk_size=chunk_size)
+    except OSError as err:  # local file system: unwritable folder, disk full, a directory in the way
+        where = err.filename or dest
+        raise DownloadError(f"cannot write {where}: {err.strerror or err}") from None
+
+
+def _check_url(url: str) -> None:
+    """One-line DownloadError unless ``url`` is an absolute http(s) URL."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise DownloadError(f"{url!r}: not an http:// or https:// URL (only HTTP(S) mirrors are supported)")
+
+
+def _download_file(url: str, dest: Path, *, md5: str | None, sha256: str | None,
+                   expected_size: int | None, timeout: float, retries: int, progress: bool,
+                   chunk_size: int) -> Path:
+    """:func:`download_file` without the URL check and OSError translation."""
     part = dest.with_name(dest.name + ".part")
     checks = {"md5": md5, "sha256": sha256, "expected_size": expected_size}
     verifiable = any(v is not None for v in checks.values())
@@ -313,8 +333,19 @@ def download_dataset(
     order (``mirror``, a base URL, replaces them all: ``<mirror>/<filename>``)."""
     if not spec.resources:
         raise DownloadError(f"{spec.name}: no download source is known for this data set")
+    if mirror is not None:
+        _check_url(mirror)
+    if not (timeout > 0 and timeout < float("inf")):
+        raise DownloadError(f"timeout must be a positive finite number of seconds, got {timeout}")
+    if retries < 0:
+        raise DownloadError(f"retries must be 0 or more, got {retries}")
     folder = Path(root) / spec.folders()[0]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"cannot create data folder {folder}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DownloadError(f"cannot write into data folder {folder}: permission denied")
     for resource in spec.resources:
         urls = (f"{mirror.rstrip('/')}/{resource.filename}",) if mirror else resource.urls
         errors: list[str] = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,12 +41,18 @@ from certbnn.errors import CertbnnError, ConfigError
 from certbnn.models import fingerprint_difference, fingerprint_of_params, model_fingerprint
 from certbnn.posterior.gaussian import GaussianPosterior
 from certbnn.posterior.samples import SamplePosterior
+from certbnn.safe_open import read_regular
 
 __all__ = ["FORMAT_VERSION", "PosteriorFileError", "save_posterior", "load_posterior"]
 
 FORMAT_VERSION = 1
 _META_KEY = "certbnn"
 _RESERVED = ("format_version", "kind", "certbnn_version", "architecture")
+#: Limits on the certbnn JSON metadata read back (checked before parsing).
+MAX_METADATA_BYTES = 64 << 20
+MAX_METADATA_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
 
 #: Either posterior kind; both expose ``kind``, ``names``, ``sample``, ``mean`` and ``to``.
 Posterior = GaussianPosterior | SamplePosterior
@@ -93,10 +100,7 @@ def load_posterior(path: str | os.PathLike, expected_fingerprint: Mapping[str, A
     architecture differs from ``expected_fingerprint`` (a fingerprint dict or a model).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise PosteriorFileError(f"cannot read posterior file {path}: {err.strerror or err}") from None
+    data = read_regular(path, "posterior file", PosteriorFileError)
     try:
         tensors = _st_load(data)
     except Exception as err:  # safetensors raises its own (Rust) error types
@@ -181,9 +185,12 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
     text = (header.get("__metadata__") or {}).get(_META_KEY)
     if text is None:
         raise PosteriorFileError(f"{path} is a safetensors file without certbnn posterior metadata")
+    problem = _json_limits_problem(text)
+    if problem:
+        raise PosteriorFileError(f"{path} has unreadable certbnn metadata ({problem})")
     try:
         meta = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict):
         raise PosteriorFileError(f"{path} has corrupt certbnn metadata (not a JSON object)")
@@ -198,6 +205,20 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
     if not _valid_fingerprint(meta.get("architecture")):
         raise PosteriorFileError(f"{path} has corrupt architecture metadata")
     return meta
+
+
+def _json_limits_problem(text: str) -> str | None:
+    """Why the JSON ``text`` is too large or nested too deeply to parse safely, or None."""
+    if len(text) > MAX_METADATA_BYTES:
+        return f"{len(text)} characters, more than {MAX_METADATA_BYTES}"
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for char in brackets:
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_METADATA_DEPTH:
+            return f"nested deeper than {MAX_METADATA_DEPTH} levels"
+    return None
 
 
 def _valid_fingerprint(arch: Any) -> bool:
