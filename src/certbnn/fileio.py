@@ -1,13 +1,33 @@
-"""Durable file writes: a file either keeps its old content or has the new one."""
+"""Durable, link-safe file writes: a file either keeps its old content or has the new one.
+
+Every file certbnn writes goes through :func:`atomic_write_bytes` (or its wrappers):
+the data goes to a temporary file ``.<name>.<random>.tmp`` created beside the
+destination (``O_EXCL``: never an existing file or link), is fsynced, and is renamed
+over the destination. A symbolic link at the destination is *replaced* by the new
+file (``rename`` acts on the directory entry): the link's target is never opened,
+so nothing outside what certbnn owns is written. A directory at the destination is
+refused. Logs are appended with :func:`open_append`, which refuses a link.
+
+Run directories carry a marker file (:data:`RUN_MARKER`, written first) that tells
+certbnn's own folders from anyone else's; :func:`claim_dir` checks and writes it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from certbnn.errors import CertbnnError
+
+RUN_MARKER = ".certbnn-run"
+MARKER_FORMAT_VERSION = 1
 
 
 def fsync_dir(directory: Path) -> None:
@@ -24,11 +44,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file",
                        error: type[CertbnnError] = CertbnnError) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and
     ``os.replace``; on any failure the old file is untouched and no temporary file
-    is left. OS errors become ``error("cannot write <what> <path>: <reason>")``."""
+    is left. A symlink at ``path`` is replaced (its target untouched); a directory
+    there is refused. OS errors become ``error("cannot write <what> <path>: <reason>")``."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            info = None
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            raise error(f"cannot write {what} {path}: a directory is in the way")
+        # a regular file keeps its permissions; a link or anything else gets a fresh file
+        mode = stat.S_IMODE(info.st_mode) if info is not None and stat.S_ISREG(info.st_mode) else 0o644
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as err:
         raise error(f"cannot write {what} {path}: {err.strerror or err}") from None
@@ -50,3 +78,114 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file",
 
 def atomic_write_text(path: str | os.PathLike, text: str, what: str = "file") -> None:
     atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+def save_figure(fig, path: str | os.PathLike, what: str = "plot", **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory, then write it with :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    atomic_write_bytes(path, buffer.getvalue(), what)
+    return Path(path)
+
+
+def open_append(path: str | os.PathLike, what: str = "log") -> IO[str]:
+    """A text handle appending to ``path`` (created 0644 if absent); a symlink or
+    non-regular file at ``path`` is a CertbnnError (``O_NOFOLLOW``, never its target)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        reason = "a symbolic link is in the way" if path.is_symlink() else (err.strerror or str(err))
+        raise CertbnnError(f"cannot write {what} {path}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CertbnnError(f"cannot write {what} {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def _tmp_pattern(names: list[str]) -> re.Pattern[str]:
+    # tempfile.mkstemp's random part: 8 characters of [a-z0-9_]
+    return re.compile("|".join(rf"\.{re.escape(n)}\.[a-z0-9_]{{8}}\.tmp" for n in names))
+
+
+def remove_stale_temps(directory: str | os.PathLike, names: list[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write_bytes` leaves when killed
+    (``.<name>.<8 chars>.tmp`` for each of ``names``) from ``directory``; regular
+    files only, links and everything else are left alone. Returns what was removed."""
+    directory = Path(directory)
+    pattern = _tmp_pattern(names)
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def is_claimed(directory: str | os.PathLike, kind: str) -> bool:
+    """True when ``directory`` holds certbnn's marker for a ``kind`` folder (``run``, ``grid``)."""
+    marker = Path(directory) / RUN_MARKER
+    try:
+        if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > 4096:
+            return False
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("certbnn") == kind
+
+
+def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out") -> Path:
+    """Refuse, with one line, an output folder certbnn does not own: an empty path,
+    ``/``, something that is not a directory, or a non-empty directory without the
+    ``kind`` marker. Writes nothing; returns the path."""
+    text = os.fspath(raw)
+    if text.strip() == "":
+        raise CertbnnError(f"{option} is empty: name the directory to write")
+    path = Path(text)
+    if path.resolve() == Path(path.resolve().anchor):
+        raise CertbnnError(f"{option} {text!r}: refusing to write into the filesystem root")
+    if path.is_symlink() and not path.exists():
+        raise CertbnnError(f"{option} {text!r}: a dangling symbolic link")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise CertbnnError(f"{option} {text!r}: not a directory")
+        try:
+            marker_tmp = _tmp_pattern([RUN_MARKER])  # another process of this run claiming it right now
+            non_empty = any(not marker_tmp.fullmatch(e.name) for e in os.scandir(path))
+        except OSError as err:
+            raise CertbnnError(f"{option} {text!r}: cannot read the directory ({err.strerror or err})") from None
+        if non_empty and not is_claimed(path, kind):
+            raise CertbnnError(f"{option} {text!r}: a non-empty directory that is not a certbnn {kind} "
+                               f"(no {RUN_MARKER}); choose a new or empty directory")
+    else:
+        ancestor = path.absolute().parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CertbnnError(f"{option} {text!r}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise CertbnnError(f"{option} {text!r}: cannot create it ({ancestor} is not writable)")
+    return path
+
+
+def claim_dir(raw: str | os.PathLike, kind: str, option: str = "--out") -> Path:
+    """:func:`check_output_dir`, then create the folder and write its marker (first,
+    before any other file); a no-op on a folder already marked."""
+    path = check_output_dir(raw, kind, option)
+    if is_claimed(path, kind):
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or err
+        raise CertbnnError(f"{option} {os.fspath(raw)!r}: cannot create the directory ({reason})") from None
+    atomic_write_text(path / RUN_MARKER, json.dumps({"certbnn": kind, "format_version": MARKER_FORMAT_VERSION}) + "\n",
+                      f"{kind} marker")
+    return path

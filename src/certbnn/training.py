@@ -5,7 +5,12 @@ Run directory contents (all written atomically):
 * ``config.json``: the resolved :class:`~certbnn.config.TrainConfig`;
 * ``checkpoint.safetensors``: method state, RNG state and history after each epoch;
 * ``posterior.safetensors``: the final posterior (:mod:`certbnn.posterior` format);
-* ``metrics.json``: per-epoch training and validation metrics, and the totals.
+* ``metrics.json``: per-epoch training and validation metrics, and the totals;
+* ``.certbnn-run``: the marker (written first) by which certbnn knows the folder is
+  its own run: a non-empty folder without it is never written to (:func:`certbnn.fileio.claim_dir`).
+
+Temporary files of an interrupted write (``.<file>.<random>.tmp``) are removed when
+a run starts or resumes.
 
 Determinism: the held-out split, the model initialisation and every epoch's
 shuffle are functions of ``seed`` (and the epoch), and the training generator's
@@ -31,7 +36,7 @@ from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from certbnn.config import TrainConfig
 from certbnn.data.augment import augment
 from certbnn.errors import CertbnnError, ConfigError
-from certbnn.fileio import atomic_write_text
+from certbnn.fileio import RUN_MARKER, atomic_write_text, check_output_dir, claim_dir, is_claimed, remove_stale_temps
 from certbnn.functional import detached_params
 from certbnn.inference import make_method
 from certbnn.likelihoods import BatchNLL, make_likelihood
@@ -76,7 +81,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     each global batch; rank 0 alone validates, logs, shows progress and writes files
     (the other ranks return ``{}``).
     """
-    run_dir = Path(run_dir)
+    run_dir = check_output_dir(run_dir, "run")  # "", "/", files and foreign folders: before any work
     comm = distributed.current()
     main = comm is None or comm.is_main
     progress, log = (progress, log) if main else (False, lambda line: None)
@@ -85,6 +90,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         comm = None  # each process runs the whole problem: no sharding, no gradient averaging
     ckpt_path = run_dir / (CHECKPOINT if chains is None or chains.is_main else f"checkpoint.rank{chains.rank}.safetensors")
     if resume:
+        if not is_claimed(run_dir, "run"):
+            raise CertbnnError(f"{run_dir}: nothing to resume (not a certbnn run directory: no {RUN_MARKER})")
         if not ckpt_path.exists():
             raise CertbnnError(f"{run_dir}: nothing to resume (no {ckpt_path.name})")
         if chains is not None and (run_dir / f"checkpoint.rank{chains.world_size}.safetensors").exists():
@@ -93,6 +100,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     elif ckpt_path.exists() or (run_dir / POSTERIOR).exists():
         raise CertbnnError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     config.validate()
+    if resume or is_claimed(run_dir, "run"):  # what a killed write left behind (each process: its own files)
+        remove_stale_temps(run_dir, [ckpt_path.name] + ([POSTERIOR, METRICS, CONFIG, RUN_MARKER] if main else []))
     device = resolve_device(config.device)
     train_ds, val_ds = split_train_val(config)
     spec = data.get_spec(config.dataset)
@@ -130,7 +139,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         log(f"resuming {run_dir} after epoch {start_epoch}")
     else:
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            claim_dir(run_dir, "run")
             atomic_write_text(run_dir / CONFIG, json.dumps(config.to_json(), indent=2), "config")
         state, start_epoch, step, history = method.init(initial_params(model, config), generator), 0, 0, []
 

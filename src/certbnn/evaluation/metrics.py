@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.errors import ConfigError
+from certbnn.fileio import save_figure
 from certbnn.functional import forward
 
 
@@ -163,8 +164,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)  # atomic, never through a link at ``path``
 
 
 def reliability_diagram(bins: Mapping[str, Tensor], path: str | Path, title: str = "Reliability diagram") -> Path:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
-from certbnn.fileio import atomic_write_text
+from certbnn.fileio import atomic_write_text, save_figure
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
 from certbnn.training import resolve_device
@@ -381,8 +381,10 @@ def _line_plot(path: Path, xs: list[float], curves: dict[str, list[float]]) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _fmt(value: Any) -> str:

@@ -185,6 +185,7 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
                     except ConfigError as exc:
                         raise ConfigError(f"{where}, {method}/{mode}: {exc}") from None
                     cells.append(Cell(name, method, mode, point, config, evaluate, depends))
+    _check_collisions(cells, source)
     return Preset(str(header.get("name", Path(source).stem)), str(header.get("description", "")), cells,
                   [dict(e) for e in experiments], raw, source)
 
@@ -203,6 +204,23 @@ def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
             chosen.add(dep)
             dep = by_id[dep].depends_on
     return [c for c in cells if c.id in chosen]
+
+
+def _check_collisions(cells: list[Cell], source: str) -> None:
+    """Every cell needs its own id and its own folder (compared ignoring case, for
+    case-insensitive file systems): otherwise one cell would resume, overwrite or
+    retrain another's run. A ConfigError names both cells."""
+    ids: set[str] = set()
+    folders: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.id in ids:
+            raise ConfigError(f"{source}: two cells have the id {cell.id!r} (a repeated sweep value or "
+                              "experiment?); every cell needs its own id")
+        ids.add(cell.id)
+        other = folders.setdefault(cell.dirname.casefold(), cell)
+        if other is not cell:
+            raise ConfigError(f"{source}: cells {other.id!r} and {cell.id!r} would share the folder "
+                              f"cells/{cell.dirname} (names differing only in punctuation or case); rename one")
 
 
 def _merge(layers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from certbnn.fileio import atomic_write_text
+from certbnn.fileio import atomic_write_text, save_figure
 
 ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
 
@@ -206,7 +206,7 @@ def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     written.append(f"certified_vs_eps_{name}.png")
-    fig.savefig(out_dir / written[-1], dpi=110)
+    save_figure(fig, out_dir / written[-1], dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
@@ -224,7 +224,7 @@ def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     written.append(f"reliability_{name}.png")
-    fig.savefig(out_dir / written[-1], dpi=110)
+    save_figure(fig, out_dir / written[-1], dpi=110)
     plt.close(fig)
 
     if ood_names:
@@ -247,7 +247,7 @@ def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(f"ood_entropy_{name}.png")
-        fig.savefig(out_dir / written[-1], dpi=110)
+        save_figure(fig, out_dir / written[-1], dpi=110)
         plt.close(fig)
     return written
 
@@ -271,6 +271,6 @@ def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str 
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = f"sweep_{name}.png"
-    fig.savefig(out_dir / path, dpi=110)
+    save_figure(fig, out_dir / path, dpi=110)
     plt.close(fig)
     return path

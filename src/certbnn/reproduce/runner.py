@@ -8,6 +8,7 @@ Layout of ``out_dir``::
     cells/<cell>/run/           the `certbnn train` run directory of the cell
     cells/<cell>/eval/          its `certbnn evaluate` output
     cells/<cell>/log.txt        the cell's training log
+    .certbnn-run                the marker of a certbnn grid folder (a non-empty folder without it is refused)
 
 A cell is finished when ``eval/evaluation.json`` exists and was made with the
 cell's evaluation options; a rerun skips finished cells, resumes a training run
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
-from certbnn.fileio import atomic_write_text
+from certbnn.fileio import atomic_write_text, claim_dir, open_append
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
 from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
@@ -88,9 +88,8 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
     comm = distributed.current()
     main = comm is None or comm.is_main
     progress, log = (progress, log) if main else (False, lambda line: None)
-    out_dir = Path(out_dir)
     cells = preset.cells if cells is None else cells
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_dir(out_dir, "grid") if main else Path(out_dir)  # never into someone else's folder
     statuses = {cell.id: cell_status(cell, out_dir) for cell in cells}  # validates before any work
     devices = sorted({str(resolve_device(cell.config.device)) for cell in cells})
     results = _load_results(out_dir / "results.json", preset)
@@ -154,10 +153,10 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
     train_seconds = 0.0
     cell_start = time.perf_counter()
     if status in ("train", "resume"):
-        if status == "train" and run.exists() and main:
-            shutil.rmtree(run)  # killed before its first checkpoint: nothing worth keeping
+        # status "train" over a run killed before its first checkpoint: train() starts it afresh in
+        # place (it refuses a folder that is not a certbnn run); nothing is ever deleted here
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "log.txt", "a") if main else open(os.devnull, "w") as log_file:
+        with open_append(folder / "log.txt", "cell log") if main else open(os.devnull, "w") as log_file:
             def cell_log(line: str) -> None:
                 log_file.write(line + "\n")
                 log_file.flush()
