@@ -139,6 +139,28 @@ def test_logs_are_never_appended_through_a_link_or_into_a_fifo(tmp_path):
     assert (tmp_path / "new.txt").read_text() == "one\ntwo\n"
 
 
+def test_data_writers_never_follow_links(tmp_path):
+    import numpy as np
+
+    from certbnn.data.cifar import write_binary_batch
+
+    victims = Victims(tmp_path)
+    for mode in ("ab", "wb", "a", "w"):
+        victims.link(tmp_path / f"download-{mode}.part")
+        with pytest.raises(OSError):
+            fileio.open_no_follow(tmp_path / f"download-{mode}.part", mode)
+    victims.link(tmp_path / "data_batch_1.bin")
+    write_binary_batch(tmp_path / "data_batch_1.bin", np.zeros((2, 3, 32, 32), np.uint8), np.array([1, 2]))
+    victims.check()
+    assert (tmp_path / "data_batch_1.bin").stat().st_size == 2 * (1 + 3 * 32 * 32)
+    assert not (tmp_path / "data_batch_1.bin").is_symlink()
+    with fileio.open_no_follow(tmp_path / "new.part", "wb") as part:
+        part.write(b"ab")
+    with fileio.open_no_follow(tmp_path / "new.part", "ab") as part:
+        part.write(b"cd")
+    assert (tmp_path / "new.part").read_bytes() == b"abcd"
+
+
 PRESET = """
 [preset]
 name = "{name}"

@@ -6,7 +6,8 @@ destination (``O_EXCL``: never an existing file or link), is fsynced, and is ren
 over the destination. A symbolic link at the destination is *replaced* by the new
 file (``rename`` acts on the directory entry): the link's target is never opened,
 so nothing outside what certbnn owns is written. A directory at the destination is
-refused. Logs are appended with :func:`open_append`, which refuses a link.
+refused. Logs are appended with :func:`open_append` (streams: :func:`open_no_follow`),
+which refuse a link.
 
 Run directories carry a marker file (:data:`RUN_MARKER`, written first) that tells
 certbnn's own folders from anyone else's; :func:`claim_dir` checks and writes it.
@@ -15,6 +16,7 @@ certbnn's own folders from anyone else's; :func:`claim_dir` checks and writes it
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -88,21 +90,29 @@ def save_figure(fig, path: str | os.PathLike, what: str = "plot", **savefig_kwar
     return Path(path)
 
 
+def open_no_follow(path: str | os.PathLike, mode: str = "ab") -> IO:
+    """``path`` opened for writing (``mode``: ``a``, ``ab``, ``w`` or ``wb``; created 0644 if
+    absent) without following a symbolic link there (``O_NOFOLLOW``), never blocking on a
+    FIFO; an ``OSError`` for a link or anything but a regular file."""
+    flags = {"a": os.O_APPEND, "ab": os.O_APPEND, "w": os.O_TRUNC, "wb": os.O_TRUNC}[mode]
+    flags |= os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def open_append(path: str | os.PathLike, what: str = "log") -> IO[str]:
-    """A text handle appending to ``path`` (created 0644 if absent); a symlink or
-    non-regular file at ``path`` is a CertbnnError (``O_NOFOLLOW``, never its target)."""
+    """A text handle appending to ``path`` (:func:`open_no_follow`); a symlink or
+    non-regular file at ``path`` is a one-line CertbnnError, its target never opened."""
     path = Path(path)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags, 0o644)
+        return open_no_follow(path, "a")
     except OSError as err:
         reason = "a symbolic link is in the way" if path.is_symlink() else (err.strerror or str(err))
         raise CertbnnError(f"cannot write {what} {path}: {reason}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CertbnnError(f"cannot write {what} {path}: not a regular file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _tmp_pattern(names: list[str]) -> re.Pattern[str]:

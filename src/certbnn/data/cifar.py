@@ -23,6 +23,7 @@ import numpy as np
 
 from certbnn.data.safe_pickle import safe_loads
 from certbnn.errors import DataError
+from certbnn.fileio import atomic_write_bytes
 from certbnn.safe_open import open_regular, read_regular
 
 IMAGE_BYTES = 3 * 32 * 32
@@ -150,4 +151,4 @@ def write_binary_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> No
         [np.asarray(labels, np.uint8)[:, None], np.asarray(images, np.uint8).reshape(len(labels), -1)],
         axis=1,
     )
-    Path(path).write_bytes(records.tobytes())
+    atomic_write_bytes(path, records.tobytes(), "CIFAR batch")

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import certbnn
 from certbnn.errors import DataError, DownloadError
+from certbnn.fileio import open_no_follow
 
 if TYPE_CHECKING:
     from certbnn.data.registry import DatasetSpec
@@ -186,7 +187,7 @@ def _fetch(
 
         written = offset
         with (
-            open(part, mode) as f,
+            open_no_follow(part, mode) as f,  # a link at the .part is an error, never followed
             tqdm(
                 total=total,
                 initial=offset,
