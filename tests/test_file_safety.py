@@ -265,6 +265,21 @@ def test_out_refuses_what_is_not_a_certbnn_run(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in grid.iterdir()) == [fileio.RUN_MARKER, "results.json"]
 
 
+def test_evaluate_out_refuses_empty_root_and_file_paths(tmp_path, capsys):
+    run = tmp_path / "run"
+    training.train(_config(epochs=1), run, progress=False, log=lambda line: None)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    before = {p.name: _digest(p) for p in run.iterdir()}
+    evaluate = ["evaluate", str(run), "--device", "cpu", "--limit", "8", "--samples", "2", "--no-progress", "--out"]
+    for value, message in {"": "--out is empty", "/": "filesystem root", str(a_file): "not a directory",
+                           str(a_file / "sub"): "is not a directory"}.items():
+        assert message in _one_line_error(capsys, evaluate + [value]), value
+    assert a_file.read_text() == "x" and {p.name: _digest(p) for p in run.iterdir()} == before
+    with pytest.raises(CertbnnError, match="cannot create the directory"):
+        fileio.make_dir(a_file / "sub")
+
+
 def test_out_accepts_new_and_empty_folders_and_marks_them_first(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     order = []

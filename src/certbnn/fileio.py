@@ -151,10 +151,11 @@ def is_claimed(directory: str | os.PathLike, kind: str) -> bool:
     return isinstance(saved, dict) and saved.get("certbnn") == kind
 
 
-def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out") -> Path:
+def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out", *, foreign_ok: bool = False) -> Path:
     """Refuse, with one line, an output folder certbnn does not own: an empty path,
-    ``/``, something that is not a directory, or a non-empty directory without the
-    ``kind`` marker. Writes nothing; returns the path."""
+    ``/``, something that is not a directory, or (unless ``foreign_ok``: outputs of
+    fixed names, e.g. an evaluation) a non-empty directory without the ``kind``
+    marker. Writes nothing; returns the path."""
     text = os.fspath(raw)
     if text.strip() == "":
         raise CertbnnError(f"{option} is empty: name the directory to write")
@@ -171,7 +172,7 @@ def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out") -
             non_empty = any(not marker_tmp.fullmatch(e.name) for e in os.scandir(path))
         except OSError as err:
             raise CertbnnError(f"{option} {text!r}: cannot read the directory ({err.strerror or err})") from None
-        if non_empty and not is_claimed(path, kind):
+        if non_empty and not foreign_ok and not is_claimed(path, kind):
             raise CertbnnError(f"{option} {text!r}: a non-empty directory that is not a certbnn {kind} "
                                f"(no {RUN_MARKER}); choose a new or empty directory")
     else:
@@ -191,11 +192,17 @@ def claim_dir(raw: str | os.PathLike, kind: str, option: str = "--out") -> Path:
     path = check_output_dir(raw, kind, option)
     if is_claimed(path, kind):
         return path
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        reason = err.strerror or err
-        raise CertbnnError(f"{option} {os.fspath(raw)!r}: cannot create the directory ({reason})") from None
+    make_dir(path, option)
     atomic_write_text(path / RUN_MARKER, json.dumps({"certbnn": kind, "format_version": MARKER_FORMAT_VERSION}) + "\n",
                       f"{kind} marker")
     return path
+
+
+def make_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``mkdir -p``; an OSError (a file in the way, no permission) is a one-line CertbnnError."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CertbnnError(f"{option} {os.fspath(path)!r}: cannot create the directory "
+                           f"({err.strerror or err})") from None
+    return Path(path)
