@@ -8,10 +8,10 @@ from certbnn.errors import ConfigError
 
 def test_precedence_defaults_file_flags(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('method = "vogn"\neps = 0.2\n[method_options]\nbeta1 = 0.8\nbeta2 = 0.99\n')
-    config = make_config(load_toml(path), {"eps": 0.05, "method_options": {"beta2": 0.9}})
+    path.write_text('method = "vogn"\neps = 0.2\n[method_options]\ndamping = 0.2\nnum_samples = 2\n')
+    config = make_config(load_toml(path), {"eps": 0.05, "method_options": {"num_samples": 3}})
     assert config.method == "vogn" and config.eps == 0.05 and config.epochs == TrainConfig().epochs
-    assert config.method_options == {"beta1": 0.8, "beta2": 0.9}
+    assert config.method_options == {"damping": 0.2, "num_samples": 3}
 
 
 def test_train_table_is_accepted(tmp_path):
@@ -30,9 +30,9 @@ def test_bad_files_and_values(tmp_path):
         load_toml(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_toml(tmp_path / "missing.toml")
-    with pytest.raises(ConfigError, match="lambda must be in"):
+    with pytest.raises(ConfigError, match=r"lam \(lambda, the weight of the clean term\) must be in \[0, 1\] \(a finite number\), got 2.0"):
         make_config({}, {"lam": 2.0})
-    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+    with pytest.raises(ConfigError, match=r"epochs must be >= 1 \(an integer\), got 0"):
         make_config({}, {"epochs": 0})
     with pytest.raises(ConfigError, match="device"):
         make_config({}, {"device": "tpu"})

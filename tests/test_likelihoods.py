@@ -102,13 +102,17 @@ def test_gaussian_regression_density():
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match="lambda"):
+    with pytest.raises(ConfigError, match=r"lam \(lambda, the weight of the clean term\) must be in \[0, 1\] \(a finite number\), got 1.5"):
         make_likelihood("ibp", lam=1.5)
     with pytest.raises(ConfigError, match="mix must be"):
         make_likelihood("pgd", mix="avg")
     with pytest.raises(ConfigError, match="unknown likelihood 'cw'"):
         make_likelihood("cw")
-    with pytest.raises(ConfigError, match="sigma > 0"):
+    with pytest.raises(ConfigError, match=r"sigma must be > 0 \(a finite number\), got 0.0"):
         make_likelihood("gaussian", sigma=0.0)
     with pytest.raises(ConfigError, match="likelihood 'categorical'"):
         make_likelihood("categorical", lam=0.3)
+    with pytest.raises(ConfigError, match=r"likelihood 'pgd': unknown option\(s\) foo \(known: lam, mix, "):
+        make_likelihood("pgd", foo=1)
+    with pytest.raises(ConfigError, match=r"steps must be >= 1 \(an integer\), got 'abc'"):
+        make_likelihood("pgd", steps="abc")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from certbnn.errors import ConfigError
+from certbnn.settings import LAM_LABEL, SEED, UNIT, Range, at_least, check_settings, one_of, positive
 
 
 @dataclass
@@ -56,27 +58,41 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     likelihood_options: dict[str, Any] = field(default_factory=dict)
 
+    # ranges of the fields (types come from the annotations above; see certbnn.settings)
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {
+        "lam": UNIT, "mix": one_of("prob", "loss"), "eps": UNIT, "warmup_epochs": at_least(0),
+        "ramp_fraction": UNIT, "epochs": at_least(1), "batch_size": at_least(1), "lr": positive(),
+        "kl_weight": positive(), "prior_scale": positive(), "seed": SEED, "limit_train": at_least(1),
+        "augment": at_least(0), "val_size": at_least(0), "val_samples": at_least(1), "test_size": at_least(1),
+        "parallel": one_of("data", "chains"),
+    }
+    SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
+
     def validate(self) -> TrainConfig:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.eps >= 0, f"eps must be >= 0, got {self.eps}"),
-            (0 <= self.lam <= 1, f"lambda must be in [0, 1], got {self.lam}"),
-            (self.mix in ("prob", "loss"), f"mix must be prob or loss, got {self.mix!r}"),
-            (self.prior_scale > 0, f"prior scale must be > 0, got {self.prior_scale}"),
-            (self.val_size >= 0 and self.val_samples >= 1, "val_size must be >= 0 and val_samples >= 1"),
-            (self.limit_train is None or self.limit_train >= 1, f"limit_train must be >= 1, got {self.limit_train}"),
-            (self.test_size is None or self.test_size >= 1, f"test_size must be >= 1, got {self.test_size}"),
-            (self.parallel in ("data", "chains"), f"parallel must be data or chains, got {self.parallel!r}"),
-            (self.augment >= 0, f"augment must be >= 0, got {self.augment}"),
-            (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
-             f"device must be cpu, cuda[:N] or auto, got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        """Check every field's type and range (ConfigError naming the key and value); returns self."""
+        check_settings(TrainConfig, dataclasses.asdict(self))
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs {self.warmup_epochs:g} exceeds the {self.epochs} training epochs")
+        for name in ("dataset", "model", "method", "likelihood"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty string, got ''")
+        check_method_options(self.method, self.method_options)
+        check_likelihood_options(self.likelihood, self.likelihood_options)
+        self._check_against_dataset()
         return self
+
+    def _check_against_dataset(self) -> None:
+        """The likelihood suits the data set and the model fits it and the memory (nothing allocated)."""
+        from certbnn import data
+        from certbnn.models import check_model
+
+        spec = data.get_spec(self.dataset)
+        if self.likelihood == "gaussian" and spec.num_classes > 1:
+            raise ConfigError(f"likelihood 'gaussian' is for regression, but data set {self.dataset!r} has "
+                              f"{spec.num_classes} classes (use standard, ibp, crown-ibp, crown, fgsm or pgd)")
+        check_model(self.model, spec.image_shape, spec.num_classes)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,44 +102,98 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a config file into a dict of TrainConfig fields (validated names)."""
+    """Read a config file into a dict of TrainConfig fields (names, types and ranges checked)."""
     path = Path(path)
     try:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found" if not path.exists()
+                              else f"{path}: config file is not a regular file")
         raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    values = dict(raw.pop("train", {}))
+        raise ConfigError(f"{path}: not valid TOML ({_one_line(exc)})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    train_table = raw.pop("train", {})
+    if not isinstance(train_table, dict):
+        raise ConfigError(f"{path}: train must be a table, got {train_table!r}")
+    values = dict(train_table)
     values.update(raw)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(FIELDS))})")
-    return values
+    return check_settings(TrainConfig, values, where=f"{path}: ")
+
+
+def load_saved_config(path: str | Path) -> dict[str, Any]:
+    """The settings of a run's ``config.json`` (a JSON table of TrainConfig fields, checked)."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return check_settings(TrainConfig, values, where=f"{path}: ")
 
 
 def make_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
-    """Merge file then flags over the defaults; option tables merge key by key."""
+    """Merge file then flags over the defaults (option tables merge key by key); every value
+    is checked for type and range (:mod:`certbnn.settings`) before the config exists."""
     merged: dict[str, Any] = {}
     for source in (file_values, flag_values):
         for key, value in source.items():
-            if key in ("method_options", "likelihood_options"):
+            if key in ("method_options", "likelihood_options") and isinstance(value, dict):
                 merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value
-    try:
-        return TrainConfig(**merged).validate()
-    except TypeError as exc:
-        raise ConfigError(f"bad configuration: {exc}") from None
+    return TrainConfig(**check_settings(TrainConfig, merged)).validate()
+
+
+# options a method or likelihood gets from the trainer, not from the user
+_METHOD_INTERNAL = ("prior", "num_data")
+
+
+def method_option_names(method: str) -> list[str]:
+    """The options a user may set for ``method`` (``--opt KEY=VALUE`` / ``[method_options]``)."""
+    from certbnn.inference.base import method_class
+    from certbnn.settings import field_types
+
+    return sorted(k for k in field_types(method_class(method)) if k not in _METHOD_INTERNAL)
+
+
+def check_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the user options of ``method`` (names and types)."""
+    from certbnn.inference.base import method_class
+
+    return check_settings(method_class(method), options, where=f"method {method!r}: ",
+                          exclude=_METHOD_INTERNAL, what="option")
+
+
+def check_likelihood_options(likelihood: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the user options of ``likelihood`` (names, types, ranges)."""
+    from certbnn.likelihoods import likelihood_schema
+
+    cls, fixed = likelihood_schema(likelihood)
+    return check_settings(cls, options, where=f"likelihood {likelihood!r}: ", exclude=fixed, what="option")
 
 
 def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with value parsed as JSON when possible (numbers, booleans), else a string."""
+    """``key=value`` with value parsed as JSON when possible (numbers, booleans), else a string;
+    ``nan`` / ``inf`` stay strings (so a float setting refuses them by name)."""
     key, sep, value = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ConfigError(f"option {text!r} must look like key=value")
     try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
+        parsed = json.loads(value, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError):
         return key.strip(), value
+    return key.strip(), parsed
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from certbnn.attacks import fgsm, pgd
 from certbnn.errors import ConfigError
 from certbnn.functional import forward
+from certbnn.settings import LAM_LABEL, UNIT, Range, at_least, check_settings, one_of, positive
 
 _MIXES = ("prob", "loss")
 
@@ -83,6 +84,8 @@ class GaussianRegression:
     sigma: float = 1.0
     name: str = "gaussian"
 
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {"sigma": positive()}
+
     def __post_init__(self) -> None:
         if not self.sigma > 0:
             raise ConfigError(f"Gaussian likelihood needs sigma > 0, got {self.sigma}")
@@ -103,6 +106,10 @@ class IntervalRobust:
     mix: str = "prob"
     margins: bool = False
     name: str = "robust"
+
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {"bound": one_of("ibp", "crown-ibp", "crown"), "lam": UNIT,
+                                                  "mix": one_of(*_MIXES)}
+    SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
 
     def __post_init__(self) -> None:
         _check_mix(self.lam, self.mix)
@@ -144,6 +151,11 @@ class Adversarial:
     step_size: float | None = None
     random_start: bool = True
     name: str = "adversarial"
+
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {"attack": one_of("fgsm", "pgd"), "lam": UNIT,
+                                                  "mix": one_of(*_MIXES), "steps": at_least(1),
+                                                  "step_size": positive()}
+    SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
 
     def __post_init__(self) -> None:
         _check_mix(self.lam, self.mix)
@@ -211,15 +223,16 @@ class BatchNLL:
         return self.likelihood.nll_at(self.model, params, x, x_adv, y)
 
 
-_LIKELIHOODS = {
-    "standard": Categorical,
-    "categorical": Categorical,
-    "gaussian": GaussianRegression,
-    "ibp": lambda **kw: IntervalRobust(bound="ibp", **kw),
-    "crown-ibp": lambda **kw: IntervalRobust(bound="crown-ibp", **kw),
-    "crown": lambda **kw: IntervalRobust(bound="crown", **kw),
-    "fgsm": lambda **kw: Adversarial(attack="fgsm", **kw),
-    "pgd": lambda **kw: Adversarial(attack="pgd", **kw),
+# name -> (class, fields the name fixes); the user's options are the class's other fields but ``name``
+_LIKELIHOODS: dict[str, tuple[type, dict[str, Any]]] = {
+    "standard": (Categorical, {}),
+    "categorical": (Categorical, {}),
+    "gaussian": (GaussianRegression, {}),
+    "ibp": (IntervalRobust, {"bound": "ibp"}),
+    "crown-ibp": (IntervalRobust, {"bound": "crown-ibp"}),
+    "crown": (IntervalRobust, {"bound": "crown"}),
+    "fgsm": (Adversarial, {"attack": "fgsm"}),
+    "pgd": (Adversarial, {"attack": "pgd"}),
 }
 
 
@@ -227,14 +240,18 @@ def likelihood_names() -> list[str]:
     return sorted(_LIKELIHOODS)
 
 
-def make_likelihood(name: str, **options) -> Likelihood:
-    """``standard`` (alias ``categorical``), ``gaussian``, ``ibp``, ``crown-ibp``, ``crown``,
-    ``fgsm`` or ``pgd``."""
+def likelihood_schema(name: str) -> tuple[type, tuple[str, ...]]:
+    """(class, fields that are not user options) of likelihood ``name``; ConfigError if unknown."""
     try:
-        factory = _LIKELIHOODS[name]
+        cls, fixed = _LIKELIHOODS[name]
     except KeyError:
         raise ConfigError(f"unknown likelihood {name!r} (known: {', '.join(likelihood_names())})") from None
-    try:
-        return factory(**options)
-    except TypeError as exc:
-        raise ConfigError(f"likelihood {name!r}: {exc}") from None
+    return cls, (*fixed, "name")
+
+
+def make_likelihood(name: str, **options) -> Likelihood:
+    """``standard`` (alias ``categorical``), ``gaussian``, ``ibp``, ``crown-ibp``, ``crown``,
+    ``fgsm`` or ``pgd``; ``options`` are checked by name, type and range (one-line ConfigError)."""
+    cls, excluded = likelihood_schema(name)
+    checked = check_settings(cls, options, where=f"likelihood {name!r}: ", exclude=excluded, what="option")
+    return cls(**_LIKELIHOODS[name][1], **checked)

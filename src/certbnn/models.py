@@ -21,7 +21,9 @@ builder; a ``Flatten`` precedes the first dense layer. Example:
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,7 +35,7 @@ from certbnn.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS", "build_model", "register_model", "list_models", "describe_model",
-    "make_activation", "model_fingerprint", "fingerprint_of_params", "fingerprint_difference",
+    "make_activation", "check_model", "check_size", "model_fingerprint", "fingerprint_of_params", "fingerprint_difference",
 ]
 
 #: Factory contract: ``factory(arg, input_shape, num_classes, activation) -> nn.Sequential``
@@ -83,8 +85,21 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     """Build the (freshly, randomly initialised) network described by ``spec``.
 
     ``input_shape`` excludes the batch dimension, e.g. (1, 28, 28) or (3, 32, 32); the
-    model maps (B, *input_shape) to (B, num_classes) logits.
+    model maps (B, *input_shape) to (B, num_classes) logits. The spec is first built on
+    the meta device (no memory) and refused when its parameters cannot fit in memory.
     """
+    build = _builder(spec, input_shape, num_classes)
+    check_size(spec, _build(spec, build, meta=True))
+    return _build(spec, build, meta=False)
+
+
+def check_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> int:
+    """The parameter count of ``spec`` without allocating it; ConfigError for a bad spec or one
+    whose parameters cannot fit in memory (see :func:`check_size`)."""
+    return check_size(spec, _build(spec, _builder(spec, input_shape, num_classes), meta=True))
+
+
+def _builder(spec: str, input_shape: tuple[int, ...], num_classes: int) -> Callable[[], nn.Module]:
     input_shape = _check_shape(spec, input_shape, num_classes)
     text = "".join(str(spec).split()).lower()
     head, at, activation = text.partition("@")
@@ -95,13 +110,43 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     name, colon, arg = head.partition(":")
     if name not in _REGISTRY:
         raise ConfigError(f"model spec {spec!r}: unknown model {name!r}; known models: {', '.join(list_models())}")
+    return functools.partial(_REGISTRY[name][0], arg if colon else None, input_shape, num_classes, activation)
+
+
+def _build(spec: str, build: Callable[[], nn.Module], meta: bool) -> nn.Sequential:
     try:
-        model = _REGISTRY[name][0](arg if colon else None, input_shape, num_classes, activation)
+        if meta:
+            with torch.device("meta"):
+                model = build()
+        else:
+            model = build()
     except ConfigError as err:
         raise ConfigError(f"model spec {spec!r}: {err}") from None
+    except (RuntimeError, OverflowError, ValueError, TypeError, MemoryError) as err:  # e.g. sizes beyond int64
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"model spec {spec!r}: cannot build it ({first})") from None
     if not isinstance(model, nn.Sequential):
         raise ConfigError(f"model spec {spec!r}: factory returned {type(model).__name__}, not nn.Sequential")
     return model
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine in bytes (None when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_size(spec: str, model: nn.Module, limit_bytes: int | None = None) -> int:
+    """The parameter count of ``model`` (may live on the meta device); ConfigError when one
+    float32 copy of its parameters would not fit in ``limit_bytes`` (default: physical memory)."""
+    count = sum(p.numel() for p in model.parameters())
+    limit = memory_bytes() if limit_bytes is None else limit_bytes
+    if limit is not None and 4 * count > limit:
+        raise ConfigError(f"model spec {spec!r}: {count:,} parameters need {4 * count / 2**30:,.1f} GiB "
+                          f"(float32), more than the {limit / 2**30:,.1f} GiB of memory here")
+    return count
 
 
 def _check_shape(spec: str, input_shape: Any, num_classes: Any) -> tuple[int, ...]:

@@ -92,7 +92,7 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert main(["evaluate", str(runs["sgd"]), "--eps", "-1"]) == 1
     capsys.readouterr()
     assert main(["evaluate", str(runs["sgd"]), "--weight-box-refine", "-1"]) == 1
-    assert capsys.readouterr().err.strip() == "certbnn: error: --weight-box-refine must be >= 0, got -1"
+    assert capsys.readouterr().err.strip() == "certbnn: error: weight_box_refine must be >= 0 (an integer), got -1"
 
 
 def test_points_first_or_spread_over_a_class_sorted_test_set():

@@ -9,13 +9,14 @@ from certbnn.reproduce import list_presets, load_preset, select
 from certbnn.reproduce.grid import expand
 
 BASE = {
-    "train": {"epochs": 2, "lr": 0.1, "method_options": {"a": 1, "b": 1}},
+    "train": {"epochs": 2, "lr": 0.1, "method_options": {}},
     "evaluate": {"limit": 50},
-    "methods": {"sgd": {"lr": 0.2, "method_options": {"b": 2}}, "hmc": {"init_from": "cell:sgd", "epochs": 7}},
+    "methods": {"sgd": {"lr": 0.2, "method_options": {"momentum": 0.5, "weight_decay": 0.1}},
+                "hmc": {"init_from": "cell:sgd", "epochs": 7}},
     "modes": {"standard": {"likelihood": "standard"}, "ibp": {"likelihood": "ibp", "lam": 0.5}},
     "experiment": [{"dataset": "mnist", "methods": ["sgd", "hmc"], "modes": ["standard", "ibp"],
                     "train": {"eps": 0.2, "lr": 0.3},
-                    "method_settings": {"sgd": {"method_options": {"c": 3}}},
+                    "method_settings": {"sgd": {"method_options": {"weight_decay": 0.2, "prior_weight": 0.3}}},
                     "evaluate": {"eps": [0.1, 0.2]}}],
 }
 
@@ -43,7 +44,7 @@ def test_cells_merge_layers_in_order_and_option_tables_by_key():
     # method table (lr 0.2) beats experiment train (0.3) beats defaults (0.1); mode sets likelihood and lam
     assert sgd_ibp.lr == 0.2 and sgd_ibp.eps == 0.2 and sgd_ibp.epochs == 2
     assert sgd_ibp.likelihood == "ibp" and sgd_ibp.lam == 0.5 and sgd_ibp.method == "sgd"
-    assert sgd_ibp.method_options == {"a": 1, "b": 2, "c": 3}
+    assert sgd_ibp.method_options == {"momentum": 0.5, "weight_decay": 0.2, "prior_weight": 0.3}
     hmc = preset.cells[1]
     assert hmc.config.lr == 0.3 and hmc.config.epochs == 7 and hmc.depends_on == "mnist/sgd/standard"
     assert preset.cells[0].evaluate.eps == [0.1, 0.2] and preset.cells[0].evaluate.limit == 50
@@ -80,9 +81,9 @@ def test_select_adds_the_cells_a_selection_starts_from():
     (_with(exp_methods=[]), "non-empty methods"),
     (_with(exp_methods={"sgd": {}}), "lists of names"),
     (_with(experiment=[]), "at least one \\[\\[experiment\\]\\]"),
-    (_with(train={"epochs": 0}), "epochs must be >= 1"),
-    (_with(exp_evaluate={"eps": [-1.0]}), "finite values >= 0"),
-    (_with(exp_evaluate={"eps": 0.1}), "list of radii"),
+    (_with(train={"epochs": 0}), "\\[train\\]: epochs must be >= 1 \\(an integer\\), got 0"),
+    (_with(exp_evaluate={"eps": [-1.0]}), "eps must be a list of finite numbers \\(each in \\[0, 1\\]\\), got \\[-1.0\\]"),
+    (_with(exp_evaluate={"eps": "abc"}), "eps must be a list of finite numbers .*, got 'abc'"),
 ])
 def test_bad_presets_fail_with_a_message_naming_the_problem(raw, message):
     with pytest.raises(ConfigError, match=message):

@@ -182,7 +182,8 @@ def test_changed_evaluation_settings_reevaluate_without_retraining(preset_file, 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(preset_file, tmp_path, capsys):
     broken = tmp_path / "broken.toml"
-    broken.write_text(PRESET.replace("num_burnin = 1,", "bogus = 1, num_burnin = 1,"))
+    # valid settings that fail only once the cell runs: more held-out points than the data set has
+    broken.write_text(PRESET.replace("epochs = 3\n", "epochs = 3\nval_size = 100000\n"))
     out = tmp_path / "out"
     assert main(["reproduce", "--preset", str(broken), "--out", str(out), "--no-progress", "--only", "standard"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -190,7 +191,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(preset_file, tmp_path, 
     results = json.loads((out / "results.json").read_text())
     assert results["cells"]["tiny-grid/sgd/standard"]["status"] == "done"
     failed = results["cells"]["tiny-grid/hmc/standard"]
-    assert failed["status"] == "failed" and "bogus" in failed["error"]
+    assert failed["status"] == "failed" and "val_size 100000" in failed["error"]
     assert "Failed cells" in (out / "RESULTS.md").read_text()
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from certbnn.config import FIELDS, load_toml, make_config, parse_option
+from certbnn.config import FIELDS, load_saved_config, load_toml, make_config, parse_option
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -114,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         if given or file_values:
             from certbnn.errors import ConfigError
             raise ConfigError("--resume continues a run with its saved settings; drop the other settings")
-        config = make_config(json.loads(saved_path.read_text()), {})
+        config = make_config(load_saved_config(saved_path), {})
     else:
         config = make_config(file_values, given)
     metrics = train(config, args.out, resume=args.resume, progress=not args.no_progress)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,9 +28,10 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
-from certbnn.fileio import atomic_write_text, check_output_dir, make_dir, save_figure
+from certbnn.fileio import atomic_write_text, save_figure
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
+from certbnn.settings import SEED, UNIT, Range, at_least, between, check_settings, one_of
 from certbnn.training import resolve_device
 
 
@@ -60,25 +62,29 @@ class EvalOptions:
     device: str = "auto"            # cpu | cuda[:N] | auto (a GPU when present)
     chunk_size: int = CHUNK
 
+    # ranges of the fields (types come from the annotations above; see certbnn.settings)
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {
+        "eps": UNIT, "bound": one_of("ibp", "crown-ibp", "crown"), "limit": at_least(1), "points": one_of("first", "spread"),
+        "samples": at_least(1), "pgd_steps": at_least(1), "pgd_restarts": at_least(1),
+        "confidence": between(0, 1, low_open=True, high_open=True), "threshold": UNIT,
+        "weight_box_refine": at_least(0), "ood_fgsm_eps": UNIT, "seed": SEED, "chunk_size": at_least(1),
+    }
+
     def validate(self) -> EvalOptions:
-        if not isinstance(self.eps, (list, tuple)) or not all(isinstance(e, (int, float)) for e in self.eps):
-            raise ConfigError(f"eps must be a list of radii, got {self.eps!r}")
-        if not self.eps or any(not (e >= 0 and math.isfinite(e)) for e in self.eps):
-            raise ConfigError(f"--eps needs finite values >= 0, got {self.eps}")
+        """Check every option's type and range (one-line ConfigError naming it); normalises
+        lists given as one value; returns self."""
+        for key, value in check_settings(EvalOptions, asdict(self), what="evaluation setting").items():
+            setattr(self, key, value)
+        if not self.eps:
+            raise ConfigError("eps needs at least one radius, got []")
         for name, given, known in (("attack", self.attacks, ATTACKS), ("certificate", self.certificates, CERTIFICATES)):
             unknown = [g for g in given if g not in known]
             if unknown:
                 raise ConfigError(f"unknown {name}(s) {', '.join(unknown)} (known: {', '.join(known)})")
-        if self.points not in ("first", "spread"):
-            raise ConfigError(f"points must be first or spread, got {self.points!r}")
-        if self.samples < 1 or (self.limit is not None and self.limit < 1) or self.chunk_size < 1:
-            raise ConfigError("--samples, --limit and --chunk-size must be >= 1")
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
-        if not 0 < self.confidence < 1 or not 0 <= self.threshold <= 1:
-            raise ConfigError("--confidence must be in (0, 1) and --threshold in [0, 1]")
-        if self.weight_box_refine < 0:
-            raise ConfigError(f"--weight-box-refine must be >= 0, got {self.weight_box_refine}")
+        if self.ood is not None:
+            data.get_spec(self.ood)  # an unknown data set fails now, not after the evaluation
         return self
 
 
@@ -111,8 +117,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     """Evaluate the run in ``run_dir`` (see module doc); returns the results dict."""
     options.validate()
     run_dir = Path(run_dir)
-    # not "", "/" nor a file (checked before any work); files of fixed names, written atomically
-    out_dir = check_output_dir(out_dir, "eval", foreign_ok=True) if out_dir is not None else run_dir
+    out_dir = Path(out_dir) if out_dir else run_dir
     config, model, posterior = load_run(run_dir)
     data_dir = options.data_dir or config.get("data_dir")
     test = _test_set(config["dataset"], options, data_dir)
@@ -206,7 +211,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     if comm is not None and not comm.is_main:
         return results
 
-    make_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(out_dir, bins, results, split, options)
     results["plots"] = plots
     atomic_write_text(out_dir / "evaluation.json", json.dumps(results, indent=2), "evaluation")

@@ -85,8 +85,9 @@ def make_method(name: str, **options: Any) -> InferenceMethod:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
+        user = sorted(fields - {"prior", "num_data"})  # set by the trainer, not user options
         raise ConfigError(f"method {name!r} has no option(s) {', '.join(unknown)} "
-                          f"(options: {', '.join(sorted(fields))})")
+                          f"(options: {', '.join(user)})")
     return cls(**options)
 
 

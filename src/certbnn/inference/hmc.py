@@ -87,8 +87,9 @@ def check_number(name: str, value: object, low: float = 0.0, high: float = math.
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low <= value if low_inclusive else low < value) and (value <= high if high_inclusive else value < high)
     if not ok:
-        interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-        raise ConfigError(f"option {name} must be a finite number in {interval}, got {value!r}")
+        interval = (f"{'>=' if low_inclusive else '>'} {low:g}" if high == math.inf else
+                    f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}")
+        raise ConfigError(f"option {name} must be a finite number {interval}, got {value!r}")
 
 
 def check_count(name: str, value: object, minimum: int, allow_none: bool = False) -> None:

@@ -62,8 +62,9 @@ def check_number(method: Any, option: str, value: Any, low: float, high: float =
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ConfigError(f"{method.name}: option {option} must be a finite number in {interval}, got {value!r}")
+        interval = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                    f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ConfigError(f"{method.name}: option {option} must be a finite number {interval}, got {value!r}")
 
 
 def check_betas(method: Any) -> None:

@@ -38,6 +38,7 @@ else:  # pragma: no cover
 
 from certbnn.config import FIELDS, TrainConfig, make_config
 from certbnn.errors import ConfigError
+from certbnn.settings import check_settings
 from certbnn.evaluation.runner import EvalOptions
 
 PRESET_PACKAGE = "certbnn.reproduce.presets"
@@ -128,8 +129,8 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
     eval_defaults = _eval_table(raw.get("evaluate", {}), f"{source} [evaluate]")
     methods = {k: _train_table(v, f"{source} [methods.{k}]") for k, v in raw.get("methods", {}).items()}
     modes = {k: _train_table(v, f"{source} [modes.{k}]") for k, v in raw.get("modes", {}).items()}
-    _train_table(overrides, "overrides")
-    _eval_table(eval_overrides, "evaluation overrides")
+    overrides = _train_table(overrides, "--set overrides")
+    eval_overrides = _eval_table(eval_overrides, "--eval-set overrides")
 
     cells: list[Cell] = []
     names: set[str] = set()
@@ -240,10 +241,13 @@ def _known(table: Any, allowed: set[str], where: str) -> None:
 
 
 def _train_table(table: Any, where: str) -> dict[str, Any]:
+    """A table of TrainConfig fields, names, types and ranges checked (the cell's full config is
+    checked again once merged, e.g. method options against the cell's method)."""
     _known(table, set(FIELDS), where)
-    return dict(table)
+    return check_settings(TrainConfig, table, where=f"{where}: ")
 
 
 def _eval_table(table: Any, where: str) -> dict[str, Any]:
+    """A table of EvalOptions fields, names, types and ranges checked."""
     _known(table, _EVAL_FIELDS, where)
-    return dict(table)
+    return check_settings(EvalOptions, table, where=f"{where}: ", what="evaluation setting")
