@@ -28,7 +28,7 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
-from certbnn.fileio import atomic_write_text, save_figure
+from certbnn.fileio import atomic_write_text, check_output_dir, make_dir, save_figure
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
 from certbnn.settings import SEED, UNIT, Range, at_least, between, check_settings, one_of
@@ -117,7 +117,8 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     """Evaluate the run in ``run_dir`` (see module doc); returns the results dict."""
     options.validate()
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir
+    # not "", "/" nor a file (checked before any work); files of fixed names, written atomically
+    out_dir = check_output_dir(out_dir, "eval", foreign_ok=True) if out_dir is not None else run_dir
     config, model, posterior = load_run(run_dir)
     data_dir = options.data_dir or config.get("data_dir")
     test = _test_set(config["dataset"], options, data_dir)
@@ -211,7 +212,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     if comm is not None and not comm.is_main:
         return results
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     plots = _plots(out_dir, bins, results, split, options)
     results["plots"] = plots
     atomic_write_text(out_dir / "evaluation.json", json.dumps(results, indent=2), "evaluation")
