@@ -49,6 +49,7 @@ _BACKOFF_MAX_S = 30.0
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _READ_CHUNK = 1 << 20
+MAX_TIMEOUT_S = 86400.0  # per network read; larger values overflow the socket layer
 
 
 # --------------------------------------------------------------------------- #
@@ -336,8 +337,8 @@ def download_dataset(
         raise DownloadError(f"{spec.name}: no download source is known for this data set")
     if mirror is not None:
         _check_url(mirror)
-    if not (timeout > 0 and timeout < float("inf")):
-        raise DownloadError(f"timeout must be a positive finite number of seconds, got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise DownloadError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout}")
     if retries < 0:
         raise DownloadError(f"retries must be 0 or more, got {retries}")
     folder = Path(root) / spec.folders()[0]
