@@ -105,7 +105,7 @@ def check_settings(cls: type, values: Mapping[str, Any], *, where: str = "", exc
     types_ = {k: v for k, v in field_types(cls).items() if k not in excluded}
     unknown = sorted(str(k) for k in values if k not in types_)
     if unknown:
-        raise ConfigError(f"{where}unknown {what}(s) {', '.join(unknown)} (known: {', '.join(sorted(types_))})")
+        raise ConfigError(f"{where}unknown {what}(s) {', '.join(unknown)} (known: {', '.join(sorted(types_)) or 'none'})")
     ranges, labels = getattr(cls, "SETTING_RANGES", {}), getattr(cls, "SETTING_LABELS", {})
     return {key: check_value(labels.get(key, key), value, types_[key], ranges.get(key), where=where)
             for key, value in values.items()}
