@@ -309,6 +309,9 @@ def test_out_accepts_new_and_empty_folders_and_marks_them_first(tmp_path, monkey
     ('[[experiment]]\nname = "Run"\ndataset = "{d}"\nmethods = ["sgd"]\n'
      '[[experiment]]\nname = "run"\ndataset = "{d}"\nmethods = ["sgd"]\n',
      "cells 'Run/sgd/ibp' and 'run/sgd/ibp' would share the folder"),
+    ('[[experiment]]\nname = "a b"\ndataset = "{d}"\nmethods = ["sgd"]\n'
+     '[[experiment]]\nname = "a/b"\ndataset = "{d}"\nmethods = ["bbb"]\n',
+     "experiments 'a b' and 'a/b' would share the plot files *_a_b.png"),
     ('[[experiment]]\nname = "e"\ndataset = "{d}"\nmethods = ["sgd"]\n[experiment.sweep]\nlam = [0.5, 0.5]\n',
      "two cells have the id 'e/sgd/ibp/lam=0.5'"),
     ('[[experiment]]\nname = "e"\ndataset = "{d}"\nmethods = ["sgd"]\n[experiment.sweep]\nlam = [0.5, 1.0]\n'
@@ -323,6 +326,23 @@ def test_colliding_cells_are_refused_when_the_preset_loads(tmp_path, capsys, exp
     for extra in (["--dry-run"], []):
         assert message in _one_line_error(capsys, _reproduce(preset, out, *extra))
     assert not out.exists()
+
+
+def test_reproduce_removes_stale_temporary_files_of_its_own_names_only(tmp_path):
+    preset = _preset(tmp_path, f'[[experiment]]\nname = "x y"\ndataset = "{DATASET}"\nmethods = ["sgd"]\n')
+    out = tmp_path / "out"
+    assert main(_reproduce(preset, out)) == 0
+    assert (out / "certified_vs_eps_x_y.png").is_file()  # plot names are file-safe
+    cell = out / "cells" / "x_y__sgd__ibp"
+    killed = [out / "results.json", out / "RESULTS.md", out / "reliability_x_y.png", cell / "eval" / "report.md",
+              cell / "eval" / "reliability.png", cell / "run" / training.METRICS]
+    for path in killed:
+        _kill_inside_writer(path)
+    (out / ".someone.abcdefgh.tmp").write_text("theirs")
+    assert len(list(out.rglob("*.tmp"))) == len(killed) + 1
+    (cell / "run" / training.POSTERIOR).unlink()  # the cell resumes: its run and evaluation start again
+    assert main(_reproduce(preset, out)) == 0
+    assert [p.name for p in out.rglob("*.tmp")] == [".someone.abcdefgh.tmp"]
 
 
 def test_reproduce_deletes_nothing_in_a_cell_folder_it_did_not_make(tmp_path, capsys):

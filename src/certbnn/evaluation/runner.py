@@ -28,10 +28,11 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
-from certbnn.fileio import atomic_write_text, check_output_dir, make_dir, save_figure
+from certbnn.fileio import (atomic_write_text, check_output_dir, make_dir, remove_stale_temps,
+                            save_figure)
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
-from certbnn.settings import SEED, UNIT, Range, at_least, between, check_settings, one_of
+from certbnn.settings import MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of
 from certbnn.training import resolve_device
 
 
@@ -65,7 +66,7 @@ class EvalOptions:
     # ranges of the fields (types come from the annotations above; see certbnn.settings)
     SETTING_RANGES: ClassVar[dict[str, Range]] = {
         "eps": UNIT, "bound": one_of("ibp", "crown-ibp", "crown"), "limit": at_least(1), "points": one_of("first", "spread"),
-        "samples": at_least(1), "pgd_steps": at_least(1), "pgd_restarts": at_least(1),
+        "samples": between(1, MILLION), "pgd_steps": between(1, MILLION), "pgd_restarts": between(1, MILLION),
         "confidence": between(0, 1, low_open=True, high_open=True), "threshold": UNIT,
         "weight_box_refine": at_least(0), "ood_fgsm_eps": UNIT, "seed": SEED, "chunk_size": at_least(1),
     }
@@ -112,6 +113,9 @@ def _test_set(name: str, options: EvalOptions, data_dir: str | None):
     return test.subset(slice(0, options.limit))
 
 
+OUTPUT_FILES = ("evaluation.json", "report.md", "reliability.png", "certified_vs_eps.png", "entropy_hist.png")
+
+
 def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` (see module doc); returns the results dict."""
@@ -119,6 +123,8 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     run_dir = Path(run_dir)
     # not "", "/" nor a file (checked before any work); files of fixed names, written atomically
     out_dir = check_output_dir(out_dir, "eval", foreign_ok=True) if out_dir is not None else run_dir
+    if distributed.current() is None or distributed.current().is_main:  # what a killed write left behind
+        remove_stale_temps(out_dir, list(OUTPUT_FILES))
     config, model, posterior = load_run(run_dir)
     data_dir = options.data_dir or config.get("data_dir")
     test = _test_set(config["dataset"], options, data_dir)

@@ -68,7 +68,12 @@ class Cell:
 
     @property
     def dirname(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.id.replace("/", "__"))
+        return file_stem(self.id.replace("/", "__"))
+
+
+def file_stem(name: str) -> str:
+    """``name`` with every character but ``A-Za-z0-9_.=+-`` replaced by ``_``: safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
 
 
 @dataclass
@@ -208,11 +213,12 @@ def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
 
 
 def _check_collisions(cells: list[Cell], source: str) -> None:
-    """Every cell needs its own id and its own folder (compared ignoring case, for
-    case-insensitive file systems): otherwise one cell would resume, overwrite or
-    retrain another's run. A ConfigError names both cells."""
+    """Every cell needs its own id and its own folder, every experiment its own plot
+    files (compared ignoring case, for case-insensitive file systems): otherwise one
+    cell would resume, overwrite or retrain another's run. A ConfigError names both."""
     ids: set[str] = set()
     folders: dict[str, Cell] = {}
+    plots: dict[str, str] = {}  # the report's per-experiment plot files
     for cell in cells:
         if cell.id in ids:
             raise ConfigError(f"{source}: two cells have the id {cell.id!r} (a repeated sweep value or "
@@ -222,6 +228,11 @@ def _check_collisions(cells: list[Cell], source: str) -> None:
         if other is not cell:
             raise ConfigError(f"{source}: cells {other.id!r} and {cell.id!r} would share the folder "
                               f"cells/{cell.dirname} (names differing only in punctuation or case); rename one")
+        other_name = plots.setdefault(file_stem(cell.experiment).casefold(), cell.experiment)
+        if other_name != cell.experiment:
+            raise ConfigError(f"{source}: experiments {other_name!r} and {cell.experiment!r} would share the plot "
+                              f"files *_{file_stem(cell.experiment)}.png (names differing only in punctuation "
+                              "or case); rename one")
 
 
 def _merge(layers: list[dict[str, Any]]) -> dict[str, Any]:

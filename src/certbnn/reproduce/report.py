@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from certbnn.fileio import atomic_write_text, save_figure
+from certbnn.reproduce.grid import file_stem
 
 ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
 
@@ -22,6 +23,14 @@ def dataset_label(entry: dict[str, Any]) -> str:
     """``cifar10 (jpeg-q75 copy)`` when the data came from a ``<name>-<variant>`` folder."""
     name, folder = entry["dataset"], Path(entry.get("data_source", "")).name
     return f"{name} ({folder[len(name) + 1:]} copy)" if folder.startswith(name + "-") else name
+
+
+PLOTS = ("certified_vs_eps", "reliability", "ood_entropy", "sweep")
+
+
+def report_files(experiment_names: list[str]) -> list[str]:
+    """Names of every file :func:`write_report` may write (for removing a killed write's temporary files)."""
+    return ["RESULTS.md"] + [f"{plot}_{file_stem(name)}.png" for name in experiment_names for plot in PLOTS]
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
@@ -205,7 +214,7 @@ def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    written.append(f"certified_vs_eps_{name}.png")
+    written.append(f"certified_vs_eps_{file_stem(name)}.png")
     save_figure(fig, out_dir / written[-1], dpi=110)
     plt.close(fig)
 
@@ -223,7 +232,7 @@ def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    written.append(f"reliability_{name}.png")
+    written.append(f"reliability_{file_stem(name)}.png")
     save_figure(fig, out_dir / written[-1], dpi=110)
     plt.close(fig)
 
@@ -246,7 +255,7 @@ def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[
         ax.set(ylabel="mean predictive entropy (nats)", title=f"{name}: uncertainty in and out of distribution")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(f"ood_entropy_{name}.png")
+        written.append(f"ood_entropy_{file_stem(name)}.png")
         save_figure(fig, out_dir / written[-1], dpi=110)
         plt.close(fig)
     return written
@@ -270,7 +279,7 @@ def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = f"sweep_{name}.png"
+    path = f"sweep_{file_stem(name)}.png"
     save_figure(fig, out_dir / path, dpi=110)
     plt.close(fig)
     return path

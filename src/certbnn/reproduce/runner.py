@@ -10,6 +10,9 @@ Layout of ``out_dir``::
     cells/<cell>/log.txt        the cell's training log
     .certbnn-run                the marker of a certbnn grid folder (a non-empty folder without it is refused)
 
+A killed write's temporary files (``.<name>.<random>.tmp``) are removed when the grid
+(re)starts, and those of a cell's run and evaluation when the cell does.
+
 A cell is finished when ``eval/evaluation.json`` exists and was made with the
 cell's evaluation options; a rerun skips finished cells, resumes a training run
 from its last checkpoint, and evaluates runs that finished training. A cell whose
@@ -34,7 +37,7 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
-from certbnn.fileio import atomic_write_text, claim_dir, open_append
+from certbnn.fileio import RUN_MARKER, atomic_write_text, claim_dir, open_append, remove_stale_temps
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
 from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
@@ -83,13 +86,16 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
     grid leaves a valid partial record. Under torchrun every rank works on every
     cell (training and evaluation are distributed) and rank 0 alone writes.
     """
-    from certbnn.reproduce.report import write_report
+    from certbnn.reproduce.report import report_files, write_report
 
     comm = distributed.current()
     main = comm is None or comm.is_main
     progress, log = (progress, log) if main else (False, lambda line: None)
     cells = preset.cells if cells is None else cells
     out_dir = claim_dir(out_dir, "grid") if main else Path(out_dir)  # never into someone else's folder
+    if main:  # what a killed write left behind
+        experiments = sorted({c.experiment for c in preset.cells})
+        remove_stale_temps(out_dir, ["results.json", RUN_MARKER, *report_files(experiments)])
     statuses = {cell.id: cell_status(cell, out_dir) for cell in cells}  # validates before any work
     devices = sorted({str(resolve_device(cell.config.device)) for cell in cells})
     results = _load_results(out_dir / "results.json", preset)
