@@ -355,6 +355,14 @@ def test_reproduce_deletes_nothing_in_a_cell_folder_it_did_not_make(tmp_path, ca
     assert "1 cell(s) failed" in err
     assert "not a certbnn run" in json.loads((out / "results.json").read_text())["cells"]["e/sgd/ibp"]["error"]
     assert sorted(p.name for p in theirs.parent.iterdir()) == ["notes.txt"] and theirs.read_text() == "not certbnn's"
+    # nor through a cell folder that is a link to elsewhere
+    shutil.rmtree(out / "cells" / "e__sgd__ibp")
+    elsewhere = tmp_path / "elsewhere-cell"
+    elsewhere.mkdir()
+    (out / "cells" / "e__sgd__ibp").symlink_to(elsewhere)
+    assert "1 cell(s) failed" in _one_line_error(capsys, _reproduce(preset, out))
+    assert "is a symbolic link" in json.loads((out / "results.json").read_text())["cells"]["e/sgd/ibp"]["error"]
+    assert list(elsewhere.iterdir()) == []
     # and a grid is never written into a foreign folder
     foreign = tmp_path / "foreign"
     foreign.mkdir()

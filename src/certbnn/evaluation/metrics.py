@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.errors import ConfigError
-from certbnn.fileio import save_figure
+from certbnn.fileio import make_dir, save_figure
 from certbnn.functional import forward
 
 
@@ -162,7 +162,7 @@ def _figure(size: tuple[float, float] = (4.0, 4.0)):
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "plot folder")
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)  # atomic, never through a link at ``path``
 

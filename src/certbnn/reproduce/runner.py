@@ -37,7 +37,7 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
-from certbnn.fileio import RUN_MARKER, atomic_write_text, claim_dir, open_append, remove_stale_temps
+from certbnn.fileio import RUN_MARKER, atomic_write_text, claim_dir, make_dir, open_append, remove_stale_temps
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
 from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
@@ -149,6 +149,9 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
 def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict[str, Any]:
     folder = out_dir / "cells" / cell.dirname
     run, evaluation_dir = folder / "run", folder / "eval"
+    linked = [p for p in (out_dir / "cells", folder, run, evaluation_dir) if p.is_symlink()]
+    if linked:  # the grid writes only into folders it made, never through a link elsewhere
+        raise CertbnnError(f"{linked[0]} is a symbolic link; a grid's cell folders must be its own")
     config = cell.config
     if cell.depends_on is not None:
         source = out_dir / "cells" / Cell(cell.experiment, config.init_from[len(CELL_REF):], cell.mode, cell.sweep,
@@ -161,7 +164,7 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
     if status in ("train", "resume"):
         # status "train" over a run killed before its first checkpoint: train() starts it afresh in
         # place (it refuses a folder that is not a certbnn run); nothing is ever deleted here
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir(folder, "cell folder")
         with open_append(folder / "log.txt", "cell log") if main else open(os.devnull, "w") as log_file:
             def cell_log(line: str) -> None:
                 log_file.write(line + "\n")
