@@ -258,13 +258,6 @@ _SETTINGS = "typed settings: ranges and types (helper H)"
 _OUT = "outputs: --out refused when a file, unwritable, / or foreign (helper G)"
 _RUNS = "run directories: a foreign or broken run dir gives one line"
 OPEN: dict[str, str] = {
-    "train --epochs=99999999999999999999999": _SETTINGS,
-    "train --augment=99999999999999999999999": _SETTINGS,
-    "train --val-samples=99999999999999999999999": _SETTINGS,
-    "evaluate --samples=99999999999999999999999": _SETTINGS,
-    "evaluate --pgd-steps=99999999999999999999999": _SETTINGS,
-    "evaluate --pgd-restarts=99999999999999999999999": _SETTINGS,
-    "evaluate --eps=0.1,,0.2": _SETTINGS,
     'reproduce --eval-set attacks="fgsm"': _SETTINGS,
     "evaluate run foreign-dir": _RUNS,
     "evaluate run invalid-config": _RUNS,

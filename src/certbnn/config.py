@@ -23,7 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from certbnn.errors import ConfigError
-from certbnn.settings import LAM_LABEL, SEED, UNIT, Range, at_least, check_settings, one_of, positive
+from certbnn.settings import (LAM_LABEL, MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of,
+                              positive)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class TrainConfig:
         "lam": UNIT, "mix": one_of("prob", "loss"), "eps": UNIT, "warmup_epochs": at_least(0),
         "ramp_fraction": UNIT, "epochs": at_least(1), "batch_size": at_least(1), "lr": positive(),
         "kl_weight": positive(), "prior_scale": positive(), "seed": SEED, "limit_train": at_least(1),
-        "augment": at_least(0), "val_size": at_least(0), "val_samples": at_least(1), "test_size": at_least(1),
+        "augment": between(0, 100 * MILLION), "val_size": at_least(0), "val_samples": between(1, MILLION),
+        "test_size": at_least(1),
         "parallel": one_of("data", "chains"),
     }
     SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL

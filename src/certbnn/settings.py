@@ -56,7 +56,8 @@ class Range:
             names = [str(c) for c in self.choices]
             return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {_num(self.low)}"
         return f"{'<' if self.high_open else '<='} {_num(self.high)}"
@@ -84,6 +85,7 @@ def one_of(*choices: Any) -> Range:
 
 SEED = between(0, 2**63 - 1)  # torch / numpy generators accept these (offsets per rank / epoch stay < 2**64)
 UNIT = between(0, 1)          # pixel radii (inputs are scaled to [0, 1]) and probabilities
+MILLION = 10**6               # upper bound of counts that cost time or memory linearly (epochs, samples, steps)
 LAM_LABEL = {"lam": "lam (lambda, the weight of the clean term)"}
 
 
@@ -105,7 +107,8 @@ def check_settings(cls: type, values: Mapping[str, Any], *, where: str = "", exc
     types_ = {k: v for k, v in field_types(cls).items() if k not in excluded}
     unknown = sorted(str(k) for k in values if k not in types_)
     if unknown:
-        raise ConfigError(f"{where}unknown {what}(s) {', '.join(unknown)} (known: {', '.join(sorted(types_)) or 'none'})")
+        known = ", ".join(sorted(types_)) or "none"
+        raise ConfigError(f"{where}unknown {what}(s) {', '.join(unknown)} (known: {known})")
     ranges, labels = getattr(cls, "SETTING_RANGES", {}), getattr(cls, "SETTING_LABELS", {})
     return {key: check_value(labels.get(key, key), value, types_[key], ranges.get(key), where=where)
             for key, value in values.items()}
@@ -196,8 +199,8 @@ def _convert(value: Any, hint: Any, bound: Range | None) -> tuple[bool, Any]:
 def _scalar(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is bool:
         return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is int:  # and within int64, what torch and numpy take
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63, value
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         try:
@@ -212,8 +215,11 @@ def _scalar(value: Any, hint: Any) -> tuple[bool, Any]:
 
 
 def _convert_list(value: Any, item: Any, bound: Range | None) -> tuple[bool, Any]:
-    if isinstance(value, str):
-        value = [_parse_text(t.strip(), item) for t in value.split(",") if t.strip()]
+    if isinstance(value, str):  # "a,b": two items; "" none; an empty item ("a,,b") is refused
+        parts = [t.strip() for t in value.split(",")] if value.strip() else []
+        if any(not t for t in parts):
+            return False, None
+        value = [_parse_text(t, item) for t in parts]
     elif not isinstance(value, (list, tuple)):
         value = [value]
     items = [_convert(v, item, bound) for v in value]

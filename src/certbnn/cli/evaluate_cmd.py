@@ -10,8 +10,12 @@ from certbnn.evaluation import ATTACKS, CERTIFICATES
 
 
 def _list(kind):
+    """Comma-separated values of ``kind``; '' is the empty list, an empty item ('0.1,,0.2') an error."""
     def parse(text: str):
-        return [kind(t) for t in text.split(",") if t]
+        items = [t.strip() for t in text.split(",")] if text.strip() else []
+        if any(not t for t in items):
+            raise argparse.ArgumentTypeError(f"empty item in {text!r}")
+        return [kind(t) for t in items]
     return parse
 
 

@@ -65,7 +65,8 @@ class EvalOptions:
 
     # ranges of the fields (types come from the annotations above; see certbnn.settings)
     SETTING_RANGES: ClassVar[dict[str, Range]] = {
-        "eps": UNIT, "bound": one_of("ibp", "crown-ibp", "crown"), "limit": at_least(1), "points": one_of("first", "spread"),
+        "eps": UNIT, "bound": one_of("ibp", "crown-ibp", "crown"), "limit": at_least(1),
+        "points": one_of("first", "spread"),
         "samples": between(1, MILLION), "pgd_steps": between(1, MILLION), "pgd_restarts": between(1, MILLION),
         "confidence": between(0, 1, low_open=True, high_open=True), "threshold": UNIT,
         "weight_box_refine": at_least(0), "ood_fgsm_eps": UNIT, "seed": SEED, "chunk_size": at_least(1),
