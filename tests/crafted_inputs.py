@@ -96,18 +96,20 @@ def fifo(path: Path) -> Path:
 
 
 def mnist_fifo(folder: Path) -> Path:
-    """MNIST folder whose training image file is a FIFO (nobody ever writes to it)."""
+    """MNIST folder whose image files (both splits) are FIFOs (nobody ever writes to them)."""
     _mnist(folder, idx_bytes((1, 28, 28), b"\0" * 784), idx_bytes((1,), b"\0"), gz=False)
-    (folder / IMAGES).unlink()
-    fifo(folder / IMAGES)
+    for stem in (IMAGES, TEST_IMAGES):
+        (folder / stem).unlink()
+        fifo(folder / stem)
     return folder
 
 
 def cifar_fifo_batch(folder: Path) -> Path:
-    """cifar10 folder (binary layout) whose first batch is a FIFO."""
+    """cifar10 folder (binary layout) whose first training batch and test batch are FIFOs."""
     layout = folder / "cifar-10-batches-bin"
     layout.mkdir(parents=True, exist_ok=True)
     fifo(layout / "data_batch_1.bin")
+    fifo(layout / "test_batch.bin")
     return folder
 
 
