@@ -262,7 +262,6 @@ OPEN: dict[str, str] = {
     "evaluate run foreign-dir": _RUNS,
     "evaluate run invalid-config": _RUNS,
     "evaluate run config-is-dir": _RUNS,
-    "reproduce --preset fifo": "preset files: regular files only (a FIFO blocks)",
     "evaluate --out foreign-dir": _OUT,
     "reproduce --out file": _OUT,
     "reproduce --out proc": _OUT,

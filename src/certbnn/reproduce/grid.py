@@ -38,6 +38,7 @@ else:  # pragma: no cover
 
 from certbnn.config import FIELDS, TrainConfig, make_config
 from certbnn.errors import ConfigError
+from certbnn.safe_open import read_regular
 from certbnn.settings import check_settings
 from certbnn.evaluation.runner import EvalOptions
 
@@ -95,11 +96,11 @@ def read_preset_text(name_or_path: str) -> tuple[str, str]:
     """(TOML text, source) of a shipped preset name or a path to a user's TOML file."""
     path = Path(name_or_path)
     if name_or_path.endswith(".toml") or path.exists():
-        try:
-            return path.read_text(), str(path)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: preset file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        if not path.exists():
+            raise ConfigError(f"{path}: preset file not found")
+        try:  # a regular file only: a FIFO would block forever
+            return read_regular(path, "preset file", ConfigError).decode("utf-8"), str(path)
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: cannot read preset ({exc})") from None
     if name_or_path not in list_presets():
         raise ConfigError(f"unknown preset {name_or_path!r} (shipped: {', '.join(list_presets())}; "
