@@ -283,3 +283,14 @@ def test_model_size_is_estimated_before_allocating():
         check_size("mlp:16", model, limit_bytes=1000)
     with pytest.raises(ConfigError, match="mlp:99999999999"):
         build_model("mlp:99999999999", (1, 28, 28), 10)
+
+
+def test_results_are_written_as_strict_json():
+    from certbnn import strict_json
+
+    value = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": (2, "x"), "e": None, "f": True}
+    text = strict_json.dumps(value)
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} token written")) == \
+        {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x"], "e": None, "f": True}
+    with pytest.raises(TypeError):  # anything it cannot convert still fails loudly
+        strict_json.dumps({"x": object()})

@@ -137,7 +137,7 @@ def test_augment_appends_copies_and_test_size_limits_the_final_score(tmp_path):
     assert metrics["num_train"] == 200 + 100  # 240 images, 40 held out, 100 transformed copies appended
     plain = training.train(_config(epochs=1), tmp_path / "plain", progress=False, log=lambda s: None)
     assert plain["num_train"] == 200
-    with pytest.raises(ConfigError, match="augment must be >= 0"):
+    with pytest.raises(ConfigError, match=r"augment must be in \[0, 100000000\] \(an integer\), got -1"):
         _config(augment=-1)
     with pytest.raises(ConfigError, match="test_size must be >= 1"):
         _config(test_size=0)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from certbnn import __version__, data, distributed
+from certbnn import __version__, data, distributed, strict_json
 from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from certbnn.config import TrainConfig
 from certbnn.data.augment import augment
@@ -140,8 +140,10 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     else:
         if main:
             claim_dir(run_dir, "run")
-            atomic_write_text(run_dir / CONFIG, json.dumps(config.to_json(), indent=2), "config")
+            atomic_write_text(run_dir / CONFIG, strict_json.dumps(config.to_json(), indent=2), "config")
         state, start_epoch, step, history = method.init(initial_params(model, config), generator), 0, 0, []
+    if chains is not None:
+        chains.barrier()  # rank 0 has claimed the run folder before any chain writes its checkpoint there
 
     full_batch = None
     if method.full_batch:  # distributed: each rank holds a contiguous share of the data
@@ -214,7 +216,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
                "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
                "epochs": history, "final": final}
-    atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2), "metrics")
+    atomic_write_text(run_dir / METRICS, strict_json.dumps(metrics, indent=2), "metrics")
     return metrics
 
 

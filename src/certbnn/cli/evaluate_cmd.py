@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from certbnn import strict_json
 from certbnn.cli.options import add_device_option
 from certbnn.evaluation import ATTACKS, CERTIFICATES
 
@@ -86,5 +86,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
     comm = distributed.current()
     if comm is not None and not comm.is_main:  # rank 0 reports
         return 0
-    print(json.dumps(results, indent=2) if args.json else render_report(results))
+    print(strict_json.dumps(results, indent=2) if args.json else render_report(results))
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from certbnn import __version__, data, distributed
+from certbnn import __version__, data, distributed, strict_json
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
 from certbnn.fileio import (atomic_write_text, check_output_dir, make_dir, remove_stale_temps,
@@ -222,7 +222,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     make_dir(out_dir)
     plots = _plots(out_dir, bins, results, split, options)
     results["plots"] = plots
-    atomic_write_text(out_dir / "evaluation.json", json.dumps(results, indent=2), "evaluation")
+    atomic_write_text(out_dir / "evaluation.json", strict_json.dumps(results, indent=2), "evaluation")
     atomic_write_text(out_dir / "report.md", render_report(results), "report")
     return results
 

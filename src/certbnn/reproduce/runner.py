@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from certbnn import __version__, data, distributed
+from certbnn import __version__, data, distributed, strict_json
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
 from certbnn.fileio import RUN_MARKER, atomic_write_text, claim_dir, make_dir, open_append, remove_stale_temps
@@ -93,6 +93,8 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
     progress, log = (progress, log) if main else (False, lambda line: None)
     cells = preset.cells if cells is None else cells
     out_dir = claim_dir(out_dir, "grid") if main else Path(out_dir)  # never into someone else's folder
+    if comm is not None:
+        comm.barrier()  # rank 0 has claimed the folder before any rank makes a cell folder in it
     if main:  # what a killed write left behind
         experiments = sorted({c.experiment for c in preset.cells})
         remove_stale_temps(out_dir, ["results.json", RUN_MARKER, *report_files(experiments)])
@@ -132,13 +134,13 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
         results["cells"][cell.id] = entry
         results["seconds_total"] = round(sum(c.get("wall_seconds") or c.get("train_seconds", 0) + c.get("eval_seconds", 0)
                                              for c in results["cells"].values()), 1)
-        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2), "results")
+        atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
         write_report(results, out_dir)
         if status != "done" and entry.get("status") == "done":
             log(f"{cell.id}: {_headline(entry)}")
     bar.close()
     if main:
-        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2), "results")
+        atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
         write_report(results, out_dir)
     if failures:
         raise CertbnnError(f"{len(failures)} cell(s) failed ({', '.join(failures)}); see {out_dir / 'results.json'}; "
