@@ -113,6 +113,7 @@ BAD_RUNS = {  # run directories that are not usable runs
     "corrupt-posterior": "{W}/badruns/corrupt-posterior",
     "invalid-config": "{W}/badruns/invalid-config",
     "config-is-dir": "{W}/badruns/config-is-dir",
+    "config-fifo": "{W}/badruns/config-fifo",
 }
 BAD_CONFIGS = {
     **{k: v for k, v in PATH_KINDS.items() if k != "empty"},
@@ -174,7 +175,8 @@ def _cases():
         if kind not in ("deep-metadata", "fifo-posterior", "corrupt-posterior"):
             add(f"train --resume {kind}", ["train", "--out", path, "--resume", "--no-progress"])
     for kind, path in {**PATH_KINDS, **{f"run-{k}": v for k, v in BAD_RUNS.items()
-                                        if k not in ("missing", "file", "fifo", "invalid-config", "config-is-dir")},
+                                        if k not in ("missing", "file", "fifo", "invalid-config", "config-is-dir",
+                                                     "config-fifo")},
                        "deep-posterior-file": "{W}/badruns/deep/posterior.safetensors"}.items():
         add(f"train --init-from {kind}", [*train, "--init-from", path])
     for kind, (name, path) in CRAFTED_DATA.items():
@@ -189,7 +191,7 @@ def _cases():
             if (flag, value) not in ACCEPTED:
                 add(f"evaluate {flag}={value}", [*evaluate, f"{flag}={value}"])
     for flag, values in {
-        "--eps": ["nan", "inf", "-inf", "-1", "1.5", "", "abc", "0.1,nan", "0.1,-0.2"],
+        "--eps": ["nan", "inf", "-inf", "-1", "1.5", "", "abc", "0.1,nan", "0.1,-0.2", "0.1,,0.2"],
         "--attacks": ["zzz", "fgsm,zzz"], "--certificates": ["magic", "per-sample,magic"],
         "--bound": ["", "zzz"], "--points": ["zzz"], "--ood": ["", "nope"], "--device": ["", "abc", "cuda:99"],
         "--confidence": ["0", "1", "1.5"], "--threshold": ["1.5"], "--limit": ["0"], "--samples": ["0"],
@@ -262,6 +264,8 @@ OPEN: dict[str, str] = {
     "evaluate run foreign-dir": _RUNS,
     "evaluate run invalid-config": _RUNS,
     "evaluate run config-is-dir": _RUNS,
+    "evaluate run config-fifo": _RUNS + " (config.json a FIFO: blocks)",
+    "train --resume config-fifo": _RUNS + " (config.json a FIFO: blocks)",
     "evaluate --out foreign-dir": _OUT,
     "reproduce --out file": _OUT,
     "reproduce --out proc": _OUT,
@@ -327,7 +331,7 @@ def template(tmp_path_factory):
     crafted.cifar_fifo_batch(crafted_dir / "cifar-fifo-batch")
     crafted.cifar_fifo_archive(crafted_dir / "cifar-fifo-archive")
     bad = root / "badruns"
-    for name in ("deep", "fifo-posterior", "corrupt-posterior", "invalid-config", "config-is-dir"):
+    for name in ("deep", "fifo-posterior", "corrupt-posterior", "invalid-config", "config-is-dir", "config-fifo"):
         shutil.copytree(root / "run", bad / name)
     crafted.posterior_deep(bad / "deep" / "posterior.safetensors")
     (bad / "fifo-posterior" / "posterior.safetensors").unlink()
@@ -339,6 +343,8 @@ def template(tmp_path_factory):
     (bad / "invalid-config" / "config.json").write_text(json.dumps(config))
     (bad / "config-is-dir" / "config.json").unlink()
     (bad / "config-is-dir" / "config.json").mkdir()
+    (bad / "config-fifo" / "config.json").unlink()
+    os.mkfifo(bad / "config-fifo" / "config.json")
     yield root
     data.unregister(DATASET)
 
