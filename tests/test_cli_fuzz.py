@@ -248,7 +248,8 @@ def _cases():
     for value in ["file:///etc", "file://{W}/foreign", "ftp://x", "", "abc", "http://"]:
         add(f"data download --mirror={value}", [*download, "--data-dir", "{W}/newdata", "--mirror", value])
     for kind, path in {"file": "{W}/foreign/notes.txt", "proc": "/proc/x", "fifo": "{W}/fifo",
-                       "readonly": "{W}/readonly"}.items():
+                       "readonly": "{W}/readonly", "fifo-at-dest": "{W}/dlroot-fifo",
+                       "dir-at-dest": "{W}/dlroot-dir"}.items():
         add(f"data download --data-dir {kind}", [*download, "--data-dir", path])
     add("data download unknown", ["data", "download", "nope"])
     add("data bogus", ["data", "bogus"])
@@ -266,12 +267,7 @@ OPEN: dict[str, str] = {
     "evaluate run config-is-dir": _RUNS,
     "evaluate run config-fifo": _RUNS + " (config.json a FIFO: blocks)",
     "train --resume config-fifo": _RUNS + " (config.json a FIFO: blocks)",
-    "evaluate --out foreign-dir": _OUT,
-    "reproduce --out file": _OUT,
     "reproduce --out proc": _OUT,
-    "reproduce --out root": _OUT,
-    "reproduce --out foreign-dir": _OUT,
-    "reproduce --out fifo": _OUT,
 }
 CASES = _cases()
 
@@ -315,6 +311,9 @@ def template(tmp_path_factory):
     (root / "readonly").mkdir(mode=0o500)
     (root / "preset.toml").write_text(PRESET)
     (root / "dup-preset.toml").write_text(PRESET + PRESET[PRESET.index("[[experiment]]"):])
+    (root / "dlroot-fifo" / "mnist").mkdir(parents=True)  # where a download would write
+    os.mkfifo(root / "dlroot-fifo" / "mnist" / "train-images-idx3-ubyte.gz")
+    (root / "dlroot-dir" / "mnist" / "train-images-idx3-ubyte.gz.part").mkdir(parents=True)
     configs = root / "configs"
     configs.mkdir()
     for name, text in CONFIG_TEXT.items():

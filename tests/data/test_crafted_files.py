@@ -184,3 +184,15 @@ def test_download_numeric_options(tmp_path, timeout, retries, message):
     with pytest.raises(DownloadError, match=message):
         download_dataset(spec, tmp_path, timeout=float(timeout), retries=int(retries), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz.part"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_download_never_opens_a_fifo_or_directory_in_the_way(tmp_path, name, kind, capsys):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    crafted.fifo(folder / name) if kind == "fifo" else (folder / name).mkdir()
+    status = main(["data", "download", "mnist", "--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9",
+                   "--retries", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1 and "is not a regular file" in err, err

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import os
 import re
+import stat
 import sys
 import time
 import urllib.error
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 import certbnn
 from certbnn.errors import DataError, DownloadError
+from certbnn.safe_open import open_regular
 from certbnn.fileio import open_no_follow
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ def file_digest(path: str | os.PathLike[str], algorithm: str) -> str:
     """Hex digest of the file at ``path`` with ``algorithm`` (e.g. ``"md5"``,
     ``"sha256"``), read in streaming chunks."""
     h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
+    with open_regular(path, "file") as f:  # a FIFO would block forever
         while chunk := f.read(_READ_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -270,6 +272,10 @@ def _download_file(url: str, dest: Path, *, md5: str | None, sha256: str | None,
                    chunk_size: int) -> Path:
     """:func:`download_file` without the URL check and OSError translation."""
     part = dest.with_name(dest.name + ".part")
+    for path in (dest, part):  # a FIFO, directory or device in the way: refuse, never open it
+        mode = path.lstat().st_mode if os.path.lexists(path) else None
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise DownloadError(f"{path}: exists and is not a regular file; move it away and retry")
     checks = {"md5": md5, "sha256": sha256, "expected_size": expected_size}
     verifiable = any(v is not None for v in checks.values())
 
