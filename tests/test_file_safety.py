@@ -95,7 +95,7 @@ def test_train_and_evaluate_replace_links_and_leave_their_targets_alone(tmp_path
         victims.link(run / name, dangling=True)
     training.train(_config(), run, progress=False, log=lambda line: None)
 
-    out = tmp_path / "eval"
+    out = fileio.claim_dir(tmp_path / "eval", "eval")
     for name in ("evaluation.json", "report.md", "reliability.png", "certified_vs_eps.png"):
         victims.link(out / name, dangling)
     options = EvalOptions(eps=[0.0, 0.05], limit=16, samples=2, certificates=["per-sample"], attacks=["fgsm"],
@@ -275,7 +275,16 @@ def test_evaluate_out_refuses_empty_root_and_file_paths(tmp_path, capsys):
     for value, message in {"": "--out is empty", "/": "filesystem root", str(a_file): "not a directory",
                            str(a_file / "sub"): "is not a directory"}.items():
         assert message in _one_line_error(capsys, evaluate + [value]), value
+    foreign = tmp_path / "someone"
+    foreign.mkdir()
+    (foreign / "report.md").write_text("theirs")
+    assert "not a certbnn eval or run" in _one_line_error(capsys, evaluate + [str(foreign)])
     assert a_file.read_text() == "x" and {p.name: _digest(p) for p in run.iterdir()} == before
+    assert [p.name for p in foreign.iterdir()] == ["report.md"] and (foreign / "report.md").read_text() == "theirs"
+    assert main(evaluate[:-1] + ["--out", str(tmp_path / "new")]) == 0  # a new folder: marked, then written
+    assert fileio.is_claimed(tmp_path / "new", "eval") and (tmp_path / "new" / "evaluation.json").is_file()
+    assert main(evaluate[:-1] + ["--out", str(tmp_path / "new")]) == 0  # and written again
+    assert main(evaluate[:-1] + ["--out", str(run)]) == 0  # into the run itself (the default)
     with pytest.raises(CertbnnError, match="cannot create the directory"):
         fileio.make_dir(a_file / "sub")
 
@@ -368,6 +377,9 @@ def test_reproduce_deletes_nothing_in_a_cell_folder_it_did_not_make(tmp_path, ca
     foreign.mkdir()
     (foreign / "RESULTS.md").write_text("theirs")
     assert "not a certbnn grid" in _one_line_error(capsys, _reproduce(preset, foreign))
+    for value, message in {str(foreign): "not a certbnn grid", "/": "filesystem root",
+                           str(foreign / "RESULTS.md"): "not a directory"}.items():
+        assert message in _one_line_error(capsys, _reproduce(preset, Path(value), "--dry-run")), value
     assert sorted(p.name for p in foreign.iterdir()) == ["RESULTS.md"]
 
 

@@ -139,8 +139,9 @@ def remove_stale_temps(directory: str | os.PathLike, names: list[str]) -> list[P
     return removed
 
 
-def is_claimed(directory: str | os.PathLike, kind: str) -> bool:
-    """True when ``directory`` holds certbnn's marker for a ``kind`` folder (``run``, ``grid``)."""
+def is_claimed(directory: str | os.PathLike, kind: str | tuple[str, ...]) -> bool:
+    """True when ``directory`` holds certbnn's marker for a ``kind`` folder (``run``, ``grid``,
+    ``eval``; a tuple: any of them)."""
     marker = Path(directory) / RUN_MARKER
     try:
         if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > 4096:
@@ -148,10 +149,12 @@ def is_claimed(directory: str | os.PathLike, kind: str) -> bool:
         saved = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and saved.get("certbnn") == kind
+    kinds = (kind,) if isinstance(kind, str) else kind
+    return isinstance(saved, dict) and saved.get("certbnn") in kinds
 
 
-def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out", *, foreign_ok: bool = False) -> Path:
+def check_output_dir(raw: str | os.PathLike, kind: str | tuple[str, ...], option: str = "--out", *,
+                     foreign_ok: bool = False) -> Path:
     """Refuse, with one line, an output folder certbnn does not own: an empty path,
     ``/``, something that is not a directory, or (unless ``foreign_ok``: outputs of
     fixed names, e.g. an evaluation) a non-empty directory without the ``kind``
@@ -173,7 +176,8 @@ def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out", *
         except OSError as err:
             raise CertbnnError(f"{option} {text!r}: cannot read the directory ({err.strerror or err})") from None
         if non_empty and not foreign_ok and not is_claimed(path, kind):
-            raise CertbnnError(f"{option} {text!r}: a non-empty directory that is not a certbnn {kind} "
+            what = kind if isinstance(kind, str) else " or ".join(kind)
+            raise CertbnnError(f"{option} {text!r}: a non-empty directory that is not a certbnn {what} "
                                f"(no {RUN_MARKER}); choose a new or empty directory")
     else:
         ancestor = path.absolute().parent
@@ -186,15 +190,16 @@ def check_output_dir(raw: str | os.PathLike, kind: str, option: str = "--out", *
     return path
 
 
-def claim_dir(raw: str | os.PathLike, kind: str, option: str = "--out") -> Path:
+def claim_dir(raw: str | os.PathLike, kind: str | tuple[str, ...], option: str = "--out") -> Path:
     """:func:`check_output_dir`, then create the folder and write its marker (first,
-    before any other file); a no-op on a folder already marked."""
+    before any other file; a tuple of kinds: the first); a no-op on a folder already marked."""
     path = check_output_dir(raw, kind, option)
     if is_claimed(path, kind):
         return path
     make_dir(path, option)
-    atomic_write_text(path / RUN_MARKER, json.dumps({"certbnn": kind, "format_version": MARKER_FORMAT_VERSION}) + "\n",
-                      f"{kind} marker")
+    name = kind if isinstance(kind, str) else kind[0]
+    atomic_write_text(path / RUN_MARKER, json.dumps({"certbnn": name, "format_version": MARKER_FORMAT_VERSION}) + "\n",
+                      f"{name} marker")
     return path
 
 

@@ -60,6 +60,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
     train, evaluate = overrides_from(args)
     preset = load_preset(args.preset, train, evaluate)
     cells = select(preset.cells, [p for p in args.only.split(",") if p])
+    from certbnn.fileio import check_output_dir
+
+    check_output_dir(args.out, "grid")  # not "/", a file nor someone else's folder, --dry-run too
     if args.dry_run:
         from pathlib import Path
 

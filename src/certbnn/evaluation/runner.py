@@ -28,7 +28,7 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed, strict_json
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
-from certbnn.fileio import (atomic_write_text, check_output_dir, make_dir, remove_stale_temps,
+from certbnn.fileio import (atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps,
                             save_figure)
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
@@ -115,6 +115,7 @@ def _test_set(name: str, options: EvalOptions, data_dir: str | None):
 
 
 OUTPUT_FILES = ("evaluation.json", "report.md", "reliability.png", "certified_vs_eps.png", "entropy_hist.png")
+OUT_KINDS = ("eval", "run")  # certbnn folders an evaluation may write into (a new one is marked "eval")
 
 
 def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path | None = None,
@@ -122,8 +123,10 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     """Evaluate the run in ``run_dir`` (see module doc); returns the results dict."""
     options.validate()
     run_dir = Path(run_dir)
-    # not "", "/" nor a file (checked before any work); files of fixed names, written atomically
-    out_dir = check_output_dir(out_dir, "eval", foreign_ok=True) if out_dir is not None else run_dir
+    # --out: new, empty, or marked by certbnn (an evaluation or a run); not "", "/" nor a file.
+    # Checked before any work, claimed (marker written) by the process that writes, when it writes
+    explicit_out = out_dir is not None
+    out_dir = check_output_dir(out_dir, OUT_KINDS) if explicit_out else run_dir
     if distributed.current() is None or distributed.current().is_main:  # what a killed write left behind
         remove_stale_temps(out_dir, list(OUTPUT_FILES))
     config, model, posterior = load_run(run_dir)
@@ -219,7 +222,10 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     if comm is not None and not comm.is_main:
         return results
 
-    make_dir(out_dir)
+    if explicit_out:
+        claim_dir(out_dir, OUT_KINDS)
+    else:
+        make_dir(out_dir)
     plots = _plots(out_dir, bins, results, split, options)
     results["plots"] = plots
     atomic_write_text(out_dir / "evaluation.json", strict_json.dumps(results, indent=2), "evaluation")
