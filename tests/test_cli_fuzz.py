@@ -262,11 +262,6 @@ _SETTINGS = "typed settings: ranges and types (helper H)"
 _OUT = "outputs: --out refused when a file, unwritable, / or foreign (helper G)"
 _RUNS = "run directories: a foreign or broken run dir gives one line"
 OPEN: dict[str, str] = {
-    "evaluate run foreign-dir": _RUNS,
-    "evaluate run invalid-config": _RUNS,
-    "evaluate run config-is-dir": _RUNS,
-    "evaluate run config-fifo": _RUNS + " (config.json a FIFO: blocks)",
-    "train --resume config-fifo": _RUNS + " (config.json a FIFO: blocks)",
     "reproduce --out proc": _OUT,
 }
 CASES = _cases()

@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from certbnn.errors import ConfigError
+from certbnn.safe_open import read_regular
 from certbnn.settings import (LAM_LABEL, MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of,
                               positive)
 
@@ -130,8 +131,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def load_saved_config(path: str | Path) -> dict[str, Any]:
     """The settings of a run's ``config.json`` (a JSON table of TrainConfig fields, checked)."""
     path = Path(path)
-    try:
-        values = json.loads(path.read_text())
+    try:  # a regular file only: a FIFO would block forever
+        values = json.loads(read_regular(path, "run config", ConfigError).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({_one_line(exc)})") from None
     except OSError as exc:

@@ -12,7 +12,6 @@ files: the results are identical to a single-process run.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -30,6 +29,7 @@ from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
 from certbnn.fileio import (atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps,
                             save_figure)
+from certbnn.config import load_saved_config, make_config
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
 from certbnn.settings import MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of
@@ -95,10 +95,7 @@ def load_run(run_dir: Path):
     config_path = run_dir / "config.json"
     if not config_path.exists():
         raise CertbnnError(f"{run_dir}: not a training run (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CertbnnError(f"{config_path}: corrupt ({exc})") from None
+    config = make_config(load_saved_config(config_path), {}).to_json()  # types and ranges checked
     spec = data.get_spec(config["dataset"])
     model = build_model(config["model"], spec.image_shape, spec.num_classes)
     posterior, _ = load_posterior(run_dir / "posterior.safetensors", expected_fingerprint=model)
