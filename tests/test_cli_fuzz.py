@@ -258,9 +258,7 @@ def _cases():
 
 
 # Cases still failing because another part of issue 12 is unfinished: id -> which part.
-_SETTINGS = "typed settings: ranges and types (helper H)"
 _OUT = "outputs: --out refused when a file, unwritable, / or foreign (helper G)"
-_RUNS = "run directories: a foreign or broken run dir gives one line"
 OPEN: dict[str, str] = {
     "reproduce --out proc": _OUT,
 }
