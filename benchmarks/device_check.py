@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from certbnn import data, training
 from certbnn.config import make_config
@@ -31,15 +32,9 @@ from certbnn.posterior import GaussianPosterior, SamplePosterior
 FAILURES: list[str] = []
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a nested result (dicts, tuples, lists)."""
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def check(name: str, device: torch.device, fn) -> None:

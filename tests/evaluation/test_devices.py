@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 from certbnn.evaluation import certify, metrics, robustness, stats
 from certbnn.functional import detached_params
@@ -92,14 +93,4 @@ def test_evaluation_creates_every_tensor_on_the_input_device(deviceless, arch):
     certify.certified_accuracy(y == y, y == y)
     assert deviceless == []
 
-    def tensors(obj):
-        if isinstance(obj, torch.Tensor):
-            yield obj
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from tensors(v)
-        elif isinstance(obj, (tuple, list)):
-            for v in obj:
-                yield from tensors(v)
-
-    assert all(t.device == x.device for out in outputs for t in tensors(out))
+    assert all(t.device == x.device for out in outputs for t in tree_leaves(out) if isinstance(t, torch.Tensor))

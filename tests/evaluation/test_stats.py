@@ -59,20 +59,27 @@ def test_clopper_pearson_exact_coverage_on_a_grid():
         assert float((pmf * covered).sum()) >= conf - 1e-9, float(p)
 
 
+def monte_carlo_coverage(covers, conf: float, reps: int, seed: int, ns, ps) -> None:
+    """Draw ``reps`` binomial counts per ``(n, p)`` and assert the fraction with ``covers(k, n, p)``
+    is ``>= conf - 3 SE``: if the true coverage c >= conf its standard error is
+    ``sqrt(c (1 - c) / reps) <= sqrt(conf (1 - conf) / reps)`` (c(1-c) decreases for c > 1/2);
+    a one-sided miss of 3 SE has probability ~1e-3 per case (fixed seed)."""
+    margin = 3 * math.sqrt(conf * (1 - conf) / reps)
+    gen = torch.Generator().manual_seed(seed)
+    for n in ns:
+        for p in ps:
+            k = torch.binomial(torch.full((reps,), float(n)), torch.full((reps,), p), generator=gen)
+            coverage = covers(k, n, p).double().mean().item()
+            assert coverage >= conf - margin, (n, p, coverage)
+
+
 @pytest.mark.parametrize("conf", [0.95, 0.99])
 def test_clopper_pearson_monte_carlo_coverage(conf):
-    # 2000 repetitions per (p, n): if the true coverage c >= conf, the empirical coverage has standard
-    # error sqrt(c (1 - c) / reps) <= sqrt(conf (1 - conf) / reps) (c(1-c) decreases for c > 1/2);
-    # we allow 3 of those (a one-sided miss of 3 SE has probability ~1e-3 per case; fixed seed).
-    reps = 2000
-    margin = 3 * math.sqrt(conf * (1 - conf) / reps)
-    gen = torch.Generator().manual_seed(1234)
-    for n in (24, 95):
-        for p in (0.0, 0.02, 0.1, 0.3, 0.5, 0.8, 0.97, 1.0):
-            k = torch.binomial(torch.full((reps,), float(n)), torch.full((reps,), p), generator=gen)
-            lo, up = clopper_pearson(k, n, conf)
-            coverage = ((lo <= p) & (p <= up)).double().mean().item()
-            assert coverage >= conf - margin, (n, p, coverage)
+    def covers(k, n, p):
+        lo, up = clopper_pearson(k, n, conf)
+        return (lo <= p) & (p <= up)
+
+    monte_carlo_coverage(covers, conf, 2000, 1234, (24, 95), (0.0, 0.02, 0.1, 0.3, 0.5, 0.8, 0.97, 1.0))
 
 
 def test_clopper_pearson_per_point_trials_and_errors():
@@ -132,16 +139,9 @@ def test_one_sided_lower_bound_exact_coverage_is_at_the_stated_level():
 
 @pytest.mark.parametrize("conf", [0.9, 0.99])
 def test_one_sided_lower_bound_monte_carlo_coverage(conf):
-    # The statistical test of coverage: 4000 binomial draws per (n, p); if P(L <= p) >= conf the empirical miss
-    # rate has standard error <= sqrt(conf (1 - conf) / reps); we allow 3 of those (fixed seed).
-    reps = 4000
-    margin = 3 * math.sqrt(conf * (1 - conf) / reps)
-    gen = torch.Generator().manual_seed(99)
-    for n in (24, 300):
-        for p in (0.0, 0.05, 0.3, 0.5, 0.77, 0.99, 1.0):
-            k = torch.binomial(torch.full((reps,), float(n)), torch.full((reps,), p), generator=gen)
-            coverage = (binomial_lower_bound(k, n, conf) <= p).double().mean().item()
-            assert coverage >= conf - margin, (n, p, coverage)
+    """The statistical certificate's lower bound L covers p (L <= p) with probability >= conf."""
+    monte_carlo_coverage(lambda k, n, p: binomial_lower_bound(k, n, conf) <= p, conf, 4000, 99,
+                         (24, 300), (0.0, 0.05, 0.3, 0.5, 0.77, 0.99, 1.0))
 
 
 @pytest.fixture
