@@ -71,8 +71,9 @@ class TrainConfig:
     }
     SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
 
-    def validate(self) -> TrainConfig:
-        """Check every field's type and range (ConfigError naming the key and value); returns self."""
+    def validate(self, *, check_model: bool = True) -> TrainConfig:
+        """Check every field's type and range (ConfigError naming the key and value); returns self.
+        ``check_model=False``: ``model`` is only a label (a module given to :func:`certbnn.fit`)."""
         check_settings(TrainConfig, dataclasses.asdict(self))
         if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
@@ -83,19 +84,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-empty string, got ''")
         check_method_options(self.method, self.method_options)
         check_likelihood_options(self.likelihood, self.likelihood_options)
-        self._check_against_dataset()
+        self._check_against_dataset(check_model)
         return self
 
-    def _check_against_dataset(self) -> None:
+    def _check_against_dataset(self, check_model: bool = True) -> None:
         """The likelihood suits the data set and the model fits it and the memory (nothing allocated)."""
         from certbnn import data
-        from certbnn.models import check_model
+        from certbnn.models import check_model as build_check
 
         spec = data.get_spec(self.dataset)
         if self.likelihood == "gaussian" and spec.num_classes > 1:
             raise ConfigError(f"likelihood 'gaussian' is for regression, but data set {self.dataset!r} has "
                               f"{spec.num_classes} classes (use standard, ibp, crown-ibp, crown, fgsm or pgd)")
-        check_model(self.model, spec.image_shape, spec.num_classes)
+        if check_model:
+            build_check(self.model, spec.image_shape, spec.num_classes)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -74,8 +74,11 @@ def split_train_val(config: TrainConfig) -> tuple[data.ArrayDataset, data.ArrayD
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Fit ``config.method`` and write the run directory; returns the metrics dict.
+
+    ``model`` (the Python API, :func:`certbnn.fit`): train this module from its current weights
+    (moved to the device) instead of building ``config.model``, which is then only its label.
 
     Under torchrun (see :mod:`certbnn.distributed`) every rank trains on its shard of
     each global batch; rank 0 alone validates, logs, shows progress and writes files
@@ -99,7 +102,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
                               "resume with as many processes as it was started with")
     elif ckpt_path.exists() or (run_dir / POSTERIOR).exists():
         raise CertbnnError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
-    config.validate()
+    config.validate(check_model=model is None)
     if resume or is_claimed(run_dir, "run"):  # what a killed write left behind (each process: its own files)
         remove_stale_temps(run_dir, [ckpt_path.name] + ([POSTERIOR, METRICS, CONFIG, RUN_MARKER] if main else []))
     device = resolve_device(config.device)
@@ -107,7 +110,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     spec = data.get_spec(config.dataset)
 
     torch.manual_seed(config.seed)  # model initialisation
-    model = build_model(config.model, spec.image_shape, spec.num_classes).to(device)
+    model = (build_model(config.model, spec.image_shape, spec.num_classes) if model is None else model).to(device)
     prior = prior_from_model(model, config.prior_scale)
     options = dict(config.method_options)
     if config.lr is not None:
