@@ -1,4 +1,10 @@
-"""Resolve each layer's tensors (the layers come from :mod:`certbnn.bounds.structure`).
+"""Resolve each layer's tensors (the layers come from :mod:`certbnn.bounds.structure` or,
+for general graphs, :mod:`certbnn.bounds.graph_trace`).
+
+Import order inside ``certbnn.bounds`` (no cycles): ``params`` and ``rounding`` import
+nothing of the package; ``base`` imports them; ``registry`` imports ``base``; the
+``ops_*`` rules import ``base`` and ``registry``; ``structure`` and ``graph_trace``
+import ``registry``; ``engine`` and ``graph`` import everything above.
 
 A layer's tensors are its own parameters and buffers, replaced by entries of
 ``params`` (point values, optionally with a leading sample dimension ``S``)
@@ -36,15 +42,6 @@ class LayerTensors:
 
     def get(self, key: str) -> Tensor | None:
         return self.values.get(key)
-
-
-def flatten_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified_name, module)`` of every layer ``model(x)`` runs, in call order (a shared
-    instance once per use); raises where the engine cannot bound ``model`` exactly
-    (see :func:`certbnn.bounds.structure.model_layers`)."""
-    from certbnn.bounds.structure import model_layers
-
-    return [(name, module) for name, module, _ in model_layers(model)]
 
 
 def tensor_names(model: nn.Module) -> dict[int, str]:

@@ -12,14 +12,12 @@ rule unless they register their own -- provided they compute the same function:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from torch import nn
 
+from certbnn.bounds.base import BoundOp
 from certbnn.errors import ConfigError
-
-if TYPE_CHECKING:
-    from certbnn.bounds.base import BoundOp
 
 _REGISTRY: dict[type, type[BoundOp]] = {}
 
@@ -32,8 +30,6 @@ def register_bound(module_type: type[nn.Module], bound_class: type[BoundOp] | No
     Usable directly, ``register_bound(nn.ReLU, BoundReLU)``, or as a class
     decorator, ``@register_bound(nn.ReLU)``.
     """
-    from certbnn.bounds.base import BoundOp
-
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise ConfigError(f"register_bound: {module_type!r} is not an nn.Module subclass")
 

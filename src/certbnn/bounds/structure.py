@@ -125,27 +125,66 @@ def _check_global_hooks(model: nn.Module) -> None:
                           "change every layer's output; remove them to compute bounds")
 
 
-def _walk(module: nn.Module | None, name: str, out: list[Layer], ancestors: set[int]) -> None:
-    if module is None:
-        raise UnsupportedLayerError(f"layer '{name}' is None: Sequential.forward would call None")
+def leaf_rule(name: str, module: nn.Module) -> type[BoundOp] | None:
+    """The bound class of a module the engine treats as one layer, after the checks of the
+    module docstring (hooks, parametrizations, replaced or overridden call-path methods,
+    unsupported configurations), which raise :class:`UnsupportedLayerError`; None when no
+    rule is registered for its type (a container, or custom code)."""
     found = lookup_rule(type(module))
     why = _call_extras(module) or _patched(module, found[0] if found else type(module))
     if why:
         raise _refuse(name, module, why)
-    if found is not None:
-        base, rule = found
-        why = _override(module, base)
+    if found is None:
+        return None
+    base, rule = found
+    why = _override(module, base)
+    if why:
+        raise _refuse(name, module, f"{why}, so the {base.__name__} bound rule would bound another function; "
+                      f"register a rule for {type(module).__name__} with certbnn.bounds.register_bound")
+    if rule.__module__.startswith("certbnn.bounds."):
+        why = _config(module)
         if why:
-            raise _refuse(name, module, f"{why}, so the {base.__name__} bound rule would bound another function; "
-                          f"register a rule for {type(module).__name__} with certbnn.bounds.register_bound")
-        if rule.__module__.startswith("certbnn.bounds."):
-            why = _config(module)
-            if why:
-                raise _refuse(name, module, why)
-        if module._modules:  # children a user rule may call
-            for sub_name, sub in module.named_modules(prefix=name):
-                if sub is not module and (sub._forward_hooks or sub._forward_pre_hooks):
-                    raise _refuse(sub_name, sub, "has a forward hook or pre-hook")
+            raise _refuse(name, module, why)
+    if module._modules:  # children a user rule may call
+        for sub_name, sub in module.named_modules(prefix=name):
+            if sub is not module and (sub._forward_hooks or sub._forward_pre_hooks):
+                raise _refuse(sub_name, sub, "has a forward hook or pre-hook")
+    return rule
+
+
+def check_traced_module(name: str, module: nn.Module) -> None:
+    """Checks for a module whose ``forward`` the graph tracer follows (it records the code, not
+    hooks or parametrizations): refuse hooks, parametrizations, uninitialised lazy modules."""
+    why = _call_extras(module)
+    if why:
+        raise _refuse(name, module, why)
+
+
+def is_chain(model: nn.Module) -> bool:
+    """True if ``model`` is a registered layer or an ``nn.Sequential`` (nested, subclasses that
+    keep its call path, not patched on the instance) whose leaves have rules: the flat path
+    (:func:`model_layers`) handles it, with its own refusals. False when some module runs
+    custom ``forward`` code (the graph path traces it)."""
+    seen: set[int] = set()
+
+    def chain(m: nn.Module | None) -> bool:
+        if m is None or lookup_rule(type(m)) is not None:
+            return True
+        if not isinstance(m, nn.Sequential) or _override(m, nn.Sequential) or _patched(m, nn.Sequential):
+            return False
+        if id(m) in seen:
+            return True  # model_layers refuses a container that contains itself
+        seen.add(id(m))
+        return all(chain(c) for c in m._modules.values())
+
+    return chain(model)
+
+
+def _walk(module: nn.Module | None, name: str, out: list[Layer], ancestors: set[int]) -> None:
+    if module is None:
+        raise UnsupportedLayerError(f"layer '{name}' is None: Sequential.forward would call None")
+    rule = leaf_rule(name, module)
+    if rule is not None:
         out.append((name, module, rule))
         return
     if isinstance(module, nn.Sequential):
