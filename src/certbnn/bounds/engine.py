@@ -9,26 +9,24 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
-from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, interval_spec_sound, mid_rad
+from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, interval_spec_sound
 from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
 from certbnn.bounds.params import resolve_tensors, sample_slices
+from certbnn.bounds.shared import CPU_CHUNK_BYTES, CROWN_MAX_ELEMENTS, concretize
+from certbnn.bounds.shared import acc as _acc
+from certbnn.bounds.shared import finish as _finish
+from certbnn.bounds.shared import outward_radii as _outward_radii
+from certbnn.bounds.shared import prepare_spec as _prepare_spec
+from certbnn.bounds.shared import step_error as _step_error
 from certbnn.bounds.structure import model_layers
 from certbnn.bounds.specs import known_true
 from certbnn.bounds.specs import resolve_tol, widen
-from certbnn.bounds.rounding import (cast_down, cast_up, check_dtype, dot_error, dot_upper, kappa,
-                                     plain_arithmetic, scalar_up, sound_mid_rad)
+from certbnn.bounds.rounding import cast_down, cast_up, check_dtype, plain_arithmetic
 from certbnn.bounds.rounding import down as round_down
 from certbnn.bounds.rounding import up as round_up
 from certbnn.errors import ConfigError
 
 METHODS = ("ibp", "crown", "crown-ibp")
-# method="crown" refuses intermediate back-substitutions whose coefficient
-# tensor would exceed this many elements (2**28 float32 = 1 GiB).
-CROWN_MAX_ELEMENTS = 2**28
-# On CPU, posterior samples are bounded in chunks whose activations + weights fit
-# in about this many bytes (a third-level cache); see _auto_chunk.
-CPU_CHUNK_BYTES = 8 * 2**20
-
 ParamDict = Mapping[str, Tensor]
 BoxDict = Mapping[str, tuple[Tensor, Tensor]]
 
@@ -88,60 +86,6 @@ def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | No
     return lower.unsqueeze(0), upper.unsqueeze(0), False
 
 
-def _prepare_spec(spec: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor | None:
-    if spec is None:
-        return None
-    spec = torch.as_tensor(spec).to(dtype)
-    if spec.dim() == 3 and spec.shape[0] == 1:
-        spec = spec[0]
-    if spec.dim() == 2 or (spec.dim() == 3 and spec.shape[0] == batch):
-        return spec
-    raise ConfigError(f"spec must be (K_spec, K) or (B={batch}, K_spec, K), got {tuple(spec.shape)}")
-
-
-def _linear_bound(A: Tensor, x: Tensor) -> Tensor:
-    """``A x`` for ``A`` ``(Sa, Ba, K, *f)`` and ``x`` ``(Sx, B, *f)`` -> ``(S, B, K)``."""
-    A, x = A.flatten(3), x.flatten(2)
-    if A.shape[1] == 1 and x.shape[1] != 1:
-        return torch.matmul(x, A[:, 0].transpose(-1, -2))
-    return torch.matmul(A, x.unsqueeze(-1)).squeeze(-1)
-
-
-def _step_error(A: Tensor, v: Tensor, n: int, m_in: Tensor) -> Tensor:
-    """``(S, B, K)`` bound on the rounding error of one back-substitution step from ``A``
-    (see :meth:`BoundOp.sound_backward_terms`): ``gamma_n |A| v + n tiny (1 + sum m_in)``,
-    with ``sum m_in <= numel * max m_in``."""
-    w = dot_upper(_linear_bound(A.abs(), v), v[0, 0].numel())
-    tiny = torch.finfo(A.dtype).tiny
-    numel = m_in[0, 0].numel()
-    mmax = m_in.flatten(2).amax(-1).unsqueeze(-1)
-    per_max, const = scalar_up(n * numel * tiny * (1 + 1e-9), mmax), scalar_up(n * tiny * (1 + 1e-9), mmax)
-    tiny_term = round_up(round_up(mmax * per_max) + const)
-    return round_up(round_up(w * scalar_up(kappa(n, A.dtype), w)) + tiny_term)
-
-
-def _acc(b: Tensor | None, x: Tensor | None, upward: bool) -> Tensor | None:
-    """``b + x`` rounded outward (None means zero)."""
-    if b is None or x is None:
-        return x if b is None else b
-    return round_up(b + x) if upward else round_down(b + x)
-
-
-def _concretize_sound(A_lo: Tensor, A_up: Tensor, lower: Tensor, upper: Tensor) -> Box:
-    """``min/max A x`` over the box, rounded outward: ``A c -+ |A| r`` plus ``gamma_n |A| (|c| + r)``."""
-    c, r = sound_mid_rad(lower, upper)
-    s = round_up(c.abs() + r)
-    n = lower[0, 0].numel()
-
-    def side(A: Tensor, sign: int) -> Tensor:
-        Aa = A.abs()
-        cen, spread = _linear_bound(A, c), _linear_bound(Aa, r)
-        err = dot_error(_linear_bound(Aa, s), n, products=2)
-        return round_down(round_down(cen - spread) - err) if sign < 0 else round_up(round_up(cen + spread) + err)
-
-    return side(A_lo, -1), side(A_up, 1)
-
-
 def crown_backward_pass(ops: list[BoundOp], A0: Tensor, lower: Tensor, upper: Tensor, sound: bool = False) -> Box:
     """Back-substitute ``A0 @ output(ops)`` to the input box ``[lower, upper]``; return ``(S, B, K)`` bounds.
 
@@ -164,17 +108,7 @@ def crown_backward_pass(ops: list[BoundOp], A0: Tensor, lower: Tensor, upper: Te
         else:
             b_lo, b_up = add_opt(b_lo, bl), add_opt(b_up, bu)
         A_lo, A_up = A_lo_new, A_up_new
-    if sound:
-        lo, up_ = _concretize_sound(A_lo, A_up, lower, upper)
-        return _acc(lo, b_lo, False), _acc(up_, b_up, True)  # type: ignore[return-value]
-    c, r = mid_rad(lower, upper)
-    if A_up is A_lo:
-        centre, spread = _linear_bound(A_lo, c), _linear_bound(A_lo.abs(), r)
-        lo, up = centre - spread, centre + spread
-    else:
-        lo = _linear_bound(A_lo, c) - _linear_bound(A_lo.abs(), r)
-        up = _linear_bound(A_up, c) + _linear_bound(A_up.abs(), r)
-    return add_opt(lo, b_lo), add_opt(up, b_up)  # type: ignore[return-value]
+    return concretize(A_lo, A_up, b_lo, b_up, lower, upper, sound)
 
 
 def _ibp_exact(prefix: list[BoundOp]) -> bool:
@@ -232,14 +166,6 @@ def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method:
     return interval_spec_sound(l, u, spec) if sound else interval_spec(l, u, spec)
 
 
-def _finish(lo: Tensor, up: Tensor, sampled: bool, S: int | None) -> Box:
-    if not sampled:
-        return lo[0], up[0]
-    if S is not None and lo.shape[0] != S:
-        lo, up = lo.expand(S, *lo.shape[1:]), up.expand(S, *up.shape[1:])
-    return lo, up
-
-
 def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:
     """Samples per pass: all of them off-CPU; on CPU as many as keep one layer's
     activations plus the samples' weights within ``CPU_CHUNK_BYTES`` (measured
@@ -282,14 +208,6 @@ def _bounds(ops: list[BoundOp], l: Tensor, u: Tensor, method: str, spec: Tensor 
     if intersect_ibp:
         lo, up = torch.maximum(lo, ibp_lo), torch.minimum(up, ibp_up)
     return lo, up
-
-
-def _outward_radii(ops: list[BoundOp]) -> None:
-    """Weight-box radii one float up: params.resolve_tensors computes ``max(hi - c, c - lo)``
-    rounded to nearest, so the next float up encloses ``[lo, hi]`` exactly."""
-    for op in ops:
-        for k, r in op.t.radius.items():
-            op.t.radius[k] = round_up(r)
 
 
 def _sound_inputs(model: nn.Module, lower: Tensor, upper: Tensor, params: ParamDict | None,
