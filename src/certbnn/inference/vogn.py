@@ -66,16 +66,22 @@ from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method
 from certbnn.inference.noisy_adam import PrecisionVI, precision_std, prior_precision, prior_pull
 from certbnn.inference.sgd import check_number
+from certbnn.inference.squared_grads import Moments, analytic_moments
 from certbnn.posterior import GaussianPosterior
 from certbnn.posterior.paramdict import sample_diag_gaussian
 
-__all__ = ["VOGN", "VOGNState", "per_example_grads", "PER_EXAMPLE_MODES"]
+__all__ = ["VOGN", "VOGNState", "per_example_grads", "gradient_moments", "PER_EXAMPLE_MODES"]
 
-PER_EXAMPLE_MODES = ("auto", "vmap", "copies")
+PER_EXAMPLE_MODES = ("auto", "analytic", "vmap", "copies")
 
 
 class PerExampleFallbackWarning(UserWarning):
     """vmap could not trace the likelihood; per-example gradients use weight copies instead."""
+
+
+class AnalyticFallbackWarning(UserWarning):
+    """The analytic squared-gradient sums cannot handle the likelihood or model; per-example
+    gradients (vmap, else weight copies) are used instead."""
 
 
 def _vmap_grads(weights: Params, batch: Batch, nll: NLL) -> tuple[Params, Tensor]:
@@ -127,6 +133,25 @@ def per_example_grads(weights: Params, batch: Batch, nll: NLL, mode: str = "auto
         return _copies_grads(weights, batch, nll)
 
 
+def gradient_moments(weights: Params, batch: Batch, nll: NLL, mode: str = "auto") -> Moments:
+    """``mean_{k,i} g_ki`` and ``mean_{k,i} g_ki^2`` per name (the parameter's shape) and the nll
+    values (S, B), for stacked weights (S, *shape). ``"auto"``/``"analytic"``: the sums of
+    :mod:`certbnn.inference.squared_grads`; where those do not apply, ``"auto"`` warns once
+    (:class:`AnalyticFallbackWarning`) and uses per-example gradients, ``"analytic"`` raises
+    ConfigError. ``"vmap"``/``"copies"``: per-example gradients (:func:`per_example_grads`)."""
+    if mode in ("auto", "analytic"):
+        moments, reason = analytic_moments(weights, batch, nll)
+        if moments is not None:
+            return moments
+        if mode == "analytic":
+            raise ConfigError(f"vogn: per_example='analytic' cannot handle this likelihood or model ({reason}); "
+                              "use per_example='auto'")
+        warnings.warn(f"vogn: analytic squared gradients do not apply ({reason}); using per-example gradients "
+                      "(exact, slower)", AnalyticFallbackWarning, stacklevel=3)
+    grads, values = per_example_grads(weights, batch, nll, mode)
+    return {n: g.mean((0, 1)) for n, g in grads.items()}, {n: (g * g).mean((0, 1)) for n, g in grads.items()}, values
+
+
 @dataclass
 class VOGNState:
     mean: Params
@@ -165,15 +190,14 @@ class VOGN(PrecisionVI):
         std = precision_std(state.precision, lam, self.effective_data)
         weights = sample_diag_gaussian(state.mean, std, self.num_samples, generator)
         comm = getattr(nll, "comm", None)  # distributed: reduce the batch statistics explicitly
-        grads, values = per_example_grads(weights, batch, nll.local() if comm else nll, self.per_example)
+        g_means, g_squares, values = gradient_moments(weights, batch, nll.local() if comm else nll, self.per_example)
         pull = prior_pull(state.mean, self.prior, lam, self.effective_data)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
         correction1 = 1.0 - beta1 ** step
         mean, exp_avg, precision = {}, {}, {}
         for name, mu in state.mean.items():
-            g = grads[name]  # (S, B, *shape)
-            g_mean, g_square = g.mean((0, 1)), (g * g).mean((0, 1))
+            g_mean, g_square = g_means[name], g_squares[name]
             if comm:  # equal shards: the mean of the ranks' means is the global batch mean
                 g_mean, g_square = comm.all_reduce(g_mean, "mean"), comm.all_reduce(g_square, "mean")
             s = beta2 * state.precision[name] + (1.0 - beta2) * g_square
