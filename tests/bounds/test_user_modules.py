@@ -239,8 +239,9 @@ def test_regression_shared_relu_crown_is_sound(soundness_counter):
                       generator=torch.Generator().manual_seed(0), n_inputs=64)
 
 
-def test_regression_residual_sequential_subclass_is_refused():
-    """``x + super().forward(x)`` was flattened: bounds [0.998, 1.002] around a true output of 2.0."""
+def test_regression_residual_sequential_subclass_is_traced(soundness_counter):
+    """``x + super().forward(x)`` was flattened: bounds [0.998, 1.002] around a true output of 2.0.
+    Since the graph engine (issue 14) the custom forward is traced: the sum of both branches is bounded."""
     lin = nn.Linear(1, 1)
     with torch.no_grad():
         lin.weight.fill_(1.0)
@@ -249,11 +250,10 @@ def test_regression_residual_sequential_subclass_is_refused():
     lower, upper = torch.tensor([[0.998]]), torch.tensor([[1.002]])
     assert model(torch.tensor([[1.0]])).item() == 2.0
     for method in METHODS:
-        with pytest.raises(UnsupportedLayerError, match=r"^layer '1' \(Residual\) is an nn.Sequential subclass that "
-                                                        r"overrides forward \(Residual.forward\)[^\n]*$"):
-            compute_bounds(model, lower, upper, method)
-    with pytest.raises(UnsupportedLayerError, match=r"^layer <model> \(Residual\)"):
-        interval_forward(Residual(lin), lower, upper)
+        lo, up = (b.detach() for b in compute_bounds(model, lower, upper, method))
+        assert float(lo) <= 2 * 0.998 + 1e-6 and float(up) >= 2 * 1.002 - 1e-6
+        assert float(lo) >= 2 * 0.998 - 1e-5 and float(up) <= 2 * 1.002 + 1e-5  # exact: a linear map
+        _assert_sound(soundness_counter, model, lower, upper, lo, up)
 
 
 # ---------------------------------------------------------------- refusals
@@ -310,11 +310,6 @@ def _parametrized() -> nn.Module:
 
 
 REFUSED = {
-    "custom forward with functional relu": (FunctionalNet, r"<model> \(FunctionalNet\) has no bound rule"),
-    "registration order != execution order": (lambda: nn.Sequential(OutOfOrder()), r"'0' \(OutOfOrder\) has no bound rule"),
-    "sequential subclass overriding __iter__": (
-        lambda: nn.Sequential(nn.Linear(4, 4), ReversedSeq(nn.Linear(4, 3), nn.ReLU())),
-        r"'1' \(ReversedSeq\) is an nn.Sequential subclass that overrides __iter__"),
     "linear subclass overriding forward": (
         lambda: nn.Sequential(ScaledLinear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
         r"'0' \(ScaledLinear\) overrides forward \(ScaledLinear.forward\) of Linear, so the Linear bound rule would "
@@ -326,7 +321,6 @@ REFUSED = {
         lambda: nn.Sequential(BiasFreeConv(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)),
         r"'0' \(BiasFreeConv\) overrides _conv_forward"),
     "monkeypatched instance forward": (_monkeypatched, r"'1' \(ReLU\) has an instance attribute 'forward'"),
-    "monkeypatched container forward": (_patched_container, r"'0' \(Sequential\) has an instance attribute 'forward'"),
     "monkeypatched _call_impl": (_patched_call_impl, r"'2' \(Linear\) has an instance attribute '_call_impl'"),
     "forward hook": (lambda: _hooked("forward"), r"'1' \(ReLU\) has a forward hook"),
     "forward pre-hook on the container": (lambda: _hooked("pre"), r"<model> \(Sequential\) has a forward pre-hook"),
@@ -349,6 +343,28 @@ REFUSED = {
     "old-style weight norm (a pre-hook)": (
         lambda: nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(4, 2))), r"'0' \(Linear\) has a forward pre-hook"),
 }
+
+
+# Custom forward code that the chain engine refused is traced by the graph engine (issue 14):
+# bounded exactly at points and soundly on boxes (tests/bounds/test_graph*.py test graphs at large).
+TRACED = {
+    "custom forward with functional relu": FunctionalNet,
+    "registration order != execution order": lambda: nn.Sequential(OutOfOrder()),
+    "sequential subclass overriding __iter__": lambda: nn.Sequential(nn.Linear(4, 4), ReversedSeq(nn.Linear(4, 3),
+                                                                                                    nn.ReLU())),
+    "monkeypatched container forward": _patched_container,
+}
+
+
+@pytest.mark.parametrize("case", list(TRACED))
+def test_custom_forwards_are_traced(soundness_counter, case):
+    torch.manual_seed(0)
+    model = TRACED[case]().double()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    _assert_exact_at_points(model, x)
+    for method in METHODS:
+        lo, up = compute_bounds(model, x - 0.1, x + 0.1, method)
+        _assert_sound(soundness_counter, model, x - 0.1, x + 0.1, lo, up, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

@@ -18,7 +18,8 @@ from certbnn.bounds.shared import finish as _finish
 from certbnn.bounds.shared import outward_radii as _outward_radii
 from certbnn.bounds.shared import prepare_spec as _prepare_spec
 from certbnn.bounds.shared import step_error as _step_error
-from certbnn.bounds.structure import model_layers
+from certbnn.bounds.graph import compute_graph, graph_interval_forward
+from certbnn.bounds.structure import is_chain, model_layers
 from certbnn.bounds.specs import known_true
 from certbnn.bounds.specs import resolve_tol, widen
 from certbnn.bounds.rounding import cast_down, cast_up, check_dtype, plain_arithmetic
@@ -285,6 +286,9 @@ def compute_bounds(
 def _compute(model: nn.Module, lower: Tensor, upper: Tensor, method: str, params: ParamDict | None,
              param_bounds: BoxDict | None, spec: Tensor | None, dtype: torch.dtype, rt: tuple[float, float] | None,
              intersect_ibp: bool, input_has_samples: bool | None, sample_chunk: int | None, sound: bool) -> Box:
+    if not is_chain(model):  # custom forward code: the graph engine traces it
+        return compute_graph(model, lower, upper, method, params, param_bounds, spec, dtype, rt, intersect_ibp,
+                             input_has_samples, sample_chunk, sound)
     ops, S = build_ops(model, params, param_bounds, dtype)
     l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
     if x_sampled and S is None:
@@ -319,8 +323,11 @@ def interval_forward(
     dtype: torch.dtype | None = None,
     input_has_samples: bool | None = None,
 ) -> list[tuple[str, Tensor, Tensor]]:
-    """IBP bounds of every layer's output: ``[(layer_name, lower, upper), ...]`` in order."""
+    """IBP bounds of every layer's output: ``[(layer_name, lower, upper), ...]`` in order (for a
+    traced graph, every node's: modules by qualified name, functions by fx node name)."""
     dtype = _compute_dtype(lower, dtype)
+    if not is_chain(model):
+        return graph_interval_forward(model, lower, upper, params, param_bounds, dtype, input_has_samples)
     ops, S = build_ops(model, params, param_bounds, dtype)
     l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
     if x_sampled and S is None:
