@@ -32,8 +32,10 @@ from certbnn.settings import (LAM_LABEL, MILLION, SEED, UNIT, Range, at_least, b
 class TrainConfig:
     """Everything that determines a training run (saved as ``RUN_DIR/config.json``)."""
 
-    dataset: str = "mnist"
+    dataset: str = "mnist"           # a registered name, PATH.npz, or a folder <root>/<name>/data.npz
     data_dir: str | None = None
+    dataset_file: str | None = None  # an npz data set's file (absolute), recorded when the run starts
+    dataset_sha256: str | None = None  # that file's sha256: recorded, or given to pin it; checked on every use
     model: str = "mlp:512"
     method: str = "bbb"
     likelihood: str = "ibp"          # standard | ibp | crown-ibp | crown | fgsm | pgd
@@ -82,21 +84,58 @@ class TrainConfig:
         for name in ("dataset", "model", "method", "likelihood"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty string, got ''")
+        if self.dataset_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.dataset_sha256):
+            raise ConfigError(f"dataset_sha256 must be 64 lowercase hex digits, got {self.dataset_sha256!r}")
         check_method_options(self.method, self.method_options)
         check_likelihood_options(self.likelihood, self.likelihood_options)
         self._check_against_dataset(check_model)
         return self
 
+    def dataset_spec(self):
+        """The data set's spec. An npz data set (``PATH.npz`` or ``<root>/<name>/data.npz``) is
+        read and checked again, from ``dataset_file`` when that still exists, and its path and
+        sha256 are recorded in ``dataset_file`` / ``dataset_sha256``; a file whose sha256 differs
+        from a recorded one is refused (ConfigError)."""
+        from certbnn import data
+        from certbnn.data import npz
+        from certbnn.data.registry import registered_spec
+
+        registered = registered_spec(self.dataset)
+        spec = None
+        if registered is None or registered.source is not None:
+            spec = npz.resolve(self.dataset, self.data_dir, self.dataset_file)
+        if spec is None:
+            if self.dataset_file is not None or self.dataset_sha256 is not None:
+                if registered is None:
+                    raise ConfigError(f"data set {self.dataset!r}: its recorded file {self.dataset_file} is missing "
+                                      f"and no {self.dataset}/data.npz was found under the data roots")
+                raise ConfigError(f"data set {self.dataset!r} is a registered data set, not an npz file: "
+                                  "dataset_file / dataset_sha256 do not apply")
+            return data.get_spec(self.dataset, self.data_dir)
+        if self.dataset_sha256 is not None and spec.sha256 != self.dataset_sha256:
+            raise ConfigError(f"data set {self.dataset!r}: {spec.source} has sha256 {spec.sha256}, but the run "
+                              f"was made with {self.dataset_sha256} (the file changed; retrain, or restore it)")
+        self.dataset_file, self.dataset_sha256 = str(spec.source), spec.sha256
+        return spec
+
     def _check_against_dataset(self, check_model: bool = True) -> None:
         """The likelihood suits the data set and the model fits it and the memory (nothing allocated)."""
-        from certbnn import data
+        from certbnn.models import build_model
         from certbnn.models import check_model as build_check
+        from certbnn.plugins import check_bounds, is_plugin_spec
 
-        spec = data.get_spec(self.dataset)
+        spec = self.dataset_spec()
+        if self.augment and len(spec.image_shape) != 3:
+            raise ConfigError(f"augment transforms images (C, H, W); data set {self.dataset!r} holds feature "
+                              f"vectors {spec.image_shape} (use augment = 0)")
         if self.likelihood == "gaussian" and spec.num_classes > 1:
             raise ConfigError(f"likelihood 'gaussian' is for regression, but data set {self.dataset!r} has "
                               f"{spec.num_classes} classes (use standard, ibp, crown-ibp, crown, fgsm or pgd)")
-        if check_model:
+        if check_model and is_plugin_spec(self.model):  # user code: built once, bounds checked when needed
+            model = build_model(self.model, spec.image_shape, spec.num_classes)
+            if self.likelihood in ROBUST_LIKELIHOODS:
+                check_bounds(self.model, model, spec.image_shape, self.likelihood)
+        elif check_model:
             build_check(self.model, spec.image_shape, spec.num_classes)
 
     def to_json(self) -> dict[str, Any]:
@@ -104,6 +143,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")  # likelihoods that bound the network
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -87,7 +87,11 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     ``input_shape`` excludes the batch dimension, e.g. (1, 28, 28) or (3, 32, 32); the
     model maps (B, *input_shape) to (B, num_classes) logits. The spec is first built on
     the meta device (no memory) and refused when its parameters cannot fit in memory.
+    A plug-in spec ``package.module:factory`` imports and runs the user's code
+    (:mod:`certbnn.plugins`; any ``nn.Module``).
     """
+    if _is_plugin(spec):
+        return _plugin(spec, input_shape, num_classes)
     build = _builder(spec, input_shape, num_classes)
     check_size(spec, _build(spec, build, meta=True))
     return _build(spec, build, meta=False)
@@ -95,8 +99,24 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn
 
 def check_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> int:
     """The parameter count of ``spec`` without allocating it; ConfigError for a bad spec or one
-    whose parameters cannot fit in memory (see :func:`check_size`)."""
+    whose parameters cannot fit in memory (see :func:`check_size`). A plug-in spec is built
+    (running the user's factory) and checked by :func:`certbnn.plugins.build_plugin`."""
+    if _is_plugin(spec):
+        return sum(p.numel() for p in _plugin(spec, input_shape, num_classes).parameters())
     return check_size(spec, _build(spec, _builder(spec, input_shape, num_classes), meta=True))
+
+
+def _is_plugin(spec: str) -> bool:
+    from certbnn.plugins import is_plugin_spec
+
+    return is_plugin_spec(spec)
+
+
+def _plugin(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    from certbnn.plugins import build_plugin
+
+    shape = _check_shape(spec, input_shape, num_classes)
+    return build_plugin(spec, shape, num_classes)
 
 
 def _builder(spec: str, input_shape: tuple[int, ...], num_classes: int) -> Callable[[], nn.Module]:

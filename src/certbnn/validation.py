@@ -7,6 +7,7 @@ from torch import nn
 
 from certbnn.bounds import compute_bounds, margin_spec, worst_case_logits
 from certbnn.data import ArrayDataset
+from certbnn.errors import UnsupportedLayerError
 from certbnn.functional import forward
 from certbnn.likelihoods import cross_entropy
 
@@ -24,12 +25,15 @@ def validate(model: nn.Module, posterior, dataset: ArrayDataset, eps: float, *, 
       correctly and that pass the paper's criterion (the argmax of the mean over
       samples of softmax(worst-case logits) is the label).
 
-    Keys carry ``prefix`` except ``certified_accuracy_ibp``.
+    Keys carry ``prefix`` except ``certified_accuracy_ibp``. A model the bound engine
+    refuses (UnsupportedLayerError: a plug-in trained with a non-robust likelihood) gets
+    no certified metrics.
     """
     first = next(iter(posterior.mean().values()))
     generator = torch.Generator(device=first.device).manual_seed(seed)
     params = posterior.sample(num_samples, generator=generator)
     totals = {"accuracy": 0.0, "nll": 0.0, "certified": 0.0, "certified_accuracy_ibp": 0.0}
+    bounded = True
     for x, y in dataset.batches(batch_size, device=first.device, dtype=first.dtype):
         logits = forward(model, params, x)                                    # (S, B, K)
         log_probs = torch.logsumexp(torch.log_softmax(logits, -1), 0) - torch.log(
@@ -37,17 +41,21 @@ def validate(model: nn.Module, posterior, dataset: ArrayDataset, eps: float, *, 
         correct = log_probs.argmax(-1) == y
         totals["accuracy"] += float(correct.sum())
         totals["nll"] += float(cross_entropy(log_probs, y).sum())
-        if eps > 0:
+        if eps > 0 and bounded:
             lower, upper = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
             spec = margin_spec(y, logits.shape[-1], exclude_true=True).to(x.dtype)
-            margin_lower, _ = compute_bounds(model, lower, upper, method="ibp", params=params, spec=spec)
+            try:
+                margin_lower, _ = compute_bounds(model, lower, upper, method="ibp", params=params, spec=spec)
+            except UnsupportedLayerError:
+                bounded = False
+                continue
             totals["certified"] += float((margin_lower > 0).all(-1).to(x.dtype).mean(0).sum())
             lo, hi = compute_bounds(model, lower, upper, method="ibp", params=params)
             worst = torch.softmax(worst_case_logits(lo, hi, y), -1).mean(0)   # (B, K)
             totals["certified_accuracy_ibp"] += float((correct & (worst.argmax(-1) == y)).sum())
     n = len(dataset)
     metrics = {f"{prefix}accuracy": totals["accuracy"] / n, f"{prefix}nll": totals["nll"] / n}
-    if eps > 0:
+    if eps > 0 and bounded:
         metrics[f"{prefix}certified"] = totals["certified"] / n
         metrics["certified_accuracy_ibp"] = totals["certified_accuracy_ibp"] / n
     return metrics

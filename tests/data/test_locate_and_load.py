@@ -115,7 +115,7 @@ def test_dataset_validation():
     with pytest.raises(DataError, match=r"float images must lie in \[0, 1\]"):
         data.ArrayDataset(np.full((3, 1, 2, 2), 2.0, np.float32), np.zeros(3, int), 2)
     with pytest.raises(DataError, match="shape \\(N, C, H, W\\)"):
-        data.ArrayDataset(np.zeros((3, 4), np.uint8), np.zeros(3, int), 2)
+        data.ArrayDataset(np.zeros((3, 4, 4), np.uint8), np.zeros(3, int), 2)  # (N, D) features are accepted
 
 
 def _dataset(n=103):

@@ -10,9 +10,15 @@ from certbnn.config import FIELDS, load_saved_config, load_toml, make_config, pa
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 HELP = {
-    "dataset": "data set name (mnist, fashion-mnist, cifar10, or a registered one)",
+    "dataset": "data set: a name (mnist, fashion-mnist, cifar10, or a folder NAME/data.npz under a data root), "
+               "or PATH.npz with arrays x_train, y_train, x_test, y_test (docs/data.md); an npz file's path and "
+               "sha256 are recorded in config.json and checked again by resume and evaluate",
+    "dataset_sha256": "refuse to train unless the npz data set has this sha256 (recorded automatically)",
     "data_dir": "directory holding the data set (default: $CERTBNN_DATA, user cache, /usr/share/datasets)",
-    "model": "architecture: mlp:512 (the paper's MNIST MLP), mlp:1024,512, cifar-small, cnn:16c4,32c4,p2,100[@tanh]",
+    "model": "architecture: mlp:512 (the paper's MNIST MLP), mlp:1024,512, cifar-small, cnn:16c4,32c4,p2,100[@tanh], "
+             "or your own nn.Module as package.module:factory. A plug-in IMPORTS AND RUNS YOUR PYTHON CODE (from "
+             "PYTHONPATH and the current folder): factory() or factory(input_shape, num_classes) returns the module "
+             "(docs/training.md, Plug-in models); nothing else on the command line imports code",
     "method": "inference method: sgd, adam, bbb, noisy-adam, vogn, swag, hmc, sghmc",
     "likelihood": "standard (plain softmax), ibp / crown-ibp / crown (certifiably robust), fgsm / pgd (adversarial)",
     "lam": "weight of the clean term in the robust/adversarial mixture, in [0, 1] (paper: 0.25)",
@@ -62,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lik-opt", action="append", metavar="KEY=VALUE", dest="likelihood_opt",
                         help="likelihood option, e.g. --lik-opt steps=20 (repeatable)")
     for name, f in FIELDS.items():
-        if name in ("method_options", "likelihood_options"):
+        if name in ("method_options", "likelihood_options", "dataset_file"):  # tables; recorded, not set
             continue
         flag = "--" + name.replace("_", "-")
         kind = _TYPES[str(f.type).removesuffix(" | None")]

@@ -8,7 +8,9 @@ Main entry points::
         ...                                       # x: (128, 1, 28, 28) float32 in [0, 1]
 
 Known names: ``mnist``, ``fashion-mnist``, ``cifar10``; add more with
-:func:`register` (a :class:`DatasetSpec`) or :func:`register_arrays`.
+:func:`register` (a :class:`DatasetSpec`) or :func:`register_arrays`, or use an
+``.npz`` file: a path ``PATH.npz`` or a folder ``<root>/<name>/data.npz``
+(:mod:`certbnn.data.npz`).
 See :mod:`certbnn.data.roots` for where data is looked for.
 """
 
@@ -39,7 +41,7 @@ __all__ = [
 def load(name: str, split: str = "train", data_dir: str | os.PathLike | None = None) -> ArrayDataset:
     """Load one split of a registered data set, validated (magic numbers, shapes,
     counts, label range; an empty split is refused). Raises :class:`DataError` with a one-line message."""
-    spec = get_spec(name)
+    spec = get_spec(name, data_dir)
     if split not in spec.splits:
         raise DataError(f"{name} has no split {split!r} (splits: {', '.join(spec.splits)})")
     folder = locate(spec, data_dir)

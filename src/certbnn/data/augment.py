@@ -53,6 +53,9 @@ def augment(dataset: ArrayDataset, copies: int, *, seed: int = 0, spec: AugmentS
         return dataset
     if len(dataset) == 0:
         raise ConfigError("cannot augment an empty data set")
+    if dataset.images.ndim != 4:
+        raise ConfigError(f"augmentation transforms images (N, C, H, W); {dataset.name} holds feature vectors "
+                          f"{dataset.image_shape}")
     spec.validate()
     rng = np.random.default_rng(seed)
     sources = rng.integers(0, len(dataset), size=copies)

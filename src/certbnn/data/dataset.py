@@ -16,8 +16,8 @@ from certbnn.errors import DataError
 class ArrayDataset:
     """Images and labels of one split, validated on construction.
 
-    ``images``: (N, C, H, W), either uint8 (pixel value / 255 is the intensity)
-    or float32 already in [0, 1]. ``labels``: (N,) integers in [0, num_classes).
+    ``images``: (N, C, H, W) (or (N, D) feature vectors), either uint8 (pixel value / 255
+    is the intensity) or float32 already in [0, 1]. ``labels``: (N,) integers in [0, num_classes).
     Storage stays uint8 (MNIST train is 47 MB, CIFAR-10 train 150 MB); float
     tensors in [0, 1] are made per batch by :meth:`batches`.
     """
@@ -32,9 +32,9 @@ class ArrayDataset:
     def __post_init__(self) -> None:
         where = f"{self.name}/{self.split}"
         images, labels = self.images, np.asarray(self.labels)
-        if not isinstance(images, np.ndarray) or images.ndim != 4:
+        if not isinstance(images, np.ndarray) or images.ndim not in (2, 4):
             shape = getattr(images, "shape", None)
-            raise DataError(f"{where}: images must be an array of shape (N, C, H, W), got {shape}")
+            raise DataError(f"{where}: images must be an array of shape (N, C, H, W) or (N, D), got {shape}")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise DataError(
                 f"{where}: {images.shape[0]} images but labels of shape {labels.shape}"
@@ -63,8 +63,8 @@ class ArrayDataset:
         return int(self.images.shape[0])
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image ((D,) for feature vectors)."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def class_counts(self) -> list[int]:

@@ -45,10 +45,13 @@ class DatasetSpec:
     re-encoded copy needs no code change. ``marker``: a function telling whether
     a folder actually holds the data (used to accept a data set's own folder as a
     root). ``splits``: expected number of examples per split (``None`` = unknown).
+    ``image_shape``: one example's shape, (C, H, W) images or (D,) feature vectors.
+    ``source``: the data set's own file (an ``.npz``, see :mod:`certbnn.data.npz`), found
+    there rather than searched for under the data roots; ``sha256``: that file's digest.
     """
 
     name: str
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     num_classes: int
     reader: Reader
     marker: Callable[[Path], bool]
@@ -58,6 +61,8 @@ class DatasetSpec:
     resources: tuple[Resource, ...] = ()
     description: str = ""
     in_memory: bool = False
+    source: Path | None = None
+    sha256: str | None = None
 
     def folders(self) -> tuple[str, ...]:
         return self.folder_names or (self.name,)
@@ -78,13 +83,26 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """The registered spec called ``name``; a clear error listing the known names otherwise."""
-    try:
+def get_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
+    """The registered spec called ``name``; else an npz data set: ``name`` a path ending in
+    ``.npz``, or a folder ``<root>/<name>/data.npz`` under the data roots (``data_dir`` when
+    given), registered on first use (:mod:`certbnn.data.npz`); a one-line error listing the
+    known names otherwise."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise DataError(f"unknown data set {name!r} (known: {known})") from None
+    from certbnn.data.npz import resolve  # npz imports this module
+
+    spec = resolve(name, data_dir)
+    if spec is None:
+        known = ", ".join(sorted(n for n, s in _REGISTRY.items() if s.source is None)) or "none"
+        raise DataError(f"unknown data set {name!r} (known: {known}; or a PATH.npz file, or a folder "
+                        f"{name}/data.npz under a data root)")
+    return spec
+
+
+def registered_spec(name: str) -> DatasetSpec | None:
+    """The spec registered as ``name``, or None (nothing is looked for on disk)."""
+    return _REGISTRY.get(name)
 
 
 def known_datasets() -> list[str]:

@@ -63,6 +63,8 @@ def find_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -
     An in-memory data set needs no folder: its root is the current directory, origin ``"memory"``."""
     if spec.in_memory:
         return Root(Path("."), "memory")
+    if spec.source is not None:  # an npz file: found where it is, or not at all
+        return Root(spec.source.parent, "file") if spec.source.is_file() else None
     for root in search_roots(data_dir):
         for folder in candidate_folders(spec, root.path):
             if folder.is_dir() and spec.marker(folder):
@@ -75,6 +77,8 @@ def locate(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path
     found = find_dataset(spec, data_dir)
     if found is not None:
         return found.path
+    if spec.source is not None:
+        raise DataError(f"{spec.name}: its file {spec.source} is missing (moved or deleted?)")
     looked = ", ".join(str(r.path) for r in search_roots(data_dir))
     names = "/, ".join(spec.folders())
     raise DataError(
