@@ -228,3 +228,28 @@ def test_bad_certify_and_attack_input_is_one_line(arrays):
         with pytest.raises(ConfigError) as excinfo:
             call()
         assert phrase in one_line(excinfo), phrase
+
+
+def readme_api_block() -> str:
+    """The first ```python block of the README's "Python API" section, verbatim."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```\n", start)]
+
+
+def test_the_readme_api_block_runs_as_written(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 134)
+    x = rng.integers(0, 40, (134, 1, 10, 10)).astype(np.uint8)
+    for label in range(10):  # a learnable pattern: a bright row per class
+        x[y == label, :, label, 1:9] = 230
+    namespace = {"x_train": x[:128], "y_train": y[:128], "x_test": x[128:], "y_test": y[128:]}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_api_block(), "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "certified accuracy" in printed and "PGD accuracy" in printed
+    assert isinstance(namespace["post"], certbnn.FitResult) and (tmp_path / "post.safetensors").is_file()
+    assert namespace["report"].certified.shape == (6,) and namespace["adv"].x_adv.shape == (6, 1, 10, 10)
