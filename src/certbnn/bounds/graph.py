@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds.base import BoundOp, Box, add_opt, interval_spec, interval_spec_sound
-from certbnn.bounds.graph_trace import INPUT, GraphPlan, expected_input_rank, trace_graph
+from certbnn.bounds.graph_trace import INPUT, GraphPlan, cached_trace, expected_input_rank
 from certbnn.bounds.ops_graph import MergeOp
 from certbnn.bounds.params import resolve_tensors, sample_slices
 from certbnn.bounds.rounding import down as round_down
@@ -43,6 +43,7 @@ from certbnn.bounds.shared import (
     step_error,
 )
 from certbnn.bounds.specs import known_true, widen
+from certbnn.bounds.structure import check_global_hooks
 from certbnn.errors import ConfigError, UnsupportedLayerError
 
 ParamDict = Mapping[str, Tensor]
@@ -261,10 +262,11 @@ def plan_for(model: nn.Module, lower: Tensor, params: ParamDict | None, param_bo
              input_has_samples: bool | None) -> tuple[GraphPlan, bool]:
     """Trace ``model`` for the input box ``lower``; decide whether its leading dim holds samples
     (as the chain engine: from the rank the first rank-fixing op expects)."""
+    check_global_hooks(model)
     lower = torch.as_tensor(lower)
     if input_has_samples is None and lower.dim() >= 3 and _sample_count(model, params, param_bounds) is not None:
         try:
-            plan = trace_graph(model, tuple(lower.shape[2:]))
+            plan = cached_trace(model, tuple(lower.shape[2:]))
             if expected_input_rank(plan) == lower.dim() - 2:
                 return plan, True
         except UnsupportedLayerError:
@@ -272,7 +274,7 @@ def plan_for(model: nn.Module, lower: Tensor, params: ParamDict | None, param_bo
     sampled = bool(input_has_samples)
     if lower.dim() < (3 if sampled else 2):
         raise ConfigError(f"lower/upper of shape {tuple(lower.shape)}: expected ({'S, ' if sampled else ''}B, *in)")
-    return trace_graph(model, tuple(lower.shape[2 if sampled else 1:])), sampled
+    return cached_trace(model, tuple(lower.shape[2 if sampled else 1:])), sampled
 
 
 def _prepare(lower: Tensor, upper: Tensor, dtype: torch.dtype, S: int | None, sampled: bool) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ called twice gives two nodes of one name), a function's by its fx node name
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,8 @@ class _Translator:
 
     # -- helpers
     def refuse(self, node: fx.Node, why: str) -> UnsupportedLayerError:
+        if node.op == "call_module":
+            return UnsupportedLayerError(f"layer {label(_strip(node.target), _fetch(self.root, node.target))} {why}")
         return UnsupportedLayerError(f"operation '{node.name}' ({_target_name(node)}) {why}")
 
     def value(self, a: Any, node: fx.Node, strict: bool = True) -> Any:
@@ -401,7 +404,7 @@ class _Translator:
             pool = nn.MaxPool2d(b["kernel_size"], b["stride"], b["padding"], b["dilation"], ceil_mode=b["ceil_mode"])
             self.add(node, pool, [self.one_x(node, b["input"])])
             return
-        if not method and t in (F.avg_pool2d, torch.avg_pool2d):
+        if not method and t is F.avg_pool2d:
             b = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                                      "divisor_override"), {"stride": None, "padding": 0, "ceil_mode": False,
                                                            "count_include_pad": True, "divisor_override": None})
@@ -532,6 +535,39 @@ def _check_reproduces(plan: GraphPlan, model: nn.Module, x: Tensor) -> None:
     if got.shape != ref.shape or not bool(((got - ref).abs() <= tol * scale).all()):
         raise UnsupportedLayerError(f"model {label('', model)}: the traced graph does not reproduce model(x) "
                                     "(an in-place update of a tensor that is read again?)")
+
+
+# Traced plans per model, reused while the model's structure is unchanged (see cached_trace).
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GraphPlan]] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module, in_shape: tuple[int, ...]) -> tuple:
+    """What a traced plan depends on besides Python attributes read by ``forward``: the modules,
+    their tensors (objects), training flags, hooks and parametrizations."""
+    parts: list[Any] = [tuple(in_shape)]
+    for name, m in model.named_modules(remove_duplicate=False):
+        parts.append((name, id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
+                      tuple(id(t) for t in m._parameters.values()), tuple(id(t) for t in m._buffers.values()),
+                      "forward" in m.__dict__, "_call_impl" in m.__dict__))
+    return tuple(parts)
+
+
+def cached_trace(model: nn.Module, in_shape: tuple[int, ...]) -> GraphPlan:
+    """:func:`trace_graph`, reusing the last plan of ``model`` when its fingerprint is unchanged
+    and the plan still reproduces ``model(x)`` on a random probe (which catches changed Python
+    attributes that ``forward`` reads); else traced afresh."""
+    key = _fingerprint(model, in_shape)
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        try:
+            with torch.no_grad():
+                _check_reproduces(hit[1], model, _probe_input(model, tuple(in_shape), 2, 7))
+            return hit[1]
+        except (UnsupportedLayerError, RuntimeError):
+            pass
+    plan = trace_graph(model, in_shape)
+    _CACHE[model] = (key, plan)
+    return plan
 
 
 def trace_graph(model: nn.Module, in_shape: tuple[int, ...]) -> GraphPlan:

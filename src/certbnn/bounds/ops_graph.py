@@ -158,6 +158,8 @@ class BoundCat(MergeOp):
     arity = 0  # any number of inputs
 
     def forward_n(self, xs: list[Tensor]) -> Tensor:
+        S = max(x.shape[0] for x in xs)  # inputs with and without samples: broadcast the leading dim
+        xs = [x.expand(S, *x.shape[1:]) for x in xs]
         return torch.cat(xs, self.module.dim + 1)  # (S, B, *f): one more leading dim than the model's
 
     def ibp_n(self, boxes: list[Box]) -> Box:

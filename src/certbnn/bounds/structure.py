@@ -116,7 +116,8 @@ def _config(module: nn.Module) -> str | None:
     return None
 
 
-def _check_global_hooks(model: nn.Module) -> None:
+def check_global_hooks(model: nn.Module) -> None:
+    """Refuse while global forward (pre-)hooks are registered: they can change every layer's output."""
     mod = torch.nn.modules.module
     for attr, register in (("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
                            ("_global_forward_hooks", "register_module_forward_hook")):
@@ -211,7 +212,7 @@ def model_layers(model: nn.Module) -> list[Layer]:
     instance appears once per use. Raises :class:`UnsupportedLayerError` where
     the engine would bound a different function than ``model(x)`` (module docstring).
     """
-    _check_global_hooks(model)
+    check_global_hooks(model)
     out: list[Layer] = []
     _walk(model, "", out, set())
     return out
