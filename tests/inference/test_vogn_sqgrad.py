@@ -110,7 +110,7 @@ def test_pgd_random_start_uses_the_generator_like_the_vmap_path():
     model, x, y, weights = problem(mlp, 2)
     nlls = [BatchNLL(Adversarial(attack="pgd", lam=0.25, steps=2), model, 0.1, torch.Generator().manual_seed(3))
             for _ in range(2)]
-    (mean, square, _), _ = analytic_moments(weights, (x, y), nlls[0])
+    (_, square, _), _ = analytic_moments(weights, (x, y), nlls[0])
     grads, _ = per_example_grads(weights, (x, y), nlls[1], "vmap")
     for name, g in grads.items():
         assert torch.allclose(square[name], (g * g).mean((0, 1)), rtol=1e-6, atol=1e-12)
@@ -152,7 +152,7 @@ def test_crown_falls_back_with_a_warning_and_the_same_result(bound):
     moments, reason = analytic_moments(weights, (x, y), nll)
     assert moments is None and reason
     with pytest.warns(AnalyticFallbackWarning, match="analytic squared gradients do not apply"):
-        mean, square, _ = gradient_moments(weights, (x, y), nll, "auto")
+        _, square, _ = gradient_moments(weights, (x, y), nll, "auto")
     grads, _ = per_example_grads(weights, (x, y), nll, "vmap")
     assert all(torch.allclose(square[n], (g * g).mean((0, 1))) for n, g in grads.items())
     with pytest.raises(ConfigError, match="per_example='analytic' cannot handle"):
@@ -188,7 +188,7 @@ def test_vogn_steps_give_the_same_state_as_per_example_gradients(likelihood):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             for _ in range(3):
-                state, info = method.step(state, (x, y), nll, g)
+                state, _ = method.step(state, (x, y), nll, g)
         states[mode] = state
     for field in ("mean", "exp_avg", "precision"):
         a, b = getattr(states["analytic"], field), getattr(states["vmap"], field)

@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 Params = dict[str, Tensor]
 Moments = tuple[Params, Params, Tensor]
 
-__all__ = ["analytic_moments", "Moments"]
+__all__ = ["Moments", "analytic_moments"]
 
 # Tensor queries that neither read values nor build a gradient path.
 _METADATA = frozenset({"dim", "numel", "size", "is_floating_point", "is_complex", "element_size", "is_contiguous",
@@ -143,9 +143,9 @@ class WeightUseRecorder(TorchFunctionMode):
             if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or not isinstance(dim, int):
                 return
             dim = dim % out.dim()
-            if all(p.dim() == out.dim() and p.shape[dim] == B for p in pieces):
-                if self._row_dim(out, len(pieces) * B) == dim:
-                    self.blocks[id(out)] = (out, len(pieces))
+            same_rows = all(p.dim() == out.dim() and p.shape[dim] == B for p in pieces)
+            if same_rows and self._row_dim(out, len(pieces) * B) == dim:
+                self.blocks[id(out)] = (out, len(pieces))
         elif name in _ROW_PRESERVING and isinstance(args[0], Tensor):
             entry = self.blocks.get(id(args[0]))
             if entry is not None and entry[0] is args[0]:

@@ -33,19 +33,27 @@ tolerates large learning rates (0.1 and beyond; lr = 1 with b1 = 0 is a diagonal
 Gauss-Newton step). The default lr is 0.1 (with s_0 = 0.1: measured in docs/training.md,
 "Defaults").
 
-Per-example gradients (``per_example``): ``"vmap"`` uses ``torch.func.vmap(grad(...))`` over the
-examples (and the samples); likelihoods whose code is not vmap-able (the interval-bound
-likelihoods check data-dependent conditions) use ``"copies"``: the weights are replicated
-once per example (S * B copies, one leading sample dim), every copy is evaluated on the whole
-batch and example i's loss is read off copy i, so the gradient of the summed diagonal w.r.t.
-the copies is exactly the per-example gradients -- same result, B times the forward cost.
-``"auto"`` (default) tries vmap and falls back to copies with a warning (pass ``"copies"`` for
-robust likelihoods to skip the failing attempt). Memory for the gradients is
-S * B * (number of weights) in both cases. (With copies, an attack-based likelihood attacks
-the mean loss over the copies, i.e. over the S samples, as in a stacked call.) An
-adversarial :class:`~certbnn.likelihoods.BatchNLL` (``attack_stage``) is split: the batch is
-attacked once, outside vmap, against the mean loss over the S samples, then per-example
-gradients of the mixed loss are taken at those fixed inputs -- the same gradients as copies.
+Squared gradients (``per_example``): ``"analytic"`` computes mean_{k,i} g_ki and
+mean_{k,i} g_ki^2 without per-example gradient tensors (:mod:`certbnn.inference.squared_grads`):
+for a Linear weight used on paths p (clean pass, IBP centre, IBP radius through |W|) with inputs
+a_p, output gradients g_p and derivatives s_p (1 or sign W), sum_i g_i^2 is
+sum_{p,q} s_p s_q (g_p g_q)^T (a_p a_q), a few GEMMs of the layer's size; Conv2d kernels, biases
+and the margin fold are materialised per example (small). It covers the standard, gaussian,
+plain-IBP (logits or margins, both mixes) and fgsm/pgd likelihoods on Sequential models of
+Linear, Conv2d, activations, pooling and Flatten, weights used on several paths included, and
+refuses (ConfigError) anything else. ``"auto"`` (default) takes it where it applies and
+otherwise warns once (:class:`AnalyticFallbackWarning`: CROWN / CROWN-IBP likelihoods, BatchNorm
+weights, unknown uses of a weight) and uses per-example gradients; the result is the same up to
+float rounding (tests/inference/test_vogn_sqgrad.py). Per-example gradients: ``"vmap"`` uses
+``torch.func.vmap(grad(...))`` over the examples (and the samples); ``"copies"`` replicates the
+weights once per example (S * B copies, one leading sample dim), evaluates every copy on the
+whole batch and reads example i's loss off copy i -- exact, B times the forward cost, for
+likelihoods whose code is not vmap-able; vmap falls back to copies with a warning. Memory for
+those gradients is S * B * (number of weights). (With copies, an attack-based likelihood attacks
+the mean loss over the copies, i.e. over the S samples, as in a stacked call.) An adversarial
+:class:`~certbnn.likelihoods.BatchNLL` (``attack_stage``) is split: the batch is attacked once,
+against the mean loss over the S samples, then the gradients of the mixed loss are taken at
+those fixed inputs (analytic and vmap alike) -- the same gradients as copies.
 
 Temperature: with ``kl_weight`` = t every N above is N / t (the tempered posterior
 p(D|w)^(1/t) p(w), the same knob as BBB's KL weight; t < 1 narrows the posterior). Default
@@ -70,7 +78,7 @@ from certbnn.inference.squared_grads import Moments, analytic_moments
 from certbnn.posterior import GaussianPosterior
 from certbnn.posterior.paramdict import sample_diag_gaussian
 
-__all__ = ["VOGN", "VOGNState", "per_example_grads", "gradient_moments", "PER_EXAMPLE_MODES"]
+__all__ = ["PER_EXAMPLE_MODES", "VOGN", "VOGNState", "gradient_moments", "per_example_grads"]
 
 PER_EXAMPLE_MODES = ("auto", "analytic", "vmap", "copies")
 
@@ -165,7 +173,8 @@ class VOGNState:
 class VOGN(PrecisionVI):
     """Variational Online Gauss-Newton (see module doc). Options: ``lr`` (0.1), ``betas``
     ((0.9, 0.999), EMA decays), ``num_samples`` (1), ``init_precision`` (None: 0.1 N, the
-    initial N s), ``kl_weight`` (0.01, the temperature), ``per_example`` ("auto")."""
+    initial N s), ``kl_weight`` (0.01, the temperature), ``per_example`` ("auto": analytic
+    squared-gradient sums where they apply, else per-example gradients)."""
 
     name: ClassVar[str] = "vogn"
     full_batch: ClassVar[bool] = False
