@@ -273,6 +273,42 @@ register_model("cifar-small", _alias("16c4,32c4,p2,100", _cnn, "cifar-small"),
                "the paper's CIFAR-10 net, = cnn:16c4,32c4,p2,100")
 
 
+# --- resnet: a small residual CNN (a general graph for the bound engine, see docs/bounds.md) ---
+
+class ResidualBlock(nn.Module):
+    """``act(shortcut(x) + conv2(act(conv1(x))))``, 3x3 convolutions; with ``stride > 1`` or a change
+    of width the shortcut is a 1x1 convolution of that stride, else the identity. No BatchNorm, so
+    that ``tol="sound"`` certificates (which refuse BatchNorm) work on it."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.act1 = make_activation(activation)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.act2 = make_activation(activation)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride) if stride != 1 or c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.shortcut(x) + self.conv2(self.act1(self.conv1(x))))
+
+
+def _resnet(arg: str | None, input_shape: tuple[int, ...], num_classes: int, activation: str) -> nn.Sequential:
+    if len(input_shape) != 3:
+        raise ConfigError(f"resnet needs input_shape (channels, height, width), got {input_shape}")
+    if arg is not None and not _DENSE_RE.fullmatch(arg):
+        raise ConfigError(f"resnet takes one width, e.g. resnet:16, got {arg!r}")
+    width = _positive(arg, arg) if arg else 16
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], width, 3, padding=1), make_activation(activation),
+        ResidualBlock(width, width, 1, activation),
+        ResidualBlock(width, 2 * width, 2, activation),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+
+register_model("resnet", _resnet, "small residual CNN; resnet:W (default 16): conv W, residual blocks W and 2W "
+               "(stride 2), global average pool, dense")
+
+
 # --- fingerprints: which parameter names and shapes an architecture has -------------
 
 def fingerprint_of_params(params: Mapping[str, torch.Tensor], batch_dims: int = 0) -> dict[str, Any]:
