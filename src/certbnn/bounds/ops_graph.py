@@ -13,7 +13,7 @@ one box (IBP) and returns one coefficient pair per input (CROWN).
   for the IBP sum, rounded outward with ``tol="sound"``.
 * :class:`Cat`: concatenates boxes; CROWN splits ``A``. Exact.
 * :class:`Reshape` (``view``/``reshape``/``flatten`` keeping the batch dim): exact.
-* :class:`ConstAffine` (``x * c``, ``x / c``, ``x + c``, ``c - x``, ``-x`` with a number or a
+* :class:`ConstAffine` (``x * c``, ``x / c``, ``x + c``, ``x - c``, ``c - x``, ``-x`` with a number or a
   tensor of the model, e.g. a buffer or parameter, that broadcasts over the batch):
   IBP through the end points, CROWN ``A J``, bias ``A c``; sound mode rounds outward and
   adds the step's rounding error (as :class:`~certbnn.layers.Normalize`).
@@ -35,6 +35,8 @@ from certbnn.bounds.rounding import dot_error, dot_upper, down, up
 from certbnn.errors import UnsupportedLayerError
 
 Number = float | int
+_APPLY = {"mul": lambda x, c: x * c, "div": lambda x, c: x / c, "add": lambda x, c: x + c,
+          "sub": lambda x, c: x - c, "rsub": lambda x, c: c - x}
 
 
 # ------------------------------------------------------------------ the operations as modules
@@ -72,13 +74,13 @@ class Reshape(nn.Module):
 
 
 class ConstAffine(nn.Module):
-    """One of ``x * c`` (``kind="mul"``), ``x / c`` (``"div"``), ``x + c`` (``"add"``),
-    ``c - x`` (``"rsub"``) with a constant ``c``: a number, or a tensor (a parameter or
+    """One of ``x * c`` (``kind="mul"``), ``x / c`` (``"div"``), ``x + c`` (``"add"``), ``x - c``
+    (``"sub"``), ``c - x`` (``"rsub"``) with a constant ``c``: a number, or a tensor (a parameter or
     buffer of the model, kept as a buffer here so that ``params`` can replace it) that
     broadcasts against ``(B, *features)`` without a batch dim of its own (``drop_batch``:
     its leading dim is a broadcast 1 that is dropped)."""
 
-    KINDS = ("mul", "div", "add", "rsub")
+    KINDS = ("mul", "div", "add", "sub", "rsub")
 
     def __init__(self, kind: str, const: Number | Tensor, drop_batch: bool = False) -> None:
         super().__init__()
@@ -93,7 +95,7 @@ class ConstAffine(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.number if self.number is not None else self._buffers["const"]
-        return {"mul": lambda: x * c, "div": lambda: x / c, "add": lambda: x + c, "rsub": lambda: c - x}[self.kind]()
+        return _APPLY[self.kind](x, c)
 
 
 class Mean(nn.Module):
@@ -218,15 +220,14 @@ class BoundConstAffine(LinearOp):
 
     def _apply(self, x: Tensor, n_lead: int) -> Tensor:
         c = self._const(x.dim() - n_lead, n_lead)
-        kind = self.module.kind
-        return {"mul": lambda: x * c, "div": lambda: x / c, "add": lambda: x + c, "rsub": lambda: c - x}[kind]()
+        return _APPLY[self.module.kind](x, c)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._apply(x, 2)
 
     def ibp(self, lower: Tensor, upper: Tensor) -> Box:
         a, b = self._apply(lower, 2), self._apply(upper, 2)
-        if self.module.kind in ("add",):
+        if self.module.kind in ("add", "sub"):
             return a, b
         if self.module.kind == "rsub":
             return b, a
@@ -257,7 +258,7 @@ class BoundConstAffine(LinearOp):
         if kind == "div":
             return A / c, None
         bias = sum_features(A * c) if isinstance(c, Tensor) else sum_features(A) * c
-        return (A if kind == "add" else -A), bias
+        return (-A if kind == "rsub" else A), (-bias if kind == "sub" else bias)
 
 
 @register_bound(Mean)
