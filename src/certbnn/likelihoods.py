@@ -129,11 +129,31 @@ class IntervalRobust:
         return worst_case_logits(lo, hi, y)
 
     def nll(self, model, params, x, y, eps=0.0, generator=None):
+        if self.lam != 1.0 and eps != 0.0 and self.bound == "ibp" and not self.margins:
+            joint = self._joint_ibp(model, params, x, y, eps)
+            if joint is not None:
+                return joint
         logits = forward(model, params, x)
         clean = cross_entropy(logits, y)
         if self.lam == 1.0 or eps == 0.0:
             return clean  # zero-width box: worst case == clean
         robust = cross_entropy(self.worst_case_logits(model, params, x, y, eps, logits.shape[-1]), y)
+        return mix_losses(clean, robust, self.lam, self.mix)
+
+    def _joint_ibp(self, model, params, x, y, eps: float) -> Tensor | None:
+        """The IBP loss with the clean pass and the interval pass sharing each layer's matmul
+        (:func:`certbnn.bounds.engine.point_and_ibp`); None for models only the general path
+        handles (then ``nll`` runs ``forward`` and ``compute_bounds``)."""
+        from certbnn.bounds import worst_case_logits
+        from certbnn.bounds.engine import point_and_ibp
+        from certbnn.errors import UnsupportedLayerError
+
+        try:
+            logits, lo, hi = point_and_ibp(model, x, (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0),
+                                           params=params)
+        except UnsupportedLayerError:
+            return None
+        clean, robust = cross_entropy(logits, y), cross_entropy(worst_case_logits(lo, hi, y), y)
         return mix_losses(clean, robust, self.lam, self.mix)
 
 

@@ -167,6 +167,33 @@ def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method:
     return interval_spec_sound(l, u, spec) if sound else interval_spec(l, u, spec)
 
 
+def point_and_ibp(model: nn.Module, x: Tensor, lower: Tensor, upper: Tensor,
+                  params: ParamDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(model(x), lower_bound, upper_bound)``: the forward pass at ``x`` and plain IBP over
+    ``[lower, upper]`` (``tol=None``) in ONE pass through the layers, for training losses.
+
+    Shapes as :func:`compute_bounds` (``x``, ``lower``, ``upper`` ``(B, *in)``; outputs
+    ``([S,] B, *out)``). Ops with an ``ibp_with_point`` rule (Linear, Conv2d) map the point
+    and the box centre with one matmul / convolution on the stacked batch; the others run
+    ``forward`` and ``ibp``. Equal to :func:`certbnn.functional.forward` and
+    ``compute_bounds(method="ibp")`` up to float rounding (the same products, summed in
+    one GEMM). Raises :class:`UnsupportedLayerError` for models the layer engine cannot bound.
+    """
+    dtype = _compute_dtype(lower, None)
+    ops, S = build_ops(model, params, None, dtype)
+    l, u, _ = _prepare_input(ops, lower, upper, S, dtype, False)
+    p = x.to(dtype).unsqueeze(0)
+    for op in ops:
+        op.in_shape, op.sound = l.shape[2:], False
+        joint = getattr(op, "ibp_with_point", None)
+        if joint is not None:
+            p, l, u = joint(p, l, u)
+        else:
+            p, (l, u) = op.forward(p), op.ibp(l, u)
+    sampled = S is not None
+    return (p if sampled else p[0]), *_finish(l, u, sampled, S)
+
+
 def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:
     """Samples per pass: all of them off-CPU; on CPU as many as keep one layer's
     activations plus the samples' weights within ``CPU_CHUNK_BYTES`` (measured

@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from certbnn.errors import ConfigError
-from certbnn.inference.base import NLL, Batch, Params, register_method, requires_grad
-from certbnn.inference.sgd import adam_update, check_betas, check_number, detached_copy, zeros_like
+from certbnn.inference.base import NLL, Batch, Params, register_method
+from certbnn.inference.flat import FlatLayout, adam_flat, flat_data_gradient, prior_flat, randn_flat
+from certbnn.inference.sgd import check_betas, check_number, detached_copy, zeros_like
 from certbnn.posterior import GaussianPosterior
 from certbnn.posterior.paramdict import check_same_structure, sample_diag_gaussian
 from certbnn.priors import GaussianPrior
 
-__all__ = ["BayesByBackprop", "BBBState", "check_beta_pair", "check_variational", "inverse_softplus"]
+__all__ = ["BBBState", "BayesByBackprop", "check_beta_pair", "check_variational", "inverse_softplus"]
 
 
 def check_variational(method: Any) -> None:
@@ -133,20 +134,36 @@ class BayesByBackprop:
 
     def step(self, state: BBBState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[BBBState, dict[str, float]]:
-        mu, rho = requires_grad(state.mu), requires_grad(state.rho)
-        loss, data_term, kl = self.loss(mu, rho, batch, nll, generator)
-        names = list(mu)
-        grads = torch.autograd.grad(loss, [mu[n] for n in names] + [rho[n] for n in names])
-        grad_mu, grad_rho = dict(zip(names, grads[:len(names)])), dict(zip(names, grads[len(names):]))
+        """One Adam step on (mu, rho) for the loss of :meth:`loss`, fused over flat buffers
+        (:mod:`certbnn.inference.flat`): the noise is one ``(S, P)`` draw, the weights one
+        set whose gradient is one ``(S, P)`` buffer, and the KL gradient is analytic:
+        ``d/dmu = c (mu - m) / s^2``, ``d/dsigma = c (sigma / s^2 - 1 / sigma)``
+        (prior N(m, s^2), ``c = kl_weight / N``), ``d/drho = d/dsigma * sigmoid(rho)``."""
+        layout = FlatLayout(state.mu)
+        mu, rho = layout.pack(state.mu), layout.pack(state.rho)
+        noise = randn_flat(layout, self.num_samples, mu, generator)
+        sigma = F.softplus(rho)
+        grad_w, data_term = flat_data_gradient(layout, torch.addcmul(mu, sigma, noise), batch, nll)
+        mean, inv_var, log_std_sum = prior_flat(self.prior, layout, mu)
+        scale = self.kl_weight / self.num_data
+        centred = mu if mean is None else mu - mean
+        grad_mu = torch.addcmul(grad_w.sum(0) if self.num_samples > 1 else grad_w[0], centred, inv_var, value=scale)
+        grad_sigma = (grad_w * noise).sum(0) if self.num_samples > 1 else grad_w[0].mul_(noise[0])
+        grad_sigma.addcmul_(sigma, inv_var, value=scale).sub_(sigma.reciprocal(), alpha=scale)
+        grad_rho = grad_sigma.mul_(torch.sigmoid(rho))
+        squares = (sigma * sigma).addcmul_(centred, centred)
+        kl = log_std_sum - torch.log(sigma).sum() + 0.5 * torch.dot(squares, inv_var) - 0.5 * layout.numel
         step = state.num_steps + 1
-        betas = tuple(self.betas)
-        new_mu, avg_mu, avg_sq_mu = adam_update(state.mu, grad_mu, state.exp_avg_mu, state.exp_avg_sq_mu,
-                                                step, self.lr, betas, self.eps, 0.0)
-        new_rho, avg_rho, avg_sq_rho = adam_update(state.rho, grad_rho, state.exp_avg_rho, state.exp_avg_sq_rho,
-                                                   step, self.lr, betas, self.eps, 0.0)
-        loss_value, nll_value, kl_value = torch.stack([loss.detach(), data_term.detach(), kl.detach()]).tolist()
-        info = {"loss": loss_value, "nll": nll_value, "kl": kl_value}
-        return BBBState(new_mu, new_rho, avg_mu, avg_sq_mu, avg_rho, avg_sq_rho, step), info
+        (new_mu, new_rho), (avg_mu, avg_rho), (sq_mu, sq_rho) = adam_flat(
+            [mu, rho], [grad_mu, grad_rho],
+            [layout.pack(state.exp_avg_mu), layout.pack(state.exp_avg_rho)],
+            [layout.pack(state.exp_avg_sq_mu), layout.pack(state.exp_avg_sq_rho)],
+            step, self.lr, tuple(self.betas), self.eps)
+        data_value, kl_value = torch.stack([data_term.detach(), kl.detach()]).tolist()
+        info = {"loss": data_value + scale * kl_value, "nll": data_value, "kl": kl_value}
+        views = layout.views
+        return BBBState(views(new_mu), views(new_rho), views(avg_mu), views(sq_mu), views(avg_rho), views(sq_rho),
+                        step), info
 
     def end_epoch(self, state: BBBState, epoch: int) -> BBBState:
         return state

@@ -51,12 +51,12 @@ from torch import Tensor
 
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
 from certbnn.inference.bbb import check_beta_pair, check_params_match_prior, check_variational
+from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, randn_flat
 from certbnn.inference.sgd import check_number, detached_copy, zeros_like
 from certbnn.posterior import GaussianPosterior
-from certbnn.posterior.paramdict import sample_diag_gaussian
 from certbnn.priors import GaussianPrior
 
-__all__ = ["NoisyAdam", "NoisyAdamState", "prior_precision", "precision_std", "prior_pull", "DEFAULT_INIT_S"]
+__all__ = ["DEFAULT_INIT_S", "NoisyAdam", "NoisyAdamState", "precision_std", "prior_precision", "prior_pull"]
 
 DEFAULT_INIT_S = 0.1  # s_0 when init_precision is None (init_precision = 0.1 N / kl_weight)
 
@@ -158,25 +158,30 @@ class NoisyAdam(PrecisionVI):
 
     def step(self, state: NoisyAdamState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[NoisyAdamState, dict[str, float]]:
-        lam = prior_precision(self.prior, state.mean)
-        std = precision_std(state.exp_avg_sq, lam, self.effective_data)
-        weights = sample_diag_gaussian(state.mean, std, self.num_samples, generator)
-        grads, nll_value = data_gradients(weights, batch, nll)
-        pull = prior_pull(state.mean, self.prior, lam, self.effective_data)
+        layout = FlatLayout(state.mean)
+        mu, m_old, s_old = layout.pack(state.mean), layout.pack(state.exp_avg), layout.pack(state.exp_avg_sq)
+        prior_mean, lam, _ = prior_flat(self.prior, layout, mu)
+        n_eff, S = self.effective_data, self.num_samples
+        std = torch.rsqrt(torch.add(lam, s_old, alpha=n_eff))  # 1 / sqrt(N s + lambda)
+        noise = randn_flat(layout, S, mu, generator)
+        # (S, P): gradient of the mean over samples and batch = the per-sample gradients g_k / S
+        grads, nll_value = flat_data_gradient(layout, torch.addcmul(mu, std, noise), batch, nll)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
         correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-        initial_share = beta2 ** step * self.initial_precision / self.effective_data  # b2^t s_0
-        mean, exp_avg, exp_avg_sq = {}, {}, {}
-        for name, mu in state.mean.items():
-            g = grads[name]
-            m = beta1 * state.exp_avg[name] + (1.0 - beta1) * (g.mean(0) + pull[name])
-            s = beta2 * state.exp_avg_sq[name] + (1.0 - beta2) * (g * g).mean(0)
-            s_debiased = ((s - initial_share) / correction2).clamp_min(0.0)
-            denominator = s_debiased.sqrt() + lam[name] / self.effective_data
-            mean[name] = mu - (self.lr / correction1) * m / denominator
-            exp_avg[name], exp_avg_sq[name] = m, s
-        return NoisyAdamState(mean, exp_avg, exp_avg_sq, step), {"nll": float(nll_value)}
+        initial_share = beta2 ** step * self.initial_precision / n_eff  # b2^t s_0
+        centred = mu if prior_mean is None else mu - prior_mean
+        # m <- b1 m + (1 - b1) (mean_k g_k + lambda (mu - mu_prior) / N);  s <- b2 s + (1 - b2) mean_k g_k^2
+        exp_avg = torch.addcmul(grads.sum(0), centred, lam, value=1.0 / n_eff).mul_(1.0 - beta1)
+        exp_avg.add_(m_old, alpha=beta1)
+        exp_avg_sq = torch.mul(s_old, beta2)
+        for g in grads:
+            exp_avg_sq.addcmul_(g, g, value=(1.0 - beta2) * S)
+        denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
+        denominator.add_(lam, alpha=1.0 / n_eff)
+        mean = torch.addcdiv(mu, exp_avg, denominator, value=-self.lr / correction1)
+        views = layout.views
+        return NoisyAdamState(views(mean), views(exp_avg), views(exp_avg_sq), step), {"nll": float(nll_value)}
 
     def posterior(self, state: NoisyAdamState) -> GaussianPosterior:
         return self.gaussian(state.mean, state.exp_avg_sq)

@@ -37,10 +37,14 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
+from certbnn.inference.flat import FlatLayout, adam_flat, flat_data_gradient, prior_flat
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
-__all__ = ["SGD", "Adam", "SGDState", "AdamState", "map_gradient", "sgd_update", "adam_update"]
+__all__ = ["SGD", "Adam", "AdamState", "SGDState", "adam_update", "adam_update_flat", "map_gradient",
+           "map_gradient_flat", "sgd_update", "sgd_update_flat"]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 # --- validation shared by the point-estimate methods and SWAG ------------------------
@@ -124,6 +128,42 @@ def adam_update(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Para
     return new_params, new_avg, new_avg_sq
 
 
+def map_gradient_flat(layout: FlatLayout, params: Tensor, batch: Batch, nll: NLL, prior: GaussianPrior,
+                      prior_weight: float, num_data: int) -> tuple[Tensor, dict[str, float]]:
+    """:func:`map_gradient` on the flat ``(P,)`` buffer ``params``: a flat gradient, the prior
+    term analytic (``-d log p / dw = (w - m) / s^2``, ``log p = -sum (w - m)^2 / (2 s^2) - sum log s
+    - P log sqrt(2 pi)``)."""
+    grad, data_term = flat_data_gradient(layout, params, batch, nll)
+    if prior_weight == 0:
+        nll_value = float(data_term)
+        return grad, {"loss": nll_value, "nll": nll_value}
+    mean, inv_var, log_std_sum = prior_flat(prior, layout, params)
+    centred = params if mean is None else params - mean
+    pull = centred * inv_var
+    grad.add_(pull, alpha=prior_weight / num_data)
+    log_prior = -0.5 * torch.dot(centred, pull) - log_std_sum - layout.numel * _LOG_SQRT_2PI
+    nll_value, log_prior_value = torch.stack([data_term, log_prior]).tolist()
+    return grad, {"loss": nll_value - (prior_weight / num_data) * log_prior_value, "nll": nll_value}
+
+
+def sgd_update_flat(params: Tensor, grad: Tensor, velocity: Tensor, lr: float, momentum: float,
+                    weight_decay: float) -> tuple[Tensor, Tensor]:
+    """:func:`sgd_update` on flat buffers, out of place (``grad`` is consumed)."""
+    if weight_decay != 0:
+        grad.add_(params, alpha=weight_decay)
+    new_velocity = grad.add_(velocity, alpha=momentum) if momentum != 0 else grad
+    return torch.add(params, new_velocity, alpha=-lr), new_velocity
+
+
+def adam_update_flat(params: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
+                     betas: tuple[float, float], eps: float, weight_decay: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`adam_update` on flat buffers, out of place (``grad`` is consumed)."""
+    if weight_decay != 0:
+        grad.add_(params, alpha=weight_decay)
+    (p,), (m,), (v,) = adam_flat([params], [grad], [exp_avg], [exp_avg_sq], step, lr, betas, eps)
+    return p, m, v
+
+
 def zeros_like(params: Params) -> Params:
     return {name: torch.zeros_like(p) for name, p in params.items()}
 
@@ -179,10 +219,12 @@ class SGD:
 
     def step(self, state: SGDState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[SGDState, dict[str, float]]:
-        grads, info = map_gradient(state.params, batch, nll, self.prior, self.prior_weight, self.num_data)
-        params, velocity = sgd_update(state.params, grads, state.velocity, self.lr, self.momentum,
-                                      self.weight_decay)
-        return SGDState(params, velocity, state.num_steps + 1), info
+        layout = FlatLayout(state.params)
+        params = layout.pack(state.params)
+        grad, info = map_gradient_flat(layout, params, batch, nll, self.prior, self.prior_weight, self.num_data)
+        params, velocity = sgd_update_flat(params, grad, layout.pack(state.velocity), self.lr, self.momentum,
+                                           self.weight_decay)
+        return SGDState(layout.views(params), layout.views(velocity), state.num_steps + 1), info
 
     def end_epoch(self, state: SGDState, epoch: int) -> SGDState:
         return state
@@ -217,11 +259,14 @@ class Adam:
 
     def step(self, state: AdamState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[AdamState, dict[str, float]]:
-        grads, info = map_gradient(state.params, batch, nll, self.prior, self.prior_weight, self.num_data)
+        layout = FlatLayout(state.params)
+        params = layout.pack(state.params)
+        grad, info = map_gradient_flat(layout, params, batch, nll, self.prior, self.prior_weight, self.num_data)
         step = state.num_steps + 1
-        params, exp_avg, exp_avg_sq = adam_update(state.params, grads, state.exp_avg, state.exp_avg_sq, step,
-                                                  self.lr, tuple(self.betas), self.eps, self.weight_decay)
-        return AdamState(params, exp_avg, exp_avg_sq, step), info
+        new, exp_avg, exp_avg_sq = adam_update_flat(params, grad, layout.pack(state.exp_avg),
+                                                    layout.pack(state.exp_avg_sq), step, self.lr, tuple(self.betas),
+                                                    self.eps, self.weight_decay)
+        return AdamState(layout.views(new), layout.views(exp_avg), layout.views(exp_avg_sq), step), info
 
     def end_epoch(self, state: AdamState, epoch: int) -> AdamState:
         return state

@@ -39,18 +39,30 @@ settings that would store a sample earlier or none at all; used directly, None i
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import dataclasses
-
 import torch
 
-from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
-from certbnn.inference.hmc import (check_count, check_number, check_params, check_prior, check_sample_window,
-                                   copy_params, likelihood_eps, randn_like, samples_posterior, store_sample)
+from certbnn.inference.base import NLL, Batch, Params, register_method
+from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, randn_flat
+from certbnn.inference.hmc import (
+    check_count,
+    check_number,
+    check_params,
+    check_prior,
+    check_sample_window,
+    copy_params,
+    likelihood_eps,
+    samples_posterior,
+    store_sample,
+)
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @dataclass
@@ -121,20 +133,20 @@ class SGHMC:
 
     def step(self, state: SGHMCState, batch: Batch, nll: NLL,
              generator: torch.Generator) -> tuple[SGHMCState, dict[str, float]]:
-        x, y = batch
-        w = requires_grad(state.position)
         lr, temperature = self.learning_rate, self.temperature
-        with torch.enable_grad():
-            data_term = nll(w, x, y).mean()
-            log_prior = self.prior.log_prob(w)
-            scaled = self.num_data * data_term - temperature * log_prior  # T * U_tilde_T
-            grad = grad_of(scaled, w)
-        noise_std = (2.0 * self.friction * lr * temperature) ** 0.5
-        velocity, position = {}, {}
-        for n, v in state.velocity.items():
-            noise = randn_like(v, generator) * noise_std
-            velocity[n] = (1.0 - self.friction) * v - lr * grad[n] + noise
-            position[n] = state.position[n] + velocity[n]
+        layout = FlatLayout(state.position)
+        flat = layout.pack(state.position)
+        grad, data_term = flat_data_gradient(layout, flat, batch, nll)  # grad of the batch-mean nll
+        mean, inv_var, log_std_sum = prior_flat(self.prior, layout, flat)
+        centred = flat if mean is None else flat - mean
+        pull = centred * inv_var  # -grad log p(w)
+        log_prior = -0.5 * torch.dot(centred, pull) - log_std_sum - layout.numel * _LOG_SQRT_2PI
+        # v <- (1 - alpha) v - lr (N grad nll + T pull) + noise   (T * grad U_tilde_T = N grad nll + T pull)
+        noise = randn_flat(layout, 1, flat, generator)[0]
+        velocity = torch.add(grad.mul_(-lr * self.num_data), pull, alpha=-lr * temperature)
+        velocity.add_(layout.pack(state.velocity), alpha=1.0 - self.friction)
+        velocity.add_(noise, alpha=(2.0 * self.friction * lr * temperature) ** 0.5)
+        position, velocity = layout.views(flat + velocity), layout.views(velocity)
         num_steps = state.num_steps + 1
         samples, sample_eps = state.samples, state.sample_eps
         if num_steps > self.burnin and (num_steps - self.burnin) % self.thin == 0:

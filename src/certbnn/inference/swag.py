@@ -49,9 +49,18 @@ import torch
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, register_method
+from certbnn.inference.flat import FlatLayout
 from certbnn.inference.hmc import check_sample_window, likelihood_eps
-from certbnn.inference.sgd import (adam_update, check_betas, check_common, check_number, detached_copy,
-                                   map_gradient, sgd_update, zeros_like)
+from certbnn.inference.sgd import (
+    adam_update_flat,
+    check_betas,
+    check_common,
+    check_number,
+    detached_copy,
+    map_gradient_flat,
+    sgd_update_flat,
+    zeros_like,
+)
 from certbnn.posterior import GaussianPosterior, SamplePosterior
 from certbnn.priors import GaussianPrior
 
@@ -156,16 +165,20 @@ class SWAG:
 
     def step(self, state: SWAGState, batch: Batch, nll: NLL,
              generator: torch.Generator | None = None) -> tuple[SWAGState, dict[str, float]]:
-        grads, info = map_gradient(state.params, batch, nll, self.prior, self.prior_weight, self.num_data)
+        layout = FlatLayout(state.params)
+        flat = layout.pack(state.params)
+        grad, info = map_gradient_flat(layout, flat, batch, nll, self.prior, self.prior_weight, self.num_data)
         num_steps = state.num_steps + 1
         if self.optimizer == "sgd":
-            params, velocity = sgd_update(state.params, grads, state.optimizer_moments[0], self.lr,
-                                          self.momentum, self.weight_decay)
-            moments = [velocity]
+            flat, velocity = sgd_update_flat(flat, grad, layout.pack(state.optimizer_moments[0]), self.lr,
+                                             self.momentum, self.weight_decay)
+            moments = [layout.views(velocity)]
         else:
-            params, exp_avg, exp_avg_sq = adam_update(state.params, grads, *state.optimizer_moments, num_steps,
-                                                      self.lr, tuple(self.betas), self.eps, self.weight_decay)
-            moments = [exp_avg, exp_avg_sq]
+            flat, exp_avg, exp_avg_sq = adam_update_flat(flat, grad, *map(layout.pack, state.optimizer_moments),
+                                                         num_steps, self.lr, tuple(self.betas), self.eps,
+                                                         self.weight_decay)
+            moments = [layout.views(exp_avg), layout.views(exp_avg_sq)]
+        params = layout.views(flat)
         new = SWAGState(params, moments, state.mean, state.sq_mean, state.deviations, state.num_snapshots,
                         num_steps, state.num_epochs, state.steps_since_snapshot, likelihood_eps(nll),
                         state.snapshot_eps)
