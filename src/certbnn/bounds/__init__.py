@@ -20,7 +20,10 @@ Public API
       replaced instance ``forward``, forward hooks (module or global),
       parametrizations, and configurations a rule does not implement (Dropout
       with ``p > 0`` or BatchNorm in training mode, ...); see
-      :mod:`certbnn.bounds.structure`.
+      :mod:`certbnn.bounds.structure`. Any other module (custom ``forward`` code:
+      residual sums, functional activations, concatenations, reshapes, constants, means)
+      is traced with ``torch.fx`` into a DAG and bounded by the graph engine
+      (:mod:`certbnn.bounds.graph`), or refused in one line naming the operation.
     * ``lower``/``upper``: ``(B, *in)``. With sampled params an input of
       ``(S, B, *in)`` is also accepted (auto-detected from the rank the first
       shape-fixing layer expects -- Linear 1, Conv2d/pools 3 -- or forced with
