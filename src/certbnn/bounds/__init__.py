@@ -14,10 +14,9 @@ Public API
       ``Sequential.forward``) of them, walked as ``Sequential.forward`` runs
       it -- a module instance used twice is bounded at each use, and its
       tensors are named (in ``params``/``param_bounds``) by their first name
-      in ``named_parameters()``. Refused: custom ``forward`` code (functional
-      ops, residual sums), subclasses overriding ``forward`` of a registered
-      type or of ``Sequential`` (unless they register their own rule), a
-      replaced instance ``forward``, forward hooks (module or global),
+      in ``named_parameters()``. Refused: subclasses overriding ``forward`` of a
+      registered type (unless they register their own rule), a replaced
+      instance ``forward`` of a layer, forward hooks (module or global),
       parametrizations, and configurations a rule does not implement (Dropout
       with ``p > 0`` or BatchNorm in training mode, ...); see
       :mod:`certbnn.bounds.structure`. Any other module (custom ``forward`` code:
