@@ -37,6 +37,7 @@ from certbnn.training import resolve_device
 
 
 CHUNK = 250  # test points per attack / certificate call (bounds memory for CNNs with many samples)
+STATISTICAL_CHUNKS = 10  # the statistical certificate takes this many chunks per call: one draw of samples serves more points
 
 
 @dataclass
@@ -54,7 +55,7 @@ class EvalOptions:
     pgd_restarts: int = 1
     confidence: float = 0.99
     threshold: float = 0.5
-    weight_box_refine: int = 1      # pattern-search rounds of the weight-box certificate (0: common k only)
+    weight_box_refine: int = 0      # per-point pattern-search rounds after the weight-box grid (0: common k only)
     ood: str | None = None
     ood_fgsm_eps: float | None = None
     radius: bool = False
@@ -140,6 +141,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
     params = posterior.sample(options.samples, generator=generator)
     x, y = test.tensors(dtype=dtype, device=device)
     chunks = _Chunks(x, y, options.seed, comm, device, options.chunk_size)
+    big_chunks = _Chunks(x, y, options.seed, comm, device, options.chunk_size * STATISTICAL_CHUNKS)
     start = time.perf_counter()
     results: dict[str, Any] = {"certbnn_version": __version__, "run": str(run_dir), "dataset": config["dataset"],
                                "model": config["model"], "method": config["method"],
@@ -188,7 +190,8 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
         common = dict(method=options.bound, dtype=cert_dtype)
         for name in options.certificates:
             began = time.perf_counter()
-            per_point = chunks.map(f"{name}/{eps}", lambda xb, yb, gen, _name=name, _eps=eps: _certificate(
+            per_point = (big_chunks if name == "statistical" else chunks).map(
+                f"{name}/{eps}", lambda xb, yb, gen, _name=name, _eps=eps: _certificate(
                 _name, model, posterior, params, xb, yb, _eps, options, gen, common))
             row.update(_summarise(name, per_point, correct))
             if f"{name.replace('-', '_')}_certified_accuracy" in row:
@@ -289,11 +292,12 @@ def _certificate(name, model, posterior, params, x, y, eps, options, generator, 
         return certify.certify_paper(model, posterior, x, y, eps, generator=generator, **common)
     if name == "statistical":
         return certify.certify_statistical(model, posterior, x, y, eps, confidence=options.confidence,
-                                           threshold=options.threshold, generator=generator, **common)
+                                           threshold=options.threshold, sequential=True, generator=generator,
+                                           **common)
     if name == "weight-box":
         if not isinstance(posterior, GaussianPosterior):
             return {}
-        return certify.certify_weight_box(model, posterior, x, y, eps, threshold=options.threshold,
+        return certify.certify_weight_box(model, posterior, x, y, eps, threshold=options.threshold, search="grid",
                                           refine=options.weight_box_refine, **common)
     return certify.certify_decision(model, posterior, x, y, eps, num_samples=options.samples, generator=generator,
                                     **common)
