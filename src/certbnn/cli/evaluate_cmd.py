@@ -53,9 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 0.99)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="statistical and weight-box certificates: lower bound on P_rob needed (default 0.5)")
-    p.add_argument("--weight-box-refine", type=int, default=1,
-                   help="weight-box certificate: rounds of per-tensor pattern search on the box radii after the "
-                        "common-k bisection, each 2 x (parameter tensors) x 6 bound passes (default 1; 0: common k)")
+    p.add_argument("--weight-box-refine", type=int, default=0,
+                   help="weight-box certificate: rounds of per-point, per-tensor pattern search on the box radii "
+                        "after the shared grid of common k, each 2 x (parameter tensors) x 6 bound passes per "
+                        "point (slow: default 0, the common k only)")
     p.add_argument("--ood", metavar="DATASET", help="out-of-distribution test set, e.g. fashion-mnist")
     p.add_argument("--ood-fgsm-eps", type=float, help="also score FGSM examples at this eps as OOD (paper: 0.3)")
     p.add_argument("--radius", action="store_true", help="certified radius per point by bisection (decision certificate, the same --samples draws)")
