@@ -174,9 +174,8 @@ class NoisyAdam(PrecisionVI):
         # m <- b1 m + (1 - b1) (mean_k g_k + lambda (mu - mu_prior) / N);  s <- b2 s + (1 - b2) mean_k g_k^2
         exp_avg = torch.addcmul(grads.sum(0), centred, lam, value=1.0 / n_eff).mul_(1.0 - beta1)
         exp_avg.add_(m_old, alpha=beta1)
-        exp_avg_sq = torch.mul(s_old, beta2)
-        for g in grads:
-            exp_avg_sq.addcmul_(g, g, value=(1.0 - beta2) * S)
+        # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)), rounded as the reference: s - b2^t s_0 cancels
+        exp_avg_sq = torch.mul(s_old, beta2).add_(grads.square().sum(0).mul_(S * (1.0 - beta2)))
         denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
         denominator.add_(lam, alpha=1.0 / n_eff)
         mean = torch.addcdiv(mu, exp_avg, denominator, value=-self.lr / correction1)
