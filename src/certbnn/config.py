@@ -106,11 +106,13 @@ class TrainConfig:
             spec = npz.resolve(self.dataset, self.data_dir, self.dataset_file)
         if spec is None:
             if self.dataset_file is not None or self.dataset_sha256 is not None:
-                if registered is None:
+                if registered is None or registered.source is not None:
                     raise ConfigError(f"data set {self.dataset!r}: its recorded file {self.dataset_file} is missing "
                                       f"and no {self.dataset}/data.npz was found under the data roots")
                 raise ConfigError(f"data set {self.dataset!r} is a registered data set, not an npz file: "
                                   "dataset_file / dataset_sha256 do not apply")
+            if registered is not None and registered.source is not None:
+                data.unregister(self.dataset)  # an npz data set no longer found where it was
             return data.get_spec(self.dataset, self.data_dir)
         if self.dataset_sha256 is not None and spec.sha256 != self.dataset_sha256:
             raise ConfigError(f"data set {self.dataset!r}: {spec.source} has sha256 {spec.sha256}, but the run "

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from certbnn import data
+from certbnn.data import npz
 from certbnn.data.download import download_dataset, file_digest
 from certbnn.errors import DataError
 
@@ -30,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(title="data commands", metavar="ACTION", required=True)
 
     p = commands.add_parser("list", help="known data sets and where each was found",
-                            description="Show every known data set and the folder it was found in.")
+                            description="Show every known data set and the folder it was found in, then the npz "
+                                        "data sets found as NAME/data.npz under the data roots.")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run_list)
@@ -40,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load every split of a data set, verify formats, counts and label range, "
                     "and print counts per split and class and the pixel range. Exits non-zero "
                     "on any problem.")
-    p.add_argument("name", help=f"data set name ({', '.join(data.known_datasets())})")
+    p.add_argument("name", help=f"data set name ({', '.join(data.known_datasets())}, or a folder NAME/data.npz "
+                                "under a data root) or PATH.npz")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=run_check)
@@ -64,6 +67,8 @@ def run_list(args: argparse.Namespace) -> int:
     rows = []
     for name in data.known_datasets():
         spec = data.get_spec(name)
+        if spec.source is not None:  # npz data sets: listed fresh from the roots below
+            continue
         found = data.find_dataset(spec, args.data_dir)
         rows.append({
             "name": name,
@@ -72,6 +77,10 @@ def run_list(args: argparse.Namespace) -> int:
             "path": str(found.path) if found else None,
             "origin": found.origin if found else None,
         })
+    for name, path, origin in npz.discover(args.data_dir):
+        if name not in {r["name"] for r in rows}:
+            rows.append({"name": name, "description": "npz folder", "found": True, "path": str(path),
+                         "origin": origin})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -87,18 +96,26 @@ def run_list(args: argparse.Namespace) -> int:
 def check_dataset(name: str, data_dir: str | None = None) -> dict[str, Any]:
     """Load every split of ``name`` and return a report; ``report["problems"]`` lists
     what does not match the spec (empty when all is well). Format errors raise DataError."""
-    spec = data.get_spec(name)
+    spec = data.registered_spec(name)
+    if spec is None or spec.source is not None:  # an npz data set: read and checked afresh
+        spec = npz.resolve(name, data_dir)
+        if spec is None:  # not (or no longer) found: an unknown name
+            data.unregister(name)
+            spec = data.get_spec(name, data_dir)
     folder = data.locate(spec, data_dir)
-    report: dict[str, Any] = {"name": name, "path": str(folder), "splits": {}, "files": {},
+    report: dict[str, Any] = {"name": name, "path": str(spec.source or folder), "splits": {}, "files": {},
                               "problems": []}
+    if spec.sha256:
+        report["sha256"] = spec.sha256
     for split, expected in spec.splits.items():
         start = time.perf_counter()
-        ds = data.load(name, split, folder)
+        ds = data.load(name, split, data_dir if spec.source else folder)
         images = ds.images
         report["splits"][split] = {
             "count": len(ds),
             "expected": expected,
             "image_shape": list(ds.image_shape),
+            "num_classes": ds.num_classes,
             "class_counts": ds.class_counts(),
             "pixel_min": int(images.min()) if images.dtype == np.uint8 else float(images.min()),
             "pixel_max": int(images.max()) if images.dtype == np.uint8 else float(images.max()),
@@ -126,10 +143,12 @@ def run_check(args: argparse.Namespace) -> int:
         for split, info in report["splits"].items():
             shape = "x".join(map(str, info["image_shape"]))
             print(f"  {split:<5} {info['count']:>6} images {shape}, pixels "
-                  f"{info['pixel_min']}..{info['pixel_max']}, per class {info['class_counts']}")
+                  f"{info['pixel_min']:g}..{info['pixel_max']:g}, per class {info['class_counts']}")
         for filename, info in report["files"].items():
             status = "canonical" if info["canonical_md5"] else "differs from the canonical md5 (re-encoded or lossy copy?)"
             print(f"  {filename}: {status}")
+        if report.get("sha256"):
+            print(f"  sha256 {report['sha256']}")
         print("  OK" if report["ok"] else "  FAILED")
     if not report["ok"]:
         raise DataError(f"{args.name}: " + "; ".join(report["problems"]))

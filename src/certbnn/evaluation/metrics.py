@@ -167,23 +167,16 @@ def _save(fig, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=100)  # atomic, never through a link at ``path``
 
 
-def reliability_diagram(bins: Mapping[str, Tensor], path: str | Path, title: str = "Reliability diagram") -> Path:
-    """PNG of per-bin accuracy (bars) against the bin range, with mean confidence
-    (markers) and the diagonal; ``bins`` from :func:`expected_calibration_error`.
-    Empty bins are left blank. Returns the written path."""
-    edges = bins["edges"].detach().cpu().double()
-    filled = (bins["count"] > 0).cpu()
-    left, width = edges[:-1][filled], (edges[1:] - edges[:-1])[filled]
-    fig = _figure()
-    ax = fig.add_subplot()
-    ax.bar(left.tolist(), bins["accuracy"].cpu()[filled].tolist(), width=width.tolist(), align="edge",
-           edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot((left + width / 2).tolist(), bins["confidence"].cpu()[filled].tolist(), "o", color="C3",
-            label="mean confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
-    ax.legend(loc="upper left", fontsize="small")
-    return _save(fig, path)
+def reliability_diagram(bins: Mapping[str, Tensor], path: str | Path, title: str = "Reliability diagram",
+                        label: str = "predictive") -> Path:
+    """PNG of per-bin accuracy against mean confidence (non-empty bins) with the diagonal,
+    and below it the number of points in each confidence bin (log scale, annotated);
+    ``bins`` from :func:`expected_calibration_error`. Returns the written path."""
+    from certbnn.evaluation.plots import reliability_plot
+
+    as_arrays = {k: bins[k].detach().cpu().double().numpy() if k != "count" else bins[k].detach().cpu().numpy()
+                 for k in ("confidence", "accuracy", "count", "edges") if k in bins}
+    return reliability_plot([(label, as_arrays)], path, title=title)
 
 
 def entropy_histogram(in_scores: Tensor, out_scores: Tensor, path: str | Path,

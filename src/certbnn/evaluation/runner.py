@@ -26,9 +26,8 @@ from tqdm import tqdm
 
 from certbnn import __version__, data, distributed, strict_json
 from certbnn.errors import CertbnnError, ConfigError
-from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, robustness
-from certbnn.fileio import (atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps,
-                            save_figure)
+from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, plots, robustness
+from certbnn.fileio import atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps
 from certbnn.config import load_saved_config, make_config
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
@@ -205,10 +204,12 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
             return certify.certify_decision(model, posterior, xb, yb, eps, num_samples=options.samples,
                                             method=options.bound, dtype=cert_dtype,
                                             generator=torch.Generator(device=device).manual_seed(options.seed))["certified"]
+        eps_max = 2 * max(max(options.eps), 0.05)
         radius = torch.cat(chunks.map("radius", lambda xb, yb, gen: certify.certified_radius(
-            decision_at, xb, yb, eps_max=2 * max(max(options.eps), 0.05))))
+            decision_at, xb, yb, eps_max=eps_max)))
         results["radius"] = {"certificate": "decision", "mean": float(radius.mean()),
-                             "median": float(radius.median()), "mean_if_correct": float((radius * correct).mean())}
+                             "median": float(radius.median()), "mean_if_correct": float((radius * correct).mean()),
+                             "eps_max": eps_max, "per_point": radius.tolist()}  # per_point: the certified curve
     began = time.perf_counter()
     results["ood"] = _ood(model, params, x, y, split, options, config, data_dir, generator, dtype)
     timed("ood", began)
@@ -372,12 +373,10 @@ def _plots(out_dir: Path, bins, results, split, options) -> list[str]:
     written = []
     metrics.reliability_diagram(bins, out_dir / "reliability.png", title=f"{results['method']} / {results['likelihood']}")
     written.append("reliability.png")
-    curves = {k: [row.get(k) for row in results["per_eps"]] for k in
-              ("paper_certified_accuracy", "statistical_certified_accuracy", "per_sample_certified_accuracy",
-               "weight_box_certified_accuracy", "decision_certified_accuracy", "pgd_accuracy")}
-    curves = {k: v for k, v in curves.items() if all(isinstance(e, float) for e in v)}
+    curves = evaluation_curves(results)
     if curves:
-        _line_plot(out_dir / "certified_vs_eps.png", options.eps, curves)
+        plots.certified_plot(curves, out_dir / "certified_vs_eps.png",
+                             title=f"{results['method']} / {results['likelihood']}, {results['num_points']} test points")
         written.append("certified_vs_eps.png")
     entropy_out = results["ood"].pop("_entropy_out", None)
     if entropy_out is not None:
@@ -387,25 +386,21 @@ def _plots(out_dir: Path, bins, results, split, options) -> list[str]:
     return written
 
 
-def _line_plot(path: Path, xs: list[float], curves: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, ys in curves.items():
-        ax.plot(xs, ys, marker="o", label=label.replace("_", " "))
-    ax.set_xlabel("eps (pixel units, l_inf)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+def evaluation_curves(results: dict[str, Any], prefix: str = "") -> list[plots.Curve]:
+    """The certified-accuracy curves of one evaluation: the decision certificate's full curve
+    from the per-point radii (``--radius``), then each certificate (and PGD accuracy) at the
+    evaluated eps values."""
+    curves = []
+    radius = results.get("radius") or {}
+    if radius.get("per_point"):
+        curves.append(plots.Curve(f"{prefix}{radius['certificate']}", radii=radius["per_point"],
+                                  eps_max=radius.get("eps_max")))
+    for key in ("paper_certified_accuracy", "statistical_certified_accuracy", "per_sample_certified_accuracy",
+                "weight_box_certified_accuracy", "decision_certified_accuracy", "pgd_accuracy"):
+        values = [(row["eps"], row.get(key)) for row in results["per_eps"]]
+        if all(isinstance(v, float) for _, v in values):
+            curves.append(plots.Curve(f"{prefix}{key.replace('_', ' ')}", points=values))
+    return curves
 
 
 def _fmt(value: Any) -> str:

@@ -6,6 +6,10 @@ eps), calibration (ECE / NLL), uncertainty (OOD AUROC), wall-clock time per
 cell, the certified-accuracy lift of robust over standard training, and plots:
 certified accuracy against eps, reliability diagrams, OOD entropy. Experiments
 with a sweep get one table row per sweep point instead.
+
+Plots give every curve its own colour and marker (:mod:`certbnn.evaluation.plots`); certified
+accuracy against eps is a full curve from the per-point certified radii when the evaluation
+computed them (``radius = true``), reliability diagrams carry the number of points per bin.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from certbnn.fileio import atomic_write_text, save_figure
+from certbnn.evaluation import plots
 from certbnn.reproduce.grid import file_stem
 
 ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
@@ -196,46 +201,41 @@ def _pyplot():
     return plt
 
 
+def cell_curves(cells: list[tuple[str, dict[str, Any]]], cert: str | None) -> list[plots.Curve]:
+    """One certified-accuracy curve per cell (``(label, cell)`` pairs): the full curve from its
+    per-point certified radii (decision certificate) when the evaluation computed them, and
+    the ``cert`` certificate at the evaluated eps values."""
+    curves = []
+    for label, cell in cells:
+        radius = cell["evaluation"].get("radius") or {}
+        rows = cell["evaluation"]["per_eps"]
+        points = [(r["eps"], r["certified_accuracy"].get(cert)) for r in rows] if cert else []
+        points = [(e, v) for e, v in points if isinstance(v, float)]
+        curves.append(plots.Curve(label, radii=radius.get("per_point"), eps_max=radius.get("eps_max"),
+                                  points=points, points_label=f"{cert} certificate" if points else ""))
+    return curves
+
+
 def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[str]:
-    plt = _pyplot()
     written = []
-    styles = ["-", "--", ":", "-."]
     cert = _cert_name(list(lookup.values()))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, method in enumerate(methods):
-        for j, mode in enumerate(modes):
-            cell = lookup.get((method, mode))
-            if cell is None or cert is None:
-                continue
-            rows = cell["evaluation"]["per_eps"]
-            ax.plot([r["eps"] for r in rows], [r["certified_accuracy"].get(cert) for r in rows], marker="o",
-                    color=f"C{i}", linestyle=styles[j % len(styles)], label=f"{method}/{mode}")
-    ax.set(xlabel="eps (l_inf, pixel units)", ylabel=f"{cert} certified accuracy", ylim=(0, 1), title=name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    cells = [(f"{method}/{mode}", lookup[(method, mode)]) for method in methods for mode in modes
+             if (method, mode) in lookup]
     written.append(f"certified_vs_eps_{file_stem(name)}.png")
-    save_figure(fig, out_dir / written[-1], dpi=110)
-    plt.close(fig)
+    plots.certified_plot(cell_curves(cells, cert), out_dir / written[-1],
+                         title=f"{name}: certified accuracy against eps")
 
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-        for i, method in enumerate(methods):
-            cell = lookup.get((method, mode))
-            if cell is None or "reliability" not in cell["evaluation"]["clean"]:
-                continue
-            rel = cell["evaluation"]["clean"]["reliability"]
-            pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"]) if n > 0]
-            ax.plot(*zip(*pts), marker=".", color=f"C{i}", label=method)
-        ax.set(title=mode, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+    fig, axes = plots.figure((3.4 * len(modes), 4.6), 2, len(modes), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1.3]})
+    for column, mode in enumerate(modes):
+        series = [(method, lookup[(method, mode)]["evaluation"]["clean"]["reliability"]) for method in methods
+                  if (method, mode) in lookup and "reliability" in lookup[(method, mode)]["evaluation"]["clean"]]
+        plots.draw_reliability(axes[0][column], axes[1][column], series)
+        axes[0][column].set_title(mode, fontsize=9)
     written.append(f"reliability_{file_stem(name)}.png")
-    save_figure(fig, out_dir / written[-1], dpi=110)
-    plt.close(fig)
+    plots.save(fig, out_dir / written[-1])
 
+    plt = _pyplot()
     if ood_names:
         labels, groups = [], {"in-distribution": [], **{k: [] for k in ood_names}}
         for method in methods:
@@ -273,8 +273,10 @@ def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str 
             row = _main_row(lookup[(s, p)]) if (s, p) in lookup else None
             clean.append(row["clean_accuracy"] if row else None)
             certified.append(row["certified_accuracy"].get(cert) if row else None)
-        ax.plot(xs, certified, marker="o", color=f"C{i}", label=f"{s} certified")
-        ax.plot(xs, clean, marker="x", linestyle="--", color=f"C{i}", label=f"{s} clean")
+        style = plots.curve_style(i)
+        ax.plot(xs, certified, marker=style["marker"], color=style["color"], label=f"{s} certified")
+        ax.plot(xs, clean, marker=style["marker"], markerfacecolor="none", linestyle="--", color=style["color"],
+                label=f"{s} clean")
     ax.set(xlabel=keys[0], ylabel="accuracy", ylim=(0, 1), title=name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
