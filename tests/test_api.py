@@ -21,8 +21,8 @@ from certbnn.evaluation.runner import EvalOptions, evaluate_run
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, SamplePosterior
 
-QUIET = dict(progress=False)
-FAST = dict(eps=0.05, epochs=3, batch_size=32, **QUIET)
+QUIET = {"progress": False}
+FAST = {"eps": 0.05, "epochs": 3, "batch_size": 32, **QUIET}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_fit_certify_attack_save_load_round_trip(tmp_path, arrays):
     assert report.certificate == "statistical" and report.certified.shape == (40,)
     assert report.certified_accuracy == pytest.approx(float((report.certified & report.correct).double().mean()))
     assert report.certified_fraction == pytest.approx(float(report.certified.double().mean()))
-    assert report.certified_accuracy >= 0.5 and set(report.details) == {"p_hat", "lower", "upper"}
+    assert report.certified_accuracy >= 0.5 and {"p_hat", "lower", "upper"} <= set(report.details)
     assert bool(((report.details["lower"] >= 0.5) == report.certified).all())
     report.write_json(tmp_path / "report.json")
     assert json.loads((tmp_path / "report.json").read_text())["certified"] == report.certified.tolist()
@@ -152,7 +152,7 @@ def test_certify_and_attack_equal_certbnn_evaluate(tmp_path, arrays):
         data.unregister(config["dataset"])
     row = results["per_eps"][0]
     model = build_model("mlp:16", (1, 6, 6), 2)
-    common = dict(samples=8, seed=3, device="cpu", **QUIET)
+    common = {"samples": 8, "seed": 3, "device": "cpu", **QUIET}
     for name in ("statistical", "decision", "per-sample"):
         report = certbnn.certify(model, post, xt, yt, eps=0.05, certificate=name, **common)
         key = name.replace("-", "_")
@@ -248,7 +248,7 @@ def test_the_readme_api_block_runs_as_written(tmp_path, monkeypatch, capsys):
         x[y == label, :, label, 1:9] = 230
     namespace = {"x_train": x[:128], "y_train": y[:128], "x_test": x[128:], "y_test": y[128:]}
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_api_block(), "README.md", "exec"), namespace)
+    exec(compile(readme_api_block(), "README.md", "exec"), namespace)  # noqa: S102 -- the README, as written
     printed = capsys.readouterr().out
     assert "certified accuracy" in printed and "PGD accuracy" in printed
     assert isinstance(namespace["post"], certbnn.FitResult) and (tmp_path / "post.safetensors").is_file()

@@ -31,9 +31,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,25 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from certbnn import data, strict_json
+from certbnn.api_inputs import arrays, check_labels, dataset_name, points
 from certbnn.config import TrainConfig
 from certbnn.errors import ConfigError
 from certbnn.evaluation import metrics
 from certbnn.evaluation.robustness import attack as attack_predictive
-from certbnn.evaluation.runner import EvalOptions, _Chunks, _certificate, _summarise
+from certbnn.evaluation.runner import EvalOptions, _certificate, _Chunks, _summarise
 from certbnn.fileio import atomic_write_text
-from certbnn.models import fingerprint_difference, fingerprint_of_params, model_fingerprint
-from certbnn.posterior import GaussianPosterior, Posterior, SamplePosterior, load_posterior, save_posterior
+from certbnn.models import (
+    fingerprint_difference,
+    fingerprint_of_params,
+    model_fingerprint,
+)
+from certbnn.posterior import (
+    GaussianPosterior,
+    Posterior,
+    SamplePosterior,
+    load_posterior,
+    save_posterior,
+)
 from certbnn.settings import check_settings
 from certbnn.training import POSTERIOR, resolve_device, train
 
@@ -159,8 +169,8 @@ def fit(model: nn.Module | str, train_data: Any, *, method: str = "bbb", likelih
     misplaced = sorted(set(settings) & set(_FIT_OWNED))
     if misplaced:
         raise ConfigError(f"fit takes the data and the model as arguments, not the setting(s) {', '.join(misplaced)}")
-    x, y = _arrays(train_data, "train_data")
-    test = _arrays(test_data, "test_data") if test_data is not None else None
+    x, y = arrays(train_data, "train_data")
+    test = arrays(test_data, "test_data") if test_data is not None else None
     if test is not None and test[0].shape[1:] != x.shape[1:]:
         raise ConfigError(f"test_data images have shape {test[0].shape[1:]}, train_data {x.shape[1:]}")
     if isinstance(model, str):
@@ -169,11 +179,11 @@ def fit(model: nn.Module | str, train_data: Any, *, method: str = "bbb", likelih
         num_classes, module, label = _num_outputs(model, x), model, _label(model)
     else:
         raise ConfigError(f"model must be an nn.Module or a model spec string, got {type(model).__name__}")
-    _check_labels(y, num_classes, "train_data y")
+    check_labels(y, num_classes, "train_data y")
     if test is not None:
-        _check_labels(test[1], num_classes, "test_data y")
+        check_labels(test[1], num_classes, "test_data y")
     splits = {"train": (x, y), **({"test": test} if test is not None else {})}
-    name = _dataset_name(splits)
+    name = dataset_name(splits)
     values = {**settings, "dataset": name, "model": label, "method": method, "likelihood": likelihood, "eps": eps,
               "epochs": epochs, "seed": seed, "val_size": val_size}
     config = TrainConfig(**check_settings(TrainConfig, values))
@@ -202,10 +212,14 @@ def point_mass(model: nn.Module) -> SamplePosterior:
     return SamplePosterior(params)
 
 
+_CLI = EvalOptions  # the defaults of `certbnn evaluate`
+
+
 def certify(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, *, certificate: str | None = None,
-            bound: str = "ibp", samples: int | None = None, confidence: float = 0.99, threshold: float = 0.5,
-            weight_box_refine: int = 1, seed: int = 0, device: str = "auto", float64: bool = False,
-            certify_float32: bool = False, chunk_size: int = 250, progress: bool = True) -> CertifyReport:
+            bound: str = _CLI.bound, samples: int | None = None, confidence: float = _CLI.confidence,
+            threshold: float = _CLI.threshold, weight_box_refine: int = _CLI.weight_box_refine, seed: int = _CLI.seed,
+            device: str = _CLI.device, float64: bool = _CLI.float64, certify_float32: bool = _CLI.certify_float32,
+            chunk_size: int = _CLI.chunk_size, progress: bool = True) -> CertifyReport:
     """One certificate of ``certbnn evaluate`` at radius ``eps`` on the points ``x`` (N, ...) in
     [0, 1] with labels ``y`` (N,); rigorous in floating point (float64 bounds unless
     ``certify_float32``).
@@ -225,15 +239,15 @@ def certify(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, 
     if name == "weight-box" and not isinstance(posterior, GaussianPosterior):
         raise ConfigError(f"the weight-box certificate needs a Gaussian posterior (bbb, noisy-adam, vogn), "
                           f"got {type(posterior).__name__}")
-    options = _options(eps, certificates=[name], attacks=[], bound=bound, samples=samples or (1 if one else 24),
-                       confidence=confidence, threshold=threshold, weight_box_refine=weight_box_refine, seed=seed,
+    options = _options(eps, certificates=[name], attacks=[], bound=bound,
+                       samples=samples or (1 if one else _CLI.samples), confidence=confidence, threshold=threshold, weight_box_refine=weight_box_refine, seed=seed,
                        device=device, float64=float64, certify_float32=certify_float32, chunk_size=chunk_size)
-    with _evaluation(model, posterior, x, y, options) as (model, posterior, params, xs, ys, chunks, probs):
+    with _evaluation(model, posterior, x, y, options) as (placed, moved, params, _, ys, chunks, probs):
         correct = probs.argmax(-1) == ys
-        common = dict(method=options.bound, dtype=torch.float32 if certify_float32 else torch.float64)
+        common = {"method": options.bound, "dtype": torch.float32 if certify_float32 else torch.float64}
         eps_value = options.eps[0]
         per_chunk = chunks.map(f"{name}/{eps_value}", _progress(
-            lambda xb, yb, gen: _certificate(name, model, posterior, params, xb, yb, eps_value, options, gen, common),
+            lambda xb, yb, gen: _certificate(name, placed, moved, params, xb, yb, eps_value, options, gen, common),
             len(chunks.parts), f"certify {name}", progress))
         summary = _summarise(name, per_chunk, correct)
     details = {key: torch.cat([torch.as_tensor(c[key]).reshape(-1).cpu() for c in per_chunk])
@@ -248,24 +262,25 @@ def certify(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, 
 
 
 def attack(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, *, method: str = "pgd",
-           steps: int = 20, restarts: int = 1, samples: int | None = None, seed: int = 0, device: str = "auto",
-           float64: bool = False, chunk_size: int = 250, progress: bool = True) -> AttackResult:
+           steps: int = _CLI.pgd_steps, restarts: int = _CLI.pgd_restarts, samples: int | None = None,
+           seed: int = _CLI.seed, device: str = _CLI.device, float64: bool = _CLI.float64,
+           chunk_size: int = _CLI.chunk_size, progress: bool = True) -> AttackResult:
     """EOT attack (``fgsm`` or ``pgd``: ``steps`` steps of 2.5 eps / steps, random start,
     ``restarts``) on the posterior predictive of ``samples`` draws (default 24, 1 for a
     one-sample posterior), as ``certbnn evaluate`` runs it; ``posterior`` as in :func:`certify`."""
     posterior = _posterior_of(posterior, model)
     one = isinstance(posterior, SamplePosterior) and posterior.num_samples == 1
-    options = _options(eps, certificates=[], attacks=[method], samples=samples or (1 if one else 24),
+    options = _options(eps, certificates=[], attacks=[method], samples=samples or (1 if one else _CLI.samples),
                        pgd_steps=steps, pgd_restarts=restarts, seed=seed, device=device, float64=float64,
                        chunk_size=chunk_size)
-    with _evaluation(model, posterior, x, y, options) as (model, _, params, xs, ys, chunks, probs):
+    with _evaluation(model, posterior, x, y, options) as (placed, _, params, _, ys, chunks, probs):
         eps_value = options.eps[0]
         x_adv = torch.cat(chunks.map(f"{method}/{eps_value}", _progress(
-            lambda xb, yb, gen: attack_predictive(model, params, xb, yb, eps_value, kind=method, steps=steps,
+            lambda xb, yb, gen: attack_predictive(placed, params, xb, yb, eps_value, kind=method, steps=steps,
                                                   restarts=restarts, generator=gen),
             len(chunks.parts), f"attack {method}", progress)))
         with torch.no_grad():
-            adv_probs = metrics.predictive_probs(model, params, x_adv)[0]
+            adv_probs = metrics.predictive_probs(placed, params, x_adv)[0]
         return AttackResult(method=method, eps=eps_value, x_adv=x_adv.detach().cpu(),
                             clean_accuracy=metrics.accuracy(probs, ys),
                             adversarial_accuracy=metrics.accuracy(adv_probs, ys),
@@ -331,7 +346,7 @@ def _evaluation(model: nn.Module, posterior: Posterior, x: Any, y: Any, options:
     and the chunks with their own generators. The model runs in eval mode (restored after)."""
     device = resolve_device(options.device)
     dtype = torch.float64 if options.float64 else torch.float32
-    xs, ys = _points(x, y)
+    xs, ys = points(x, y)
     placed = _placed(model, device, dtype)
     posterior = posterior.to(device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(options.seed)
@@ -340,7 +355,7 @@ def _evaluation(model: nn.Module, posterior: Posterior, x: Any, y: Any, options:
     with _eval_mode(placed):
         with torch.no_grad():
             probs = metrics.predictive_probs(placed, params, xs)[0]
-        _check_labels(ys.cpu().numpy(), probs.shape[-1], "y")
+        check_labels(ys.cpu().numpy(), probs.shape[-1], "y")
         yield placed, posterior, params, xs, ys, _Chunks(xs, ys, options.seed, None, device, options.chunk_size), probs
 
 
@@ -393,108 +408,10 @@ def _num_outputs(model: nn.Module, x: np.ndarray) -> int:
     try:
         with torch.no_grad(), _eval_mode(model):
             out = model(sample)
-    except Exception as err:  # the user's forward: report it in one line
+    except Exception as err:  # noqa: BLE001 -- the user's forward may raise anything: report it in one line
         text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ConfigError(f"model cannot run on train_data's images of shape {tuple(x.shape[1:])}: {text}") from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1 or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ConfigError(f"model must map (B, C, H, W) images to (B, K) logits with K >= 2, got {shape} for B = 1")
     return int(out.shape[1])
-
-
-def _arrays(source: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(images, labels)`` numpy arrays of a data argument, checked (one-line errors naming ``what``)."""
-    if isinstance(source, data.ArrayDataset):
-        return source.images, source.labels
-    if isinstance(source, (tuple, list)) and len(source) == 2 and not _is_batch_list(source):
-        x, y = source
-    elif isinstance(source, Iterable) and not isinstance(source, (str, bytes, Mapping, np.ndarray, Tensor)):
-        x, y = _concatenated(source, what)
-    else:
-        raise ConfigError(f"{what} must be (x, y) arrays, an ArrayDataset or an iterable of (x, y) batches, "
-                          f"got {type(source).__name__}")
-    return _images(x, f"{what} x"), _labels(y, f"{what} y", len(_as_numpy(x, f"{what} x")))
-
-
-def _is_batch_list(source: Any) -> bool:
-    """A list of two (x, y) batches rather than one (x, y) pair."""
-    return all(isinstance(item, (tuple, list)) and len(item) == 2 for item in source)
-
-
-def _concatenated(batches: Iterable, what: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for i, batch in enumerate(batches):
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise ConfigError(f"{what}: batch {i} is not an (x, y) pair (got {type(batch).__name__})")
-        xs.append(_as_numpy(batch[0], f"{what} batch {i} x"))
-        ys.append(_as_numpy(batch[1], f"{what} batch {i} y"))
-    if not xs:
-        raise ConfigError(f"{what} holds no batches")
-    if len({x.shape[1:] for x in xs}) != 1:
-        raise ConfigError(f"{what}: batches have images of different shapes {sorted({x.shape[1:] for x in xs})}")
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def _as_numpy(value: Any, what: str) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().numpy()
-    try:
-        return np.asarray(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{what} is not an array ({err})") from None
-
-
-def _images(value: Any, what: str) -> np.ndarray:
-    """(N, C, H, W) uint8, or float32 finite in [0, 1]."""
-    x = _as_numpy(value, what)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise ConfigError(f"{what} must have shape (N, C, H, W) with N >= 1, got {x.shape} "
-                          "(feature vectors: reshape to (N, 1, 1, D) and start the model with nn.Flatten())")
-    return x if x.dtype == np.uint8 else _pixels(x, what)
-
-
-def _pixels(x: np.ndarray, what: str) -> np.ndarray:
-    """Float pixels checked finite and in [0, 1], as float32."""
-    if x.dtype.kind != "f":
-        raise ConfigError(f"{what} must be floats in [0, 1] or uint8 pixels, got dtype {x.dtype}")
-    if not np.isfinite(x).all():
-        raise ConfigError(f"{what} contains NaN or infinite values")
-    if x.min() < 0 or x.max() > 1:
-        raise ConfigError(f"{what} must lie in [0, 1] (eps-balls are clipped to the pixel range; normalise inside "
-                          f"the model), found {float(x.min()):.4g}..{float(x.max()):.4g}")
-    return x.astype(np.float32, copy=False)
-
-
-def _labels(value: Any, what: str, n: int) -> np.ndarray:
-    y = _as_numpy(value, what)
-    if y.shape != (n,):
-        raise ConfigError(f"{what} must have shape ({n},) (one label per image), got {y.shape}")
-    if y.dtype.kind not in "iu":
-        raise ConfigError(f"{what} must be integer class labels, got dtype {y.dtype}")
-    return y.astype(np.int64, copy=False)
-
-
-def _check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ConfigError(f"{what} holds labels {int(y.min())}..{int(y.max())}, but the model has {num_classes} "
-                          f"outputs (labels must lie in [0, {num_classes}))")
-
-
-def _points(x: Any, y: Any) -> tuple[Tensor, Tensor]:
-    """Test points as tensors: ``x`` (N, ...) float32 in [0, 1] (uint8 pixels / 255), ``y`` (N,) int64."""
-    xs = _as_numpy(x, "x")
-    if xs.ndim < 2 or xs.shape[0] == 0:
-        raise ConfigError(f"x must have shape (N, ...) with N >= 1, got {xs.shape}")
-    xs = xs.astype(np.float32) / 255 if xs.dtype == np.uint8 else _pixels(xs, "x")
-    return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(_labels(y, "y", len(xs)))
-
-
-def _dataset_name(splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
-    """A name fixed by the data's content: a resumed fit finds its run's data set under the same name,
-    and resuming with other data is refused as a changed configuration."""
-    digest = hashlib.sha256()
-    for split, (x, y) in sorted(splits.items()):
-        for array in (x, y):
-            digest.update(f"{split}{array.dtype}{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
-    return f"arrays-{digest.hexdigest()[:16]}"
