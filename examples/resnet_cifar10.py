@@ -3,6 +3,8 @@ trained with robust Bayes by Backprop (IBP likelihood), then certified and attac
 
     python examples/resnet_cifar10.py          # CIFAR-10 (set CERTBNN_DATA); a GPU is advisable
     python examples/resnet_cifar10.py --tiny   # generated 3x32x32 images, seconds (CI)
+
+The CLI's registry holds a similar net: certbnn train --model resnet:16 --dataset cifar10 ...
 """
 
 import os

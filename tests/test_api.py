@@ -84,14 +84,16 @@ def test_same_seed_same_posterior_and_other_seed_another(arrays):
     assert not tensors_equal(first.mean(), other.mean())
 
 
-def test_a_dataloader_trains_like_the_arrays_it_holds(arrays):
+def test_a_dataloader_or_dataset_trains_like_the_arrays_it_holds(arrays):
     x, y, _, _ = arrays
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
                                          batch_size=50)
     from_loader = certbnn.fit(mlp(), loader, method="sgd", **FAST).posterior
     from_arrays = certbnn.fit(mlp(), (x, y), method="sgd", **FAST).posterior
+    from_dataset = certbnn.fit(mlp(), data.ArrayDataset(x, y, 2), method="sgd", **FAST).posterior
     assert isinstance(from_loader, SamplePosterior)
     assert tensors_equal(from_loader.sample(None), from_arrays.sample(None))
+    assert tensors_equal(from_dataset.sample(None), from_arrays.sample(None))
 
 
 def test_kill_and_resume_gives_the_uninterrupted_posterior(tmp_path, arrays, monkeypatch):
