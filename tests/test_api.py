@@ -115,6 +115,8 @@ def test_kill_and_resume_gives_the_uninterrupted_posterior(tmp_path, arrays, mon
         certbnn.fit(mlp(), (x, y), out=tmp_path / "killed", **FAST)
     with pytest.raises(ConfigError, match="different configuration"):  # other data: refused
         certbnn.fit(mlp(), (x[::-1].copy(), y[::-1].copy()), out=tmp_path / "killed", resume=True, **FAST)
+    with pytest.raises(ConfigError, match="resume=True continues the run in out="):
+        certbnn.fit(mlp(), (x, y), resume=True, **FAST)
     resumed = certbnn.fit(mlp(), (x, y), out=tmp_path / "killed", resume=True, **FAST)
     assert tensors_equal(resumed.posterior.mean(), whole.posterior.mean())
     assert tensors_equal(resumed.posterior.std(), whole.posterior.std())

@@ -166,6 +166,8 @@ def fit(model: nn.Module | str, train_data: Any, *, method: str = "bbb", likelih
     epoch, posterior, metrics); ``resume=True`` continues it after a kill to the result an
     uninterrupted run gives. The same ``seed`` and initial weights give the same posterior.
     """
+    if resume and out is None:
+        raise ConfigError("resume=True continues the run in out=...; name the run folder")
     misplaced = sorted(set(settings) & set(_FIT_OWNED))
     if misplaced:
         raise ConfigError(f"fit takes the data and the model as arguments, not the setting(s) {', '.join(misplaced)}")
