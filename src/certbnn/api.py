@@ -68,7 +68,7 @@ from certbnn.training import POSTERIOR, resolve_device, train
 __all__ = ["AttackResult", "CertifyReport", "FitResult", "attack", "certify", "fit", "load", "point_mass", "save"]
 
 #: TrainConfig fields :func:`fit` sets itself (the data set and the model come as arguments).
-_FIT_OWNED = ("dataset", "data_dir", "model")
+_FIT_OWNED = ("dataset", "data_dir", "dataset_file", "dataset_sha256", "model")
 
 
 @dataclass
