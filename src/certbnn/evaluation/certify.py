@@ -159,15 +159,16 @@ def _count_certified(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Ten
     i.i.d. samples), and bounded in slices that keep the margin bounds within
     :data:`_MARGIN_ELEMENTS` (the slices change no result)."""
     count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    lo, hi = _input_box(x, eps, dtype)
-    K = _num_classes(model, x)
-    per_slice = max(1, _MARGIN_ELEMENTS // max(1, x.shape[0] * K * K))
+    per_slice = None
     for start in range(0, n, chunk):
         params = posterior.sample(min(chunk, n - start), generator)
         drawn = next(iter(params.values())).shape[0]
+        if per_slice is None:
+            classes = _num_classes(model, x) if model is not None else 1
+            per_slice = max(1, _MARGIN_ELEMENTS // max(1, x.shape[0] * classes * classes))
         for i in range(0, drawn, per_slice):
             part = {name: t[i:i + per_slice] for name, t in params.items()}
-            count += (_margin_lower(model, part, lo, hi, y, K, method) > 0).all(-1).sum(0)
+            count += per_sample_certified(model, part, x, y, eps, method=method, dtype=dtype).sum(0)
     return count
 
 
