@@ -132,7 +132,7 @@ def test_factory_trains_on_npz_and_evaluates(workdir, capsys):
 
 
 def test_factory_without_arguments_and_by_keyword(workdir):
-    assert [p.shape for p in build_plugin("tinynets:fixed", (6,), 3).parameters()][0] == (8, 6)
+    assert next(p.shape for p in build_plugin("tinynets:fixed", (6,), 3).parameters()) == (8, 6)
     assert build_plugin("tinynets:by_keyword", (1, 2, 3), 4)(torch.rand(5, 1, 2, 3)).shape == (5, 4)
 
 

@@ -71,7 +71,7 @@ def _import(module_name: str, spec: str):
             raise ConfigError(f"model plug-in {spec!r}: cannot import module {module_name!r} ({exc}); run certbnn "
                               "from the folder that holds it or add that folder to PYTHONPATH") from None
         raise ConfigError(f"model plug-in {spec!r}: importing {module_name!r} failed: {_first_line(exc)}") from None
-    except Exception as exc:  # the user's module raised while being imported (SyntaxError included)
+    except Exception as exc:  # noqa: BLE001  (the user's module raised while imported, SyntaxError included)
         raise ConfigError(f"model plug-in {spec!r}: importing {module_name!r} raised {_first_line(exc)}") from None
     finally:
         if added:
@@ -114,7 +114,7 @@ def _call(factory: Callable[..., Any], spec: str, input_shape: tuple[int, ...], 
         return factory(*chosen[0], **chosen[1])
     except ConfigError as exc:
         raise ConfigError(f"model plug-in {spec!r}: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (user code may raise anything)
         raise ConfigError(f"model plug-in {spec!r}: the factory raised {_first_line(exc)}") from None
 
 
@@ -153,7 +153,7 @@ def build_plugin(spec: str, input_shape: tuple[int, ...], num_classes: int) -> n
     try:
         with torch.no_grad():
             out = model(probe)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (user code may raise anything)
         raise ConfigError(f"model plug-in {spec!r}: forward of a {tuple(probe.shape)} batch raised "
                           f"{_first_line(exc)}") from None
     finally:

@@ -33,7 +33,7 @@ def _curves(n: int) -> list[plots.Curve]:
 
 
 def test_every_curve_has_its_own_colour_and_marker(tmp_path):
-    fig, axes = plots.figure()
+    _, axes = plots.figure()
     plots.draw_certified_curves(axes[0][0], _curves(4))
     lines = axes[0][0].get_lines()
     assert len(lines) == 8  # radii curve + evaluated points per run
@@ -61,7 +61,7 @@ def _bins(n: int, seed: int):
 def test_reliability_bin_counts_sum_to_the_number_of_points(tmp_path):
     series = [("a", {k: v.numpy() for k, v in _bins(300, 0).items()}),
               ("b", {k: v.numpy() for k, v in _bins(120, 1).items()})]
-    fig, axes = plots.figure((4, 5), 2, 1)
+    _, axes = plots.figure((4, 5), 2, 1)
     plots.draw_reliability(axes[0][0], axes[1][0], series)
     bars = axes[1][0].patches
     assert len(bars) == 2 * 15

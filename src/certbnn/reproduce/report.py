@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from certbnn.fileio import atomic_write_text, save_figure
 from certbnn.evaluation import plots
+from certbnn.fileio import atomic_write_text, save_figure
 from certbnn.reproduce.grid import file_stem
 
 ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
