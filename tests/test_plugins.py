@@ -41,6 +41,16 @@ class Sine(nn.Module):            # a custom forward with an operation no bound 
 def sine():
     return Sine()
 
+class Residual(nn.Module):        # a custom forward the graph engine follows: functional relu, a skip connection
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+    def forward(self, x):
+        return self.out(torch.relu(x + self.b(torch.relu(self.a(x)))))
+
+def residual():
+    return Residual()
+
 def wrong_width():
     return nn.Sequential(nn.Linear(6, 5))
 
@@ -181,6 +191,15 @@ def test_custom_forward_trains_without_bounds_and_is_refused_with_them(workdir, 
     err = _one_line_error(capsys)
     assert "bound engine cannot bound it" in err and "tinynets:sine" in err
     assert not (workdir / "ibp").exists()  # refused before any work
+
+
+def test_custom_forward_the_engine_follows_trains_robustly_and_certifies(workdir, capsys):
+    assert _train(workdir / "run", "--model", "tinynets:residual", "--likelihood", "ibp", "--eps", "0.05") == 0
+    assert "certified_accuracy_ibp" in json.loads((workdir / "run" / "metrics.json").read_text())["final"]
+    assert main(["evaluate", str(workdir / "run"), "--limit", "20", "--samples", "4", "--attacks", "",
+                 "--certificates", "per-sample", "--eps", "0.05", "--no-progress", "--device", "cpu"]) == 0
+    row = json.loads((workdir / "run" / "evaluation.json").read_text())["per_eps"][0]
+    assert 0 <= row["per_sample_certified_accuracy"] <= row["clean_accuracy"]
 
 
 @pytest.mark.parametrize("spec, message", [

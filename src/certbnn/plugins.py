@@ -179,6 +179,8 @@ def check_bounds(spec: str, model: nn.Module, input_shape: tuple[int, ...], meth
             compute_bounds(model, (probe - 0.01).clamp(0, 1), (probe + 0.01).clamp(0, 1), method)
     except CertbnnError as exc:
         raise type(exc)(f"model plug-in {spec!r}: the bound engine cannot bound it ({exc})") from None
+    except Exception as exc:  # noqa: BLE001  (tracing runs the user's forward, which may raise anything)
+        raise ConfigError(f"model plug-in {spec!r}: the bound engine cannot bound it ({_first_line(exc)})") from None
     finally:
         model.train(was_training)
 
