@@ -27,6 +27,7 @@ from certbnn.data.registry import (
     known_datasets,
     register,
     register_arrays,
+    registered_spec,
     unregister,
 )
 from certbnn.errors import DataError
@@ -34,7 +35,7 @@ from certbnn.errors import DataError
 __all__ = [
     "ArrayDataset", "DatasetSpec", "Resource", "DataError", "ENV_VAR", "cache_root",
     "find_dataset", "get_spec", "known_datasets", "load", "locate", "register",
-    "register_arrays", "search_roots", "unregister",
+    "register_arrays", "registered_spec", "search_roots", "unregister",
 ]
 
 
