@@ -176,7 +176,7 @@ def one_line(excinfo) -> str:
 BAD_FIT = [
     (lambda x, y: ((x.astype(np.float32) / 255 * np.nan, y), {}), "contains NaN"),
     (lambda x, y: ((x.astype(np.float32), y), {}), r"must lie in \[0, 1\]"),
-    (lambda x, y: ((x[:, 0], y), {}), r"must have shape \(N, C, H, W\)"),
+    (lambda x, y: ((x[:, 0], y), {}), r"must have shape \(N, C, H, W\) or \(N, D\)"),
     (lambda x, y: ((x, y[:-1]), {}), r"train_data y must have shape \(240,\)"),
     (lambda x, y: ((x, y + 5), {}), r"labels 5\.\.6, but the model has 2 outputs"),
     (lambda x, y: ((x, y.astype(np.float32)), {}), "must be integer class labels"),
@@ -257,3 +257,14 @@ def test_the_readme_api_block_runs_as_written(tmp_path, monkeypatch, capsys):
     assert "certified accuracy" in printed and "PGD accuracy" in printed
     assert isinstance(namespace["post"], certbnn.FitResult) and (tmp_path / "post.safetensors").is_file()
     assert namespace["report"].certified.shape == (6,) and namespace["adv"].x_adv.shape == (6, 1, 10, 10)
+
+
+def test_fit_and_certify_feature_vectors():
+    """(N, D) feature arrays train and certify like images (an MLP without Flatten)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((128, 12)).astype(np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    post = certbnn.fit(model, (x, y), method="sgd", likelihood="ibp", eps=0.01, epochs=2, progress=False)
+    report = certbnn.certify(model, post, x[:16], y[:16], eps=0.01, certificate="paper")
+    assert 0.0 <= report.certified_fraction <= 1.0 and len(report.certified) == 16

@@ -59,11 +59,10 @@ def as_numpy(value: Any, what: str) -> np.ndarray:
 
 
 def _images(value: Any, what: str) -> np.ndarray:
-    """(N, C, H, W) uint8, or float32 finite in [0, 1]."""
+    """Images (N, C, H, W) or feature vectors (N, D): uint8, or float32 finite in [0, 1]."""
     x = as_numpy(value, what)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise ConfigError(f"{what} must have shape (N, C, H, W) with N >= 1, got {x.shape} "
-                          "(feature vectors: reshape to (N, 1, 1, D) and start the model with nn.Flatten())")
+    if x.ndim not in (2, 4) or x.shape[0] == 0:
+        raise ConfigError(f"{what} must have shape (N, C, H, W) or (N, D) with N >= 1, got {x.shape}")
     return x if x.dtype == np.uint8 else _pixels(x, what)
 
 

@@ -115,13 +115,14 @@ def register_arrays(
     num_classes: int,
     class_names: tuple[str, ...] = (),
 ) -> DatasetSpec:
-    """Register in-memory arrays ``{split: (images (N, C, H, W) uint8 or float32 in
-    [0, 1], labels (N,))}`` as a data set usable wherever a name is accepted."""
+    """Register in-memory arrays ``{split: (inputs, labels (N,))}`` as a data set usable wherever a
+    name is accepted; inputs are images (N, C, H, W) or feature vectors (N, D), uint8 or float32
+    in [0, 1]."""
     if not splits:
         raise DataError(f"{name}: register_arrays needs at least one split")
     shapes = {tuple(np.shape(x)[1:]) for x, _ in splits.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise DataError(f"{name}: every split needs images of one shape (N, C, H, W), got {shapes}")
+    if len(shapes) != 1 or len(next(iter(shapes))) not in (1, 3):
+        raise DataError(f"{name}: every split needs inputs of one shape, (N, C, H, W) or (N, D), got {shapes}")
     frozen = {split: (np.asarray(x), np.asarray(y)) for split, (x, y) in splits.items()}
 
     def reader(_folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
