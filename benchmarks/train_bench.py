@@ -22,6 +22,7 @@ cases alike; ratios within one run are what count on a shared machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -33,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from certbnn import data
 from certbnn.bounds import compute_bounds
+from certbnn.denormals import flush_denormals
+from certbnn.errors import CertbnnError
 from certbnn.functional import detached_params
 from certbnn.inference import make_method
 from certbnn.likelihoods import BatchNLL, make_likelihood
@@ -64,18 +68,34 @@ def matmul_ceiling(rounds: int) -> float:
     return 2 * 2048 ** 3 / seconds
 
 
-def certbnn_stepper(name: str, model, likelihood: str, num_data: int, batch, **options):
-    """A closure running one certbnn step of method ``name`` (state carried between calls)."""
+def certbnn_stepper(name: str, model, likelihood: str, num_data: int, batches, **options):
+    """A closure running one certbnn step of method ``name`` on the next of ``batches`` (cycled;
+    state carried between calls), with subnormals flushed as the trainer does."""
     method = make_method(name, prior=prior_from_model(model), num_data=num_data, **options)
     generator = torch.Generator().manual_seed(0)
     like = make_likelihood(likelihood, lam=LAM) if likelihood == "ibp" else make_likelihood(likelihood)
     nll = BatchNLL(like, model, EPS, generator)
-    box = {"state": method.init(detached_params(model), generator)}
+    box = {"state": method.init(detached_params(model), generator), "next": itertools.cycle(batches)}
 
     def step() -> None:
-        box["state"], _ = method.step(box["state"], batch, nll, generator)
+        with flush_denormals():
+            box["state"], _ = method.step(box["state"], next(box["next"]), nll, generator)
 
     return step
+
+
+def training_batches(dataset: str, shape: tuple, batch_size: int, count: int = 32) -> tuple[list, str]:
+    """``count`` distinct training batches: real images when the data set loads (CERTBNN_DATA),
+    else uniform noise with random labels; and a label saying which."""
+    try:
+        images, labels = data.load(dataset, "train").tensors()
+    except CertbnnError:
+        g = torch.Generator().manual_seed(0)
+        return [(torch.rand(batch_size, *shape, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+                for _ in range(count)], "random images"
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:count * batch_size]
+    return [(images[i].float().reshape(batch_size, *shape), labels[i].long())
+            for i in order.view(count, batch_size)], f"{dataset} training batches"
 
 
 # --- hand-written plain-PyTorch references ----------------------------------------------------------
@@ -110,17 +130,22 @@ def robust_loss(logits, lo, hi, y):
                                          torch.log(torch.tensor(1 - LAM)) - robust]), 0).mean()
 
 
-def plain_bbb_stepper(model, num_data: int, batch, robust: bool = True, kl_weight: float = 0.01):
-    """Robust (or standard) BBB written in one function with torch.optim.Adam on mu and rho."""
+def plain_bbb_stepper(model, num_data: int, batches, robust: bool = True, kl_weight: float = 0.01):
+    """Robust (or standard) BBB written in one function with torch.optim.Adam on mu and rho
+    (the next of ``batches`` each call, subnormals flushed like the certbnn steps)."""
     layers = plain_layers(model)
     prior = prior_from_model(model)
     prior_std = {n: s for n, s in prior.std().items()}
     mu = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     rho = {n: torch.full_like(p, -6.9).requires_grad_() for n, p in mu.items()}
     opt = torch.optim.Adam([*mu.values(), *rho.values()], lr=3e-3)
-    x, y = batch
+    cycle = itertools.cycle(batches)
 
     def step() -> None:
+        with flush_denormals():
+            plain_step(*next(cycle))
+
+    def plain_step(x, y) -> None:
         opt.zero_grad()
         sigma = {n: F.softplus(r) for n, r in rho.items()}
         w = {n: mu[n] + sigma[n] * torch.randn_like(mu[n]) for n in mu}
@@ -204,14 +229,16 @@ def main() -> None:
 
     # item 1 ------------------------------------------------------------------------------------------
     model = build_model("mnist-mlp", (1, 28, 28), 10)
-    batch = (torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,)))
-    robust = {name: certbnn_stepper(name, model, "ibp", 60000, batch)
+    batches, source = training_batches("mnist", (1, 28, 28), BATCH)
+    print(f"data: {source} ({len(batches)} batches, cycled)")
+    batch = batches[0]
+    robust = {name: certbnn_stepper(name, model, "ibp", 60000, batches)
               for name in ("bbb", "sgd", "adam", "noisy-adam", "swag", "sghmc")}
     cases = {f"{k} (ibp)": v for k, v in robust.items()}
-    cases["plain-pytorch bbb (ibp)"] = plain_bbb_stepper(model, 60000, batch)
-    cases["bbb (standard)"] = certbnn_stepper("bbb", model, "standard", 60000, batch)
+    cases["plain-pytorch bbb (ibp)"] = plain_bbb_stepper(model, 60000, batches)
+    cases["bbb (standard)"] = certbnn_stepper("bbb", model, "standard", 60000, batches)
     times = best_times(cases, rounds, calls)
-    step_flops = flops_of(plain_bbb_stepper(model, 60000, batch))  # the same GEMMs (engine refuses global hooks)
+    step_flops = flops_of(plain_bbb_stepper(model, 60000, [batch]))  # the same GEMMs (engine refuses global hooks)
     floor = step_flops / ceiling
     bbb = times["bbb (ibp)"]
     print("\n## 1. robust BBB, MNIST MLP 784-512-10, batch 128, IBP eps 0.11, lam 0.25")
@@ -249,8 +276,8 @@ def main() -> None:
         with torch.no_grad():
             compute_bounds(cnn, lower, upper, params=post)
 
-    cases = {"bbb (ibp)": certbnn_stepper("bbb", cnn, "ibp", 50000, cb),
-             "plain-pytorch bbb (ibp)": plain_bbb_stepper(cnn, 50000, cb),
+    cases = {"bbb (ibp)": certbnn_stepper("bbb", cnn, "ibp", 50000, [cb]),
+             "plain-pytorch bbb (ibp)": plain_bbb_stepper(cnn, 50000, [cb]),
              "ibp eval": certbnn_eval, "plain-pytorch ibp eval": plain_ibp_eval(cnn, post, cb[0], S)}
     times = best_times(cases, rounds, max(1, calls // 4))
     print("\n## 5. cifar-small CNN, batch 64")

@@ -185,3 +185,26 @@ def test_automatic_burnin_is_logged_and_init_from_skips_the_hmc_warm_start(tmp_p
                                "set num_burnin=2, warm_start_epochs=0") for line in lines), lines
     _, meta = load_posterior(tmp_path / "hmc" / training.POSTERIOR)
     assert meta["sample_eps"] == [0.05] * 4
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_steps_flush_subnormals_and_the_callers_setting_is_restored(tmp_path, monkeypatch, caller_flushes):
+    """Each step runs with flush-to-zero on every thread (certbnn.denormals); afterwards the
+    caller's setting is back, whichever it was."""
+    from certbnn.denormals import flush_denormals, flushes_anywhere
+    from certbnn.inference.sgd import SGD
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    seen, step = [], SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(flushes_anywhere())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SGD, "step", recording_step)
+    with flush_denormals(caller_flushes):
+        training.train(_config(epochs=1), tmp_path / "run", progress=False, log=lambda s: None)
+        assert flushes_anywhere() == caller_flushes
+    assert seen and all(seen)
+    assert not flushes_anywhere()

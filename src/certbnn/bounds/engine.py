@@ -302,8 +302,8 @@ def compute_bounds(
     dtype = _compute_dtype(lower, dtype)
     sound = isinstance(tol, str) and tol == "sound"
     if sound:
-        lower, upper, param_bounds = _sound_inputs(model, lower, upper, params, param_bounds, spec, dtype)
-        with plain_arithmetic():
+        with plain_arithmetic():  # _sound_inputs rounds outward too
+            lower, upper, param_bounds = _sound_inputs(model, lower, upper, params, param_bounds, spec, dtype)
             return _compute(model, lower, upper, method, params, param_bounds, spec, dtype, None, intersect_ibp,
                             input_has_samples, sample_chunk, True)
     return _compute(model, lower, upper, method, params, param_bounds, spec, dtype, resolve_tol(tol, dtype),

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from certbnn.denormals import gradual_underflow
 from certbnn.errors import ConfigError
 
 SOUND_DTYPES = (torch.float32, torch.float64)
@@ -111,9 +112,11 @@ def sound_mid_rad(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
 
 @contextlib.contextmanager
 def plain_arithmetic() -> Iterator[None]:
-    """Force IEEE dot products for the duration: float32 matmul precision "highest" (no
+    """Force IEEE arithmetic for the duration: float32 matmul precision "highest" (no
     TF32/bf16 in cuBLAS or oneDNN), cuDNN TF32 off and cuDNN disabled (it may pick
-    Winograd or FFT convolutions, whose errors the gamma_n bound does not cover)."""
+    Winograd or FFT convolutions, whose errors the gamma_n bound does not cover), and
+    gradual underflow on the CPU even where the caller turned flush-to-zero on
+    (:func:`certbnn.denormals.gradual_underflow`: ``down(0)`` must stay below 0)."""
     prec = torch.get_float32_matmul_precision()
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32, cudnn_on = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled
@@ -122,7 +125,8 @@ def plain_arithmetic() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.enabled = False
-        yield
+        with gradual_underflow():
+            yield
     finally:
         torch.set_float32_matmul_precision(prec)
         torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
