@@ -219,3 +219,26 @@ def test_bbb_kl_gradient_is_the_analytic_one_for_large_rho():
     state, _ = method.step(state, batch, nll, g)
     assert_close(state.rho, expected[1])
     assert torch.isfinite(F.softplus(next(iter(state.rho.values())))).all()
+
+
+@pytest.mark.parametrize("name", ["bbb", "sgd", "adam", "noisy-adam", "swag", "sghmc"])
+def test_steps_update_the_donated_state_in_place(name):
+    """The documented contract (certbnn.inference.base): the first step packs init's tensors into
+    new buffers and leaves them as they were; later steps write the parameters into the donated
+    state's own buffer (no per-step copy) and return views of it."""
+    model, batch, nll = problem()
+    method = make_method(name, prior=prior_from_model(model), num_data=500)
+    g = torch.Generator().manual_seed(6)
+    state = method.init(detached_params(model), g)
+    initial = flatten_state(state)[0]  # the init state's own tensors (no copy)
+    first = {n: t.clone() for n, t in initial.items()}
+    state, _ = method.step(state, batch, nll, g)
+    assert all(torch.equal(first[k], initial[k]) for k in first)
+    field = next(f for f in ("mu", "params", "mean", "position") if hasattr(state, f))
+    params = getattr(state, field)
+    buffer = FlatLayout(params).backing(params)
+    assert buffer is not None
+    before = buffer.clone()
+    new, _ = method.step(state, batch, nll, g)
+    assert FlatLayout(params).backing(getattr(new, field)).data_ptr() == buffer.data_ptr()
+    assert not torch.equal(buffer, before)  # the donated tensors now hold the new values

@@ -19,6 +19,14 @@ Every method scales it as a proper log-likelihood of N points:
 
 Methods with ``full_batch = True`` (HMC) receive the whole training set as
 ``batch`` at every step (they may evaluate it in chunks).
+
+The state passed to ``step`` is DONATED (as JAX's ``donate_argnums``): the step may update
+its tensors in place and return them in the new state, so the caller must not use the old
+state (or tensors taken from it) afterwards; copy what must be kept first (checkpoints,
+stored samples and posteriors are copies). The fused steps (BBB, SGD, Adam, NoisyAdam, SWAG,
+SG-HMC) update their flat buffers in place from the second step on (the first packs the
+state from ``init`` into new buffers); HMC and VOGN return new tensors. ``end_epoch`` and
+``posterior`` leave the state usable.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, register_method
-from certbnn.inference.flat import FlatLayout, adam_flat, flat_data_gradient, prior_flat, randn_flat
+from certbnn.inference.flat import FlatLayout, adam_flat_, flat_data_gradient, prior_flat, randn_flat
 from certbnn.inference.sgd import check_betas, check_number, detached_copy, zeros_like
 from certbnn.posterior import GaussianPosterior
 from certbnn.posterior.paramdict import check_same_structure, sample_diag_gaussian
@@ -154,16 +154,14 @@ class BayesByBackprop:
         squares = (sigma * sigma).addcmul_(centred, centred)
         kl = log_std_sum - torch.log(sigma).sum() + 0.5 * torch.dot(squares, inv_var) - 0.5 * layout.numel
         step = state.num_steps + 1
-        (new_mu, new_rho), (avg_mu, avg_rho), (sq_mu, sq_rho) = adam_flat(
-            [mu, rho], [grad_mu, grad_rho],
-            [layout.pack(state.exp_avg_mu), layout.pack(state.exp_avg_rho)],
-            [layout.pack(state.exp_avg_sq_mu), layout.pack(state.exp_avg_sq_rho)],
-            step, self.lr, tuple(self.betas), self.eps)
-        data_value, kl_value = torch.stack([data_term.detach(), kl.detach()]).tolist()
+        avg_mu, avg_rho = layout.pack(state.exp_avg_mu), layout.pack(state.exp_avg_rho)
+        sq_mu, sq_rho = layout.pack(state.exp_avg_sq_mu), layout.pack(state.exp_avg_sq_rho)
+        data_value, kl_value = torch.stack([data_term.detach(), kl.detach()]).tolist()  # before mu, rho change
+        adam_flat_([mu, rho], [grad_mu, grad_rho], [avg_mu, avg_rho], [sq_mu, sq_rho], step, self.lr,
+                   tuple(self.betas), self.eps)
         info = {"loss": data_value + scale * kl_value, "nll": data_value, "kl": kl_value}
         views = layout.views
-        return BBBState(views(new_mu), views(new_rho), views(avg_mu), views(sq_mu), views(avg_rho), views(sq_rho),
-                        step), info
+        return BBBState(views(mu), views(rho), views(avg_mu), views(sq_mu), views(avg_rho), views(sq_rho), step), info
 
     def end_epoch(self, state: BBBState, epoch: int) -> BBBState:
         return state

@@ -5,7 +5,10 @@ with a handful of vectorised calls over one buffer instead of a few kernels per 
 A state keeps its documented layout -- dicts ``name -> tensor`` -- whose tensors are views
 of the buffer, so :func:`~certbnn.inference.base.flatten_state` checkpoints it unchanged and a
 restored state (separate tensors) is packed once, on its first step, into the same layout
-(same element positions, hence bit-identical continuation).
+(same element positions, hence bit-identical continuation). The steps update the buffers in
+place (the state passed to ``step`` is donated: :mod:`certbnn.inference.base`); a state that is
+not laid out so (fresh from ``init``, restored) is packed into new buffers, leaving its tensors as
+they were.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from certbnn.priors import GaussianPrior
 
-__all__ = ["FlatLayout", "adam_flat", "flat_data_gradient", "prior_flat", "randn_flat"]
+__all__ = ["FlatLayout", "adam_flat_", "flat_data_gradient", "prior_flat", "randn_flat"]
 
 
 class FlatLayout:
@@ -110,26 +113,22 @@ def randn_flat(layout: FlatLayout, num_samples: int, like: Tensor, generator: to
     return noise
 
 
-def adam_flat(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor],
-              step: int, lr: float, betas: tuple[float, float], eps: float) -> tuple[list[Tensor], ...]:
-    """One bias-corrected Adam step number ``step`` on flat buffers, out of place: new
-    ``(params, exp_avg, exp_avg_sq)`` lists; the inputs are not modified. ``grads`` are consumed
-    (they may be overwritten). Same equations as :func:`certbnn.inference.sgd.adam_update`:
-    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
+def adam_flat_(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor],
+               step: int, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """One bias-corrected Adam step number ``step`` on flat buffers, IN PLACE on ``params``,
+    ``exp_avg`` and ``exp_avg_sq`` (the steps' state is donated, see
+    :mod:`certbnn.inference.base`); ``grads`` may be overwritten. Same equations as
+    :func:`certbnn.inference.sgd.adam_update`: ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
     ``theta <- theta - (lr / c1) m / (sqrt(v / c2) + eps)`` with ``c_i = 1 - b_i^step``."""
     beta1, beta2 = betas
-    new_p = [p.clone() for p in params]
-    new_m = [m.clone() for m in exp_avg]
-    new_v = [v.clone() for v in exp_avg_sq]
     fused = getattr(torch, "_fused_adam_", None)
     if fused is not None and all(p.device.type in ("cpu", "cuda") for p in params):
         steps = [torch.tensor(float(step), device=p.device) for p in params]
-        fused(new_p, grads, new_m, new_v, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
-              amsgrad=False, maximize=False)
-        return new_p, new_m, new_v
+        fused(params, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+              eps=eps, amsgrad=False, maximize=False)
+        return
     correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    for p, g, m, v in zip(new_p, grads, new_m, new_v):
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         p.addcdiv_(m, (v / correction2).sqrt_().add_(eps), value=-lr / correction1)
-    return new_p, new_m, new_v

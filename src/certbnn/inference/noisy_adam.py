@@ -175,10 +175,10 @@ class NoisyAdam(PrecisionVI):
         exp_avg = torch.addcmul(grads.sum(0), centred, lam, value=1.0 / n_eff).mul_(1.0 - beta1)
         exp_avg.add_(m_old, alpha=beta1)
         # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)), rounded as the reference: s - b2^t s_0 cancels
-        exp_avg_sq = torch.mul(s_old, beta2).add_(grads.square().sum(0).mul_(S * (1.0 - beta2)))
+        exp_avg_sq = s_old.mul_(beta2).add_(grads.square_().sum(0).mul_(S * (1.0 - beta2)))  # in place (donated)
         denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
         denominator.add_(lam, alpha=1.0 / n_eff)
-        mean = torch.addcdiv(mu, exp_avg, denominator, value=-self.lr / correction1)
+        mean = mu.addcdiv_(exp_avg, denominator, value=-self.lr / correction1)
         views = layout.views
         return NoisyAdamState(views(mean), views(exp_avg), views(exp_avg_sq), step), {"nll": float(nll_value)}
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
-from certbnn.inference.flat import FlatLayout, adam_flat, flat_data_gradient, prior_flat
+from certbnn.inference.flat import FlatLayout, adam_flat_, flat_data_gradient, prior_flat
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
@@ -148,20 +148,21 @@ def map_gradient_flat(layout: FlatLayout, params: Tensor, batch: Batch, nll: NLL
 
 def sgd_update_flat(params: Tensor, grad: Tensor, velocity: Tensor, lr: float, momentum: float,
                     weight_decay: float) -> tuple[Tensor, Tensor]:
-    """:func:`sgd_update` on flat buffers, out of place (``grad`` is consumed)."""
+    """:func:`sgd_update` on flat buffers: ``(params, new velocity)``, ``params`` updated in
+    place, the new velocity in ``grad``'s buffer (``grad`` is consumed)."""
     if weight_decay != 0:
         grad.add_(params, alpha=weight_decay)
     new_velocity = grad.add_(velocity, alpha=momentum) if momentum != 0 else grad
-    return torch.add(params, new_velocity, alpha=-lr), new_velocity
+    return params.add_(new_velocity, alpha=-lr), new_velocity
 
 
 def adam_update_flat(params: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
                      betas: tuple[float, float], eps: float, weight_decay: float) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`adam_update` on flat buffers, out of place (``grad`` is consumed)."""
+    """:func:`adam_update` on flat buffers, in place (``grad`` is consumed); returns the three buffers."""
     if weight_decay != 0:
         grad.add_(params, alpha=weight_decay)
-    (p,), (m,), (v,) = adam_flat([params], [grad], [exp_avg], [exp_avg_sq], step, lr, betas, eps)
-    return p, m, v
+    adam_flat_([params], [grad], [exp_avg], [exp_avg_sq], step, lr, betas, eps)
+    return params, exp_avg, exp_avg_sq
 
 
 def zeros_like(params: Params) -> Params:

@@ -146,7 +146,7 @@ class SGHMC:
         velocity = torch.add(grad.mul_(-lr * self.num_data), pull, alpha=-lr * temperature)
         velocity.add_(layout.pack(state.velocity), alpha=1.0 - self.friction)
         velocity.add_(noise, alpha=(2.0 * self.friction * lr * temperature) ** 0.5)
-        position, velocity = layout.views(flat + velocity), layout.views(velocity)
+        position, velocity = layout.views(flat.add_(velocity)), layout.views(velocity)  # in place (donated)
         num_steps = state.num_steps + 1
         samples, sample_eps = state.samples, state.sample_eps
         if num_steps > self.burnin and (num_steps - self.burnin) % self.thin == 0:
