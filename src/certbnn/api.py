@@ -48,7 +48,8 @@ from certbnn.config import TrainConfig
 from certbnn.errors import ConfigError
 from certbnn.evaluation import metrics
 from certbnn.evaluation.robustness import attack as attack_predictive
-from certbnn.evaluation.runner import EvalOptions, _certificate, _Chunks, _summarise
+from certbnn.evaluation.runner import Chunks, EvalOptions, summarise
+from certbnn.evaluation.runner import certificate as run_certificate
 from certbnn.fileio import atomic_write_text
 from certbnn.models import (
     fingerprint_difference,
@@ -249,9 +250,9 @@ def certify(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, 
         common = {"method": options.bound, "dtype": torch.float32 if certify_float32 else torch.float64}
         eps_value = options.eps[0]
         per_chunk = chunks.map(f"{name}/{eps_value}", _progress(
-            lambda xb, yb, gen: _certificate(name, placed, moved, params, xb, yb, eps_value, options, gen, common),
+            lambda xb, yb, gen: run_certificate(name, placed, moved, params, xb, yb, eps_value, options, gen, common),
             len(chunks.parts), f"certify {name}", progress))
-        summary = _summarise(name, per_chunk, correct)
+        summary = summarise(name, per_chunk, correct)
     details = {key: torch.cat([torch.as_tensor(c[key]).reshape(-1).cpu() for c in per_chunk])
                for key, value in per_chunk[0].items() if isinstance(value, Tensor) and value.dim() == 1}
     decided = details.pop("certified") if "certified" in details else details["rate"] == 1.0
@@ -358,7 +359,7 @@ def _evaluation(model: nn.Module, posterior: Posterior, x: Any, y: Any, options:
         with torch.no_grad():
             probs = metrics.predictive_probs(placed, params, xs)[0]
         check_labels(ys.cpu().numpy(), probs.shape[-1], "y")
-        yield placed, posterior, params, xs, ys, _Chunks(xs, ys, options.seed, None, device, options.chunk_size), probs
+        yield placed, posterior, params, xs, ys, Chunks(xs, ys, options.seed, None, device, options.chunk_size), probs
 
 
 def _progress(fn, total: int, desc: str, enabled: bool):

@@ -8,8 +8,15 @@ import torch
 from certbnn.bounds import compute_bounds, margin_spec
 from certbnn.bounds.rounding import sound_mid_rad
 from certbnn.evaluation import certify, stats
-from certbnn.evaluation.certify import (box_log_mass_lower, certify_paper, certify_statistical, certify_weight_box,
-                                        per_sample_certified, threshold_k, weight_box_grid)
+from certbnn.evaluation.certify import (
+    box_log_mass_lower,
+    certify_paper,
+    certify_statistical,
+    certify_weight_box,
+    per_sample_certified,
+    threshold_k,
+    weight_box_grid,
+)
 from certbnn.functional import detached_params
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior
@@ -218,7 +225,7 @@ def test_paper_mlp_fast_path_matches_the_generic_engine(net, sound, dtype, monke
             assert bool((fast[0] <= plain[0]).all() and (fast[1] >= plain[1]).all())
             slack = 1e-4 if dtype == torch.float32 else 1e-12
             assert bool((fast[0] >= generic[0] - slack).all() and (fast[1] <= generic[1] + slack).all())
-        kw = dict(generator=torch.Generator().manual_seed(2), sound=sound, dtype=dtype)
+        kw = {"generator": torch.Generator().manual_seed(2), "sound": sound, "dtype": dtype}
         res = certify_paper(model, posterior, x, y, eps, **kw)
         with monkeypatch.context() as m:
             m.setattr(certify, "mlp_linears", lambda model: None)  # the generic engine
@@ -235,3 +242,22 @@ def test_sound_point_boxes_have_radius_zero_not_subnormal():
     assert bool(((c - r <= lo) & (c + r >= hi)).all())
     smallest_normal = torch.finfo(torch.float32).tiny
     assert not bool(((r != 0) & (r.abs() < smallest_normal)).any())
+
+
+def test_paper_arithmetic_setting(net):
+    """``EvalOptions.paper_arithmetic``: typed and range-checked; "authors" runs the plain float32
+    protocol, "sound" (the default) the rigorous one in the certificates' dtype."""
+    from certbnn.errors import ConfigError
+    from certbnn.evaluation.runner import EvalOptions, certificate
+
+    assert EvalOptions().validate().paper_arithmetic == "sound"
+    with pytest.raises(ConfigError, match="paper_arithmetic"):
+        EvalOptions(paper_arithmetic="tf").validate()
+    model, posterior, x, y = net
+    common = {"method": "ibp", "dtype": torch.float64}
+    for arithmetic, kw in (("authors", {"sound": False, "dtype": torch.float32}), ("sound", common)):
+        options = EvalOptions(paper_arithmetic=arithmetic).validate()
+        got = certificate("paper", model, posterior, None, x, y, 0.06, options, torch.Generator().manual_seed(3),
+                          common)
+        want = certify_paper(model, posterior, x, y, 0.06, generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(got["sample_fraction"], want["sample_fraction"])

@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight-box certificate: rounds of per-point, per-tensor pattern search on the box radii "
                         "after the shared grid of common k, each 2 x (parameter tensors) x 6 bound passes per "
                         "point (slow: default 0, the common k only)")
+    p.add_argument("--paper-arithmetic", choices=["sound", "authors"], default="sound",
+                   help="paper certificate's logit bounds: sound = rigorous in floating point (outward rounding, "
+                        "in --certify-float32's dtype; default), authors = the authors' plain round-to-nearest "
+                        "float32 IBP (reproduces their numbers; not a sound bound)")
     p.add_argument("--ood", metavar="DATASET", help="out-of-distribution test set, e.g. fashion-mnist")
     p.add_argument("--ood-fgsm-eps", type=float, help="also score FGSM examples at this eps as OOD (paper: 0.3)")
     p.add_argument("--radius", action="store_true", help="certified radius per point by bisection (decision certificate, the same --samples draws); "
@@ -81,7 +85,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                           float64=args.float64, certify_float32=args.certify_float32, limit=args.limit,
                           points=args.points, samples=args.samples, pgd_steps=args.pgd_steps,
                           pgd_restarts=args.pgd_restarts, confidence=args.confidence, threshold=args.threshold,
-                          weight_box_refine=args.weight_box_refine,
+                          weight_box_refine=args.weight_box_refine, paper_arithmetic=args.paper_arithmetic,
                           ood=args.ood, ood_fgsm_eps=args.ood_fgsm_eps, radius=args.radius, seed=args.seed,
                           data_dir=args.data_dir, device=args.device,
                           chunk_size=args.chunk_size)
