@@ -116,6 +116,24 @@ def test_potential_is_scaled_nll_minus_log_prior_and_chunking_is_exact(blr, temp
             assert torch.allclose(got, want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_potential_flushes_subnormals_only_inside_and_restores_the_caller(blr, caller_flushes):
+    """``flush_denormals`` (default on) changes no value here and leaves the caller's FTZ/DAZ
+    setting as it was; the potential equals the unflushed one."""
+    from certbnn.denormals import flush_denormals, flushes_anywhere
+
+    params = {n: p + 0.1 for n, p in detached_params(blr.model).items()}
+    flushed = HMC(warm_start_epochs=0, prior=blr.prior, num_data=90, chunk_size=7)
+    plain = dataclasses.replace(flushed, flush_denormals=False)
+    with flush_denormals(caller_flushes):
+        u, grad = flushed.potential_and_grad(params, (blr.x, blr.y), blr.nll)
+        assert flushes_anywhere() == caller_flushes
+        u_plain, grad_plain = plain.potential_and_grad(params, (blr.x, blr.y), blr.nll)
+        assert flushes_anywhere() == caller_flushes
+    assert torch.allclose(u, u_plain, rtol=1e-12)
+    assert all(torch.allclose(grad[n], grad_plain[n], rtol=1e-10) for n in grad)
+
+
 def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     # The energy error of leapfrog with the kinetic energy it integrates is O(eps^2) over
     # a fixed trajectory time; with an integrator that ignored M^{-1} it would be O(1).
