@@ -72,6 +72,81 @@ def affine_ibp_with_point(x: Tensor, lower: Tensor, upper: Tensor, apply, W: Ten
     return y[:, :x.shape[1]], yc - yr, yr.add_(yc)
 
 
+class _LinearPointIBP(torch.autograd.Function):
+    """:func:`affine_ibp_with_point` of a Linear layer with a point weight ``W`` ``(out, in)``, one
+    batch ``x`` ``(Bx, in)`` and one box ``[lower, upper]`` ``(B, in)``, with a hand-written backward:
+    the same values and gradients as the autograd of the plain ops, in fewer passes (no ``cat``
+    in either direction, the ``|W|`` path's weight gradient ``sign(W) * (g_r^T r)`` folded into the
+    weight gradient's GEMM, no input gradients where none is needed)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, W: Tensor, b: Tensor | None):
+        Bx = x.shape[0]
+        X = x.new_empty((Bx + lower.shape[0], x.shape[1]))  # [x; c] for ONE GEMM
+        X[:Bx].copy_(x)
+        torch.add(lower, upper, out=X[Bx:]).div_(2)
+        r = torch.sub(upper, lower).div_(2)
+        absW = W.abs()
+        y = F.linear(X, W, b)
+        yr = F.linear(r, absW)
+        yc = y[Bx:]
+        ctx.save_for_backward(X, r, W, absW)
+        ctx.has_bias, ctx.Bx = b is not None, Bx
+        return y[:Bx], yc - yr, yr.add_(yc)
+
+    @staticmethod
+    def backward(ctx, g_x: Tensor | None, g_lo: Tensor | None, g_hi: Tensor | None):
+        X, r, W, absW = ctx.saved_tensors
+        Bx = ctx.Bx
+        zero = X.new_zeros(())
+        g_lo = zero.expand(X.shape[0] - Bx, W.shape[0]) if g_lo is None else g_lo
+        g_hi = zero.expand(X.shape[0] - Bx, W.shape[0]) if g_hi is None else g_hi
+        g_y = X.new_empty((X.shape[0], W.shape[0]))
+        if g_x is None:
+            g_y[:Bx].zero_()
+        else:
+            g_y[:Bx].copy_(g_x)
+        torch.add(g_lo, g_hi, out=g_y[Bx:])  # d/dc of yc - yr and yc + yr
+        g_r = g_hi - g_lo
+        grad_x = grad_lower = grad_upper = grad_W = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_W = torch.mm(g_r.t(), r).mul_(torch.sgn(W)).addmm_(g_y.t(), X)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_b = g_y.sum(0)
+        if any(ctx.needs_input_grad[:3]):
+            g_X, g_rin = torch.mm(g_y, W), torch.mm(g_r, absW)
+            grad_x, g_c = g_X[:Bx], g_X[Bx:]
+            grad_lower, grad_upper = (g_c - g_rin).div_(2), g_rin.add_(g_c).div_(2)
+        return grad_x, grad_lower, grad_upper, grad_W, grad_b
+
+
+def _plain_autograd() -> bool:
+    """No torch-function mode (e.g. VOGN's analytic squared gradients) or functorch transform
+    (vmap, grad) is active: a custom autograd Function sees the same ops the plain code would."""
+    return not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active()
+
+
+def linear_ibp_with_point(x: Tensor, lower: Tensor, upper: Tensor, W: Tensor,
+                          b: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`affine_ibp_with_point` with :func:`linear_apply` through :class:`_LinearPointIBP`
+    when ``W`` is one matrix (``(out, in)`` or one sample ``(1, out, in)``) and ``x``, ``lower``,
+    ``upper`` are ``(1, B, in)``; None otherwise (the caller then takes the general path)."""
+    if not (x.dim() == lower.dim() == upper.dim() == 3 and x.shape[0] == lower.shape[0] == 1
+            and lower.shape == upper.shape and W.dim() in (2, 3) and _plain_autograd()):
+        return None
+    if W.dim() == 3:
+        if W.shape[0] != 1 or (b is not None and b.dim() != 2):
+            return None
+        W, b = W.view(W.shape[1:]), None if b is None else b.view(b.shape[1:])
+    elif b is not None and b.dim() != 1:
+        return None
+    if x.dtype != W.dtype or lower.dtype != W.dtype or upper.dtype != W.dtype:
+        return None
+    p, lo, hi = _LinearPointIBP.apply(x.reshape(x.shape[1:]), lower.reshape(lower.shape[1:]),
+                                      upper.reshape(upper.shape[1:]), W, b)
+    return p.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
+
+
 def _per_example_apply(W: Tensor, x: Tensor) -> Tensor:
     """``W_b x_b`` for per-example ``W`` ``([S,] B, K, in)`` and ``x`` ``(Sx, B, in)`` -> ``(S, B, K)``."""
     if W.dim() == 3:
@@ -94,8 +169,13 @@ class BoundLinear(LinearOp):
         return affine_ibp(lower, upper, linear_apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias"))
 
     def ibp_with_point(self, x: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(forward(x), *ibp(lower, upper))`` sharing one GEMM (:func:`affine_ibp_with_point`)."""
+        """``(forward(x), *ibp(lower, upper))`` sharing one GEMM (:func:`affine_ibp_with_point`;
+        :func:`linear_ibp_with_point` for one weight matrix)."""
         v, rad = self.t.values, self.t.radius
+        if rad.get("weight") is None and rad.get("bias") is None:
+            fast = linear_ibp_with_point(x, lower, upper, v["weight"], v.get("bias"))
+            if fast is not None:
+                return fast
         return affine_ibp_with_point(x, lower, upper, linear_apply, v["weight"], v.get("bias"), rad.get("weight"),
                                      rad.get("bias"))
 
