@@ -209,6 +209,42 @@ def test_point_and_ibp_matches_forward_and_compute_bounds(spec, shape, num_sampl
     assert_close(g_fast, g_slow, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("used", ["all", "bounds only"])
+def test_linear_point_ibp_function_gradients_match_plain_autograd(bias, used):
+    """The hand-written backward of the joint Linear pass against autograd of the plain ops
+    (every input: point, box ends, weight, bias), including an unused clean output."""
+    from certbnn.bounds.base import mid_rad
+    from certbnn.bounds.ops_linear import _LinearPointIBP
+
+    torch.manual_seed(0)
+    x, a, b2 = torch.randn(5, 7, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64), torch.rand(6, 7)
+    lower, upper = a, a + b2.double()
+    W, b = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, dtype=torch.float64) if bias else None
+    inputs = [t.clone().requires_grad_() for t in (x, lower, upper, W)] + ([b.clone().requires_grad_()] if bias else [])
+
+    def plain(x, lower, upper, W, b=None):
+        c, r = mid_rad(lower, upper)
+        yc, yr = F.linear(c, W, b), F.linear(r, W.abs())
+        return F.linear(x, W, b), yc - yr, yc + yr
+
+    def fused(x, lower, upper, W, b=None):
+        return _LinearPointIBP.apply(x, lower, upper, W, b)
+
+    weights = [torch.randn(5, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
+               torch.randn(6, 4, dtype=torch.float64)]
+    results = []
+    for fn in (plain, fused):
+        outs = fn(*inputs)
+        assert all(torch.allclose(o, e) for o, e in zip(outs, plain(*inputs)))
+        first = 0 if used == "all" else 1
+        loss = sum((o * w).sum() for o, w in list(zip(outs, weights))[first:])
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        results.append([torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)])
+    for g_plain, g_fused in zip(*results):
+        torch.testing.assert_close(g_fused, g_plain)
+
+
 def test_bbb_kl_gradient_is_the_analytic_one_for_large_rho():
     """softplus saturates (rho > 20): the analytic d/drho = d/dsigma sigmoid(rho) still matches autograd."""
     model, batch, nll = problem()
