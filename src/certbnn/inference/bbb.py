@@ -149,7 +149,8 @@ class BayesByBackprop:
         centred = mu if mean is None else mu - mean
         grad_mu = torch.addcmul(grad_w.sum(0) if self.num_samples > 1 else grad_w[0], centred, inv_var, value=scale)
         grad_sigma = (grad_w * noise).sum(0) if self.num_samples > 1 else grad_w[0].mul_(noise[0])
-        grad_sigma.addcmul_(sigma, inv_var, value=scale).sub_(sigma.reciprocal(), alpha=scale)
+        ones = sigma.new_ones(()).expand_as(sigma)  # - scale / sigma in one pass, no reciprocal buffer
+        grad_sigma.addcmul_(sigma, inv_var, value=scale).addcdiv_(ones, sigma, value=-scale)
         grad_rho = grad_sigma.mul_(torch.sigmoid(rho))
         squares = (sigma * sigma).addcmul_(centred, centred)
         kl = log_std_sum - torch.log(sigma).sum() + 0.5 * torch.dot(squares, inv_var) - 0.5 * layout.numel
