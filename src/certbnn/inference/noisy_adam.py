@@ -172,10 +172,12 @@ class NoisyAdam(PrecisionVI):
         initial_share = beta2 ** step * self.initial_precision / n_eff  # b2^t s_0
         centred = mu if prior_mean is None else mu - prior_mean
         # m <- b1 m + (1 - b1) (mean_k g_k + lambda (mu - mu_prior) / N);  s <- b2 s + (1 - b2) mean_k g_k^2
-        exp_avg = torch.addcmul(grads.sum(0), centred, lam, value=1.0 / n_eff).mul_(1.0 - beta1)
+        g = grads[0] if S == 1 else grads.sum(0)
+        exp_avg = torch.addcmul(g, centred, lam, value=1.0 / n_eff).mul_(1.0 - beta1)
         exp_avg.add_(m_old, alpha=beta1)
         # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)), rounded as the reference: s - b2^t s_0 cancels
-        exp_avg_sq = s_old.mul_(beta2).add_(grads.square_().sum(0).mul_(S * (1.0 - beta2)))  # in place (donated)
+        squares = grads.square_()[0] if S == 1 else grads.square_().sum(0)
+        exp_avg_sq = s_old.mul_(beta2).add_(squares.mul_(S * (1.0 - beta2)))  # in place (donated)
         denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
         denominator.add_(lam, alpha=1.0 / n_eff)
         mean = mu.addcdiv_(exp_avg, denominator, value=-self.lr / correction1)
