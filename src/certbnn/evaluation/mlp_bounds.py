@@ -157,6 +157,16 @@ def _augmented(W: Tensor, alpha: Tensor) -> Tensor:
     return torch.cat([W.abs(), alpha], -1)
 
 
+def _hidden(W: Tensor, b: Tensor | None, alpha: Tensor | None, beta: Tensor | None) -> tuple:
+    """A later layer's operands for :func:`_block`: ``W^T``, ``|W|^T`` (both halved when that is
+    exact: no subnormal weight), bias, ``alpha^T``, ``beta`` and whether they were halved."""
+    half = W * 0.5
+    halved = bool(torch.equal(half * 2, W))
+    Wb = half if halved else W
+    return (Wb.transpose(1, 2), None if b is None else b.unsqueeze(1), Wb.abs().transpose(1, 2),
+            None if alpha is None else alpha.transpose(1, 2), None if beta is None else beta.unsqueeze(1), halved)
+
+
 def _block(first: tuple, rest: list[tuple], c: Tensor, r: Tensor, sound: bool) -> tuple[Tensor, Tensor]:
     """Bounds ``(S', P, K)`` of one block of ``S'`` samples and ``P`` points (see :func:`mlp_logit_bounds`)."""
     W1t, b1, R1t, beta1, S = first
@@ -164,16 +174,19 @@ def _block(first: tuple, rest: list[tuple], c: Tensor, r: Tensor, sound: bool) -
     yr = r @ R1t if beta1 is None else torch.addmm(beta1, r, R1t)
     l, u = torch.sub(yc, yr), yc.add_(yr)  # (P, S' * H)
     l, u = l.view(l.shape[0], S, -1).transpose(0, 1), u.view(u.shape[0], S, -1).transpose(0, 1)  # (S', P, H)
-    for Wt, bb, Rt, alpha, beta in rest:
+    for Wt, bb, Rt, alpha, beta, halved in rest:
         l, u = l.relu_(), u.relu_()  # 0 <= l <= u: max(|l|, |u|) = u
-        cc = (l + u).mul_(0.5)
-        rr = torch.sub(u, l).mul_(0.5)
-        yc = torch.bmm(cc, Wt) if bb is None else torch.baddbmm(bb, cc, Wt)
-        if sound:  # the Cauchy-Schwarz terms alpha . sigma: G more products of the dot product yr
+        if sound:  # sigma from u before it is overwritten
             sigma = _sigma_sq(_groups(u * u).sum(-1), GROUP, u.dtype)
             overflow = torch.isinf(sigma)
             if bool(overflow.any()):  # squares above the float range: the scaled float64 norm there
                 sigma = torch.where(overflow, cast_up(_norm_up(_groups(u)), u.dtype), sigma)
+        # c = (l + u) / 2 and r = (u - l) / 2; the halving is folded into the weights when exact there
+        cc, rr = torch.add(l, u), u.sub_(l)
+        if not halved:
+            cc, rr = cc.mul_(0.5), rr.mul_(0.5)
+        yc = torch.bmm(cc, Wt) if bb is None else torch.baddbmm(bb, cc, Wt)
+        if sound:  # the Cauchy-Schwarz terms alpha . sigma: G more products of the dot product yr
             yr = torch.baddbmm(beta, rr, Rt).baddbmm_(sigma, alpha)
         else:
             yr = torch.bmm(rr, Rt)
@@ -218,9 +231,8 @@ def mlp_logit_bounds(model: nn.Module, params: Mapping[str, Tensor], lower: Tens
             R1 = _augmented(W1[g], alpha1[g]) if sound else W1[g].abs()
             first = (W1[g].reshape(n_s * H, -1).t(), None if b1 is None else b1[g].reshape(-1),
                      R1.reshape(n_s * H, -1).t(), None if beta1 is None else beta1[g].reshape(-1), n_s)
-            rest = [(W[g].transpose(1, 2), None if b is None else b[g].unsqueeze(1), W[g].abs().transpose(1, 2),
-                     None if a is None else a[g].transpose(1, 2), None if be is None else be[g].unsqueeze(1))
-                    for (W, b), (a, be) in zip(layers[1:], coeffs[1:])]
+            rest = [_hidden(W[g], None if b is None else b[g], None if a is None else a[g],
+                            None if be is None else be[g]) for (W, b), (a, be) in zip(layers[1:], coeffs[1:])]
             for p in range(0, B, POINT_CHUNK):
                 pts = slice(p, p + POINT_CHUNK)
                 out_lo[g, pts], out_hi[g, pts] = _block(first, rest, c0[pts], r0[pts], sound)
