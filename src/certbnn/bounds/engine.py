@@ -67,7 +67,8 @@ def _compute_dtype(lower: Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | None,
-                   dtype: torch.dtype | None, input_has_samples: bool | None) -> tuple[Tensor, Tensor, bool]:
+                   dtype: torch.dtype | None, input_has_samples: bool | None,
+                   check_order: bool = True) -> tuple[Tensor, Tensor, bool]:
     lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
     if dtype is not None:
         lower, upper = lower.to(dtype), upper.to(dtype)
@@ -75,7 +76,7 @@ def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | No
         raise ConfigError(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
     if not lower.is_floating_point() or lower.dtype != upper.dtype:
         raise ConfigError(f"lower/upper must share one floating dtype, got {lower.dtype} and {upper.dtype}")
-    if known_true((lower > upper).any()):
+    if check_order and known_true((lower > upper).any()):
         raise ConfigError("input box has lower > upper somewhere")
     if input_has_samples is None:
         rank = _expected_rank(ops)
@@ -168,7 +169,7 @@ def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method:
 
 
 def point_and_ibp(model: nn.Module, x: Tensor, lower: Tensor, upper: Tensor,
-                  params: ParamDict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  params: ParamDict | None = None, check_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(model(x), lower_bound, upper_bound)``: the forward pass at ``x`` and plain IBP over
     ``[lower, upper]`` (``tol=None``) in ONE pass through the layers, for training losses.
 
@@ -178,10 +179,12 @@ def point_and_ibp(model: nn.Module, x: Tensor, lower: Tensor, upper: Tensor,
     ``forward`` and ``ibp``. Equal to :func:`certbnn.functional.forward` and
     ``compute_bounds(method="ibp")`` up to float rounding (the same products, summed in
     one GEMM). Raises :class:`UnsupportedLayerError` for models the layer engine cannot bound.
+    ``check_order=False`` skips the ``lower <= upper`` check (a pass over the box) for callers that
+    build the box so.
     """
     dtype = _compute_dtype(lower, None)
     ops, S = build_ops(model, params, None, dtype)
-    l, u, _ = _prepare_input(ops, lower, upper, S, dtype, False)
+    l, u, _ = _prepare_input(ops, lower, upper, S, dtype, False, check_order)
     p = x.to(dtype).unsqueeze(0)
     for op in ops:
         op.in_shape, op.sound = l.shape[2:], False
