@@ -173,11 +173,14 @@ class NoisyAdam(PrecisionVI):
         centred = mu if prior_mean is None else mu - prior_mean
         # m <- b1 m + (1 - b1) (mean_k g_k + lambda (mu - mu_prior) / N);  s <- b2 s + (1 - b2) mean_k g_k^2
         g = grads[0] if S == 1 else grads.sum(0)
-        exp_avg = torch.addcmul(g, centred, lam, value=1.0 / n_eff).mul_(1.0 - beta1)
-        exp_avg.add_(m_old, alpha=beta1)
-        # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)), rounded as the reference: s - b2^t s_0 cancels
-        squares = grads.square_()[0] if S == 1 else grads.square_().sum(0)
-        exp_avg_sq = s_old.mul_(beta2).add_(squares.mul_(S * (1.0 - beta2)))  # in place (donated)
+        # in place (donated): m <- m + (1 - b1) (target - m), one pass
+        exp_avg = m_old.lerp_(torch.addcmul(g, centred, lam, value=1.0 / n_eff), 1.0 - beta1)
+        # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)); one sample: b2 s + (1 - b2) g^2 by one
+        # addcmul_ (s - b2^t s_0 cancels below: the reference test pins the rounding's effect)
+        if S == 1:
+            exp_avg_sq = s_old.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        else:
+            exp_avg_sq = s_old.mul_(beta2).add_(grads.square_().sum(0).mul_(S * (1.0 - beta2)))
         denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
         denominator.add_(lam, alpha=1.0 / n_eff)
         mean = mu.addcdiv_(exp_avg, denominator, value=-self.lr / correction1)
