@@ -94,13 +94,18 @@ def _groups(t: Tensor) -> Tensor:
     """``t`` ``(..., n)`` zero-padded and viewed as ``(..., G, GROUP)`` (contiguous groups of features)."""
     n = t.shape[-1]
     G = -(-n // GROUP)
-    return torch.nn.functional.pad(t, (0, G * GROUP - n)).view(*t.shape[:-1], G, GROUP)
+    padded = t if G * GROUP == n else torch.nn.functional.pad(t, (0, G * GROUP - n))
+    return padded.reshape(*t.shape[:-1], G, GROUP)
 
 
 def _norm_up(t: Tensor) -> Tensor:
-    """Upper bound (float64) on the 2-norm over the last dim of ``t``: float64 sum of squares after
-    an exact power-of-two scaling by the largest entry (no overflow; what underflows is below
-    ``2^-1000`` of the norm), then a ``1e-9`` relative slack (the sum has >= 50 correct bits)."""
+    """Upper bound (float64) on the 2-norm over the last dim of ``t``. float32 ``t``: the float64
+    norm (no float32 value overflows or underflows when squared in float64) with a ``1e-9``
+    relative slack, far above the float64 error of any summation order (``n 2^-53``, ``n < 2^20``).
+    float64 ``t``: a float64 sum of squares after an exact power-of-two scaling by the largest
+    entry (no overflow; what underflows is below ``2^-1000`` of the norm), then the same slack."""
+    if t.dtype == torch.float32:
+        return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64) * (1 + 1e-9)
     t = t.double().abs()
     m = t.amax(-1, keepdim=True)
     scale = torch.where(m > 0, torch.exp2(torch.frexp(m).exponent.double()), torch.ones_like(m))
@@ -130,8 +135,7 @@ def _error_coefficients(W: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
     g = _gamma(n + G + 1, u)
     q = g + u * (1 + g)  # coefficient of Q + |b|
     d = 1 - q
-    Wd = W.double()
-    w_g, w = _norm_up(_groups(Wd)), _norm_up(Wd)
+    w_g, w = _norm_up(_groups(W)), _norm_up(W)
     alpha = w_g * ((q * (1 + u) + u) / d * _MARGIN)
     beta = w * ((2 * q + 2) * tiny * math.sqrt(n) / d * _MARGIN) + (2 * n + 2 * G + 3) * (1 + u) * tiny / d * 2
     if b is not None:
@@ -153,8 +157,11 @@ def _first_sigma(lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def _augmented(W: Tensor, alpha: Tensor) -> Tensor:
-    """``[|W|, alpha]``: ``(S, out, in + G)``."""
-    return torch.cat([W.abs(), alpha], -1)
+    """``[|W|, alpha]``: ``(S, out, in + G)``, written in place (no intermediate ``|W|``)."""
+    out = W.new_empty(*W.shape[:-1], W.shape[-1] + alpha.shape[-1])
+    torch.abs(W, out=out[..., :W.shape[-1]])
+    out[..., W.shape[-1]:] = alpha
+    return out
 
 
 def _hidden(W: Tensor, b: Tensor | None, alpha: Tensor | None, beta: Tensor | None) -> tuple:
