@@ -150,7 +150,7 @@ class IntervalRobust:
 
         try:
             logits, lo, hi = point_and_ibp(model, x, (x - eps).clamp_(0.0, 1.0), (x + eps).clamp_(0.0, 1.0),
-                                           params=params, check_order=eps >= 0)  # x - eps <= x + eps
+                                           params=params, check_order=not eps >= 0)  # eps >= 0: x - eps <= x + eps
         except UnsupportedLayerError:
             return None
         clean, robust = cross_entropy(logits, y), cross_entropy(worst_case_logits(lo, hi, y), y)
