@@ -278,3 +278,22 @@ def test_steps_update_the_donated_state_in_place(name):
     new, _ = method.step(state, batch, nll, g)
     assert FlatLayout(params).backing(getattr(new, field)).data_ptr() == buffer.data_ptr()
     assert not torch.equal(buffer, before)  # the donated tensors now hold the new values
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_precision_products_match_the_elementwise_formulas(constant):
+    """Per-parameter scalar precision (the usual prior) and a general one give the plain products."""
+    from certbnn.inference.flat import Precision
+
+    torch.manual_seed(0)
+    layout = FlatLayout({"a": torch.zeros(3, 4), "b": torch.zeros(5), "c": torch.zeros(0), "d": torch.zeros(2, 2)})
+    if constant:
+        values = torch.cat([torch.full((12,), 3.0), torch.full((5,), 0.5), torch.full((4,), 7.0)])
+    else:
+        values = torch.rand(layout.numel) + 0.5
+    precision = Precision(values, layout)
+    assert (precision.spans is not None) == constant
+    x, y, out = torch.randn(layout.numel), torch.randn(layout.numel), torch.randn(layout.numel)
+    expected = out + 0.3 * values * x
+    torch.testing.assert_close(precision.add_scaled_(out, x, 0.3), expected)
+    torch.testing.assert_close(precision.quadratic(x, y), ((x * x + y * y) * values).sum())

@@ -39,7 +39,14 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, register_method
-from certbnn.inference.flat import FlatLayout, adam_flat_, flat_data_gradient, prior_flat, randn_flat
+from certbnn.inference.flat import (
+    FlatLayout,
+    adam_flat_,
+    flat_data_gradient,
+    prior_flat,
+    prior_precision_flat,
+    randn_flat,
+)
 from certbnn.inference.sgd import check_betas, check_number, detached_copy, zeros_like
 from certbnn.posterior import GaussianPosterior
 from certbnn.posterior.paramdict import check_same_structure, sample_diag_gaussian
@@ -144,16 +151,21 @@ class BayesByBackprop:
         noise = randn_flat(layout, self.num_samples, mu, generator)
         sigma = F.softplus(rho)
         grad_w, data_term = flat_data_gradient(layout, torch.addcmul(mu, sigma, noise), batch, nll)
-        mean, inv_var, log_std_sum = prior_flat(self.prior, layout, mu)
+        mean, _, log_std_sum = prior_flat(self.prior, layout, mu)
+        precision = prior_precision_flat(self.prior, layout, mu)
         scale = self.kl_weight / self.num_data
         centred = mu if mean is None else mu - mean
-        grad_mu = torch.addcmul(grad_w.sum(0) if self.num_samples > 1 else grad_w[0], centred, inv_var, value=scale)
-        grad_sigma = (grad_w * noise).sum(0) if self.num_samples > 1 else grad_w[0].mul_(noise[0])
+        kl_quadratic = precision.quadratic(sigma, centred)  # sum (sigma^2 + (mu - m)^2) / s^2
+        if self.num_samples > 1:
+            grad_mu, grad_sigma = grad_w.sum(0), (grad_w * noise).sum(0)
+        else:
+            grad_sigma = grad_w[0] * noise[0]
+            grad_mu = grad_w[0]
+        precision.add_scaled_(grad_mu, centred, scale)
         ones = sigma.new_ones(()).expand_as(sigma)  # - scale / sigma in one pass, no reciprocal buffer
-        grad_sigma.addcmul_(sigma, inv_var, value=scale).addcdiv_(ones, sigma, value=-scale)
+        precision.add_scaled_(grad_sigma, sigma, scale).addcdiv_(ones, sigma, value=-scale)
         grad_rho = grad_sigma.mul_(torch.sigmoid(rho))
-        squares = (sigma * sigma).addcmul_(centred, centred)
-        kl = log_std_sum - torch.log(sigma).sum() + 0.5 * torch.dot(squares, inv_var) - 0.5 * layout.numel
+        kl = log_std_sum - torch.log(sigma).sum() + 0.5 * kl_quadratic - 0.5 * layout.numel
         step = state.num_steps + 1
         avg_mu, avg_rho = layout.pack(state.exp_avg_mu), layout.pack(state.exp_avg_rho)
         sq_mu, sq_rho = layout.pack(state.exp_avg_sq_mu), layout.pack(state.exp_avg_sq_rho)

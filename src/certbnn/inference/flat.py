@@ -22,7 +22,8 @@ from torch import Tensor
 
 from certbnn.priors import GaussianPrior
 
-__all__ = ["FlatLayout", "adam_flat_", "flat_data_gradient", "prior_flat", "randn_flat"]
+__all__ = ["FlatLayout", "Precision", "adam_flat_", "flat_data_gradient", "prior_flat", "prior_precision_flat",
+           "randn_flat"]
 
 
 class FlatLayout:
@@ -80,6 +81,48 @@ def prior_flat(prior: GaussianPrior, layout: FlatLayout, like: Tensor) -> tuple[
         m = torch.cat([mean[n].reshape(-1) for n in layout.names]).to(like)
         s = torch.cat([std[n].reshape(-1) for n in layout.names]).to(like)
         cache[key] = (None if not bool(m.any()) else m, s.pow(-2), float(s.double().log().sum()))
+    return cache[key]
+
+
+class Precision:
+    """A flat ``(P,)`` precision (``1 / std^2``) with, when it is constant on each parameter (the usual
+    per-layer prior), those constants: then the products below take one pass per parameter with a
+    scalar factor instead of reading the precision buffer and writing a temporary."""
+
+    def __init__(self, values: Tensor, layout: FlatLayout) -> None:
+        self.values = values
+        spans = []
+        for offset, shape in zip(layout.offsets, layout.shapes):
+            block = values[offset:offset + math.prod(shape)]
+            if block.numel() and not bool((block == block[0]).all()):
+                spans = None
+                break
+            spans.append((offset, block.numel(), float(block[0]) if block.numel() else 0.0))
+        self.spans: list[tuple[int, int, float]] | None = spans
+
+    def add_scaled_(self, out: Tensor, x: Tensor, alpha: float) -> Tensor:
+        """``out += alpha * precision * x`` in place (``out``, ``x`` ``(P,)``); returns ``out``."""
+        if self.spans is None:
+            return out.addcmul_(x, self.values, value=alpha)
+        for offset, n, v in self.spans:
+            out[offset:offset + n].add_(x[offset:offset + n], alpha=alpha * v)
+        return out
+
+    def quadratic(self, *xs: Tensor) -> Tensor:
+        """``sum_i sum_j precision_j x_ij^2`` (0-dim) for ``(P,)`` vectors ``xs``."""
+        if self.spans is None:
+            return sum(torch.dot(x * x, self.values) for x in xs)
+        terms = torch.stack([torch.dot(x[o:o + n], x[o:o + n]) for x in xs for o, n, _ in self.spans])
+        weights = torch.tensor([v for _ in xs for _, _, v in self.spans], dtype=terms.dtype, device=terms.device)
+        return torch.dot(terms, weights)
+
+
+def prior_precision_flat(prior: GaussianPrior, layout: FlatLayout, like: Tensor) -> Precision:
+    """The :class:`Precision` of :func:`prior_flat`'s ``1 / std^2`` (cached with it)."""
+    key = ("precision", layout.names, layout.shapes, like.dtype, like.device)
+    cache = _PRIORS.setdefault(prior, {})
+    if key not in cache:
+        cache[key] = Precision(prior_flat(prior, layout, like)[1], layout)
     return cache[key]
 
 

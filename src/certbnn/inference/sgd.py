@@ -37,7 +37,7 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
-from certbnn.inference.flat import FlatLayout, adam_flat_, flat_data_gradient, prior_flat
+from certbnn.inference.flat import FlatLayout, adam_flat_, flat_data_gradient, prior_flat, prior_precision_flat
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
@@ -137,11 +137,11 @@ def map_gradient_flat(layout: FlatLayout, params: Tensor, batch: Batch, nll: NLL
     if prior_weight == 0:
         nll_value = float(data_term)
         return grad, {"loss": nll_value, "nll": nll_value}
-    mean, inv_var, log_std_sum = prior_flat(prior, layout, params)
+    mean, _, log_std_sum = prior_flat(prior, layout, params)
+    precision = prior_precision_flat(prior, layout, params)
     centred = params if mean is None else params - mean
-    pull = centred * inv_var
-    grad.add_(pull, alpha=prior_weight / num_data)
-    log_prior = -0.5 * torch.dot(centred, pull) - log_std_sum - layout.numel * _LOG_SQRT_2PI
+    precision.add_scaled_(grad, centred, prior_weight / num_data)
+    log_prior = -0.5 * precision.quadratic(centred) - log_std_sum - layout.numel * _LOG_SQRT_2PI
     nll_value, log_prior_value = torch.stack([data_term, log_prior]).tolist()
     return grad, {"loss": nll_value - (prior_weight / num_data) * log_prior_value, "nll": nll_value}
 
