@@ -51,7 +51,7 @@ from torch import Tensor
 
 from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
 from certbnn.inference.bbb import check_beta_pair, check_params_match_prior, check_variational
-from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, randn_flat
+from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, prior_precision_flat, randn_flat
 from certbnn.inference.sgd import check_number, detached_copy, zeros_like
 from certbnn.posterior import GaussianPosterior
 from certbnn.priors import GaussianPrior
@@ -172,15 +172,17 @@ class NoisyAdam(PrecisionVI):
         initial_share = beta2 ** step * self.initial_precision / n_eff  # b2^t s_0
         centred = mu if prior_mean is None else mu - prior_mean
         # m <- b1 m + (1 - b1) (mean_k g_k + lambda (mu - mu_prior) / N);  s <- b2 s + (1 - b2) mean_k g_k^2
-        g = grads[0] if S == 1 else grads.sum(0)
-        # in place (donated): m <- m + (1 - b1) (target - m), one pass
-        exp_avg = m_old.lerp_(torch.addcmul(g, centred, lam, value=1.0 / n_eff), 1.0 - beta1)
         # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)); one sample: b2 s + (1 - b2) g^2 by one
         # addcmul_ (s - b2^t s_0 cancels below: the reference test pins the rounding's effect)
         if S == 1:
+            g = grads[0]
             exp_avg_sq = s_old.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         else:
+            g = grads.sum(0)
             exp_avg_sq = s_old.mul_(beta2).add_(grads.square_().sum(0).mul_(S * (1.0 - beta2)))
+        # in place (donated; g is this step's own buffer): m <- m + (1 - b1) (target - m), one pass
+        target = prior_precision_flat(self.prior, layout, mu).add_scaled_(g, centred, 1.0 / n_eff)
+        exp_avg = m_old.lerp_(target, 1.0 - beta1)
         denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
         denominator.add_(lam, alpha=1.0 / n_eff)
         mean = mu.addcdiv_(exp_avg, denominator, value=-self.lr / correction1)
