@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--points", type=int)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: paper,statistical,weight-box")
+    ap.add_argument("--threads", type=int, help="torch threads (default torch's; 1 is steadier on a shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.run_dir is None:
         args.run_dir = str(Path(tempfile.mkdtemp()) / "bbb")
         print(f"training a 1-epoch robust BBB MLP into {args.run_dir} ...", flush=True)
