@@ -47,7 +47,7 @@ from typing import ClassVar
 import torch
 
 from certbnn.inference.base import NLL, Batch, Params, register_method
-from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, randn_flat
+from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, prior_precision_flat, randn_flat
 from certbnn.inference.hmc import (
     check_count,
     check_number,
@@ -137,13 +137,14 @@ class SGHMC:
         layout = FlatLayout(state.position)
         flat = layout.pack(state.position)
         grad, data_term = flat_data_gradient(layout, flat, batch, nll)  # grad of the batch-mean nll
-        mean, inv_var, log_std_sum = prior_flat(self.prior, layout, flat)
+        mean, _, log_std_sum = prior_flat(self.prior, layout, flat)
+        precision = prior_precision_flat(self.prior, layout, flat)
         centred = flat if mean is None else flat - mean
-        pull = centred * inv_var  # -grad log p(w)
-        log_prior = -0.5 * torch.dot(centred, pull) - log_std_sum - layout.numel * _LOG_SQRT_2PI
-        # v <- (1 - alpha) v - lr (N grad nll + T pull) + noise   (T * grad U_tilde_T = N grad nll + T pull)
+        log_prior = -0.5 * precision.quadratic(centred) - log_std_sum - layout.numel * _LOG_SQRT_2PI
+        # v <- (1 - alpha) v - lr (N grad nll + T pull) + noise, pull = (w - m) / s^2 = -grad log p(w)
+        # (T * grad U_tilde_T = N grad nll + T pull)
         noise = randn_flat(layout, 1, flat, generator)[0]
-        velocity = torch.add(grad.mul_(-lr * self.num_data), pull, alpha=-lr * temperature)
+        velocity = precision.add_scaled_(grad.mul_(-lr * self.num_data), centred, -lr * temperature)
         velocity.add_(layout.pack(state.velocity), alpha=1.0 - self.friction)
         velocity.add_(noise, alpha=(2.0 * self.friction * lr * temperature) ** 0.5)
         position, velocity = layout.views(flat.add_(velocity)), layout.views(velocity)  # in place (donated)
