@@ -45,3 +45,15 @@ def test_mlp_linears_recognises_only_relu_mlps():
     assert mlp_linears(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))) is None
     assert mlp_linears(nn.Sequential(nn.Linear(4, 3), nn.ReLU())) is None
     assert mlp_linears(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))) is None
+
+
+def test_fast_sound_refuses_weights_not_exact_in_the_dtype():
+    from certbnn.errors import ConfigError
+
+    model = mlp()
+    p = {k: v.detach().double().unsqueeze(0) + 1e-12 for k, v in model.named_parameters()}
+    lo = torch.zeros(1, 5)
+    with pytest.raises(ConfigError, match="not exactly representable"):
+        mlp_logit_bounds(model, p, lo, lo + 0.1, sound=True)
+    lo_p, hi_p = mlp_logit_bounds(model, p, lo, lo + 0.1, sound=False)  # the authors' arithmetic rounds
+    assert lo_p.dtype == torch.float32 and bool((lo_p <= hi_p).all())
