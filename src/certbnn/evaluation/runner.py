@@ -25,15 +25,14 @@ import torch
 from tqdm import tqdm
 
 from certbnn import __version__, data, distributed, strict_json
+from certbnn.config import load_saved_config, make_config
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, plots, robustness
 from certbnn.fileio import atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps
-from certbnn.config import load_saved_config, make_config
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior
 from certbnn.settings import MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of
 from certbnn.training import resolve_device
-
 
 CHUNK = 250  # test points per attack / certificate call (bounds memory for CNNs with many samples)
 STATISTICAL_CHUNKS = 10  # the statistical certificate takes this many chunks per call: one draw of samples serves more points
@@ -187,15 +186,15 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, out_dir: str | Path 
             row[f"{kind}_ece"] = metrics.expected_calibration_error(adv_probs, y)[0]
             timed(kind, began)
             bar.update()
-        common = dict(method=options.bound, dtype=cert_dtype)
+        common = {"method": options.bound, "dtype": cert_dtype}
         for name in options.certificates:
             began = time.perf_counter()
             # statistical, and paper on a ReLU MLP (the fast path blocks points itself): one draw of samples
             # per STATISTICAL_CHUNKS chunks (drawing 24 weight sets costs more than bounding 250 points)
             big = name == "statistical" or (name == "paper" and certify.mlp_linears(model) is not None)
             per_point = (big_chunks if big else chunks).map(
-                f"{name}/{eps}", lambda xb, yb, gen, _name=name, _eps=eps: certificate(
-                _name, model, posterior, params, xb, yb, _eps, options, gen, common))
+                f"{name}/{eps}", lambda xb, yb, gen, _name=name, _eps=eps, _common=common: certificate(
+                _name, model, posterior, params, xb, yb, _eps, options, gen, _common))
             row.update(summarise(name, per_point, correct))
             if f"{name.replace('-', '_')}_certified_accuracy" in row:
                 row["certified_accuracy"][name] = row[f"{name.replace('-', '_')}_certified_accuracy"]
@@ -421,15 +420,17 @@ def _fmt(value: Any) -> str:
 def render_report(results: dict[str, Any]) -> str:
     """A short Markdown report of an evaluation."""
     clean = results["clean"]
+    authors = ("; paper certificate in the authors' arithmetic: plain float32, not rigorous"
+               if results["options"].get("paper_arithmetic") == "authors" else "")
     lines = [f"# Evaluation of `{results['run']}`", "",
-             f"{results['dataset']}, {results['method']} / {results['likelihood']}; "
-             f"{results['num_points']} test points, {results['num_samples']} posterior samples, "
-             f"bounds: {results['options']['bound']} "
-             f"({'float32' if results['options'].get('certify_float32') else 'float64'}, rigorous); "
-             f"{results['seconds']} s.", "",
+             (f"{results['dataset']}, {results['method']} / {results['likelihood']}; "
+              f"{results['num_points']} test points, {results['num_samples']} posterior samples, "
+              f"bounds: {results['options']['bound']} "
+              f"({'float32' if results['options'].get('certify_float32') else 'float64'}, rigorous{authors}); "
+              f"{results['seconds']} s."), "",
              "| clean acc | NLL | Brier | ECE | entropy | epistemic |", "|---|---|---|---|---|---|",
-             f"| {clean['accuracy']:.4f} | {clean['nll']:.4f} | {clean['brier']:.4f} | {clean['ece']:.4f} | "
-             f"{clean['entropy']:.4f} | {clean['epistemic']:.4f} |", ""]
+             (f"| {clean['accuracy']:.4f} | {clean['nll']:.4f} | {clean['brier']:.4f} | {clean['ece']:.4f} | "
+              f"{clean['entropy']:.4f} | {clean['epistemic']:.4f} |"), ""]
     rows = results["per_eps"]
     keys = [k for k in rows[0] if k != "eps" and (isinstance(rows[0][k], float) or rows[0][k] is None)]
     lines += ["| metric | " + " | ".join(f"eps {row['eps']}" for row in rows) + " |",
@@ -444,13 +445,13 @@ def render_report(results: dict[str, Any]) -> str:
     for row in rows:
         if "weight_box_log10_lower" in row:
             d = row["weight_box_log10_lower"]
-            lines += ["", f"Weight-box certificate, eps {row['eps']}: a box verified for "
-                          f"{row['weight_box_verified_rate']:.2%} of the points; lower bound on P_rob (log10) "
-                          + ", ".join(f"{k} {'-inf' if v is None else f'{v:.4g}'}" for k, v in d.items())
-                          + f"; certified (bound >= threshold {results['options']['threshold']}, and correct): "
-                          f"{row['weight_box_certified_accuracy']:.2%}."]
+            lines += ["", (f"Weight-box certificate, eps {row['eps']}: a box verified for "
+                           f"{row['weight_box_verified_rate']:.2%} of the points; lower bound on P_rob (log10) "
+                           + ", ".join(f"{k} {'-inf' if v is None else f'{v:.4g}'}" for k, v in d.items())
+                           + f"; certified (bound >= threshold {results['options']['threshold']}, and correct): "
+                           f"{row['weight_box_certified_accuracy']:.2%}.")]
     for name, ood in results["ood"].items():
-        lines += ["", f"OOD vs {name}: AUROC (entropy) {ood['auroc_entropy']:.4f}, mean entropy out "
-                      f"{ood['mean_entropy_out']:.4f}."]
+        lines += ["", (f"OOD vs {name}: AUROC (entropy) {ood['auroc_entropy']:.4f}, mean entropy out "
+                       f"{ood['mean_entropy_out']:.4f}.")]
     lines += [""] + [f"![{p}]({p})" for p in results.get("plots", [])]
     return "\n".join(lines) + "\n"
