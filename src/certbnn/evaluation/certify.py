@@ -465,7 +465,7 @@ def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: E
     for s in range(0, B, max(1, point_chunk)):
         xs, ys, es = x[s:s + point_chunk], y[s:s + point_chunk], e[s:s + point_chunk]
 
-        def cert(kk: Tensor, rows: Tensor) -> Tensor:
+        def cert(kk: Tensor, rows: Tensor, xs: Tensor = xs, ys: Tensor = ys, es: Tensor = es) -> Tensor:
             return _box_certified(model, posterior, xs[rows], ys[rows], es[rows], kk, method, dtype)
 
         if k is not None:
