@@ -149,7 +149,7 @@ class IntervalRobust:
         from certbnn.errors import UnsupportedLayerError
 
         try:
-            logits, lo, hi = point_and_ibp(model, x, (x - eps).clamp_(0.0, 1.0), (x + eps).clamp_(0.0, 1.0),
+            logits, lo, hi = point_and_ibp(model, x, (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0),
                                            params=params, check_order=not eps >= 0)  # eps >= 0: x - eps <= x + eps
         except UnsupportedLayerError:
             return None
