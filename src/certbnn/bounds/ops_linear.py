@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from certbnn.bounds.base import Box, LinearOp, affine_ibp, affine_ibp_sound, mid_rad, sum_features
-from certbnn.bounds.rounding import dot_error, dot_upper, up
 from certbnn.bounds.registry import register_bound
+from certbnn.bounds.rounding import dot_error, dot_upper, up
 from certbnn.errors import UnsupportedLayerError
 
 
@@ -95,6 +96,7 @@ class _LinearPointIBP(torch.autograd.Function):
         return y[:Bx], yc - yr, yr.add_(yc)
 
     @staticmethod
+    @once_differentiable  # first-order only: a double backward raises instead of treating saved tensors as constants
     def backward(ctx, g_x: Tensor | None, g_lo: Tensor | None, g_hi: Tensor | None):
         X, r, W, absW = ctx.saved_tensors
         Bx = ctx.Bx
