@@ -1,4 +1,4 @@
-# The two commands of the README:  `make demo`  and  `make test`.
+# The two commands of the README:  `make demo`  and  `make test` (ruff lint + format check, then pytest).
 # Both create the virtual environment (.venv) and install certbnn into it first.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 CERTBNN_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export CERTBNN_DATA
 
-.PHONY: setup demo test test-slow data bench clean
+.PHONY: setup demo test lint format test-slow data bench clean
 
 $(BIN)/certbnn: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,17 @@ data:
 demo: setup
 	$(BIN)/certbnn demo --out runs/demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# ruff (rules in pyproject.toml): lint and format check; `make format` rewrites the files.
+lint: $(BIN)/certbnn
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(BIN)/certbnn
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

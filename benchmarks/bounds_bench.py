@@ -74,8 +74,15 @@ def mlp() -> nn.Sequential:
 
 def cnn() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 4), nn.ReLU(), nn.Conv2d(16, 32, 4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 13 * 13, 100), nn.ReLU(), nn.Linear(100, 10),
+        nn.Conv2d(3, 16, 4),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 13 * 13, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
     )
 
 
@@ -88,8 +95,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"nproc {os.cpu_count()}, CPU `{cpu}`, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, load average at start {os.getloadavg()[0]:.2f}")
+    return (
+        f"nproc {os.cpu_count()}, CPU `{cpu}`, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, load average at start {os.getloadavg()[0]:.2f}"
+    )
 
 
 def speed(repeats: int) -> tuple[list[str], dict]:
@@ -114,24 +123,31 @@ def speed(repeats: int) -> tuple[list[str], dict]:
         }
         if name.startswith("MLP"):  # CNN: CROWN intermediate bounds need ~139 GiB (refused, see docs)
             cases["CROWN + margin spec"] = lambda: compute_bounds(model, lo, up, "crown", spec=spec)
-        cases.update({
-            "forward, loop of 24": lambda: [functional_call(model, p, (x,)) for p in singles],
-            "forward, vmap over 24": lambda: vmap(lambda p: functional_call(model, p, (x,)))(params),
-            "IBP, loop of 24": lambda: [compute_bounds(model, lo, up, "ibp", params=p) for p in singles],
-            "IBP, S=24 batched": lambda: compute_bounds(model, lo, up, "ibp", params=params),
-        })
+        cases.update(
+            {
+                "forward, loop of 24": lambda: [functional_call(model, p, (x,)) for p in singles],
+                "forward, vmap over 24": lambda: vmap(lambda p: functional_call(model, p, (x,)))(params),
+                "IBP, loop of 24": lambda: [compute_bounds(model, lo, up, "ibp", params=p) for p in singles],
+                "IBP, S=24 batched": lambda: compute_bounds(model, lo, up, "ibp", params=params),
+            }
+        )
         if name.startswith("MLP"):  # CNN: ~24 single-sample calls (CPU chunking); not timed
             cases["CROWN-IBP, loop of 24"] = lambda: [
-                compute_bounds(model, lo, up, "crown-ibp", params=p, spec=spec) for p in singles]
-            cases["CROWN-IBP, S=24 batched"] = lambda: compute_bounds(model, lo, up, "crown-ibp", params=params, spec=spec)
+                compute_bounds(model, lo, up, "crown-ibp", params=p, spec=spec) for p in singles
+            ]
+            cases["CROWN-IBP, S=24 batched"] = lambda: compute_bounds(
+                model, lo, up, "crown-ibp", params=params, spec=spec
+            )
         with torch.no_grad():
             times = timeit_interleaved(cases, repeats)
             t_mm = min(t_mm or float("inf"), times.pop("matmul 2048"))
             for label, t in times.items():
                 fl = count_flops(cases[label])
                 n = S if "24" in label else 1
-                rows.append(f"| {name} | {label} | {n} | {t * 1e3:.2f} | {t / times['forward']:.2f} | "
-                            f"{fl / 1e9:.3f} | {fl / t / 1e9:.1f} |")
+                rows.append(
+                    f"| {name} | {label} | {n} | {t * 1e3:.2f} | {t / times['forward']:.2f} | "
+                    f"{fl / 1e9:.3f} | {fl / t / 1e9:.1f} |"
+                )
                 print(rows[-1], flush=True)
         checks[name] = {
             "IBP / forward": times["IBP"] / times["forward"],
@@ -140,13 +156,21 @@ def speed(repeats: int) -> tuple[list[str], dict]:
             "IBP S=24 batched / (24 x single forward)": times["IBP, S=24 batched"] / (S * times["forward"]),
         }
         if "CROWN-IBP, S=24 batched" in times:
-            checks[name]["CROWN-IBP S=24 batched / (24 x single CROWN-IBP)"] = (
-                times["CROWN-IBP, S=24 batched"] / (S * times["CROWN-IBP + margin spec"]))
+            checks[name]["CROWN-IBP S=24 batched / (24 x single CROWN-IBP)"] = times["CROWN-IBP, S=24 batched"] / (
+                S * times["CROWN-IBP + margin spec"]
+            )
     peak = 2 * 2048**3 / t_mm / 1e9
     header = ["| network | pass | samples | time (ms) | x forward | GFLOP | GFLOP/s |", "|---|---|---|---|---|---|---|"]
-    lines = [f"Peak reference: 2048x2048 float32 matmul {t_mm * 1e3:.1f} ms = **{peak:.1f} GFLOP/s** "
-             f"(best of the same interleaved rounds).", "",
-             *header, *rows, "", "| network | ratio | value | target |", "|---|---|---|---|"]
+    lines = [
+        f"Peak reference: 2048x2048 float32 matmul {t_mm * 1e3:.1f} ms = **{peak:.1f} GFLOP/s** "
+        f"(best of the same interleaved rounds).",
+        "",
+        *header,
+        *rows,
+        "",
+        "| network | ratio | value | target |",
+        "|---|---|---|---|",
+    ]
     for net, c in checks.items():
         for k, v in c.items():
             target = {"IBP / forward": "<= 2.5", "IBP S=24 batched / (24 x single IBP)": "<= 1.5"}.get(k, "")
@@ -160,18 +184,26 @@ def load_mnist():
     for r in roots:
         d = Path(r) / "mnist"
         if r and (d / "train-images-idx3-ubyte.gz").exists():
+
             def read(f, off):
                 return np.frombuffer(gzip.open(d / f).read(), np.uint8, offset=off)
-            xtr = torch.tensor(read("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32)
+
+            xtr = torch.tensor(
+                read("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32
+            )
             ytr = torch.tensor(read("train-labels-idx1-ubyte.gz", 8).astype(np.int64))
-            xte = torch.tensor(read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32)
+            xte = torch.tensor(
+                read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32
+            )
             yte = torch.tensor(read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64))
             return "MNIST", xtr, ytr, xte, yte
     g = torch.Generator().manual_seed(0)
     protos = torch.rand(10, 1, 28, 28, generator=g)
+
     def make(n):
         y = torch.randint(0, 10, (n,), generator=g)
         return (protos[y] + 0.3 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0, 1), y
+
     return ("synthetic 10-class prototypes (MNIST not found)", *make(20000), *make(2000))
 
 
@@ -200,16 +232,31 @@ def tightness() -> list[str]:
     torch.manual_seed(0)
     nets = [
         ("784-512-10, standard, 1 epoch", mlp(), 0.0, 1),
-        ("784-256-256-10, standard, 1 epoch", nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(),
-                                                             nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)), 0.0, 1),
-        ("784-256-256-10, IBP-trained eps 0.1, 1 epoch", nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)), 0.1, 1),
+        (
+            "784-256-256-10, standard, 1 epoch",
+            nn.Sequential(
+                nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+            ),
+            0.0,
+            1,
+        ),
+        (
+            "784-256-256-10, IBP-trained eps 0.1, 1 epoch",
+            nn.Sequential(
+                nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+            ),
+            0.1,
+            1,
+        ),
     ]
-    lines = [f"Data: {source}, first 500 test images; bounds on the 9 margins z_y - z_j; "
-             "'certified' = all margin lower bounds > 0 (correctly classified or not); "
-             "CROWN columns are raw (intersect_ibp=False).", "",
-             "| network | test acc | eps | method | mean margin lower bound | mean width | certified |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Data: {source}, first 500 test images; bounds on the 9 margins z_y - z_j; "
+        "'certified' = all margin lower bounds > 0 (correctly classified or not); "
+        "CROWN columns are raw (intersect_ibp=False).",
+        "",
+        "| network | test acc | eps | method | mean margin lower bound | mean width | certified |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rounding = []
     for label, model, eps_train, epochs in nets:
         t0 = time.perf_counter()
@@ -222,20 +269,32 @@ def tightness() -> list[str]:
                 lo, up = (xte - eps).clamp(0, 1), (xte + eps).clamp(0, 1)
                 for method in ("ibp", "crown-ibp", "crown"):
                     ml, mu = compute_bounds(model, lo, up, method, spec=spec, intersect_ibp=False)
-                    ml64, mu64 = compute_bounds(model, lo, up, method, spec=spec, intersect_ibp=False, dtype=torch.float64)
-                    rounding.append(float(torch.max(torch.maximum((ml - ml64).abs(), (mu - mu64).abs()) / (1 + ml64.abs()))))
-                    lines.append(f"| {label} | {acc:.3f} | {eps} | {method} | {ml.mean():.3f} | {(mu - ml).mean():.3f} | "
-                                 f"{(ml > 0).all(-1).float().mean():.3f} |")
+                    ml64, mu64 = compute_bounds(
+                        model, lo, up, method, spec=spec, intersect_ibp=False, dtype=torch.float64
+                    )
+                    rounding.append(
+                        float(torch.max(torch.maximum((ml - ml64).abs(), (mu - mu64).abs()) / (1 + ml64.abs())))
+                    )
+                    lines.append(
+                        f"| {label} | {acc:.3f} | {eps} | {method} | {ml.mean():.3f} | {(mu - ml).mean():.3f} | "
+                        f"{(ml > 0).all(-1).float().mean():.3f} |"
+                    )
                     print(lines[-1], flush=True)
-    lines += ["", f"Largest float32-vs-float64 discrepancy over all bounds above, relative to (1 + |bound|): "
-                  f"**{max(rounding):.2e}** (tol='auto' widens float32 bounds by {AUTO_TOL[torch.float32][1]:g} + "
-                  f"{AUTO_TOL[torch.float32][0]:g} |bound|)."]
+    lines += [
+        "",
+        f"Largest float32-vs-float64 discrepancy over all bounds above, relative to (1 + |bound|): "
+        f"**{max(rounding):.2e}** (tol='auto' widens float32 bounds by {AUTO_TOL[torch.float32][1]:g} + "
+        f"{AUTO_TOL[torch.float32][0]:g} |bound|).",
+    ]
     return lines
 
 
 def float_rigor(repeats: int) -> list[str]:
-    rows = ["| network | method | plain float32 (ms) | sound float64 (ms) | x plain | sound float32 (ms) | x plain "
-            "| mean margin width: plain f32 / sound f64 / sound f32 |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| network | method | plain float32 (ms) | sound float64 (ms) | x plain | sound float32 (ms) | x plain "
+        "| mean margin width: plain f32 / sound f64 / sound f32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, build, shape, eps in (("MLP 784-512-10", mlp, (1, 28, 28), 0.1), ("CNN (CIFAR)", cnn, (3, 32, 32), 0.01)):
         torch.manual_seed(0)
         model = build().eval()
@@ -252,9 +311,11 @@ def float_rigor(repeats: int) -> list[str]:
             with torch.no_grad():
                 t = timeit_interleaved(cases, repeats)
                 width = {k: float((fn()[1] - fn()[0]).mean()) for k, fn in cases.items()}
-            rows.append(f"| {name} | {method} | {t['plain'] * 1e3:.1f} | {t['sound64'] * 1e3:.1f} | "
-                        f"{t['sound64'] / t['plain']:.2f} | {t['sound32'] * 1e3:.1f} | {t['sound32'] / t['plain']:.2f} | "
-                        f"{width['plain']:.6f} / {width['sound64']:.6f} / {width['sound32']:.6f} |")
+            rows.append(
+                f"| {name} | {method} | {t['plain'] * 1e3:.1f} | {t['sound64'] * 1e3:.1f} | "
+                f"{t['sound64'] / t['plain']:.2f} | {t['sound32'] * 1e3:.1f} | {t['sound32'] / t['plain']:.2f} | "
+                f"{width['plain']:.6f} / {width['sound64']:.6f} / {width['sound32']:.6f} |"
+            )
             print(rows[-1], flush=True)
     return rows
 

@@ -58,9 +58,31 @@ def timed(fn):
 
 
 def train_run(out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "certbnn", "train", "--method", "bbb", "--likelihood", "ibp", "--eps",
-                    "0.11", "--lam", "0.25", "--epochs", "1", "--kl-weight", "0.01", "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "certbnn",
+            "train",
+            "--method",
+            "bbb",
+            "--likelihood",
+            "ibp",
+            "--eps",
+            "0.11",
+            "--lam",
+            "0.25",
+            "--epochs",
+            "1",
+            "--kl-weight",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -83,56 +105,100 @@ def main() -> None:
     x, y = x[:n], y[:n]
     scale = 10_000 / n
     skip = set(args.skip.split(","))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {n} points (figures x{scale:g} "
-          f"= 10,000 points), eps 0.1")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {n} points (figures x{scale:g} "
+        f"= 10,000 points), eps 0.1"
+    )
     ceil32, ceil64 = ceiling(torch.float32), ceiling(torch.float64)
     print(f"matmul ceiling: float32 {ceil32:.1f} GFLOP/s, float64 {ceil64:.1f} GFLOP/s")
 
     def row(name: str, seconds: float, floor: float, extra: str = "") -> None:
-        print(f"{name:<46} {seconds * scale:8.1f} s   floor {floor * scale:7.1f} s   ratio "
-              f"{seconds / floor:5.2f}  {extra}", flush=True)
+        print(
+            f"{name:<46} {seconds * scale:8.1f} s   floor {floor * scale:7.1f} s   ratio "
+            f"{seconds / floor:5.2f}  {extra}",
+            flush=True,
+        )
 
     if "paper" not in skip:
-        for label, kw, ceil, gemms in (("paper, authors' arithmetic (--paper-arithmetic authors)", {"sound": False},
-                                        ceil32, 2),
-                                       ("paper, sound float32 (--certify-float32)", {"dtype": torch.float32}, ceil32,
-                                        2),
-                                       ("paper, sound float64 (evaluate default)", {"dtype": torch.float64},
-                                        ceil64, 2)):
-            res, s = timed(lambda kw=kw: torch.cat([certify.certify_paper(
-                model, posterior, x[i:i + 2500], y[i:i + 2500], 0.1, generator=torch.Generator().manual_seed(i),
-                **kw)["certified"] for i in range(0, n, 2500)]))
+        for label, kw, ceil, gemms in (
+            ("paper, authors' arithmetic (--paper-arithmetic authors)", {"sound": False}, ceil32, 2),
+            ("paper, sound float32 (--certify-float32)", {"dtype": torch.float32}, ceil32, 2),
+            ("paper, sound float64 (evaluate default)", {"dtype": torch.float64}, ceil64, 2),
+        ):
+            res, s = timed(
+                lambda kw=kw: torch.cat(
+                    [
+                        certify.certify_paper(
+                            model,
+                            posterior,
+                            x[i : i + 2500],
+                            y[i : i + 2500],
+                            0.1,
+                            generator=torch.Generator().manual_seed(i),
+                            **kw,
+                        )["certified"]
+                        for i in range(0, n, 2500)
+                    ]
+                )
+            )
             row(label, s, flops(n, 24, gemms) / ceil / 1e9, f"certified {int(res.sum())}/{n}")
 
     if "statistical" not in skip:
         decided = {}
         for dt, ceil in ((torch.float32, ceil32), (torch.float64, ceil64)):
-            parts, s = timed(lambda dt=dt: [certify.certify_statistical(
-                model, posterior, x[i:i + 2500], y[i:i + 2500], 0.1, sequential=True, dtype=dt,
-                generator=torch.Generator().manual_seed(i)) for i in range(0, n, 2500)])
+            parts, s = timed(
+                lambda dt=dt: [
+                    certify.certify_statistical(
+                        model,
+                        posterior,
+                        x[i : i + 2500],
+                        y[i : i + 2500],
+                        0.1,
+                        sequential=True,
+                        dtype=dt,
+                        generator=torch.Generator().manual_seed(i),
+                    )
+                    for i in range(0, n, 2500)
+                ]
+            )
             used = torch.cat([p["num_samples"] for p in parts]).double()
             decided[dt] = torch.cat([p["certified"] for p in parts])
             floor = flops(n, float(used.mean()), 3, OUT * (OUT - 1)) / ceil / 1e9
-            row(f"statistical, sequential, sound {str(dt)[6:]}", s, floor,
+            row(
+                f"statistical, sequential, sound {str(dt)[6:]}",
+                s,
+                floor,
                 f"certified {int(decided[dt].sum())}/{n}, mean samples {float(used.mean()):.1f}, "
-                f"non-sequential 1060-sample floor {flops(n, 1060, 3, 90) / ceil / 1e9 * scale:.0f} s")
+                f"non-sequential 1060-sample floor {flops(n, 1060, 3, 90) / ceil / 1e9 * scale:.0f} s",
+            )
         lost = int((decided[torch.float64] & ~decided[torch.float32]).sum())
         gained = int((decided[torch.float32] & ~decided[torch.float64]).sum())
-        print(f"  float32 vs float64: {lost} points certified only in float64, {gained} only in float32 "
-              "(different draws per dtype are not used: same seeds, same samples)")
+        print(
+            f"  float32 vs float64: {lost} points certified only in float64, {gained} only in float32 "
+            "(different draws per dtype are not used: same seeds, same samples)"
+        )
 
     if "weight-box" not in skip:
-        grid = certify.weight_box_grid(torch.tensor([float(t.numel()) for t in posterior.mean().values()],
-                                                    dtype=torch.float64), 0.5)
+        grid = certify.weight_box_grid(
+            torch.tensor([float(t.numel()) for t in posterior.mean().values()], dtype=torch.float64), 0.5
+        )
         for dt, ceil in ((torch.float32, ceil32), (torch.float64, ceil64)):
-            res, s = timed(lambda dt=dt: [certify.certify_weight_box(
-                model, posterior, x[i:i + 2500], y[i:i + 2500], 0.1, search="grid", refine=0, dtype=dt)
-                for i in range(0, n, 2500)])
+            res, s = timed(
+                lambda dt=dt: [
+                    certify.certify_weight_box(
+                        model, posterior, x[i : i + 2500], y[i : i + 2500], 0.1, search="grid", refine=0, dtype=dt
+                    )
+                    for i in range(0, n, 2500)
+                ]
+            )
             cert = torch.cat([r["certified"] for r in res])
             ver = torch.cat([r["verified"] for r in res])
-            row(f"weight-box, grid of {grid.numel()} k, sound {str(dt)[6:]}", s,
+            row(
+                f"weight-box, grid of {grid.numel()} k, sound {str(dt)[6:]}",
+                s,
                 flops(n, grid.numel(), 4, OUT * (OUT - 1)) / ceil / 1e9,
-                f"certified {int(cert.sum())}/{n}, some box verified {int(ver.sum())}")
+                f"certified {int(cert.sum())}/{n}, some box verified {int(ver.sum())}",
+            )
 
 
 if __name__ == "__main__":

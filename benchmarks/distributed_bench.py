@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,18 +34,58 @@ def free_port() -> int:
 
 
 def train_run(out: Path, args, processes: int, threads: int) -> dict:
-    cmd = ["-m", "certbnn", "train", "--method", "bbb", "--likelihood", "ibp", "--eps", "0.11", "--lr", "0.001",
-           "--kl-weight", "0.01", "--epochs", str(args.epochs), "--limit-train", str(args.limit_train),
-           "--batch-size", str(args.batch_size), "--val-size", "0", "--test-size", "100", "--device", "cpu",
-           "--no-progress", "--out", str(out)]
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--nnodes=1",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    cmd = [
+        "-m",
+        "certbnn",
+        "train",
+        "--method",
+        "bbb",
+        "--likelihood",
+        "ibp",
+        "--eps",
+        "0.11",
+        "--lr",
+        "0.001",
+        "--kl-weight",
+        "0.01",
+        "--epochs",
+        str(args.epochs),
+        "--limit-train",
+        str(args.limit_train),
+        "--batch-size",
+        str(args.batch_size),
+        "--val-size",
+        "0",
+        "--test-size",
+        "100",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={processes}",
+            "--nnodes=1",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(launcher + cmd, env=env, check=True, capture_output=True, text=True)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"processes": processes, "threads_per_process": threads,
-            "examples_per_second": metrics["examples_per_second"], "seconds_per_epoch": metrics["seconds_per_epoch"]}
+    return {
+        "processes": processes,
+        "threads_per_process": threads,
+        "examples_per_second": metrics["examples_per_second"],
+        "seconds_per_epoch": metrics["seconds_per_epoch"],
+    }
 
 
 ALLREDUCE_WORKER = r"""
@@ -71,10 +110,24 @@ def allreduce_seconds(numel: int, processes: int, reps: int = 50) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(ALLREDUCE_WORKER)
     try:
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                              "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}", f.name,
-                              str(numel), str(reps)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={processes}",
+                "--nnodes=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}",
+                f.name,
+                str(numel),
+                str(reps),
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     finally:
         os.unlink(f.name)
     return float(out.stdout.strip().splitlines()[-1])
@@ -94,9 +147,12 @@ def main() -> None:
     from certbnn.models import build_model
 
     params = sum(p.numel() for p in build_model("mlp:512", (1, 28, 28), 10).parameters())
-    report = {"machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
-              "workload": f"bbb + ibp likelihood, mlp:512, MNIST subset {args.limit_train}, batch {args.batch_size}",
-              "parameters": params, "runs": []}
+    report = {
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "workload": f"bbb + ibp likelihood, mlp:512, MNIST subset {args.limit_train}, batch {args.batch_size}",
+        "parameters": params,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for i, (processes, threads) in enumerate([(1, args.threads), (1, per_process), (args.processes, per_process)]):
             run = train_run(Path(tmp) / f"run{i}", args, processes, threads)
@@ -106,15 +162,20 @@ def main() -> None:
     steps_per_second = many / args.batch_size
     bytes_per_step = 4 * (params + 1)  # the averaged gradients (S = 1 weight sample) and the loss
     seconds = allreduce_seconds(params, args.processes)
-    report.update({
-        "speedup_vs_one_process_same_threads": round(many / one_full, 3),
-        "scaling_efficiency_vs_one_share": round(many / (args.processes * one_share), 3),
-        "allreduce": {"bytes_per_step_per_process": bytes_per_step,
-                      "ring_bytes_sent_per_step_per_process": round(2 * (args.processes - 1) / args.processes
-                                                                    * bytes_per_step),
-                      "seconds_per_allreduce": seconds,
-                      "fraction_of_step_time": round(seconds * steps_per_second, 3)},
-    })
+    report.update(
+        {
+            "speedup_vs_one_process_same_threads": round(many / one_full, 3),
+            "scaling_efficiency_vs_one_share": round(many / (args.processes * one_share), 3),
+            "allreduce": {
+                "bytes_per_step_per_process": bytes_per_step,
+                "ring_bytes_sent_per_step_per_process": round(
+                    2 * (args.processes - 1) / args.processes * bytes_per_step
+                ),
+                "seconds_per_allreduce": seconds,
+                "fraction_of_step_time": round(seconds * steps_per_second, 3),
+            },
+        }
+    )
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

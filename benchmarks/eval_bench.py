@@ -26,18 +26,25 @@ def main(run_dir: str) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     start = time.perf_counter()
-    certified = torch.cat([
-        certify.certify_paper(model, posterior, x[i:i + 2500], y[i:i + 2500], 0.1,
-                              generator=torch.Generator().manual_seed(0))["certified"]
-        for i in range(0, len(y), 2500)])
+    certified = torch.cat(
+        [
+            certify.certify_paper(
+                model, posterior, x[i : i + 2500], y[i : i + 2500], 0.1, generator=torch.Generator().manual_seed(0)
+            )["certified"]
+            for i in range(0, len(y), 2500)
+        ]
+    )
     paper_s = time.perf_counter() - start
-    print(f"paper certificate, 10,000 points, 24 samples, eps 0.1: {paper_s:.1f} s "
-          f"(certified fraction {certified.float().mean():.4f})")
+    print(
+        f"paper certificate, 10,000 points, 24 samples, eps 0.1: {paper_s:.1f} s "
+        f"(certified fraction {certified.float().mean():.4f})"
+    )
 
     params = posterior.sample(10, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    accuracy, _ = robustness.adversarial_accuracy(model, params, x[:1000], y[:1000], 0.1, kind="pgd", steps=20,
-                                                  generator=torch.Generator().manual_seed(0))
+    accuracy, _ = robustness.adversarial_accuracy(
+        model, params, x[:1000], y[:1000], 0.1, kind="pgd", steps=20, generator=torch.Generator().manual_seed(0)
+    )
     pgd_s = time.perf_counter() - start
     print(f"PGD-20, K = 10 samples, 1,000 points, eps 0.1: {pgd_s:.1f} s (accuracy {accuracy:.4f})")
 

@@ -56,6 +56,7 @@ def main() -> None:
         def run():
             with torch.no_grad():
                 compute_bounds(model, lo, up, method, spec=spec)
+
         return run
 
     def plain_step():
@@ -70,22 +71,31 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    fns = {"forward": forward, "ibp": bounds("ibp"), "crown-ibp": bounds("crown-ibp"), "plain step": plain_step,
-           "robust IBP step": robust_step}
+    fns = {
+        "forward": forward,
+        "ibp": bounds("ibp"),
+        "crown-ibp": bounds("crown-ibp"),
+        "plain step": plain_step,
+        "robust IBP step": robust_step,
+    }
     for fn in fns.values():  # warm-up (traces the graph once; later calls reuse the plan)
         fn()
     best = best_of(fns, rounds)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, batch {batch}, "
-          f"eps {args.eps:.4f}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{platform.machine()}, nproc {os.cpu_count()}, load average {load:.2f}")
+    print(
+        f"model {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, batch {batch}, "
+        f"eps {args.eps:.4f}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{platform.machine()}, nproc {os.cpu_count()}, load average {load:.2f}"
+    )
     print("| item | time per batch (ms) | reference | reference (ms) | ratio |")
     print("|---|---|---|---|---|")
     for item, ref in (("ibp", "forward"), ("crown-ibp", "forward"), ("robust IBP step", "plain step")):
         print(f"| {item} (margin spec)" if item != "robust IBP step" else f"| {item}", end="")
         print(f" | {best[item] * 1e3:.1f} | {ref} | {best[ref] * 1e3:.1f} | {best[item] / best[ref]:.2f} |")
-    print(f"robust IBP training: {batch / best['robust IBP step']:.1f} examples/s "
-          f"(plain: {batch / best['plain step']:.1f} examples/s)")
+    print(
+        f"robust IBP training: {batch / best['robust IBP step']:.1f} examples/s "
+        f"(plain: {batch / best['plain step']:.1f} examples/s)"
+    )
 
 
 if __name__ == "__main__":

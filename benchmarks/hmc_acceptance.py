@@ -51,8 +51,14 @@ def main() -> None:
     position = {n: t[-1].clone() for n, t in stacked.items()} if stacked else posterior.mean()
     x, y = train.tensors()
     likelihood = make_likelihood(args.likelihood, **_likelihood_options(config, full_batch=True))
-    hmc = make_method("hmc", prior=prior_from_model(model, config.prior_scale), num_data=len(train),
-                      temperature=args.temperature, warm_start_epochs=0, num_burnin=0)
+    hmc = make_method(
+        "hmc",
+        prior=prior_from_model(model, config.prior_scale),
+        num_data=len(train),
+        temperature=args.temperature,
+        warm_start_epochs=0,
+        num_burnin=0,
+    )
     print(f"N={len(train)} T={args.temperature} eps={eps} default step {hmc.initial_step_size:.3g}")
     for factor in (float(f) for f in args.factors.split(",")):
         method = dataclasses.replace(hmc, step_size=factor * hmc.initial_step_size)
@@ -62,8 +68,11 @@ def main() -> None:
             state, info = method.step(state, (x, y), BatchNLL(likelihood, model, eps, generator), generator)
             probs.append(round(info["accept_prob"], 3))
         seconds = (time.perf_counter() - start) / args.proposals
-        print(f"{args.likelihood} step {method.initial_step_size:.3g} (x{factor:g}): accept_prob {probs}, "
-              f"{seconds:.1f} s / proposal", flush=True)
+        print(
+            f"{args.likelihood} step {method.initial_step_size:.3g} (x{factor:g}): accept_prob {probs}, "
+            f"{seconds:.1f} s / proposal",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -92,22 +92,28 @@ def main() -> None:
     n = 10_000 if args.quick else x.shape[0]
     x, y = x[:n], y[:n]
     scale = 60_000 / n
-    prior = GaussianPrior({k: torch.zeros_like(v) for k, v in params.items()},
-                          {k: torch.ones_like(v) for k, v in params.items()})
+    prior = GaussianPrior(
+        {k: torch.zeros_like(v) for k, v in params.items()}, {k: torch.ones_like(v) for k, v in params.items()}
+    )
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {n} images (figures x{scale:g} = 60,000)")
     ceil = ceiling()
     print(f"matmul ceiling: float32 {ceil:.1f} GFLOP/s")
     hmc = HMC(prior=prior, num_data=60_000)
-    for label, lik, eps, gemms in (("standard", make_likelihood("standard"), 0.0, 1),
-                                   ("IBP eps 0.1, lam 0.25", make_likelihood("ibp"), 0.1, 3)):
+    for label, lik, eps, gemms in (
+        ("standard", make_likelihood("standard"), 0.0, 1),
+        ("IBP eps 0.1, lam 0.25", make_likelihood("ibp"), 0.1, 3),
+    ):
         nll = BatchNLL(lik, model, eps)
         floor = flops(n, gemms) / ceil / 1e9
         for chunk in (hmc.chunk_size, 2048, 8192, 16384):
             sampler = dataclasses.replace(hmc, chunk_size=chunk)
             sampler.potential_and_grad(params, (x, y), nll)  # warm-up
             s = best_of(lambda sampler=sampler, nll=nll: sampler.potential_and_grad(params, (x, y), nll))
-            print(f"{label:<24} chunk {chunk:>6}: {s * scale:6.2f} s   floor {floor * scale:5.2f} s   "
-                  f"ratio {s / floor:5.2f}", flush=True)
+            print(
+                f"{label:<24} chunk {chunk:>6}: {s * scale:6.2f} s   floor {floor * scale:5.2f} s   "
+                f"ratio {s / floor:5.2f}",
+                flush=True,
+            )
         unflushed = dataclasses.replace(hmc, flush_denormals=False)
         s = best_of(lambda unflushed=unflushed, nll=nll: unflushed.potential_and_grad(params, (x, y), nll))
         print(f"{label:<24} subnormals not flushed: {s * scale:6.2f} s   ratio {s / floor:5.2f}", flush=True)

@@ -26,8 +26,10 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.1)
     args = parser.parse_args()
     test = data.load("mnist", "test")
-    print(f"| run | clean acc (10k, 24 samples) | IBP certified rate at {args.eps} (10k) | "
-          f"paper protocol certified acc at {args.eps} (first 100, 24 samples) | s / epoch | examples / s |")
+    print(
+        f"| run | clean acc (10k, 24 samples) | IBP certified rate at {args.eps} (10k) | "
+        f"paper protocol certified acc at {args.eps} (first 100, 24 samples) | s / epoch | examples / s |"
+    )
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         metrics = json.loads((run / "metrics.json").read_text())
@@ -36,9 +38,11 @@ def main() -> None:
         with torch.no_grad():
             full = validate(model, posterior, test, args.eps, num_samples=24, seed=0, prefix="")
             first = validate(model, posterior, test.subset(slice(0, 100)), args.eps, num_samples=24, seed=0, prefix="")
-        print(f"| {run.name} | {full['accuracy']:.4f} | {full['certified']:.4f} | "
-              f"{first['certified_accuracy_ibp']:.2f} | {metrics['seconds_per_epoch']:.2f} | "
-              f"{metrics['examples_per_second']:.0f} |")
+        print(
+            f"| {run.name} | {full['accuracy']:.4f} | {full['certified']:.4f} | "
+            f"{first['certified_accuracy_ibp']:.2f} | {metrics['seconds_per_epoch']:.2f} | "
+            f"{metrics['examples_per_second']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from certbnn.bounds import compute_bounds
 from certbnn.models import build_model
 
-U64 = 2.0 ** -53
+U64 = 2.0**-53
 
 
 def magnitude_and_reference(model: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor, float]:
@@ -50,15 +50,19 @@ def magnitude_and_reference(model: nn.Sequential, x: Tensor) -> tuple[Tensor, Te
     return ref, mag, fan_in
 
 
-def violations(model: nn.Sequential, lo_x: Tensor, hi_x: Tensor, lo: Tensor, hi: Tensor, points: int,
-               gen: torch.Generator) -> tuple[int, float]:
+def violations(
+    model: nn.Sequential, lo_x: Tensor, hi_x: Tensor, lo: Tensor, hi: Tensor, points: int, gen: torch.Generator
+) -> tuple[int, float]:
     """Exact-output points (with the reference's a-priori slack) outside ``[lo, hi]``; and the worst excess."""
     n_bad, worst = 0, float("-inf")
     layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model)
-    for i in range(points):
+    for _ in range(points):
         t = torch.rand(lo_x.shape, generator=gen, dtype=torch.float64)
-        x = torch.where(t < 0.25, lo_x.double().cpu(), torch.where(t > 0.75, hi_x.double().cpu(),
-                        (lo_x.double().cpu() + t * (hi_x - lo_x).double().cpu()))).float()
+        x = torch.where(
+            t < 0.25,
+            lo_x.double().cpu(),
+            torch.where(t > 0.75, hi_x.double().cpu(), (lo_x.double().cpu() + t * (hi_x - lo_x).double().cpu())),
+        ).float()
         x = torch.minimum(torch.maximum(x, lo_x.float().cpu()), hi_x.float().cpu())
         with torch.no_grad():
             ref, mag, n = magnitude_and_reference(model, x)
@@ -105,9 +109,11 @@ def main() -> int:
         for eps in (0.0, 0.01):
             lo_x, hi_x = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
             for method in ("ibp", "crown-ibp"):
-                for label, kw in (("plain f32", dict(dtype=torch.float32)),
-                                  ("sound f32", dict(dtype=torch.float32, tol="sound")),
-                                  ("sound f64", dict(dtype=torch.float64, tol="sound"))):
+                for label, kw in (
+                    ("plain f32", dict(dtype=torch.float32)),
+                    ("sound f32", dict(dtype=torch.float32, tol="sound")),
+                    ("sound f64", dict(dtype=torch.float64, tol="sound")),
+                ):
                     dev_model = build_model(spec, shape, 10).eval()
                     dev_model.load_state_dict(model.state_dict())
                     with torch.no_grad():
@@ -116,8 +122,11 @@ def main() -> int:
                     width = float((hi.double() - lo.double()).mean())
                     sound = label.startswith("sound")
                     verdict = ("FAIL" if bad else "ok") if sound else ("(misses, as expected)" if bad else "(contains)")
-                    print(f"{spec:12s} eps={eps:<5} {method:9s} {label}: {bad} violations, worst excess "
-                          f"{worst:.3g}, mean width {width:.3g} {verdict}", flush=True)
+                    print(
+                        f"{spec:12s} eps={eps:<5} {method:9s} {label}: {bad} violations, worst excess "
+                        f"{worst:.3g}, mean width {width:.3g} {verdict}",
+                        flush=True,
+                    )
                     failed |= sound and bad > 0
     print("\ntimings (best of 3, seconds per call of", args.batch, "points):")
     for spec, shape in (("mlp:512", (1, 28, 28)), ("cifar-small", (3, 32, 32))):
@@ -125,12 +134,16 @@ def main() -> int:
         xb = torch.rand(args.batch, *shape, device=device)
         for method in ("ibp", "crown-ibp"):
             row = []
-            for label, kw in (("plain f32", dict(dtype=torch.float32)),
-                              ("sound f32", dict(dtype=torch.float32, tol="sound")),
-                              ("sound f64", dict(dtype=torch.float64, tol="sound"))):
+            for label, kw in (
+                ("plain f32", dict(dtype=torch.float32)),
+                ("sound f32", dict(dtype=torch.float32, tol="sound")),
+                ("sound f64", dict(dtype=torch.float64, tol="sound")),
+            ):
+
                 def call() -> None:
                     with torch.no_grad():
                         compute_bounds(model, (xb - 0.01).clamp(0, 1), (xb + 0.01).clamp(0, 1), method, **kw)
+
                 row.append(f"{label} {timed(call, device):.4f}")
             print(f"  {spec:12s} {method:9s} " + " | ".join(row), flush=True)
     print("FAILED: a sound bound was violated" if failed else "all sound bounds held")

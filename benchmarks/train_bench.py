@@ -6,9 +6,10 @@
 Item 1 (MNIST MLP 784-512-10, batch 128, IBP likelihood eps 0.11, lam 0.25, mix prob):
 robust BBB examples/s against (a) a plain-PyTorch step of the same computation written by hand below
 (sample weights, clean pass, IBP, mixed loss, KL, torch.optim.Adam on mu and rho) and (b) the FLOP floor:
-the step's matmul FLOPs (counted by FlopCounterMode on the hand-written step: clean, IBP centre and radius passes) at the matmul ceiling (a
-2048x2048 float32 matmul timed in this run); then SGD, Adam, NoisyAdam, SWAG and SG-HMC step times over
-robust SGD's; standard BBB (categorical likelihood) against bayesian-torch's LinearReparameterization
+the step's matmul FLOPs (counted by FlopCounterMode on the hand-written step: clean, IBP centre and radius
+passes) at the matmul ceiling (a 2048x2048 float32 matmul timed in this run); then SGD, Adam, NoisyAdam,
+SWAG and SG-HMC step times over robust SGD's; standard BBB (categorical likelihood) against bayesian-torch's
+LinearReparameterization
 (same MLP, batch, Adam, 1 sample; run in a subprocess by ``--bayesian-torch-python``, with
 ``--bayesian-torch-path`` added to its sys.path, so it is never a dependency).
 
@@ -65,7 +66,7 @@ def matmul_ceiling(rounds: int) -> float:
     """FLOP/s of a 2048x2048 float32 matmul (best of ``rounds``)."""
     a = torch.randn(2048, 2048)
     seconds = best_times({"mm": lambda: a @ a}, rounds, 2)["mm"]
-    return 2 * 2048 ** 3 / seconds
+    return 2 * 2048**3 / seconds
 
 
 def certbnn_stepper(name: str, model, likelihood: str, num_data: int, batches, **options):
@@ -91,14 +92,18 @@ def training_batches(dataset: str, shape: tuple, batch_size: int, count: int = 3
         images, labels = data.load(dataset, "train").tensors()
     except CertbnnError:
         g = torch.Generator().manual_seed(0)
-        return [(torch.rand(batch_size, *shape, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
-                for _ in range(count)], "random images"
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:count * batch_size]
-    return [(images[i].float().reshape(batch_size, *shape), labels[i].long())
-            for i in order.view(count, batch_size)], f"{dataset} training batches"
+        return [
+            (torch.rand(batch_size, *shape, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+            for _ in range(count)
+        ], "random images"
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: count * batch_size]
+    return [
+        (images[i].float().reshape(batch_size, *shape), labels[i].long()) for i in order.view(count, batch_size)
+    ], f"{dataset} training batches"
 
 
 # --- hand-written plain-PyTorch references ----------------------------------------------------------
+
 
 def plain_layers(model) -> list:
     """The Sequential's layers, for the hand-written references (Linear, Conv2d, ReLU, MaxPool2d, Flatten)."""
@@ -126,8 +131,9 @@ def plain_ibp_logits(layers, weights: dict, x, eps):
 def robust_loss(logits, lo, hi, y):
     worst = torch.where(F.one_hot(y, logits.shape[-1]).bool(), lo, hi)
     clean, robust = F.cross_entropy(logits, y, reduction="none"), F.cross_entropy(worst, y, reduction="none")
-    return -torch.logsumexp(torch.stack([torch.log(torch.tensor(LAM)) - clean,
-                                         torch.log(torch.tensor(1 - LAM)) - robust]), 0).mean()
+    return -torch.logsumexp(
+        torch.stack([torch.log(torch.tensor(LAM)) - clean, torch.log(torch.tensor(1 - LAM)) - robust]), 0
+    ).mean()
 
 
 def plain_bbb_stepper(model, num_data: int, batches, robust: bool = True, kl_weight: float = 0.01):
@@ -153,8 +159,10 @@ def plain_bbb_stepper(model, num_data: int, batches, robust: bool = True, kl_wei
             loss = robust_loss(*plain_ibp_logits(layers, w, x, EPS), y)
         else:
             loss = F.cross_entropy(torch.func.functional_call(model, w, (x,)), y)
-        kl = sum((torch.log(prior_std[n] / sigma[n]) + (sigma[n] ** 2 + mu[n] ** 2) / (2 * prior_std[n] ** 2)
-                  - 0.5).sum() for n in mu)
+        kl = sum(
+            (torch.log(prior_std[n] / sigma[n]) + (sigma[n] ** 2 + mu[n] ** 2) / (2 * prior_std[n] ** 2) - 0.5).sum()
+            for n in mu
+        )
         (loss + kl_weight * kl / num_data).backward()
         opt.step()
 
@@ -202,8 +210,13 @@ print(json.dumps({"seconds": best}))
 
 
 def bayesian_torch_step(python: str, path: str, rounds: int, calls: int) -> float:
-    out = subprocess.run([python, "-c", BT_SCRIPT, path or "", str(rounds), str(calls)], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONPATH": ""})
+    out = subprocess.run(
+        [python, "-c", BT_SCRIPT, path or "", str(rounds), str(calls)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
@@ -222,8 +235,10 @@ def main() -> None:
     args = parser.parse_args()
     rounds, calls = (3, 5) if args.quick else (7, 20)
     torch.manual_seed(0)
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, certbnn from {os.path.dirname(sys.modules['certbnn'].__file__)}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, certbnn from {os.path.dirname(sys.modules['certbnn'].__file__)}"
+    )
     ceiling = matmul_ceiling(rounds)
     print(f"matmul ceiling (2048^2 float32): {ceiling / 1e9:.1f} GFLOP/s")
 
@@ -232,8 +247,10 @@ def main() -> None:
     batches, source = training_batches("mnist", (1, 28, 28), BATCH)
     print(f"data: {source} ({len(batches)} batches, cycled)")
     batch = batches[0]
-    robust = {name: certbnn_stepper(name, model, "ibp", 60000, batches)
-              for name in ("bbb", "sgd", "adam", "noisy-adam", "swag", "sghmc")}
+    robust = {
+        name: certbnn_stepper(name, model, "ibp", 60000, batches)
+        for name in ("bbb", "sgd", "adam", "noisy-adam", "swag", "sghmc")
+    }
     cases = {f"{k} (ibp)": v for k, v in robust.items()}
     cases["plain-pytorch bbb (ibp)"] = plain_bbb_stepper(model, 60000, batches)
     cases["bbb (standard)"] = certbnn_stepper("bbb", model, "standard", 60000, batches)
@@ -245,10 +262,14 @@ def main() -> None:
     print(f"{'case':34s} {'ms/step':>8s} {'ex/s':>8s}  reference")
     print(f"{'bbb (ibp)':34s} {bbb * 1e3:8.2f} {BATCH / bbb:8.0f}")
     plain = times["plain-pytorch bbb (ibp)"]
-    print(f"{'plain-pytorch bbb (ibp)':34s} {plain * 1e3:8.2f} {BATCH / plain:8.0f}  certbnn / plain speed "
-          f"{plain / bbb:.2f}x")
-    print(f"{'FLOP floor at the ceiling':34s} {floor * 1e3:8.2f} {BATCH / floor:8.0f}  {step_flops / 1e6:.0f} "
-          f"MFLOP/step; certbnn at {step_flops / bbb / 1e9:.1f} GFLOP/s = {floor / bbb:.0%} of the ceiling")
+    print(
+        f"{'plain-pytorch bbb (ibp)':34s} {plain * 1e3:8.2f} {BATCH / plain:8.0f}  certbnn / plain speed "
+        f"{plain / bbb:.2f}x"
+    )
+    print(
+        f"{'FLOP floor at the ceiling':34s} {floor * 1e3:8.2f} {BATCH / floor:8.0f}  {step_flops / 1e6:.0f} "
+        f"MFLOP/step; certbnn at {step_flops / bbb / 1e9:.1f} GFLOP/s = {floor / bbb:.0%} of the ceiling"
+    )
     sgd = times["sgd (ibp)"]
     print("\nstep time over robust SGD's (target <= 1.3):")
     for name in ("sgd", "adam", "noisy-adam", "swag", "sghmc", "bbb"):
@@ -260,8 +281,10 @@ def main() -> None:
         bt = bayesian_torch_step(args.bayesian_torch_python, args.bayesian_torch_path, rounds, calls)
         std2 = best_times({"bbb (standard)": cases["bbb (standard)"]}, rounds, calls)["bbb (standard)"]
         std = min(std, std2)
-        print(f"bayesian-torch LinearReparameterization: {bt * 1e3:.2f} ms/step, {BATCH / bt:.0f} ex/s; "
-              f"certbnn / bayesian-torch speed {bt / std:.2f}x (target >= 1.3)")
+        print(
+            f"bayesian-torch LinearReparameterization: {bt * 1e3:.2f} ms/step, {BATCH / bt:.0f} ex/s; "
+            f"certbnn / bayesian-torch speed {bt / std:.2f}x (target >= 1.3)"
+        )
 
     if args.skip_cnn:
         return
@@ -276,17 +299,24 @@ def main() -> None:
         with torch.no_grad():
             compute_bounds(cnn, lower, upper, params=post)
 
-    cases = {"bbb (ibp)": certbnn_stepper("bbb", cnn, "ibp", 50000, [cb]),
-             "plain-pytorch bbb (ibp)": plain_bbb_stepper(cnn, 50000, [cb]),
-             "ibp eval": certbnn_eval, "plain-pytorch ibp eval": plain_ibp_eval(cnn, post, cb[0], S)}
+    cases = {
+        "bbb (ibp)": certbnn_stepper("bbb", cnn, "ibp", 50000, [cb]),
+        "plain-pytorch bbb (ibp)": plain_bbb_stepper(cnn, 50000, [cb]),
+        "ibp eval": certbnn_eval,
+        "plain-pytorch ibp eval": plain_ibp_eval(cnn, post, cb[0], S),
+    }
     times = best_times(cases, rounds, max(1, calls // 4))
     print("\n## 5. cifar-small CNN, batch 64")
     t, p = times["bbb (ibp)"], times["plain-pytorch bbb (ibp)"]
-    print(f"robust BBB step: {64 / t:.0f} ex/s; plain-pytorch {64 / p:.0f} ex/s; plain / certbnn time "
-          f"{t / p:.2f}x (target <= 1.5)")
+    print(
+        f"robust BBB step: {64 / t:.0f} ex/s; plain-pytorch {64 / p:.0f} ex/s; plain / certbnn time "
+        f"{t / p:.2f}x (target <= 1.5)"
+    )
     t, p = times["ibp eval"], times["plain-pytorch ibp eval"]
-    print(f"IBP evaluation, S = {S} samples: {64 / t:.0f} ex/s; plain-pytorch loop {64 / p:.0f} ex/s; "
-          f"certbnn / plain time {t / p:.2f}x (target <= 1.5)")
+    print(
+        f"IBP evaluation, S = {S} samples: {64 / t:.0f} ex/s; plain-pytorch loop {64 / p:.0f} ex/s; "
+        f"certbnn / plain time {t / p:.2f}x (target <= 1.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -92,16 +92,20 @@ def main() -> None:
     ceiling = matmul_ceiling()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"matmul ceiling (2048^2 float32, this run): {ceiling:.1f} GFLOP/s")
-    print(f"{'likelihood':<10} {'old vmap ex/s':>14} {'analytic ex/s':>14} {'new/old':>8} "
-          f"{'floor ex/s':>11} {'new/floor':>10} {'new/authors':>12} {'max|ds|':>9}")
+    print(
+        f"{'likelihood':<10} {'old vmap ex/s':>14} {'analytic ex/s':>14} {'new/old':>8} "
+        f"{'floor ex/s':>11} {'new/floor':>10} {'new/authors':>12} {'max|ds|':>9}"
+    )
     for likelihood in ("standard", "ibp"):
         old, old_state = rate(likelihood, "vmap", old_steps)
         new, new_state = rate(likelihood, "analytic", steps)
         diff = max(float((old_state.precision[n] - new_state.precision[n]).abs().max()) for n in old_state.precision)
         floor = 128 / (step_flops(likelihood) / (ceiling * 1e9))
         authors = f"{new / AUTHORS_ROBUST_VOGN:12.2f}" if likelihood == "ibp" else f"{'-':>12}"
-        print(f"{likelihood:<10} {old:14.0f} {new:14.0f} {new / old:8.1f} {floor:11.0f} {new / floor:10.2f} "
-              f"{authors} {diff:9.1e}")
+        print(
+            f"{likelihood:<10} {old:14.0f} {new:14.0f} {new / old:8.1f} {floor:11.0f} {new / floor:10.2f} "
+            f"{authors} {diff:9.1e}"
+        )
     print(f"authors' robust VOGN (TensorFlow, cited in issue 13, not run here): {AUTHORS_ROBUST_VOGN:.0f} examples/s")
 
 

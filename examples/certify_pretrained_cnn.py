@@ -34,11 +34,19 @@ def images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 x_train, y_train, x_test, y_test = images()
 torch.manual_seed(0)
-net = nn.Sequential(nn.Conv2d(1, 8, 4, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 4, stride=2), nn.ReLU(),
-                    nn.Flatten(), nn.Linear(16 * 5 * 5, 64), nn.ReLU(), nn.Linear(64, 10))
+net = nn.Sequential(
+    nn.Conv2d(1, 8, 4, stride=2),
+    nn.ReLU(),
+    nn.Conv2d(8, 16, 4, stride=2),
+    nn.ReLU(),
+    nn.Flatten(),
+    nn.Linear(16 * 5 * 5, 64),
+    nn.ReLU(),
+    nn.Linear(64, 10),
+)
 # "pretrained": plain PyTorch training, standing in for net.load_state_dict(torch.load("yours.pt"))
 optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
-for epoch in range(3 if TINY else 2):
+for _epoch in range(3 if TINY else 2):
     for batch in torch.randperm(len(y_train)).split(64):
         optimiser.zero_grad()
         nn.functional.cross_entropy(net(x_train[batch]), y_train[batch]).backward()

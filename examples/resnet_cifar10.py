@@ -45,19 +45,32 @@ if TINY:  # colour images whose class is the brightest of ten 3x3 patches
     y = rng.integers(0, 10, 104)
     x = rng.uniform(0, 0.3, (104, 3, 32, 32)).astype(np.float32)
     for i, label in enumerate(y):
-        x[i, :, 3 * label:3 * label + 3, 10:13] = 1.0
+        x[i, :, 3 * label : 3 * label + 3, 10:13] = 1.0
     train, (x_test, y_test) = (x[:96], y[:96]), (x[96:], y[96:])
 else:
     train = data.load("cifar10", "train")
     x_test, y_test = data.load("cifar10", "test").subset(np.arange(500) * 20).tensors()  # all classes
 
 model = ResNet(width=4 if TINY else 16)
-post = certbnn.fit(model, train, method="bbb", likelihood="ibp", eps=EPS, epochs=2 if TINY else 40,
-                   batch_size=32 if TINY else 128, lr=0.01 if TINY else None, progress=not TINY)
+post = certbnn.fit(
+    model,
+    train,
+    method="bbb",
+    likelihood="ibp",
+    eps=EPS,
+    epochs=2 if TINY else 40,
+    batch_size=32 if TINY else 128,
+    lr=0.01 if TINY else None,
+    progress=not TINY,
+)
 certificate = "decision" if TINY else "statistical"  # statistical: 1060 bound passes per point
-report = certbnn.certify(model, post, x_test, y_test, eps=EPS, certificate=certificate, samples=4 if TINY else 24,
-                         progress=not TINY)
-adv = certbnn.attack(model, post, x_test, y_test, eps=EPS, steps=3 if TINY else 20, samples=4 if TINY else 24,
-                     progress=not TINY)
-print(f"clean accuracy {report.clean_accuracy:.3f}, {certificate}-certified accuracy {report.certified_accuracy:.3f}, "
-      f"PGD accuracy {adv.adversarial_accuracy:.3f} at eps 2/255")
+report = certbnn.certify(
+    model, post, x_test, y_test, eps=EPS, certificate=certificate, samples=4 if TINY else 24, progress=not TINY
+)
+adv = certbnn.attack(
+    model, post, x_test, y_test, eps=EPS, steps=3 if TINY else 20, samples=4 if TINY else 24, progress=not TINY
+)
+print(
+    f"clean accuracy {report.clean_accuracy:.3f}, {certificate}-certified accuracy {report.certified_accuracy:.3f}, "
+    f"PGD accuracy {adv.adversarial_accuracy:.3f} at eps 2/255"
+)

@@ -51,8 +51,11 @@ class _BigArray:
     """Pickles as numpy's reconstruct of a 2^50-element uint8 array holding 1 byte."""
 
     def __reduce__(self):
-        return (np.ndarray.__reduce__(np.zeros(1, np.uint8))[0], (np.ndarray, (0,), b"b"),
-                (1, (2**50,), np.dtype("u1"), False, b"\0"))
+        return (
+            np.ndarray.__reduce__(np.zeros(1, np.uint8))[0],
+            (np.ndarray, (0,), b"b"),
+            (1, (2**50,), np.dtype("u1"), False, b"\0"),
+        )
 
 
 class _BigEmpty:

@@ -86,8 +86,9 @@ def test_same_seed_same_posterior_and_other_seed_another(arrays):
 
 def test_a_dataloader_or_dataset_trains_like_the_arrays_it_holds(arrays):
     x, y, _, _ = arrays
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-                                         batch_size=50)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=50
+    )
     from_loader = certbnn.fit(mlp(), loader, method="sgd", **FAST).posterior
     from_arrays = certbnn.fit(mlp(), (x, y), method="sgd", **FAST).posterior
     from_dataset = certbnn.fit(mlp(), data.ArrayDataset(x, y, 2), method="sgd", **FAST).posterior
@@ -132,8 +133,7 @@ def test_point_mass_certify_equals_the_certificate_function(arrays):
     assert report.certificate == "per-sample" and report.settings["samples"] == 1
     x = torch.from_numpy(xt).float() / 255
     params = certbnn.point_mass(trained).sample(None)
-    expected = certificates.per_sample_certified(trained, params, x, torch.from_numpy(yt), 0.05,
-                                                 dtype=torch.float64)[0]
+    expected = certificates.per_sample_certified(trained, params, x, torch.from_numpy(yt), 0.05, dtype=torch.float64)[0]
     assert torch.equal(report.certified, expected) and report.certified.any()
     # the same network as a one-sample posterior (what sgd returns) gives the same decisions
     same = certbnn.certify(mlp(), model, xt, yt, eps=0.05, **QUIET)
@@ -149,8 +149,16 @@ def test_certify_and_attack_equal_certbnn_evaluate(tmp_path, arrays):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     data.register_arrays(config["dataset"], {"train": (x, y), "test": (xt, yt)}, num_classes=2)
     try:
-        options = EvalOptions(eps=[0.05], attacks=["pgd"], certificates=["statistical", "decision", "per-sample"],
-                              limit=None, samples=8, pgd_steps=5, device="cpu", seed=3)
+        options = EvalOptions(
+            eps=[0.05],
+            attacks=["pgd"],
+            certificates=["statistical", "decision", "per-sample"],
+            limit=None,
+            samples=8,
+            pgd_steps=5,
+            device="cpu",
+            seed=3,
+        )
         results = evaluate_run(tmp_path / "run", options, out_dir=tmp_path / "eval", progress=False)
     finally:
         data.unregister(config["dataset"])
@@ -239,9 +247,9 @@ def readme_api_block() -> str:
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
+    section = readme[readme.index("## Python API") :]
     start = section.index("```python\n") + len("```python\n")
-    return section[start:section.index("```\n", start)]
+    return section[start : section.index("```\n", start)]
 
 
 def test_the_readme_api_block_runs_as_written(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,11 @@ def _setup(seed=0):
 def test_attack_stays_in_ball_and_box_and_raises_loss(attack):
     loss, x = _setup()
     eps = 0.1
-    x_adv = fgsm(loss, x, eps) if attack == "fgsm" else pgd(loss, x, eps, steps=10, generator=torch.Generator().manual_seed(0))
+    x_adv = (
+        fgsm(loss, x, eps)
+        if attack == "fgsm"
+        else pgd(loss, x, eps, steps=10, generator=torch.Generator().manual_seed(0))
+    )
     assert ((x_adv - x).abs() <= eps + 1e-7).all()
     assert (x_adv >= 0).all() and (x_adv <= 1).all()
     assert loss(x_adv).mean() > loss(x).mean()
@@ -28,7 +32,10 @@ def test_attack_stays_in_ball_and_box_and_raises_loss(attack):
 
 def test_pgd_more_steps_or_restarts_do_not_lower_the_loss_on_average():
     loss, x = _setup(1)
-    g = lambda: torch.Generator().manual_seed(3)
+
+    def g():
+        return torch.Generator().manual_seed(3)
+
     one = loss(pgd(loss, x, 0.1, steps=1, generator=g())).mean()
     many = loss(pgd(loss, x, 0.1, steps=20, generator=g())).mean()
     restarts = loss(pgd(loss, x, 0.1, steps=20, restarts=3, generator=g())).mean()

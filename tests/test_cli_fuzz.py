@@ -24,18 +24,33 @@ import signal
 import stat
 from pathlib import Path
 
-import pytest
-
 import crafted_inputs as crafted
-from certbnn import data
-from certbnn.cli import main
+import pytest
 from tinydata import separable_images
 
+from certbnn import data
+from certbnn.cli import main
+
 DATASET = "fuzz-tiny"
-TRAIN_BASE = ["train", "--dataset", DATASET, "--model", "mlp:4", "--epochs", "1", "--batch-size", "32",
-              "--val-size", "0", "--test-size", "8", "--device", "cpu", "--no-progress"]
-EVAL_BASE = ["--limit", "8", "--samples", "2", "--pgd-steps", "2", "--eps", "0.05", "--device", "cpu",
-             "--no-progress"]
+TRAIN_BASE = [
+    "train",
+    "--dataset",
+    DATASET,
+    "--model",
+    "mlp:4",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--val-size",
+    "0",
+    "--test-size",
+    "8",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+EVAL_BASE = ["--limit", "8", "--samples", "2", "--pgd-steps", "2", "--eps", "0.05", "--device", "cpu", "--no-progress"]
 PRESET = f"""
 [preset]
 name = "fuzz"
@@ -65,11 +80,18 @@ modes = ["ibp"]
 NUMERIC_BAD = ["nan", "inf", "-inf", "-1", "1e300", "abc", ""]
 INT_BAD = NUMERIC_BAD + ["1.5", "99999999999999999999999"]
 TRAIN_FLOATS = ["--lam", "--eps", "--warmup-epochs", "--ramp-fraction", "--lr", "--kl-weight", "--prior-scale"]
-TRAIN_INTS = ["--epochs", "--batch-size", "--seed", "--limit-train", "--augment", "--val-size", "--val-samples",
-              "--test-size"]
+TRAIN_INTS = [
+    "--epochs",
+    "--batch-size",
+    "--seed",
+    "--limit-train",
+    "--augment",
+    "--val-size",
+    "--val-samples",
+    "--test-size",
+]
 EVAL_FLOATS = ["--confidence", "--threshold", "--ood-fgsm-eps"]
-EVAL_INTS = ["--limit", "--samples", "--pgd-steps", "--pgd-restarts", "--weight-box-refine", "--seed",
-             "--chunk-size"]
+EVAL_INTS = ["--limit", "--samples", "--pgd-steps", "--pgd-restarts", "--weight-box-refine", "--seed", "--chunk-size"]
 # Bad values that are not bad for one option (kept out of the table, with the reason).
 ACCEPTED = {
     ("--lr", "1e300"): "a huge finite learning rate is a legal (if useless) value",
@@ -150,34 +172,56 @@ def _cases():
             if (flag, value) not in ACCEPTED:
                 add(f"train {flag}={value}", [*train, f"{flag}={value}"])  # "=": "-inf" stays a value
     for flag, values in {
-        "--eps": ["1.5", "2"], "--lam": ["1.5"], "--epochs": ["0"],
-        "--batch-size": ["0"], "--val-samples": ["0"], "--seed": ["18446744073709551616"], "--lr": ["0"],
+        "--eps": ["1.5", "2"],
+        "--lam": ["1.5"],
+        "--epochs": ["0"],
+        "--batch-size": ["0"],
+        "--val-samples": ["0"],
+        "--seed": ["18446744073709551616"],
+        "--lr": ["0"],
         "--ramp-fraction": ["1.5"],
         "--model": ["", "abc", "nan", "mlp:99999999999", "mlp:0", "mlp:-1", "cnn:", "mlp:4,abc", "cnn:16c99"],
-        "--method": ["", "abc", "nan"], "--likelihood": ["", "abc", "gaussian"], "--mix": ["", "abc"],
-        "--dataset": ["", "abc", "nan"], "--device": ["", "abc", "cuda:99", "tpu"], "--parallel": ["", "abc"],
+        "--method": ["", "abc", "nan"],
+        "--likelihood": ["", "abc", "gaussian"],
+        "--mix": ["", "abc"],
+        "--dataset": ["", "abc", "nan"],
+        "--device": ["", "abc", "cuda:99", "tpu"],
+        "--parallel": ["", "abc"],
     }.items():
         for value in values:
             add(f"train {flag}={value}", [*train, f"{flag}={value}"])
-    for opt, values in {"--opt": ["prior=1", "num_data=5", "foo=1", "lr=abc", "noequals", "=1", "prior_weight=nan"],
-                        "--lik-opt": ["steps=abc", "foo=1", "noequals", "steps=-1", "steps=1e300"]}.items():
+    for opt, values in {
+        "--opt": ["prior=1", "num_data=5", "foo=1", "lr=abc", "noequals", "=1", "prior_weight=nan"],
+        "--lik-opt": ["steps=abc", "foo=1", "noequals", "steps=-1", "steps=1e300"],
+    }.items():
         for value in values:
             add(f"train {opt} {value}", [*train, "--likelihood", "pgd" if opt == "--lik-opt" else "ibp", opt, value])
     add("train --bogus", [*train, "--bogus"])
     add("train no --out", [*TRAIN_BASE])
     for kind, path in BAD_CONFIGS.items():
         add(f"train --config {kind}", [*train, "--config", path])
-    for kind, path in {**PATH_KINDS, "proc": "/proc/x", "root": "/", "foreign-dir": "{W}/foreign",
-                       "link-to-foreign": "{W}/link-to-foreign", "finished-run": "{W}/run"}.items():
+    for kind, path in {
+        **PATH_KINDS,
+        "proc": "/proc/x",
+        "root": "/",
+        "foreign-dir": "{W}/foreign",
+        "link-to-foreign": "{W}/link-to-foreign",
+        "finished-run": "{W}/run",
+    }.items():
         if kind not in ("directory", "missing"):  # a new folder is fine
             add(f"train --out {kind}", [*TRAIN_BASE, "--out", path])
     for kind, path in BAD_RUNS.items():  # (a finished run's broken posterior is rewritten by a resume: legal)
         if kind not in ("deep-metadata", "fifo-posterior", "corrupt-posterior"):
             add(f"train --resume {kind}", ["train", "--out", path, "--resume", "--no-progress"])
-    for kind, path in {**PATH_KINDS, **{f"run-{k}": v for k, v in BAD_RUNS.items()
-                                        if k not in ("missing", "file", "fifo", "invalid-config", "config-is-dir",
-                                                     "config-fifo")},
-                       "deep-posterior-file": "{W}/badruns/deep/posterior.safetensors"}.items():
+    for kind, path in {
+        **PATH_KINDS,
+        **{
+            f"run-{k}": v
+            for k, v in BAD_RUNS.items()
+            if k not in ("missing", "file", "fifo", "invalid-config", "config-is-dir", "config-fifo")
+        },
+        "deep-posterior-file": "{W}/badruns/deep/posterior.safetensors",
+    }.items():
         add(f"train --init-from {kind}", [*train, "--init-from", path])
     for kind, (name, path) in CRAFTED_DATA.items():
         add(f"train --data-dir {kind}", [*train, "--dataset", name, "--data-dir", path])
@@ -192,9 +236,16 @@ def _cases():
                 add(f"evaluate {flag}={value}", [*evaluate, f"{flag}={value}"])
     for flag, values in {
         "--eps": ["nan", "inf", "-inf", "-1", "1.5", "", "abc", "0.1,nan", "0.1,-0.2", "0.1,,0.2"],
-        "--attacks": ["zzz", "fgsm,zzz"], "--certificates": ["magic", "per-sample,magic"],
-        "--bound": ["", "zzz"], "--points": ["zzz"], "--ood": ["", "nope"], "--device": ["", "abc", "cuda:99"],
-        "--confidence": ["0", "1", "1.5"], "--threshold": ["1.5"], "--limit": ["0"], "--samples": ["0"],
+        "--attacks": ["zzz", "fgsm,zzz"],
+        "--certificates": ["magic", "per-sample,magic"],
+        "--bound": ["", "zzz"],
+        "--points": ["zzz"],
+        "--ood": ["", "nope"],
+        "--device": ["", "abc", "cuda:99"],
+        "--confidence": ["0", "1", "1.5"],
+        "--threshold": ["1.5"],
+        "--limit": ["0"],
+        "--samples": ["0"],
     }.items():
         for value in values:
             add(f"evaluate {flag}={value}", [*evaluate, f"{flag}={value}"])
@@ -202,32 +253,90 @@ def _cases():
         add(f"evaluate run {kind}", ["evaluate", path, *EVAL_BASE])
     add("evaluate run empty", ["evaluate", "", *EVAL_BASE])
     # (no --out / here: a regression would write into the machine's root as root)
-    for kind, path in {"file": "{W}/foreign/notes.txt", "proc": "/proc/x",
-                       "foreign-dir": "{W}/foreign", "fifo": "{W}/fifo"}.items():
+    for kind, path in {
+        "file": "{W}/foreign/notes.txt",
+        "proc": "/proc/x",
+        "foreign-dir": "{W}/foreign",
+        "fifo": "{W}/fifo",
+    }.items():
         add(f"evaluate --out {kind}", ["evaluate", "{W}/run", *EVAL_BASE, "--out", path])
     for kind, (name, path) in CRAFTED_DATA.items():
         add(f"evaluate --ood {kind}", [*evaluate, "--ood", name, "--data-dir", path])
     add("evaluate --bogus", [*evaluate, "--bogus"])
 
     # reproduce
-    reproduce = ["reproduce", "--preset", "{W}/preset.toml", "--out", "{W}/newgrid", "--device", "cpu",
-                 "--no-progress"]
-    for value in ["epochs=1.5", "epochs=abc", "epochs=true", "epochs=-1", "lr=nan", "lr=inf", "eps=inf",
-                  "eps=1.5", "seed=-1", "margins=no", "test_size=100.5", "epochz=1", "noequals", "=1", "epochs=",
-                  "model=mlp:99999999999", "likelihood=gaussian", "batch_size=0", "lam=2"]:
+    reproduce = ["reproduce", "--preset", "{W}/preset.toml", "--out", "{W}/newgrid", "--device", "cpu", "--no-progress"]
+    for value in [
+        "epochs=1.5",
+        "epochs=abc",
+        "epochs=true",
+        "epochs=-1",
+        "lr=nan",
+        "lr=inf",
+        "eps=inf",
+        "eps=1.5",
+        "seed=-1",
+        "margins=no",
+        "test_size=100.5",
+        "epochz=1",
+        "noequals",
+        "=1",
+        "epochs=",
+        "model=mlp:99999999999",
+        "likelihood=gaussian",
+        "batch_size=0",
+        "lam=2",
+    ]:
         add(f"reproduce --set {value}", [*reproduce, "--set", value])
-    for value in ["limit=abc", "limit=-1", "limit=1.5", 'attacks="fgsm,zzz"', "attacks=zzz", "eps=nan", "eps=[inf]",
-                  "samples=0", "samples=abc", "certificates=magic", "ood_fgsm_eps=nan", "confidence=2",
-                  "pgd_steps=-1", "bogus=1", "noequals"]:
+    for value in [
+        "limit=abc",
+        "limit=-1",
+        "limit=1.5",
+        'attacks="fgsm,zzz"',
+        "attacks=zzz",
+        "eps=nan",
+        "eps=[inf]",
+        "samples=0",
+        "samples=abc",
+        "certificates=magic",
+        "ood_fgsm_eps=nan",
+        "confidence=2",
+        "pgd_steps=-1",
+        "bogus=1",
+        "noequals",
+    ]:
         add(f"reproduce --eval-set {value}", [*reproduce, "--eval-set", value])
-    for kind, path in {**PATH_KINDS, "binary": "{W}/configs/binary.toml", "syntax": "{W}/configs/syntax.toml",
-                       "not-a-preset": "{W}/configs/margins-no.toml", "duplicate-ids": "{W}/dup-preset.toml",
-                       "unknown": "nope"}.items():
+    for kind, path in {
+        **PATH_KINDS,
+        "binary": "{W}/configs/binary.toml",
+        "syntax": "{W}/configs/syntax.toml",
+        "not-a-preset": "{W}/configs/margins-no.toml",
+        "duplicate-ids": "{W}/dup-preset.toml",
+        "unknown": "nope",
+    }.items():
         add(f"reproduce --preset {kind}", ["reproduce", "--preset", path, "--out", "{W}/newgrid", "--no-progress"])
-    for kind, path in {"file": "{W}/foreign/notes.txt", "proc": "/proc/x", "root": "/", "empty": "",
-                       "foreign-dir": "{W}/foreign", "fifo": "{W}/fifo"}.items():
-        add(f"reproduce --out {kind}", ["reproduce", "--preset", "{W}/preset.toml", "--out", path,
-                                        "--device", "cpu", "--no-progress", "--dry-run"])
+    for kind, path in {
+        "file": "{W}/foreign/notes.txt",
+        "proc": "/proc/x",
+        "root": "/",
+        "empty": "",
+        "foreign-dir": "{W}/foreign",
+        "fifo": "{W}/fifo",
+    }.items():
+        add(
+            f"reproduce --out {kind}",
+            [
+                "reproduce",
+                "--preset",
+                "{W}/preset.toml",
+                "--out",
+                path,
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--dry-run",
+            ],
+        )
     add("reproduce --only nomatch", [*reproduce, "--only", "zzz"])
     add("reproduce --bogus", [*reproduce, "--bogus"])
 
@@ -238,8 +347,18 @@ def _cases():
         add(f"data check --data-dir {kind}", ["data", "check", "mnist", "--data-dir", path])
     add("data check unknown", ["data", "check", "nope"])
     add("data check empty-name", ["data", "check", ""])
-    download = ["data", "download", "mnist", "--no-progress", "--mirror", "http://127.0.0.1:9", "--retries", "0",
-                "--timeout", "5"]
+    download = [
+        "data",
+        "download",
+        "mnist",
+        "--no-progress",
+        "--mirror",
+        "http://127.0.0.1:9",
+        "--retries",
+        "0",
+        "--timeout",
+        "5",
+    ]
     for value in NUMERIC_BAD:
         add(f"data download --timeout={value}", [*download, "--data-dir", "{W}/newdata", f"--timeout={value}"])
     for value in INT_BAD:
@@ -247,9 +366,14 @@ def _cases():
             add(f"data download --retries={value}", [*download, "--data-dir", "{W}/newdata", f"--retries={value}"])
     for value in ["file:///etc", "file://{W}/foreign", "ftp://x", "", "abc", "http://"]:
         add(f"data download --mirror={value}", [*download, "--data-dir", "{W}/newdata", "--mirror", value])
-    for kind, path in {"file": "{W}/foreign/notes.txt", "proc": "/proc/x", "fifo": "{W}/fifo",
-                       "readonly": "{W}/readonly", "fifo-at-dest": "{W}/dlroot-fifo",
-                       "dir-at-dest": "{W}/dlroot-dir"}.items():
+    for kind, path in {
+        "file": "{W}/foreign/notes.txt",
+        "proc": "/proc/x",
+        "fifo": "{W}/fifo",
+        "readonly": "{W}/readonly",
+        "fifo-at-dest": "{W}/dlroot-fifo",
+        "dir-at-dest": "{W}/dlroot-dir",
+    }.items():
         add(f"data download --data-dir {kind}", [*download, "--data-dir", path])
     add("data download unknown", ["data", "download", "nope"])
     add("data bogus", ["data", "bogus"])
@@ -303,7 +427,7 @@ def template(tmp_path_factory):
     (root / "link-to-foreign").symlink_to(foreign)
     (root / "readonly").mkdir(mode=0o500)
     (root / "preset.toml").write_text(PRESET)
-    (root / "dup-preset.toml").write_text(PRESET + PRESET[PRESET.index("[[experiment]]"):])
+    (root / "dup-preset.toml").write_text(PRESET + PRESET[PRESET.index("[[experiment]]") :])
     (root / "dlroot-fifo" / "mnist").mkdir(parents=True)  # where a download would write
     os.mkfifo(root / "dlroot-fifo" / "mnist" / "train-images-idx3-ubyte.gz")
     (root / "dlroot-dir" / "mnist" / "train-images-idx3-ubyte.gz.part").mkdir(parents=True)
@@ -400,8 +524,10 @@ class _Timeout(Exception):
 
 def run_cli(argv: list[str], capsys, seconds: int = 20) -> tuple[object, str]:
     """(exit status, stderr) of ``main(argv)``; an exception escaping main fails the test."""
+
     def expire(*_):
         raise _Timeout(f"no answer within {seconds} s (blocked?)")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:

@@ -16,7 +16,7 @@ def test_precedence_defaults_file_flags(tmp_path):
 
 def test_train_table_is_accepted(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[train]\nepochs = 3\n')
+    path.write_text("[train]\nepochs = 3\n")
     assert make_config(load_toml(path), {}).epochs == 3
 
 
@@ -30,7 +30,10 @@ def test_bad_files_and_values(tmp_path):
         load_toml(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_toml(tmp_path / "missing.toml")
-    with pytest.raises(ConfigError, match=r"lam \(lambda, the weight of the clean term\) must be in \[0, 1\] \(a finite number\), got 2.0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lam \(lambda, the weight of the clean term\) must be in \[0, 1\] \(a finite number\), got 2.0",
+    ):
         make_config({}, {"lam": 2.0})
     with pytest.raises(ConfigError, match=r"epochs must be >= 1 \(an integer\), got 0"):
         make_config({}, {"epochs": 0})

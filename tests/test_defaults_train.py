@@ -18,15 +18,13 @@ import math
 
 import pytest
 import torch
+from tinydata import separable_images
 
-from certbnn import data
+from certbnn import data, training
 from certbnn.cli import main
 from certbnn.cli.train_cmd import per_method_defaults
 from certbnn.errors import ConfigError
 from certbnn.posterior import load_posterior
-from certbnn import training
-
-from tinydata import separable_images
 
 SUBSET = ["--limit-train", "10000", "--epochs", "3"]
 TARGET = {"standard": 0.90, "ibp": 0.85}
@@ -41,22 +39,46 @@ def train_cli(out, *args: str) -> dict:
 
 # --- the temperature: recorded, and the proper ELBO one flag away (tiny data, always run) --------
 
+
 @pytest.fixture
 def tiny_dataset():
     images, labels = separable_images()
     data.register_arrays("tiny", {"train": (images, labels), "test": (images[:40], labels[:40])}, num_classes=2)
-    yield ["--dataset", "tiny", "--model", "mlp:16", "--epochs", "1", "--batch-size", "32", "--val-size", "40",
-           "--val-samples", "2", "--eps", "0.05"]
+    yield [
+        "--dataset",
+        "tiny",
+        "--model",
+        "mlp:16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--val-size",
+        "40",
+        "--val-samples",
+        "2",
+        "--eps",
+        "0.05",
+    ]
     data.unregister("tiny")
 
 
-@pytest.mark.parametrize("method,option,flags,expected", [
-    ("bbb", "kl_weight", [], 0.01), ("bbb", "kl_weight", ["--kl-weight", "1"], 1.0),
-    ("vogn", "kl_weight", ["--kl-weight", "1"], 1.0), ("noisy-adam", "kl_weight", [], 0.01),
-    ("sgd", "prior_weight", [], 0.01), ("adam", "prior_weight", ["--kl-weight", "1"], 1.0),
-    ("swag", "prior_weight", ["--kl-weight", "0.5"], 0.5), ("sghmc", "temperature", ["--epochs", "4"], 0.01),
-    ("sghmc", "temperature", ["--epochs", "4", "--kl-weight", "1"], 1.0), ("hmc", "temperature", ["--epochs", "3"], 0.01),
-    ("hmc", "temperature", ["--epochs", "3", "--kl-weight", "0.5"], 0.5)])
+@pytest.mark.parametrize(
+    "method,option,flags,expected",
+    [
+        ("bbb", "kl_weight", [], 0.01),
+        ("bbb", "kl_weight", ["--kl-weight", "1"], 1.0),
+        ("vogn", "kl_weight", ["--kl-weight", "1"], 1.0),
+        ("noisy-adam", "kl_weight", [], 0.01),
+        ("sgd", "prior_weight", [], 0.01),
+        ("adam", "prior_weight", ["--kl-weight", "1"], 1.0),
+        ("swag", "prior_weight", ["--kl-weight", "0.5"], 0.5),
+        ("sghmc", "temperature", ["--epochs", "4"], 0.01),
+        ("sghmc", "temperature", ["--epochs", "4", "--kl-weight", "1"], 1.0),
+        ("hmc", "temperature", ["--epochs", "3"], 0.01),
+        ("hmc", "temperature", ["--epochs", "3", "--kl-weight", "0.5"], 0.5),
+    ],
+)
 def test_temperature_is_recorded_in_metrics_and_posterior(tiny_dataset, tmp_path, method, option, flags, expected):
     metrics = train_cli(tmp_path / "run", *tiny_dataset, "--method", method, "--likelihood", "ibp", *flags)
     record = {"temperature": expected, "option": option, "target": "p(D|w)^(1/T) p(w)"}
@@ -94,6 +116,7 @@ def test_help_states_each_methods_default_from_the_code(capsys):
 
 # --- real MNIST: every method's CLI defaults train ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def mnist():
     if data.find_dataset(data.get_spec("mnist")) is None:
@@ -101,8 +124,9 @@ def mnist():
 
 
 def check_run(tmp_path, method: str, likelihood: str, *extra: str) -> None:
-    metrics = train_cli(tmp_path / f"{method}-{likelihood}", "--method", method, "--likelihood", likelihood,
-                        *SUBSET, *extra)
+    metrics = train_cli(
+        tmp_path / f"{method}-{likelihood}", "--method", method, "--likelihood", likelihood, *SUBSET, *extra
+    )
     assert metrics["num_train"] == 10000 and metrics["config"]["eps"] == 0.11
     assert metrics["test_accuracy"] >= TARGET[likelihood], (metrics["temperature"], metrics["final"])
 
@@ -127,8 +151,19 @@ def test_vogn_cli_defaults_train_on_a_small_subset(mnist, tmp_path):
     """The CI-sized VOGN check: its defaults, standard likelihood, 2,000 images, 3 epochs (85 %
     measured; the old defaults' undamped first Newton steps failed this). IBP needs more steps
     than such a subset gives (the eps ramp then spans ~20 steps): only the slow check above."""
-    metrics = train_cli(tmp_path / "vogn", "--method", "vogn", "--likelihood", "standard", "--limit-train", "2000",
-                        "--epochs", "3", "--test-size", "2000")
+    metrics = train_cli(
+        tmp_path / "vogn",
+        "--method",
+        "vogn",
+        "--likelihood",
+        "standard",
+        "--limit-train",
+        "2000",
+        "--epochs",
+        "3",
+        "--test-size",
+        "2000",
+    )
     assert metrics["test_accuracy"] >= 0.80, metrics["final"]
 
 
@@ -146,8 +181,10 @@ def test_hmc_cli_defaults_train_on_mnist(mnist, tmp_path, likelihood):
     assert any(not torch.equal(t[0], t[1]) for t in samples.values())
 
 
-@pytest.mark.parametrize("method,option,expected", [
-    ("sghmc", "lr", lambda n: 0.1 / n), ("hmc", "step_size", lambda n: 0.01 * math.sqrt(0.01 / n))])
+@pytest.mark.parametrize(
+    "method,option,expected",
+    [("sghmc", "lr", lambda n: 0.1 / n), ("hmc", "step_size", lambda n: 0.01 * math.sqrt(0.01 / n))],
+)
 def test_data_dependent_defaults_are_recorded_resolved(tiny_dataset, tmp_path, method, option, expected):
     """A None default computed from N is recorded as the value the run used, not as None."""
     metrics = train_cli(tmp_path / "run", *tiny_dataset, "--method", method, "--likelihood", "ibp", "--epochs", "3")

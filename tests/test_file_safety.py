@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tinydata import separable_images
 
 from certbnn import data, fileio, training
 from certbnn.cli import main
@@ -26,8 +27,6 @@ from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation.runner import EvalOptions, evaluate_run
 from certbnn.posterior import load_posterior
 from certbnn.reproduce import load_preset
-
-from tinydata import separable_images
 
 DATASET = "tiny-files"
 
@@ -41,8 +40,19 @@ def tiny_dataset():
 
 
 def _config(**overrides):
-    base = dict(dataset=DATASET, model="mlp:8", method="sgd", likelihood="ibp", eps=0.05, epochs=2,
-                batch_size=32, val_size=40, val_samples=2, seed=1, device="cpu")
+    base = dict(
+        dataset=DATASET,
+        model="mlp:8",
+        method="sgd",
+        likelihood="ibp",
+        eps=0.05,
+        epochs=2,
+        batch_size=32,
+        val_size=40,
+        val_samples=2,
+        seed=1,
+        device="cpu",
+    )
     return make_config({}, {**base, **overrides})
 
 
@@ -98,8 +108,9 @@ def test_train_and_evaluate_replace_links_and_leave_their_targets_alone(tmp_path
     out = fileio.claim_dir(tmp_path / "eval", "eval")
     for name in ("evaluation.json", "report.md", "reliability.png", "certified_vs_eps.png"):
         victims.link(out / name, dangling)
-    options = EvalOptions(eps=[0.0, 0.05], limit=16, samples=2, certificates=["per-sample"], attacks=["fgsm"],
-                          device="cpu")
+    options = EvalOptions(
+        eps=[0.0, 0.05], limit=16, samples=2, certificates=["per-sample"], attacks=["fgsm"], device="cpu"
+    )
     evaluate_run(run, options, out, progress=False)
 
     victims.check()
@@ -199,8 +210,14 @@ def test_reproduce_rewrites_results_report_and_plots_without_following_links(tmp
     assert main(_reproduce(preset, out)) == 0
     victims = Victims(tmp_path)
     cell = out / "cells" / "e__sgd__ibp"
-    links = [out / "results.json", out / "RESULTS.md", out / "certified_vs_eps_e.png", out / "reliability_e.png",
-             cell / "eval" / "reliability.png", cell / "eval" / "evaluation.json"]
+    links = [
+        out / "results.json",
+        out / "RESULTS.md",
+        out / "certified_vs_eps_e.png",
+        out / "reliability_e.png",
+        cell / "eval" / "reliability.png",
+        cell / "eval" / "evaluation.json",
+    ]
     assert all(p.is_file() for p in links)
     for path in links:
         path.unlink()
@@ -224,8 +241,23 @@ def test_reproduce_rewrites_results_report_and_plots_without_following_links(tmp
 # --- train --out: only certbnn's own run folders -------------------------------------------------
 
 
-TRAIN = ["train", "--dataset", DATASET, "--model", "mlp:8", "--method", "sgd", "--epochs", "1",
-         "--val-size", "40", "--device", "cpu", "--no-progress", "--out"]
+TRAIN = [
+    "train",
+    "--dataset",
+    DATASET,
+    "--model",
+    "mlp:8",
+    "--method",
+    "sgd",
+    "--epochs",
+    "1",
+    "--val-size",
+    "40",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--out",
+]
 
 
 def test_out_refuses_what_is_not_a_certbnn_run(tmp_path, capsys, monkeypatch):
@@ -239,14 +271,16 @@ def test_out_refuses_what_is_not_a_certbnn_run(tmp_path, capsys, monkeypatch):
     grid = fileio.claim_dir(tmp_path / "grid", "grid")
     (grid / "results.json").write_text("{}")
     monkeypatch.chdir(foreign)  # "" must not mean the current directory
-    cases = {str(foreign): "a non-empty directory that is not a certbnn run",
-             "": "--out is empty",
-             " ": "--out is empty",
-             "/": "refusing to write into the filesystem root",
-             str(a_file): "not a directory",
-             str(a_file / "sub"): "is not a directory",
-             str(grid): "not a certbnn run",
-             str(foreign / ".." / ".." / ".." / ".." / ".." / ".." / ".." / ".." / ".."): "filesystem root"}
+    cases = {
+        str(foreign): "a non-empty directory that is not a certbnn run",
+        "": "--out is empty",
+        " ": "--out is empty",
+        "/": "refusing to write into the filesystem root",
+        str(a_file): "not a directory",
+        str(a_file / "sub"): "is not a directory",
+        str(grid): "not a certbnn run",
+        str(foreign / ".." / ".." / ".." / ".." / ".." / ".." / ".." / ".." / ".."): "filesystem root",
+    }
     for value, message in cases.items():
         assert message in _one_line_error(capsys, TRAIN + [value]), value
     dangling = tmp_path / "dangling"
@@ -272,8 +306,12 @@ def test_evaluate_out_refuses_empty_root_and_file_paths(tmp_path, capsys):
     a_file.write_text("x")
     before = {p.name: _digest(p) for p in run.iterdir()}
     evaluate = ["evaluate", str(run), "--device", "cpu", "--limit", "8", "--samples", "2", "--no-progress", "--out"]
-    for value, message in {"": "--out is empty", "/": "filesystem root", str(a_file): "not a directory",
-                           str(a_file / "sub"): "is not a directory"}.items():
+    for value, message in {
+        "": "--out is empty",
+        "/": "filesystem root",
+        str(a_file): "not a directory",
+        str(a_file / "sub"): "is not a directory",
+    }.items():
         assert message in _one_line_error(capsys, evaluate + [value]), value
     foreign = tmp_path / "someone"
     foreign.mkdir()
@@ -311,22 +349,35 @@ def test_out_accepts_new_and_empty_folders_and_marks_them_first(tmp_path, monkey
 # --- reproduce: one folder per cell, nothing deleted that is not the cell's -----------------------
 
 
-@pytest.mark.parametrize("experiments, message", [
-    ('[[experiment]]\nname = "a b"\ndataset = "{d}"\nmethods = ["sgd"]\n'
-     '[[experiment]]\nname = "a_b"\ndataset = "{d}"\nmethods = ["sgd"]\n',
-     "cells 'a b/sgd/ibp' and 'a_b/sgd/ibp' would share the folder cells/a_b__sgd__ibp"),
-    ('[[experiment]]\nname = "Run"\ndataset = "{d}"\nmethods = ["sgd"]\n'
-     '[[experiment]]\nname = "run"\ndataset = "{d}"\nmethods = ["sgd"]\n',
-     "cells 'Run/sgd/ibp' and 'run/sgd/ibp' would share the folder"),
-    ('[[experiment]]\nname = "a b"\ndataset = "{d}"\nmethods = ["sgd"]\n'
-     '[[experiment]]\nname = "a/b"\ndataset = "{d}"\nmethods = ["bbb"]\n',
-     "experiments 'a b' and 'a/b' would share the plot files *_a_b.png"),
-    ('[[experiment]]\nname = "e"\ndataset = "{d}"\nmethods = ["sgd"]\n[experiment.sweep]\nlam = [0.5, 0.5]\n',
-     "two cells have the id 'e/sgd/ibp/lam=0.5'"),
-    ('[[experiment]]\nname = "e"\ndataset = "{d}"\nmethods = ["sgd"]\n[experiment.sweep]\nlam = [0.5, 1.0]\n'
-     'seed = [1, 1]\n',
-     "two cells have the id"),
-])
+@pytest.mark.parametrize(
+    "experiments, message",
+    [
+        (
+            '[[experiment]]\nname = "a b"\ndataset = "{d}"\nmethods = ["sgd"]\n'
+            '[[experiment]]\nname = "a_b"\ndataset = "{d}"\nmethods = ["sgd"]\n',
+            "cells 'a b/sgd/ibp' and 'a_b/sgd/ibp' would share the folder cells/a_b__sgd__ibp",
+        ),
+        (
+            '[[experiment]]\nname = "Run"\ndataset = "{d}"\nmethods = ["sgd"]\n'
+            '[[experiment]]\nname = "run"\ndataset = "{d}"\nmethods = ["sgd"]\n',
+            "cells 'Run/sgd/ibp' and 'run/sgd/ibp' would share the folder",
+        ),
+        (
+            '[[experiment]]\nname = "a b"\ndataset = "{d}"\nmethods = ["sgd"]\n'
+            '[[experiment]]\nname = "a/b"\ndataset = "{d}"\nmethods = ["bbb"]\n',
+            "experiments 'a b' and 'a/b' would share the plot files *_a_b.png",
+        ),
+        (
+            '[[experiment]]\nname = "e"\ndataset = "{d}"\nmethods = ["sgd"]\n[experiment.sweep]\nlam = [0.5, 0.5]\n',
+            "two cells have the id 'e/sgd/ibp/lam=0.5'",
+        ),
+        (
+            '[[experiment]]\nname = "e"\ndataset = "{d}"\nmethods = ["sgd"]\n[experiment.sweep]\nlam = [0.5, 1.0]\n'
+            "seed = [1, 1]\n",
+            "two cells have the id",
+        ),
+    ],
+)
 def test_colliding_cells_are_refused_when_the_preset_loads(tmp_path, capsys, experiments, message):
     preset = _preset(tmp_path, experiments.format(d=DATASET))
     with pytest.raises(ConfigError, match="two cells|would share"):
@@ -343,8 +394,14 @@ def test_reproduce_removes_stale_temporary_files_of_its_own_names_only(tmp_path)
     assert main(_reproduce(preset, out)) == 0
     assert (out / "certified_vs_eps_x_y.png").is_file()  # plot names are file-safe
     cell = out / "cells" / "x_y__sgd__ibp"
-    killed = [out / "results.json", out / "RESULTS.md", out / "reliability_x_y.png", cell / "eval" / "report.md",
-              cell / "eval" / "reliability.png", cell / "run" / training.METRICS]
+    killed = [
+        out / "results.json",
+        out / "RESULTS.md",
+        out / "reliability_x_y.png",
+        cell / "eval" / "report.md",
+        cell / "eval" / "reliability.png",
+        cell / "run" / training.METRICS,
+    ]
     for path in killed:
         _kill_inside_writer(path)
     (out / ".someone.abcdefgh.tmp").write_text("theirs")
@@ -377,8 +434,11 @@ def test_reproduce_deletes_nothing_in_a_cell_folder_it_did_not_make(tmp_path, ca
     foreign.mkdir()
     (foreign / "RESULTS.md").write_text("theirs")
     assert "not a certbnn grid" in _one_line_error(capsys, _reproduce(preset, foreign))
-    for value, message in {str(foreign): "not a certbnn grid", "/": "filesystem root",
-                           str(foreign / "RESULTS.md"): "not a directory"}.items():
+    for value, message in {
+        str(foreign): "not a certbnn grid",
+        "/": "filesystem root",
+        str(foreign / "RESULTS.md"): "not a directory",
+    }.items():
         assert message in _one_line_error(capsys, _reproduce(preset, Path(value), "--dry-run")), value
     assert sorted(p.name for p in foreign.iterdir()) == ["RESULTS.md"]
 
@@ -403,8 +463,9 @@ def _kill_inside_writer(path: Path) -> None:
 def test_a_write_killed_with_sigkill_leaves_no_temporary_file_after_resume(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        training.train(_config(epochs=2), run, progress=False,
-                       log=lambda line: (_ for _ in ()).throw(KeyboardInterrupt))  # killed after epoch 1
+        training.train(
+            _config(epochs=2), run, progress=False, log=lambda line: (_ for _ in ()).throw(KeyboardInterrupt)
+        )  # killed after epoch 1
     checkpoint = _digest(run / training.CHECKPOINT)
     for name in (training.CHECKPOINT, training.POSTERIOR, training.METRICS):
         _kill_inside_writer(run / name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -102,7 +100,10 @@ def test_gaussian_regression_density():
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match=r"lam \(lambda, the weight of the clean term\) must be in \[0, 1\] \(a finite number\), got 1.5"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lam \(lambda, the weight of the clean term\) must be in \[0, 1\] \(a finite number\), got 1.5",
+    ):
         make_likelihood("ibp", lam=1.5)
     with pytest.raises(ConfigError, match="mix must be"):
         make_likelihood("pgd", mix="avg")

@@ -7,8 +7,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certbnn.errors import ConfigError
-from certbnn.models import (build_model, describe_model, fingerprint_difference, list_models, make_activation,
-                            model_fingerprint, register_model)
+from certbnn.models import (
+    build_model,
+    describe_model,
+    fingerprint_difference,
+    list_models,
+    make_activation,
+    model_fingerprint,
+    register_model,
+)
 
 
 def layer_kinds(model):
@@ -26,11 +33,25 @@ def test_mnist_mlp_is_the_papers_net():
 
 def test_cifar_small_is_the_papers_net():
     model = build_model("cifar-small", (3, 32, 32), 10)
-    assert layer_kinds(model) == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Flatten",
-                                  "Linear", "ReLU", "Linear"]
+    assert layer_kinds(model) == [
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Linear",
+    ]
     conv1, conv2 = model[0], model[2]
-    assert (conv1.in_channels, conv1.out_channels, conv1.kernel_size, conv1.stride, conv1.padding) == \
-        (3, 16, (4, 4), (1, 1), (0, 0))
+    assert (conv1.in_channels, conv1.out_channels, conv1.kernel_size, conv1.stride, conv1.padding) == (
+        3,
+        16,
+        (4, 4),
+        (1, 1),
+        (0, 0),
+    )
     assert (conv2.in_channels, conv2.out_channels, conv2.kernel_size) == (16, 32, (4, 4))
     assert model[4].kernel_size == 2
     assert model[6].in_features == 32 * 13 * 13 and model[6].out_features == 100
@@ -61,20 +82,23 @@ def test_linear_model():
     assert layer_kinds(model) == ["Flatten", "Linear"]
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("resnet50", "unknown model 'resnet50'"),
-    ("mlp", "needs a comma-separated"),
-    ("mlp:512x512", "use commas"),
-    ("mlp:0", "must be >= 1"),
-    ("mlp:512,,10", "empty layer"),
-    ("mlp:512@gelu", "unknown activation 'gelu'"),
-    ("mlp:512@", "unknown activation"),
-    ("cnn:16c40", "does not fit"),
-    ("cnn:100,16c4", "must come first"),
-    ("cnn:16k4", "cannot parse cnn layer '16k4'"),
-    ("cifar-small:3", "takes no arguments"),
-    ("linear:3", "takes no arguments"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("resnet50", "unknown model 'resnet50'"),
+        ("mlp", "needs a comma-separated"),
+        ("mlp:512x512", "use commas"),
+        ("mlp:0", "must be >= 1"),
+        ("mlp:512,,10", "empty layer"),
+        ("mlp:512@gelu", "unknown activation 'gelu'"),
+        ("mlp:512@", "unknown activation"),
+        ("cnn:16c40", "does not fit"),
+        ("cnn:100,16c4", "must come first"),
+        ("cnn:16k4", "cannot parse cnn layer '16k4'"),
+        ("cifar-small:3", "takes no arguments"),
+        ("linear:3", "takes no arguments"),
+    ],
+)
 def test_bad_specs_name_the_spec(spec, fragment):
     with pytest.raises(ConfigError) as info:
         build_model(spec, (3, 32, 32), 10)
@@ -93,8 +117,12 @@ def test_bad_shapes():
 
 def test_register_and_list_models():
     def tiny(arg, input_shape, num_classes, activation):
-        return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], int(arg or 2)), make_activation(activation),
-                             nn.Linear(int(arg or 2), num_classes))
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(input_shape[0], int(arg or 2)),
+            make_activation(activation),
+            nn.Linear(int(arg or 2), num_classes),
+        )
 
     register_model("test-tiny", tiny, "a test net")
     try:
@@ -109,6 +137,7 @@ def test_register_and_list_models():
             build_model("test-tiny", (2,), 2)
     finally:
         from certbnn import models
+
         models._REGISTRY.pop("test-tiny", None)
     with pytest.raises(ConfigError, match="invalid model name"):
         register_model("Bad:Name", tiny)
@@ -126,9 +155,14 @@ def test_mlp_widths_roundtrip(widths, classes):
 
 def test_fingerprint_lists_names_and_shapes_in_order():
     model = build_model("mlp:512", (1, 28, 28), 10)
-    assert model_fingerprint(model) == {"parameters": [
-        {"name": "1.weight", "shape": [512, 784]}, {"name": "1.bias", "shape": [512]},
-        {"name": "3.weight", "shape": [10, 512]}, {"name": "3.bias", "shape": [10]}]}
+    assert model_fingerprint(model) == {
+        "parameters": [
+            {"name": "1.weight", "shape": [512, 784]},
+            {"name": "1.bias", "shape": [512]},
+            {"name": "3.weight", "shape": [10, 512]},
+            {"name": "3.bias", "shape": [10]},
+        ]
+    }
 
 
 def test_fingerprint_difference_names_first_differing_parameter():

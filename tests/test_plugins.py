@@ -15,7 +15,7 @@ from certbnn.data.npz import read_npz
 from certbnn.errors import ConfigError, DataError
 from certbnn.plugins import build_plugin, is_plugin_spec, parse_plugin_spec
 
-NETS = '''
+NETS = """
 import math
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def bad_forward():
     return nn.Sequential(nn.Linear(7, 3))
 
 NOT_CALLABLE = 3
-'''
+"""
 
 
 def _features(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +131,29 @@ def test_factory_trains_on_npz_and_evaluates(workdir, capsys):
     assert config["dataset_file"] == str((workdir / "toy.npz").resolve())
     assert config["dataset_sha256"] == read_npz(workdir / "toy.npz").sha256
     capsys.readouterr()
-    assert main(["evaluate", str(workdir / "run"), "--limit", "30", "--samples", "4", "--attacks", "fgsm",
-                 "--certificates", "per-sample", "--eps", "0.02,0.05", "--radius", "--no-progress",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(workdir / "run"),
+                "--limit",
+                "30",
+                "--samples",
+                "4",
+                "--attacks",
+                "fgsm",
+                "--certificates",
+                "per-sample",
+                "--eps",
+                "0.02,0.05",
+                "--radius",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     evaluation = json.loads((workdir / "run" / "evaluation.json").read_text())
     assert evaluation["num_points"] == 30 and evaluation["model"] == "tinynets:mlp"
     radii = evaluation["radius"]["per_point"]
@@ -148,8 +168,9 @@ def test_factory_without_arguments_and_by_keyword(workdir):
 
 def test_config_round_trip_and_toml(workdir):
     toml = workdir / "run.toml"
-    toml.write_text('dataset = "toy.npz"\nmodel = "tinynets:fixed"\nlikelihood = "standard"\nepochs = 1\n'
-                    'val_size = 40\n')
+    toml.write_text(
+        'dataset = "toy.npz"\nmodel = "tinynets:fixed"\nlikelihood = "standard"\nepochs = 1\nval_size = 40\n'
+    )
     config = make_config(load_toml(toml), {})
     assert config.dataset_file == str((workdir / "toy.npz").resolve()) and len(config.dataset_sha256) == 64
     saved = workdir / "config.json"
@@ -162,8 +183,19 @@ def test_config_round_trip_and_toml(workdir):
 
 def test_evaluate_refuses_a_changed_or_missing_npz_and_a_vanished_module(workdir, capsys):
     assert _train(workdir / "run", "--model", "tinynets:fixed", "--likelihood", "standard") == 0
-    evaluate = ["evaluate", str(workdir / "run"), "--limit", "10", "--attacks", "", "--certificates", "",
-                "--no-progress", "--device", "cpu"]
+    evaluate = [
+        "evaluate",
+        str(workdir / "run"),
+        "--limit",
+        "10",
+        "--attacks",
+        "",
+        "--certificates",
+        "",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     _write_npz(workdir / "toy.npz", y_test=np.zeros(60, np.int64) + 1)
     capsys.readouterr()
     assert main(evaluate) == 1
@@ -196,26 +228,49 @@ def test_custom_forward_trains_without_bounds_and_is_refused_with_them(workdir, 
 def test_custom_forward_the_engine_follows_trains_robustly_and_certifies(workdir, capsys):
     assert _train(workdir / "run", "--model", "tinynets:residual", "--likelihood", "ibp", "--eps", "0.05") == 0
     assert "certified_accuracy_ibp" in json.loads((workdir / "run" / "metrics.json").read_text())["final"]
-    assert main(["evaluate", str(workdir / "run"), "--limit", "20", "--samples", "4", "--attacks", "",
-                 "--certificates", "per-sample", "--eps", "0.05", "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(workdir / "run"),
+                "--limit",
+                "20",
+                "--samples",
+                "4",
+                "--attacks",
+                "",
+                "--certificates",
+                "per-sample",
+                "--eps",
+                "0.05",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     row = json.loads((workdir / "run" / "evaluation.json").read_text())["per_eps"][0]
     assert 0 <= row["per_sample_certified_accuracy"] <= row["clean_accuracy"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("tinynets:", "nor a plug-in package.module:factory"),
-    ("tiny-nets:mlp", "nor a plug-in package.module:factory"),
-    ("nosuchmodule_xyz:make", "cannot import module 'nosuchmodule_xyz'"),
-    ("tinynets:nothing", "module 'tinynets' has no attribute 'nothing'"),
-    ("tinynets:NOT_CALLABLE", "not callable"),
-    ("tinynets:raises", "the factory raised RuntimeError: no GPU here second line"),
-    ("tinynets:wrong_width", "maps a (2, 6) batch to (2, 5), expected (2, 3) logits"),
-    ("tinynets:not_a_module", "returned a str, not an nn.Module"),
-    ("tinynets:two_required", "must take no arguments or (input_shape, num_classes)"),
-    ("tinynets:no_params", "has no parameters"),
-    ("tinynets:scaled", "cannot infer fan_in"),
-    ("tinynets:bad_forward", "forward of a (2, 6) batch raised RuntimeError"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("tinynets:", "nor a plug-in package.module:factory"),
+        ("tiny-nets:mlp", "nor a plug-in package.module:factory"),
+        ("nosuchmodule_xyz:make", "cannot import module 'nosuchmodule_xyz'"),
+        ("tinynets:nothing", "module 'tinynets' has no attribute 'nothing'"),
+        ("tinynets:NOT_CALLABLE", "not callable"),
+        ("tinynets:raises", "the factory raised RuntimeError: no GPU here second line"),
+        ("tinynets:wrong_width", "maps a (2, 6) batch to (2, 5), expected (2, 3) logits"),
+        ("tinynets:not_a_module", "returned a str, not an nn.Module"),
+        ("tinynets:two_required", "must take no arguments or (input_shape, num_classes)"),
+        ("tinynets:no_params", "has no parameters"),
+        ("tinynets:scaled", "cannot infer fan_in"),
+        ("tinynets:bad_forward", "forward of a (2, 6) batch raised RuntimeError"),
+    ],
+)
 def test_plugin_errors_are_one_line(workdir, capsys, spec, message):
     assert _train(workdir / "run", "--model", spec) == 1
     assert message in _one_line_error(capsys)
@@ -233,8 +288,10 @@ def test_import_error_inside_the_module_is_one_line(workdir, capsys):
 
 def test_registry_specs_are_not_plugins():
     assert not is_plugin_spec("mlp:512") and not is_plugin_spec("cnn:16c4,p2") and not is_plugin_spec("linear")
-    assert is_plugin_spec("pkg.nets:make") and parse_plugin_spec("pkg.nets:Factory.build") == ("pkg.nets",
-                                                                                              "Factory.build")
+    assert is_plugin_spec("pkg.nets:make") and parse_plugin_spec("pkg.nets:Factory.build") == (
+        "pkg.nets",
+        "Factory.build",
+    )
 
 
 def test_help_says_plugins_run_user_code(capsys):
@@ -293,8 +350,14 @@ def test_not_an_archive_and_not_a_file(tmp_path, capsys):
 def test_uint8_images_and_class_names(tmp_path):
     images = np.arange(30 * 1 * 4 * 4, dtype=np.int64).reshape(30, 1, 4, 4) % 256
     labels = np.arange(30) % 3
-    np.savez_compressed(tmp_path / "img.npz", x_train=images.astype(np.uint8), y_train=labels,
-                        x_test=images[:9].astype(np.uint8), y_test=labels[:9], class_names=np.array(["a", "b", "c"]))
+    np.savez_compressed(
+        tmp_path / "img.npz",
+        x_train=images.astype(np.uint8),
+        y_train=labels,
+        x_test=images[:9].astype(np.uint8),
+        y_test=labels[:9],
+        class_names=np.array(["a", "b", "c"]),
+    )
     ds = data.load(str(tmp_path / "img.npz"), "test")
     assert ds.image_shape == (1, 4, 4) and ds.class_names == ("a", "b", "c") and ds.images.dtype == np.uint8
     x, _ = ds.tensors()
@@ -316,8 +379,23 @@ def test_registered_folder_found_by_name(tmp_path, monkeypatch, capsys):
         assert main(["data", "check", "toyset", "--data-dir", str(root / "toyset")]) == 0  # the folder itself
         capsys.readouterr()
         run = tmp_path / "run"
-        assert main(["train", "--dataset", "toyset", "--model", "mlp:8", "--likelihood", "standard",
-                     "--out", str(run), *TRAIN]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--dataset",
+                    "toyset",
+                    "--model",
+                    "mlp:8",
+                    "--likelihood",
+                    "standard",
+                    "--out",
+                    str(run),
+                    *TRAIN,
+                ]
+            )
+            == 0
+        )
         assert json.loads((run / "config.json").read_text())["dataset_file"] == str(root / "toyset" / "data.npz")
         monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "elsewhere"))
         assert main(["data", "check", "toyset"]) == 1

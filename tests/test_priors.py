@@ -68,7 +68,10 @@ def test_validation():
 def small_prior(dtype=torch.float64):
     gen = torch.Generator().manual_seed(0)
     mean = {"a": torch.randn(3, 2, generator=gen, dtype=dtype), "b": torch.randn(4, generator=gen, dtype=dtype)}
-    std = {"a": torch.rand(3, 2, generator=gen, dtype=dtype) + 0.5, "b": torch.rand(4, generator=gen, dtype=dtype) + 0.5}
+    std = {
+        "a": torch.rand(3, 2, generator=gen, dtype=dtype) + 0.5,
+        "b": torch.rand(4, generator=gen, dtype=dtype) + 0.5,
+    }
     return GaussianPrior(mean, std)
 
 
@@ -76,8 +79,10 @@ def test_log_prob_matches_torch_distributions_and_batches():
     prior = small_prior()
     draws = prior.sample(7, generator=torch.Generator().manual_seed(1))
     assert draws["a"].shape == (7, 3, 2) and draws["b"].shape == (7, 4)
-    expected = sum(torch.distributions.Normal(prior.mean()[n], prior.std()[n]).log_prob(draws[n])
-                   .reshape(7, -1).sum(-1) for n in draws)
+    expected = sum(
+        torch.distributions.Normal(prior.mean()[n], prior.std()[n]).log_prob(draws[n]).reshape(7, -1).sum(-1)
+        for n in draws
+    )
     assert torch.allclose(prior.log_prob(draws), expected)
     single = prior.log_prob({n: t[0] for n, t in draws.items()})
     assert single.shape == () and torch.allclose(single, expected[0])
@@ -88,23 +93,35 @@ def test_log_prob_matches_torch_distributions_and_batches():
 
 
 def test_kl_closed_form_scalar_and_sum_over_coordinates():
-    prior = GaussianPrior({"w": torch.tensor([0.5], dtype=torch.float64)}, {"w": torch.tensor([2.0], dtype=torch.float64)})
+    prior = GaussianPrior(
+        {"w": torch.tensor([0.5], dtype=torch.float64)}, {"w": torch.tensor([2.0], dtype=torch.float64)}
+    )
     mq, sq = torch.tensor([1.5], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
-    closed = math.log(2.0 / 0.5) + (0.5 ** 2 + 1.0 ** 2) / (2 * 2.0 ** 2) - 0.5
+    closed = math.log(2.0 / 0.5) + (0.5**2 + 1.0**2) / (2 * 2.0**2) - 0.5
     assert prior.kl_from({"w": mq}, {"w": sq}).item() == pytest.approx(closed, rel=1e-12)
     # Summed, not averaged: n identical coordinates give n times the KL of one.
-    wide = GaussianPrior({"w": torch.full((10, 3), 0.5, dtype=torch.float64)},
-                         {"w": torch.full((10, 3), 2.0, dtype=torch.float64)})
-    kl = wide.kl_from({"w": torch.full((10, 3), 1.5, dtype=torch.float64)}, {"w": torch.full((10, 3), 0.5, dtype=torch.float64)})
+    wide = GaussianPrior(
+        {"w": torch.full((10, 3), 0.5, dtype=torch.float64)}, {"w": torch.full((10, 3), 2.0, dtype=torch.float64)}
+    )
+    kl = wide.kl_from(
+        {"w": torch.full((10, 3), 1.5, dtype=torch.float64)}, {"w": torch.full((10, 3), 0.5, dtype=torch.float64)}
+    )
     assert kl.item() == pytest.approx(30 * closed, rel=1e-12)
     prior = small_prior()
     assert prior.kl_from(prior.mean(), prior.std()).item() == pytest.approx(0.0, abs=1e-12)
-    reference = sum(torch.distributions.kl_divergence(torch.distributions.Normal(m, s),
-                                                      torch.distributions.Normal(prior.mean()[n], prior.std()[n])).sum()
-                    for n, (m, s) in {"a": (torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)),
-                                      "b": (torch.ones(4, dtype=torch.float64), torch.full((4,), 0.3, dtype=torch.float64))}.items())
-    kl = prior.kl_from({"a": torch.zeros(3, 2, dtype=torch.float64), "b": torch.ones(4, dtype=torch.float64)},
-                       {"a": torch.ones(3, 2, dtype=torch.float64), "b": torch.full((4,), 0.3, dtype=torch.float64)})
+    reference = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(m, s), torch.distributions.Normal(prior.mean()[n], prior.std()[n])
+        ).sum()
+        for n, (m, s) in {
+            "a": (torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)),
+            "b": (torch.ones(4, dtype=torch.float64), torch.full((4,), 0.3, dtype=torch.float64)),
+        }.items()
+    )
+    kl = prior.kl_from(
+        {"a": torch.zeros(3, 2, dtype=torch.float64), "b": torch.ones(4, dtype=torch.float64)},
+        {"a": torch.ones(3, 2, dtype=torch.float64), "b": torch.full((4,), 0.3, dtype=torch.float64)},
+    )
     assert kl.item() == pytest.approx(reference.item(), rel=1e-12)
 
 

@@ -92,9 +92,9 @@ BAD_TOML = [
     ('seed = "1"', ["seed", "'1'"]),
     ("warmup_epochs = -1", ["warmup_epochs", "-1"]),
     ("batch_size = 12.0", ["batch_size", "integer", "12.0"]),
-    ('dataset = 3', ["dataset", "string", "3"]),
+    ("dataset = 3", ["dataset", "string", "3"]),
     ("method_options = 3", ["method_options", "table", "3"]),
-    ('[method_options]\nprior = 1', ["prior", "unknown option"]),
+    ("[method_options]\nprior = 1", ["prior", "unknown option"]),
     ('likelihood = "pgd"\n[likelihood_options]\nsteps = "abc"', ["steps", "'abc'"]),
     ("train = 3", ["train", "table"]),
     ("epochs = = 3", ["c.toml: not valid TOML"]),
@@ -183,8 +183,10 @@ def test_bad_config_file_values_fail_before_any_work(text, words, workdir, capsy
     _fails_in_one_line([*TRAIN, "--config", "c.toml"], [*named, *words], workdir, capsys)
 
 
-@pytest.mark.parametrize("text", ['{"epochs": "x"', '[1]', '{"epochs": true}', '{"eps": NaN}',
-                                  '{"margins": "no"}', '{"bogus": 1}', '"\\ud800"'])
+@pytest.mark.parametrize(
+    "text",
+    ['{"epochs": "x"', "[1]", '{"epochs": true}', '{"eps": NaN}', '{"margins": "no"}', '{"bogus": 1}', '"\\ud800"'],
+)
 def test_resume_with_an_invalid_saved_config_is_one_line(text, workdir, capsys):
     run = workdir / "run"
     run.mkdir()
@@ -217,22 +219,26 @@ def test_a_string_where_a_list_is_expected_is_a_one_element_list(workdir, capsys
 
 # --- the schema itself --------------------------------------------------------------
 
-@pytest.mark.parametrize("key, value, words", [
-    ("margins", "no", ["margins", "true or false", "'no'"]),
-    ("margins", 1, ["margins", "1"]),
-    ("epochs", True, ["epochs", "integer", "True"]),
-    ("epochs", 100.5, ["epochs", "integer", "100.5"]),
-    ("epochs", 2.0, ["epochs", "2.0"]),
-    ("test_size", 100.5, ["test_size", "100.5"]),
-    ("eps", math.inf, ["eps", "inf"]),
-    ("eps", True, ["eps", "True"]),
-    ("lr", "0.1", ["lr", "'0.1'"]),
-    ("lr", 10**400, ["lr"]),
-    ("seed", 2**63, ["seed"]),
-    ("device", 0, ["device", "0"]),
-    ("dataset", "", ["dataset", "''"]),
-    ("method_options", [], ["method_options", "table"]),
-])
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("margins", "no", ["margins", "true or false", "'no'"]),
+        ("margins", 1, ["margins", "1"]),
+        ("epochs", True, ["epochs", "integer", "True"]),
+        ("epochs", 100.5, ["epochs", "integer", "100.5"]),
+        ("epochs", 2.0, ["epochs", "2.0"]),
+        ("test_size", 100.5, ["test_size", "100.5"]),
+        ("eps", math.inf, ["eps", "inf"]),
+        ("eps", True, ["eps", "True"]),
+        ("lr", "0.1", ["lr", "'0.1'"]),
+        ("lr", 10**400, ["lr"]),
+        ("seed", 2**63, ["seed"]),
+        ("device", 0, ["device", "0"]),
+        ("dataset", "", ["dataset", "''"]),
+        ("method_options", [], ["method_options", "table"]),
+    ],
+)
 def test_make_config_checks_type_and_range(key, value, words):
     with pytest.raises(ConfigError) as info:
         make_config({}, {key: value})
@@ -245,15 +251,18 @@ def test_valid_values_are_normalised_and_written_as_strict_json(tmp_path):
     assert isinstance(config.eps, float) and isinstance(config.lam, float) and isinstance(config.lr, float)
     json.dumps(config.to_json(), allow_nan=False)  # no NaN / Infinity can get into config.json
     path = tmp_path / "c.toml"
-    path.write_text('eps = 0\nmargins = true\n[method_options]\nnum_samples = 2\n')
+    path.write_text("eps = 0\nmargins = true\n[method_options]\nnum_samples = 2\n")
     assert load_toml(path) == {"eps": 0.0, "margins": True, "method_options": {"num_samples": 2}}
     options = EvalOptions(eps=0.1, attacks="fgsm,pgd", ood_fgsm_eps=0).validate()
     assert options.eps == [0.1] and options.attacks == ["fgsm", "pgd"] and options.ood_fgsm_eps == 0.0
 
 
 def test_check_settings_distinguishes_bool_int_float():
-    assert check_settings(TrainConfig, {"epochs": 3, "lam": 1, "margins": False}) == \
-        {"epochs": 3, "lam": 1.0, "margins": False}
+    assert check_settings(TrainConfig, {"epochs": 3, "lam": 1, "margins": False}) == {
+        "epochs": 3,
+        "lam": 1.0,
+        "margins": False,
+    }
     for key, value in (("epochs", True), ("epochs", 3.0), ("margins", 0), ("margins", "false"), ("lam", False)):
         with pytest.raises(ConfigError, match=rf"^{key} .*must be .*, got {value!r}$"):
             check_settings(TrainConfig, {key: value})
@@ -290,7 +299,12 @@ def test_results_are_written_as_strict_json():
 
     value = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": (2, "x"), "e": None, "f": True}
     text = strict_json.dumps(value)
-    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} token written")) == \
-        {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x"], "e": None, "f": True}
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} token written")) == {
+        "a": None,
+        "b": [1.0, None, {"c": None}],
+        "d": [2, "x"],
+        "e": None,
+        "f": True,
+    }
     with pytest.raises(TypeError):  # anything it cannot convert still fails loudly
         strict_json.dumps({"x": object()})

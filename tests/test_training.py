@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinydata import separable_images
 
-from certbnn import data
+from certbnn import data, training
 from certbnn.cli import main
 from certbnn.config import make_config
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.inference import method_names
 from certbnn.posterior import load_posterior
-from certbnn import training
-
-from tinydata import separable_images
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,14 +28,23 @@ def tiny_dataset():
 
 
 def _config(**overrides):
-    base = dict(dataset="tiny", model="mlp:16", method="sgd", likelihood="ibp", eps=0.05, epochs=3,
-                batch_size=32, val_size=40, val_samples=4, seed=3)
+    base = dict(
+        dataset="tiny",
+        model="mlp:16",
+        method="sgd",
+        likelihood="ibp",
+        eps=0.05,
+        epochs=3,
+        batch_size=32,
+        val_size=40,
+        val_samples=4,
+        seed=3,
+    )
     base.update(overrides)
     return make_config({}, base)
 
 
-METHOD_OPTIONS = {"hmc": {"num_burnin": 1, "num_leapfrog": 5}, "sghmc": {"thin": 2},
-                  "swag": {"burnin_epochs": 1}}
+METHOD_OPTIONS = {"hmc": {"num_burnin": 1, "num_leapfrog": 5}, "sghmc": {"thin": 2}, "swag": {"burnin_epochs": 1}}
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -106,8 +113,9 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
 
 def test_divergence_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(CertbnnError, match="training diverged"):
-        training.train(_config(epochs=2, lr=1e30, likelihood="categorical"), tmp_path / "run",
-                       progress=False, log=lambda s: None)
+        training.train(
+            _config(epochs=2, lr=1e30, likelihood="categorical"), tmp_path / "run", progress=False, log=lambda s: None
+        )
 
 
 def test_cli_train_and_resume(tmp_path, capsys):
@@ -124,16 +132,51 @@ def test_cli_train_and_resume(tmp_path, capsys):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    assert main(["train", "--dataset", "tiny", "--model", "mlp:16", "--method", "nuts", "--val-size", "40", "--out", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "tiny",
+                "--model",
+                "mlp:16",
+                "--method",
+                "nuts",
+                "--val-size",
+                "40",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("certbnn: error: unknown inference method 'nuts'") and "\n" not in err
-    assert main(["train", "--dataset", "tiny", "--model", "mlp:16", "--lam", "3", "--val-size", "40", "--out", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "tiny",
+                "--model",
+                "mlp:16",
+                "--lam",
+                "3",
+                "--val-size",
+                "40",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     assert "lambda" in capsys.readouterr().err
 
 
 def test_augment_appends_copies_and_test_size_limits_the_final_score(tmp_path):
-    metrics = training.train(_config(epochs=1, augment=100, test_size=10), tmp_path / "run", progress=False,
-                             log=lambda s: None)
+    metrics = training.train(
+        _config(epochs=1, augment=100, test_size=10), tmp_path / "run", progress=False, log=lambda s: None
+    )
     assert metrics["num_train"] == 200 + 100  # 240 images, 40 held out, 100 transformed copies appended
     plain = training.train(_config(epochs=1), tmp_path / "plain", progress=False, log=lambda s: None)
     assert plain["num_train"] == 200
@@ -152,19 +195,35 @@ def test_full_batch_hmc_gets_a_deterministic_pgd_potential():
     assert training._likelihood_options(explicit, full_batch=True)["random_start"] is True
 
 
-@pytest.mark.parametrize("method,options,message", [
-    ("sghmc", {"num_burnin": 2, "thin": 1}, "sghmc: num_burnin=2, thin=1 would store samples from step 3 of 18, "
-                                            "before eps reaches its target at step 9"),
-    ("sghmc", {"num_burnin": 2, "thin": 100}, "sghmc: num_burnin=2, thin=100 stores no sample in 18 steps"),
-    ("sghmc", {"num_burnin": 9, "thin": 2}, None),
-    ("hmc", {"num_burnin": 100}, "hmc: warm_start_epochs=1, num_burnin=100, thin=1 stores no sample in 20 steps"),
-    ("hmc", {"num_burnin": 0, "warm_start_epochs": 0}, "hmc: warm_start_epochs=0, num_burnin=0, thin=1 would store "
-                                                       "samples from step 1 of 20, before eps reaches its target at step 10"),
-    ("swag", {"burnin_steps": 0}, "swag: burnin_epochs=0, burnin_steps=0, snapshot_every='epoch' would store samples "
-                                  "from step 6 of 18, before eps reaches its target at step 9"),
-])
-def test_sampler_settings_against_the_eps_ramp_are_checked_before_training(tmp_path, monkeypatch, method, options,
-                                                                           message):
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        (
+            "sghmc",
+            {"num_burnin": 2, "thin": 1},
+            "sghmc: num_burnin=2, thin=1 would store samples from step 3 of 18, "
+            "before eps reaches its target at step 9",
+        ),
+        ("sghmc", {"num_burnin": 2, "thin": 100}, "sghmc: num_burnin=2, thin=100 stores no sample in 18 steps"),
+        ("sghmc", {"num_burnin": 9, "thin": 2}, None),
+        ("hmc", {"num_burnin": 100}, "hmc: warm_start_epochs=1, num_burnin=100, thin=1 stores no sample in 20 steps"),
+        (
+            "hmc",
+            {"num_burnin": 0, "warm_start_epochs": 0},
+            "hmc: warm_start_epochs=0, num_burnin=0, thin=1 would store "
+            "samples from step 1 of 20, before eps reaches its target at step 10",
+        ),
+        (
+            "swag",
+            {"burnin_steps": 0},
+            "swag: burnin_epochs=0, burnin_steps=0, snapshot_every='epoch' would store samples "
+            "from step 6 of 18, before eps reaches its target at step 9",
+        ),
+    ],
+)
+def test_sampler_settings_against_the_eps_ramp_are_checked_before_training(
+    tmp_path, monkeypatch, method, options, message
+):
     epochs = 20 if method == "hmc" else 3
     config = _config(method=method, epochs=epochs, method_options=options)
     if message is None:  # burn-in ends where the ramp does: accepted (training itself not run here)
@@ -181,8 +240,12 @@ def test_automatic_burnin_is_logged_and_init_from_skips_the_hmc_warm_start(tmp_p
     training.train(_config(epochs=1), tmp_path / "sgd", progress=False, log=lambda s: None)
     config = _config(method="hmc", epochs=6, init_from=str(tmp_path / "sgd"), method_options={"num_leapfrog": 3})
     training.train(config, tmp_path / "hmc", progress=False, log=lines.append)
-    assert any(line.startswith("note: hmc samples only once eps reaches its target 0.05 (step 3); "
-                               "set num_burnin=2, warm_start_epochs=0") for line in lines), lines
+    assert any(
+        line.startswith(
+            "note: hmc samples only once eps reaches its target 0.05 (step 3); set num_burnin=2, warm_start_epochs=0"
+        )
+        for line in lines
+    ), lines
     _, meta = load_posterior(tmp_path / "hmc" / training.POSTERIOR)
     assert meta["sample_eps"] == [0.05] * 4
 

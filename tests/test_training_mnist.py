@@ -10,15 +10,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from certbnn import data
+from certbnn import data, training
 from certbnn.config import make_config
-from certbnn import training
 
 pytestmark = pytest.mark.realdata
 
 QUIET = dict(progress=False, log=lambda s: None)
-BASE = dict(dataset="mnist", model="mlp:512", limit_train=10000, epochs=3, batch_size=128, val_size=1000,
-            val_samples=8, eps=0.1, seed=0)
+BASE = dict(
+    dataset="mnist",
+    model="mlp:512",
+    limit_train=10000,
+    epochs=3,
+    batch_size=128,
+    val_size=1000,
+    val_samples=8,
+    eps=0.1,
+    seed=0,
+)
 STANDARD = {
     "sgd": dict(lr=0.05, method_options={"prior_weight": 0.0}),
     "adam": dict(lr=1e-3, method_options={"prior_weight": 0.0}),
@@ -26,7 +34,9 @@ STANDARD = {
     "noisyadam": dict(lr=1e-3, kl_weight=0.01, method_options={"init_precision": 1e4}),
     "vogn": dict(lr=0.05, kl_weight=0.01, limit_train=4000, method_options={"init_precision": 1e4}),
     "swag": dict(lr=0.05, method_options={"prior_weight": 0.0, "burnin_epochs": 2, "snapshot_every": 20}),
-    "sghmc": dict(epochs=4, prior_scale=10.0, method_options={"lr": 1e-5, "num_burnin": 200, "thin": 20, "temperature": 0.01}),
+    "sghmc": dict(
+        epochs=4, prior_scale=10.0, method_options={"lr": 1e-5, "num_burnin": 200, "thin": 20, "temperature": 0.01}
+    ),
 }
 
 
@@ -39,8 +49,9 @@ def mnist_available():
 @pytest.fixture(scope="module")
 def sgd_run(mnist_available, tmp_path_factory):
     run = tmp_path_factory.mktemp("mnist") / "sgd"
-    return run, training.train(make_config({}, {**BASE, "method": "sgd", "likelihood": "standard",
-                                                **STANDARD["sgd"]}), run, **QUIET)
+    return run, training.train(
+        make_config({}, {**BASE, "method": "sgd", "likelihood": "standard", **STANDARD["sgd"]}), run, **QUIET
+    )
 
 
 def test_sgd_standard(sgd_run):
@@ -55,9 +66,17 @@ def test_every_method_learns_mnist(mnist_available, tmp_path, method):
 
 
 def test_hmc_warm_started_from_sgd(sgd_run, tmp_path):
-    config = make_config({}, {**BASE, "method": "hmc", "likelihood": "standard", "epochs": 6,
-                              "init_from": str(sgd_run[0]),
-                              "method_options": {"num_burnin": 2, "num_leapfrog": 10, "step_size": 5e-4}})
+    config = make_config(
+        {},
+        {
+            **BASE,
+            "method": "hmc",
+            "likelihood": "standard",
+            "epochs": 6,
+            "init_from": str(sgd_run[0]),
+            "method_options": {"num_burnin": 2, "num_leapfrog": 10, "step_size": 5e-4},
+        },
+    )
     metrics = training.train(config, tmp_path / "hmc", **QUIET)
     assert metrics["test_accuracy"] > 0.90
 
@@ -72,8 +91,9 @@ def test_robust_likelihood_raises_certified_accuracy(mnist_available, tmp_path, 
 
 
 def test_same_seed_same_posterior_bit_for_bit(mnist_available, tmp_path):
-    config = make_config({}, {**BASE, "method": "bbb", "likelihood": "ibp", "epochs": 1, "limit_train": 2000,
-                              **STANDARD["bbb"]})
+    config = make_config(
+        {}, {**BASE, "method": "bbb", "likelihood": "ibp", "epochs": 1, "limit_train": 2000, **STANDARD["bbb"]}
+    )
     for name in ("a", "b"):
         training.train(config, tmp_path / name, **QUIET)
     a, b = (load_file(tmp_path / n / training.POSTERIOR) for n in ("a", "b"))

@@ -19,8 +19,19 @@ from certbnn.errors import CertbnnError
 
 _API = ("AttackResult", "CertifyReport", "FitResult", "attack", "certify", "fit", "load", "point_mass", "save")
 
-__all__ = ["AttackResult", "CertbnnError", "CertifyReport", "FitResult", "__version__", "attack", "certify", "fit", "load",
-           "point_mass", "save"]
+__all__ = [
+    "AttackResult",
+    "CertbnnError",
+    "CertifyReport",
+    "FitResult",
+    "__version__",
+    "attack",
+    "certify",
+    "fit",
+    "load",
+    "point_mass",
+    "save",
+]
 
 
 def __getattr__(name: str):

@@ -146,9 +146,23 @@ class AttackResult:
 
 # --- fit --------------------------------------------------------------------------------------
 
-def fit(model: nn.Module | str, train_data: Any, *, method: str = "bbb", likelihood: str = "ibp",
-        eps: float = 0.11, epochs: int = 20, seed: int = 0, val_size: int = 0, test_data: Any = None,
-        out: str | Path | None = None, resume: bool = False, progress: bool = True, **settings: Any) -> FitResult:
+
+def fit(
+    model: nn.Module | str,
+    train_data: Any,
+    *,
+    method: str = "bbb",
+    likelihood: str = "ibp",
+    eps: float = 0.11,
+    epochs: int = 20,
+    seed: int = 0,
+    val_size: int = 0,
+    test_data: Any = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> FitResult:
     """Fit a posterior over ``model``'s parameters with the loop of ``certbnn train``.
 
     ``train_data``: ``(x, y)`` arrays or tensors (``x`` (N, C, H, W), float in [0, 1] or uint8
@@ -187,18 +201,29 @@ def fit(model: nn.Module | str, train_data: Any, *, method: str = "bbb", likelih
         check_labels(test[1], num_classes, "test_data y")
     splits = {"train": (x, y), **({"test": test} if test is not None else {})}
     name = dataset_name(splits)
-    values = {**settings, "dataset": name, "model": label, "method": method, "likelihood": likelihood, "eps": eps,
-              "epochs": epochs, "seed": seed, "val_size": val_size}
+    values = {
+        **settings,
+        "dataset": name,
+        "model": label,
+        "method": method,
+        "likelihood": likelihood,
+        "eps": eps,
+        "epochs": epochs,
+        "seed": seed,
+        "val_size": val_size,
+    }
     config = TrainConfig(**check_settings(TrainConfig, values))
     data.register_arrays(name, splits, num_classes=num_classes)
     try:
         with contextlib.ExitStack() as stack:
-            run_dir = Path(out) if out is not None else \
-                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="certbnn-fit-"))) / "run"
+            run_dir = (
+                Path(out)
+                if out is not None
+                else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="certbnn-fit-"))) / "run"
+            )
             if module is not None:
                 stack.enter_context(_eval_mode(module))
-            train(config, run_dir, resume=resume, progress=progress, log=print if progress else _silent,
-                  model=module)
+            train(config, run_dir, resume=resume, progress=progress, log=print if progress else _silent, model=module)
             posterior, metadata = load_posterior(run_dir / POSTERIOR)
     finally:
         data.unregister(name)
@@ -206,6 +231,7 @@ def fit(model: nn.Module | str, train_data: Any, *, method: str = "bbb", likelih
 
 
 # --- certify and attack -----------------------------------------------------------------------
+
 
 def point_mass(model: nn.Module) -> SamplePosterior:
     """The deterministic network as a posterior: one sample, ``model``'s own parameters (copied)."""
@@ -218,11 +244,26 @@ def point_mass(model: nn.Module) -> SamplePosterior:
 _CLI = EvalOptions  # the defaults of `certbnn evaluate`
 
 
-def certify(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, *, certificate: str | None = None,
-            bound: str = _CLI.bound, samples: int | None = None, confidence: float = _CLI.confidence,
-            threshold: float = _CLI.threshold, weight_box_refine: int = _CLI.weight_box_refine, seed: int = _CLI.seed,
-            device: str = _CLI.device, float64: bool = _CLI.float64, certify_float32: bool = _CLI.certify_float32,
-            chunk_size: int = _CLI.chunk_size, progress: bool = True) -> CertifyReport:
+def certify(
+    model: nn.Module,
+    posterior: Any,
+    x: Any,
+    y: Any,
+    eps: float = 0.1,
+    *,
+    certificate: str | None = None,
+    bound: str = _CLI.bound,
+    samples: int | None = None,
+    confidence: float = _CLI.confidence,
+    threshold: float = _CLI.threshold,
+    weight_box_refine: int = _CLI.weight_box_refine,
+    seed: int = _CLI.seed,
+    device: str = _CLI.device,
+    float64: bool = _CLI.float64,
+    certify_float32: bool = _CLI.certify_float32,
+    chunk_size: int = _CLI.chunk_size,
+    progress: bool = True,
+) -> CertifyReport:
     """One certificate of ``certbnn evaluate`` at radius ``eps`` on the points ``x`` (N, ...) in
     [0, 1] with labels ``y`` (N,); rigorous in floating point (float64 bounds unless
     ``certify_float32``).
@@ -240,60 +281,130 @@ def certify(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, 
     one = isinstance(posterior, SamplePosterior) and posterior.num_samples == 1
     name = certificate if certificate is not None else ("per-sample" if one else "statistical")
     if name == "weight-box" and not isinstance(posterior, GaussianPosterior):
-        raise ConfigError(f"the weight-box certificate needs a Gaussian posterior (bbb, noisy-adam, vogn), "
-                          f"got {type(posterior).__name__}")
-    options = _options(eps, certificates=[name], attacks=[], bound=bound,
-                       samples=samples or (1 if one else _CLI.samples), confidence=confidence, threshold=threshold, weight_box_refine=weight_box_refine, seed=seed,
-                       device=device, float64=float64, certify_float32=certify_float32, chunk_size=chunk_size)
+        raise ConfigError(
+            f"the weight-box certificate needs a Gaussian posterior (bbb, noisy-adam, vogn), "
+            f"got {type(posterior).__name__}"
+        )
+    options = _options(
+        eps,
+        certificates=[name],
+        attacks=[],
+        bound=bound,
+        samples=samples or (1 if one else _CLI.samples),
+        confidence=confidence,
+        threshold=threshold,
+        weight_box_refine=weight_box_refine,
+        seed=seed,
+        device=device,
+        float64=float64,
+        certify_float32=certify_float32,
+        chunk_size=chunk_size,
+    )
     with _evaluation(model, posterior, x, y, options) as (placed, moved, params, _, ys, chunks, probs):
         correct = probs.argmax(-1) == ys
         common = {"method": options.bound, "dtype": torch.float32 if certify_float32 else torch.float64}
         eps_value = options.eps[0]
-        per_chunk = chunks.map(f"{name}/{eps_value}", _progress(
-            lambda xb, yb, gen: run_certificate(name, placed, moved, params, xb, yb, eps_value, options, gen, common),
-            len(chunks.parts), f"certify {name}", progress))
+        per_chunk = chunks.map(
+            f"{name}/{eps_value}",
+            _progress(
+                lambda xb, yb, gen: run_certificate(
+                    name, placed, moved, params, xb, yb, eps_value, options, gen, common
+                ),
+                len(chunks.parts),
+                f"certify {name}",
+                progress,
+            ),
+        )
         summary = summarise(name, per_chunk, correct)
-    details = {key: torch.cat([torch.as_tensor(c[key]).reshape(-1).cpu() for c in per_chunk])
-               for key, value in per_chunk[0].items() if isinstance(value, Tensor) and value.dim() == 1}
+    details = {
+        key: torch.cat([torch.as_tensor(c[key]).reshape(-1).cpu() for c in per_chunk])
+        for key, value in per_chunk[0].items()
+        if isinstance(value, Tensor) and value.dim() == 1
+    }
     decided = details.pop("certified") if "certified" in details else details["rate"] == 1.0
     key = name.replace("-", "_")
-    return CertifyReport(certificate=name, eps=eps_value, certified=decided.bool(), correct=correct.cpu(),
-                         certified_fraction=float(decided.double().mean()),
-                         certified_accuracy=summary[f"{key}_certified_accuracy"],
-                         clean_accuracy=metrics.accuracy(probs, ys), summary=summary, details=details,
-                         settings=dataclasses.asdict(options))
+    return CertifyReport(
+        certificate=name,
+        eps=eps_value,
+        certified=decided.bool(),
+        correct=correct.cpu(),
+        certified_fraction=float(decided.double().mean()),
+        certified_accuracy=summary[f"{key}_certified_accuracy"],
+        clean_accuracy=metrics.accuracy(probs, ys),
+        summary=summary,
+        details=details,
+        settings=dataclasses.asdict(options),
+    )
 
 
-def attack(model: nn.Module, posterior: Any, x: Any, y: Any, eps: float = 0.1, *, method: str = "pgd",
-           steps: int = _CLI.pgd_steps, restarts: int = _CLI.pgd_restarts, samples: int | None = None,
-           seed: int = _CLI.seed, device: str = _CLI.device, float64: bool = _CLI.float64,
-           chunk_size: int = _CLI.chunk_size, progress: bool = True) -> AttackResult:
+def attack(
+    model: nn.Module,
+    posterior: Any,
+    x: Any,
+    y: Any,
+    eps: float = 0.1,
+    *,
+    method: str = "pgd",
+    steps: int = _CLI.pgd_steps,
+    restarts: int = _CLI.pgd_restarts,
+    samples: int | None = None,
+    seed: int = _CLI.seed,
+    device: str = _CLI.device,
+    float64: bool = _CLI.float64,
+    chunk_size: int = _CLI.chunk_size,
+    progress: bool = True,
+) -> AttackResult:
     """EOT attack (``fgsm`` or ``pgd``: ``steps`` steps of 2.5 eps / steps, random start,
     ``restarts``) on the posterior predictive of ``samples`` draws (default 24, 1 for a
     one-sample posterior), as ``certbnn evaluate`` runs it; ``posterior`` as in :func:`certify`."""
     posterior = _posterior_of(posterior, model)
     one = isinstance(posterior, SamplePosterior) and posterior.num_samples == 1
-    options = _options(eps, certificates=[], attacks=[method], samples=samples or (1 if one else _CLI.samples),
-                       pgd_steps=steps, pgd_restarts=restarts, seed=seed, device=device, float64=float64,
-                       chunk_size=chunk_size)
+    options = _options(
+        eps,
+        certificates=[],
+        attacks=[method],
+        samples=samples or (1 if one else _CLI.samples),
+        pgd_steps=steps,
+        pgd_restarts=restarts,
+        seed=seed,
+        device=device,
+        float64=float64,
+        chunk_size=chunk_size,
+    )
     with _evaluation(model, posterior, x, y, options) as (placed, _, params, _, ys, chunks, probs):
         eps_value = options.eps[0]
-        x_adv = torch.cat(chunks.map(f"{method}/{eps_value}", _progress(
-            lambda xb, yb, gen: attack_predictive(placed, params, xb, yb, eps_value, kind=method, steps=steps,
-                                                  restarts=restarts, generator=gen),
-            len(chunks.parts), f"attack {method}", progress)))
+        x_adv = torch.cat(
+            chunks.map(
+                f"{method}/{eps_value}",
+                _progress(
+                    lambda xb, yb, gen: attack_predictive(
+                        placed, params, xb, yb, eps_value, kind=method, steps=steps, restarts=restarts, generator=gen
+                    ),
+                    len(chunks.parts),
+                    f"attack {method}",
+                    progress,
+                ),
+            )
+        )
         with torch.no_grad():
             adv_probs = metrics.predictive_probs(placed, params, x_adv)[0]
-        return AttackResult(method=method, eps=eps_value, x_adv=x_adv.detach().cpu(),
-                            clean_accuracy=metrics.accuracy(probs, ys),
-                            adversarial_accuracy=metrics.accuracy(adv_probs, ys),
-                            adversarial_nll=metrics.nll(adv_probs, ys), settings=dataclasses.asdict(options))
+        return AttackResult(
+            method=method,
+            eps=eps_value,
+            x_adv=x_adv.detach().cpu(),
+            clean_accuracy=metrics.accuracy(probs, ys),
+            adversarial_accuracy=metrics.accuracy(adv_probs, ys),
+            adversarial_nll=metrics.nll(adv_probs, ys),
+            settings=dataclasses.asdict(options),
+        )
 
 
 # --- save and load ----------------------------------------------------------------------------
 
-def save(posterior: Any, path: str | Path, *, model: nn.Module | None = None,
-         metadata: Mapping[str, Any] | None = None) -> Path:
+
+def save(
+    posterior: Any, path: str | Path, *, model: nn.Module | None = None, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write a posterior (or :class:`FitResult`, with its training metadata) to one safetensors
     file, atomically (a link at ``path`` is replaced, its target never written). With ``model``
     the posterior must match its parameters (names and shapes), recorded for :func:`load`."""
@@ -312,6 +423,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> FitResult:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
 
 def _silent(_line: str) -> None:
     pass
@@ -338,8 +450,9 @@ def _posterior_of(posterior: Any, model: nn.Module) -> Posterior:
 def _options(eps: Any, **values: Any) -> EvalOptions:
     if isinstance(eps, (list, tuple)) or (isinstance(eps, (Tensor, np.ndarray)) and eps.ndim):
         raise ConfigError(f"eps must be one radius (a float), got {type(eps).__name__}; call once per radius")
-    return EvalOptions(eps=[float(eps) if isinstance(eps, (Tensor, np.generic)) else eps], limit=None,
-                       **values).validate()
+    return EvalOptions(
+        eps=[float(eps) if isinstance(eps, (Tensor, np.generic)) else eps], limit=None, **values
+    ).validate()
 
 
 @contextlib.contextmanager

@@ -25,8 +25,10 @@ def arrays(source: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     elif isinstance(source, Iterable) and not isinstance(source, (str, bytes, Mapping, np.ndarray, Tensor)):
         x, y = _concatenated(source, what)
     else:
-        raise ConfigError(f"{what} must be (x, y) arrays, an ArrayDataset or an iterable of (x, y) batches, "
-                          f"got {type(source).__name__}")
+        raise ConfigError(
+            f"{what} must be (x, y) arrays, an ArrayDataset or an iterable of (x, y) batches, "
+            f"got {type(source).__name__}"
+        )
     return _images(x, f"{what} x"), _labels(y, f"{what} y", len(as_numpy(x, f"{what} x")))
 
 
@@ -73,8 +75,10 @@ def _pixels(x: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ConfigError(f"{what} contains NaN or infinite values")
     if x.min() < 0 or x.max() > 1:
-        raise ConfigError(f"{what} must lie in [0, 1] (eps-balls are clipped to the pixel range; normalise inside "
-                          f"the model), found {float(x.min()):.4g}..{float(x.max()):.4g}")
+        raise ConfigError(
+            f"{what} must lie in [0, 1] (eps-balls are clipped to the pixel range; normalise inside "
+            f"the model), found {float(x.min()):.4g}..{float(x.max()):.4g}"
+        )
     return x.astype(np.float32, copy=False)
 
 
@@ -89,8 +93,10 @@ def _labels(value: Any, what: str, n: int) -> np.ndarray:
 
 def check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ConfigError(f"{what} holds labels {int(y.min())}..{int(y.max())}, but the model has {num_classes} "
-                          f"outputs (labels must lie in [0, {num_classes}))")
+        raise ConfigError(
+            f"{what} holds labels {int(y.min())}..{int(y.max())}, but the model has {num_classes} "
+            f"outputs (labels must lie in [0, {num_classes}))"
+        )
 
 
 def points(x: Any, y: Any) -> tuple[Tensor, Tensor]:

@@ -32,9 +32,19 @@ def _input_grad(loss_fn: LossOfInput, x: Tensor) -> tuple[Tensor, Tensor]:
     return grad, loss.detach()
 
 
-def pgd(loss_fn: LossOfInput, x: Tensor, eps: float, *, steps: int = 10, step_size: float | None = None,
-        random_start: bool = True, restarts: int = 1, generator: torch.Generator | None = None,
-        lo: float = 0.0, hi: float = 1.0) -> Tensor:
+def pgd(
+    loss_fn: LossOfInput,
+    x: Tensor,
+    eps: float,
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Tensor:
     """Projected gradient ascent on ``loss_fn``; returns detached adversarial inputs.
 
     ``step_size`` defaults to 2.5 * eps / steps. With ``restarts > 1`` each

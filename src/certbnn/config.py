@@ -24,50 +24,60 @@ else:  # pragma: no cover
 
 from certbnn.errors import ConfigError
 from certbnn.safe_open import read_regular
-from certbnn.settings import (LAM_LABEL, MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of,
-                              positive)
+from certbnn.settings import LAM_LABEL, MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of, positive
 
 
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (saved as ``RUN_DIR/config.json``)."""
 
-    dataset: str = "mnist"           # a registered name, PATH.npz, or a folder <root>/<name>/data.npz
+    dataset: str = "mnist"  # a registered name, PATH.npz, or a folder <root>/<name>/data.npz
     data_dir: str | None = None
     dataset_file: str | None = None  # an npz data set's file (absolute), recorded when the run starts
     dataset_sha256: str | None = None  # that file's sha256: recorded, or given to pin it; checked on every use
     model: str = "mlp:512"
     method: str = "bbb"
-    likelihood: str = "ibp"          # standard | ibp | crown-ibp | crown | fgsm | pgd
-    lam: float = 0.25                # weight of the clean term in the robust/adversarial mix
-    mix: str = "prob"                # prob (the paper's) | loss
-    margins: bool = False            # worst-case logits from margin bounds (tighter)
-    eps: float = 0.11                # training radius reached by the schedule (pixel units)
-    warmup_epochs: float = 0.0       # epochs at eps = 0 before the ramp
-    ramp_fraction: float = 0.5       # fraction of the remaining steps spent ramping, then hold
+    likelihood: str = "ibp"  # standard | ibp | crown-ibp | crown | fgsm | pgd
+    lam: float = 0.25  # weight of the clean term in the robust/adversarial mix
+    mix: str = "prob"  # prob (the paper's) | loss
+    margins: bool = False  # worst-case logits from margin bounds (tighter)
+    eps: float = 0.11  # training radius reached by the schedule (pixel units)
+    warmup_epochs: float = 0.0  # epochs at eps = 0 before the ramp
+    ramp_fraction: float = 0.5  # fraction of the remaining steps spent ramping, then hold
     epochs: int = 20
     batch_size: int = 128
-    lr: float | None = None          # passed to the method (its default when None)
-    kl_weight: float | None = None   # BBB KL weight / posterior temperature (method default when None)
-    prior_scale: float = 1.0         # prior variance = prior_scale / fan_in
+    lr: float | None = None  # passed to the method (its default when None)
+    kl_weight: float | None = None  # BBB KL weight / posterior temperature (method default when None)
+    prior_scale: float = 1.0  # prior variance = prior_scale / fan_in
     seed: int = 0
-    limit_train: int | None = None   # use only this many training examples (quick runs)
-    augment: int = 0                 # append this many randomly transformed copies (paper CIFAR-10: 40000)
-    val_size: int = 1000             # held-out training examples for per-epoch validation
-    val_samples: int = 8             # posterior samples used in validation
-    test_size: int | None = None     # test points scored into metrics.json at the end (None: all)
-    device: str = "auto"             # cpu | cuda[:N] | auto (a GPU when present)
-    parallel: str = "data"           # under torchrun: data (shard the data) | chains (one sampler chain per process)
-    init_from: str | None = None     # posterior file or run dir whose mean initialises the weights
+    limit_train: int | None = None  # use only this many training examples (quick runs)
+    augment: int = 0  # append this many randomly transformed copies (paper CIFAR-10: 40000)
+    val_size: int = 1000  # held-out training examples for per-epoch validation
+    val_samples: int = 8  # posterior samples used in validation
+    test_size: int | None = None  # test points scored into metrics.json at the end (None: all)
+    device: str = "auto"  # cpu | cuda[:N] | auto (a GPU when present)
+    parallel: str = "data"  # under torchrun: data (shard the data) | chains (one sampler chain per process)
+    init_from: str | None = None  # posterior file or run dir whose mean initialises the weights
     method_options: dict[str, Any] = field(default_factory=dict)
     likelihood_options: dict[str, Any] = field(default_factory=dict)
 
     # ranges of the fields (types come from the annotations above; see certbnn.settings)
     SETTING_RANGES: ClassVar[dict[str, Range]] = {
-        "lam": UNIT, "mix": one_of("prob", "loss"), "eps": UNIT, "warmup_epochs": at_least(0),
-        "ramp_fraction": UNIT, "epochs": at_least(1), "batch_size": at_least(1), "lr": positive(),
-        "kl_weight": positive(), "prior_scale": positive(), "seed": SEED, "limit_train": at_least(1),
-        "augment": between(0, 100 * MILLION), "val_size": at_least(0), "val_samples": between(1, MILLION),
+        "lam": UNIT,
+        "mix": one_of("prob", "loss"),
+        "eps": UNIT,
+        "warmup_epochs": at_least(0),
+        "ramp_fraction": UNIT,
+        "epochs": at_least(1),
+        "batch_size": at_least(1),
+        "lr": positive(),
+        "kl_weight": positive(),
+        "prior_scale": positive(),
+        "seed": SEED,
+        "limit_train": at_least(1),
+        "augment": between(0, 100 * MILLION),
+        "val_size": at_least(0),
+        "val_samples": between(1, MILLION),
         "test_size": at_least(1),
         "parallel": one_of("data", "chains"),
     }
@@ -107,16 +117,22 @@ class TrainConfig:
         if spec is None:
             if self.dataset_file is not None or self.dataset_sha256 is not None:
                 if registered is None or registered.source is not None:
-                    raise ConfigError(f"data set {self.dataset!r}: its recorded file {self.dataset_file} is missing "
-                                      f"and no {self.dataset}/data.npz was found under the data roots")
-                raise ConfigError(f"data set {self.dataset!r} is a registered data set, not an npz file: "
-                                  "dataset_file / dataset_sha256 do not apply")
+                    raise ConfigError(
+                        f"data set {self.dataset!r}: its recorded file {self.dataset_file} is missing "
+                        f"and no {self.dataset}/data.npz was found under the data roots"
+                    )
+                raise ConfigError(
+                    f"data set {self.dataset!r} is a registered data set, not an npz file: "
+                    "dataset_file / dataset_sha256 do not apply"
+                )
             if registered is not None and registered.source is not None:
                 data.unregister(self.dataset)  # an npz data set no longer found where it was
             return data.get_spec(self.dataset, self.data_dir)
         if self.dataset_sha256 is not None and spec.sha256 != self.dataset_sha256:
-            raise ConfigError(f"data set {self.dataset!r}: {spec.source} has sha256 {spec.sha256}, but the run "
-                              f"was made with {self.dataset_sha256} (the file changed; retrain, or restore it)")
+            raise ConfigError(
+                f"data set {self.dataset!r}: {spec.source} has sha256 {spec.sha256}, but the run "
+                f"was made with {self.dataset_sha256} (the file changed; retrain, or restore it)"
+            )
         self.dataset_file, self.dataset_sha256 = str(spec.source), spec.sha256
         return spec
 
@@ -128,11 +144,15 @@ class TrainConfig:
 
         spec = self.dataset_spec()
         if self.augment and len(spec.image_shape) != 3:
-            raise ConfigError(f"augment transforms images (C, H, W); data set {self.dataset!r} holds feature "
-                              f"vectors {spec.image_shape} (use augment = 0)")
+            raise ConfigError(
+                f"augment transforms images (C, H, W); data set {self.dataset!r} holds feature "
+                f"vectors {spec.image_shape} (use augment = 0)"
+            )
         if self.likelihood == "gaussian" and spec.num_classes > 1:
-            raise ConfigError(f"likelihood 'gaussian' is for regression, but data set {self.dataset!r} has "
-                              f"{spec.num_classes} classes (use standard, ibp, crown-ibp, crown, fgsm or pgd)")
+            raise ConfigError(
+                f"likelihood 'gaussian' is for regression, but data set {self.dataset!r} has "
+                f"{spec.num_classes} classes (use standard, ibp, crown-ibp, crown, fgsm or pgd)"
+            )
         if check_model and is_plugin_spec(self.model):  # user code: built once, bounds checked when needed
             model = build_model(self.model, spec.image_shape, spec.num_classes)
             if self.likelihood in ROBUST_LIKELIHOODS:
@@ -153,8 +173,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found" if not path.exists()
-                              else f"{path}: config file is not a regular file")
+            raise ConfigError(
+                f"{path}: config file not found" if not path.exists() else f"{path}: config file is not a regular file"
+            )
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({_one_line(exc)})") from None
@@ -167,8 +188,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     values.update(raw)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(FIELDS))})")
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(FIELDS))})")
     return check_settings(TrainConfig, values, where=f"{path}: ")
 
 
@@ -213,8 +233,9 @@ def check_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]
     """``options`` checked against the user options of ``method`` (names and types)."""
     from certbnn.inference.base import method_class
 
-    return check_settings(method_class(method), options, where=f"method {method!r}: ",
-                          exclude=_METHOD_INTERNAL, what="option")
+    return check_settings(
+        method_class(method), options, where=f"method {method!r}: ", exclude=_METHOD_INTERNAL, what="option"
+    )
 
 
 def check_likelihood_options(likelihood: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -42,8 +42,9 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file",
-                       error: type[CertbnnError] = CertbnnError) -> None:
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, what: str = "file", error: type[CertbnnError] = CertbnnError
+) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and
     ``os.replace``; on any failure the old file is untouched and no temporary file
     is left. A symlink at ``path`` is replaced (its target untouched); a directory
@@ -153,8 +154,9 @@ def is_claimed(directory: str | os.PathLike, kind: str | tuple[str, ...]) -> boo
     return isinstance(saved, dict) and saved.get("certbnn") in kinds
 
 
-def check_output_dir(raw: str | os.PathLike, kind: str | tuple[str, ...], option: str = "--out", *,
-                     foreign_ok: bool = False) -> Path:
+def check_output_dir(
+    raw: str | os.PathLike, kind: str | tuple[str, ...], option: str = "--out", *, foreign_ok: bool = False
+) -> Path:
     """Refuse, with one line, an output folder certbnn does not own: an empty path,
     ``/``, something that is not a directory, or (unless ``foreign_ok``: outputs of
     fixed names, e.g. an evaluation) a non-empty directory without the ``kind``
@@ -177,8 +179,10 @@ def check_output_dir(raw: str | os.PathLike, kind: str | tuple[str, ...], option
             raise CertbnnError(f"{option} {text!r}: cannot read the directory ({err.strerror or err})") from None
         if non_empty and not foreign_ok and not is_claimed(path, kind):
             what = kind if isinstance(kind, str) else " or ".join(kind)
-            raise CertbnnError(f"{option} {text!r}: a non-empty directory that is not a certbnn {what} "
-                               f"(no {RUN_MARKER}); choose a new or empty directory")
+            raise CertbnnError(
+                f"{option} {text!r}: a non-empty directory that is not a certbnn {what} "
+                f"(no {RUN_MARKER}); choose a new or empty directory"
+            )
     else:
         ancestor = path.absolute().parent
         while not ancestor.exists() and ancestor != ancestor.parent:
@@ -198,8 +202,11 @@ def claim_dir(raw: str | os.PathLike, kind: str | tuple[str, ...], option: str =
         return path
     make_dir(path, option)
     name = kind if isinstance(kind, str) else kind[0]
-    atomic_write_text(path / RUN_MARKER, json.dumps({"certbnn": name, "format_version": MARKER_FORMAT_VERSION}) + "\n",
-                      f"{name} marker")
+    atomic_write_text(
+        path / RUN_MARKER,
+        json.dumps({"certbnn": name, "format_version": MARKER_FORMAT_VERSION}) + "\n",
+        f"{name} marker",
+    )
     return path
 
 
@@ -208,6 +215,7 @@ def make_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CertbnnError(f"{option} {os.fspath(path)!r}: cannot create the directory "
-                           f"({err.strerror or err})") from None
+        raise CertbnnError(
+            f"{option} {os.fspath(path)!r}: cannot create the directory ({err.strerror or err})"
+        ) from None
     return Path(path)

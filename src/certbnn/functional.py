@@ -69,8 +69,9 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor
         if size is None:
             return functional_call(model, dict(params), (x,))
         if x.device.type == "cpu" and _is_convolutional(model):
-            return torch.stack([functional_call(model, {k: v[i] for k, v in params.items()}, (x,))
-                                for i in range(size)])
+            return torch.stack(
+                [functional_call(model, {k: v[i] for k, v in params.items()}, (x,)) for i in range(size)]
+            )
         return torch.vmap(lambda p: functional_call(model, p, (x,)))(dict(params))
 
 

@@ -40,8 +40,15 @@ _MIXES = ("prob", "loss")
 class Likelihood(Protocol):
     name: str
 
-    def nll(self, model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
-            eps: float = 0.0, generator: torch.Generator | None = None) -> Tensor: ...
+    def nll(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        eps: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor: ...
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -107,8 +114,11 @@ class IntervalRobust:
     margins: bool = False
     name: str = "robust"
 
-    SETTING_RANGES: ClassVar[dict[str, Range]] = {"bound": one_of("ibp", "crown-ibp", "crown"), "lam": UNIT,
-                                                  "mix": one_of(*_MIXES)}
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {
+        "bound": one_of("ibp", "crown-ibp", "crown"),
+        "lam": UNIT,
+        "mix": one_of(*_MIXES),
+    }
     SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
 
     def __post_init__(self) -> None:
@@ -149,8 +159,9 @@ class IntervalRobust:
         from certbnn.errors import UnsupportedLayerError
 
         try:
-            logits, lo, hi = point_and_ibp(model, x, (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0),
-                                           params=params, check_order=not eps >= 0)  # eps >= 0: x - eps <= x + eps
+            logits, lo, hi = point_and_ibp(
+                model, x, (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0), params=params, check_order=not eps >= 0
+            )  # eps >= 0: x - eps <= x + eps
         except UnsupportedLayerError:
             return None
         clean, robust = cross_entropy(logits, y), cross_entropy(worst_case_logits(lo, hi, y), y)
@@ -172,9 +183,13 @@ class Adversarial:
     random_start: bool = True
     name: str = "adversarial"
 
-    SETTING_RANGES: ClassVar[dict[str, Range]] = {"attack": one_of("fgsm", "pgd"), "lam": UNIT,
-                                                  "mix": one_of(*_MIXES), "steps": at_least(1),
-                                                  "step_size": positive()}
+    SETTING_RANGES: ClassVar[dict[str, Range]] = {
+        "attack": one_of("fgsm", "pgd"),
+        "lam": UNIT,
+        "mix": one_of(*_MIXES),
+        "steps": at_least(1),
+        "step_size": positive(),
+    }
     SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
 
     def __post_init__(self) -> None:
@@ -195,8 +210,15 @@ class Adversarial:
 
         if self.attack == "fgsm":
             return fgsm(loss_of_input, x, eps)
-        return pgd(loss_of_input, x, eps, steps=self.steps, step_size=self.step_size,
-                   random_start=self.random_start, generator=generator)
+        return pgd(
+            loss_of_input,
+            x,
+            eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            random_start=self.random_start,
+            generator=generator,
+        )
 
     def nll_at(self, model, params, x, x_adv, y) -> Tensor:
         """The mixed loss with the attack's inputs given (no gradient flows through the attack)."""
@@ -225,8 +247,9 @@ class BatchNLL:
     def __call__(self, params, x, y) -> Tensor:
         from certbnn.distributed import average_grads
 
-        return self.likelihood.nll(self.model, average_grads(params, self.comm), x, y, self.eps,
-                                   generator=self.generator)
+        return self.likelihood.nll(
+            self.model, average_grads(params, self.comm), x, y, self.eps, generator=self.generator
+        )
 
     def local(self) -> BatchNLL:
         """The same loss without the cross-rank gradient averaging (for explicit reductions)."""

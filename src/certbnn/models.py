@@ -34,8 +34,17 @@ from torch import nn
 from certbnn.errors import ConfigError
 
 __all__ = [
-    "ACTIVATIONS", "build_model", "register_model", "list_models", "describe_model",
-    "make_activation", "check_model", "check_size", "model_fingerprint", "fingerprint_of_params", "fingerprint_difference",
+    "ACTIVATIONS",
+    "build_model",
+    "register_model",
+    "list_models",
+    "describe_model",
+    "make_activation",
+    "check_model",
+    "check_size",
+    "model_fingerprint",
+    "fingerprint_of_params",
+    "fingerprint_difference",
 ]
 
 #: Factory contract: ``factory(arg, input_shape, num_classes, activation) -> nn.Sequential``
@@ -125,8 +134,9 @@ def _builder(spec: str, input_shape: tuple[int, ...], num_classes: int) -> Calla
     head, at, activation = text.partition("@")
     activation = activation if at else "relu"
     if activation not in ACTIVATIONS:
-        raise ConfigError(f"model spec {spec!r}: unknown activation {activation!r}; "
-                          f"choose one of {', '.join(ACTIVATIONS)}")
+        raise ConfigError(
+            f"model spec {spec!r}: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+        )
     name, colon, arg = head.partition(":")
     if name not in _REGISTRY:
         raise ConfigError(f"model spec {spec!r}: unknown model {name!r}; known models: {', '.join(list_models())}")
@@ -164,8 +174,10 @@ def check_size(spec: str, model: nn.Module, limit_bytes: int | None = None) -> i
     count = sum(p.numel() for p in model.parameters())
     limit = memory_bytes() if limit_bytes is None else limit_bytes
     if limit is not None and 4 * count > limit:
-        raise ConfigError(f"model spec {spec!r}: {count:,} parameters need {4 * count / 2**30:,.1f} GiB "
-                          f"(float32), more than the {limit / 2**30:,.1f} GiB of memory here")
+        raise ConfigError(
+            f"model spec {spec!r}: {count:,} parameters need {4 * count / 2**30:,.1f} GiB "
+            f"(float32), more than the {limit / 2**30:,.1f} GiB of memory here"
+        )
     return count
 
 
@@ -245,8 +257,10 @@ def _cnn(arg: str | None, input_shape: tuple[int, ...], num_classes: int, activa
         elif _DENSE_RE.fullmatch(token):
             widths.append(_positive(token, token))
         else:
-            raise ConfigError(f"cannot parse cnn layer {token!r} "
-                              "(expected e.g. 16c4, 32c3s2p1, p2 (max pool), a2 (avg pool) or 100 (dense))")
+            raise ConfigError(
+                f"cannot parse cnn layer {token!r} "
+                "(expected e.g. 16c4, 32c3s2p1, p2 (max pool), a2 (avg pool) or 100 (dense))"
+            )
     return nn.Sequential(*layers, *_dense_stack(channels * height * width, widths, num_classes, activation))
 
 
@@ -262,18 +276,23 @@ def _alias(target_arg: str, factory: ModelFactory, name: str) -> ModelFactory:
         if arg is not None:
             raise ConfigError(f"model {name!r} takes no arguments")
         return factory(target_arg, input_shape, num_classes, activation)
+
     return build
 
 
 register_model("mlp", _mlp, "dense net; mlp:W1,W2,... hidden widths, e.g. mlp:512 or mlp:1024,512")
-register_model("cnn", _cnn, "conv net; cnn:16c4,32c3s2p1,p2,a2,100 (conv CcK[sS][pP], max pool pK, avg pool aK, dense W)")
+register_model(
+    "cnn", _cnn, "conv net; cnn:16c4,32c3s2p1,p2,a2,100 (conv CcK[sS][pP], max pool pK, avg pool aK, dense W)"
+)
 register_model("linear", _linear, "no hidden layer: Flatten, Linear(d, num_classes)")
 register_model("mnist-mlp", _alias("512", _mlp, "mnist-mlp"), "the paper's MNIST net, = mlp:512")
-register_model("cifar-small", _alias("16c4,32c4,p2,100", _cnn, "cifar-small"),
-               "the paper's CIFAR-10 net, = cnn:16c4,32c4,p2,100")
+register_model(
+    "cifar-small", _alias("16c4,32c4,p2,100", _cnn, "cifar-small"), "the paper's CIFAR-10 net, = cnn:16c4,32c4,p2,100"
+)
 
 
 # --- resnet: a small residual CNN (a general graph for the bound engine, see docs/bounds.md) ---
+
 
 class ResidualBlock(nn.Module):
     """``act(shortcut(x) + conv2(act(conv1(x))))``, 3x3 convolutions; with ``stride > 1`` or a change
@@ -299,17 +318,26 @@ def _resnet(arg: str | None, input_shape: tuple[int, ...], num_classes: int, act
         raise ConfigError(f"resnet takes one width, e.g. resnet:16, got {arg!r}")
     width = _positive(arg, arg) if arg else 16
     return nn.Sequential(
-        nn.Conv2d(input_shape[0], width, 3, padding=1), make_activation(activation),
+        nn.Conv2d(input_shape[0], width, 3, padding=1),
+        make_activation(activation),
         ResidualBlock(width, width, 1, activation),
         ResidualBlock(width, 2 * width, 2, activation),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
 
 
-register_model("resnet", _resnet, "small residual CNN; resnet:W (default 16): conv W, residual blocks W and 2W "
-               "(stride 2), global average pool, dense")
+register_model(
+    "resnet",
+    _resnet,
+    "small residual CNN; resnet:W (default 16): conv W, residual blocks W and 2W "
+    "(stride 2), global average pool, dense",
+)
 
 
 # --- fingerprints: which parameter names and shapes an architecture has -------------
+
 
 def fingerprint_of_params(params: Mapping[str, torch.Tensor], batch_dims: int = 0) -> dict[str, Any]:
     """Fingerprint (JSON-able) of a name -> tensor dict, ignoring ``batch_dims`` leading dims."""

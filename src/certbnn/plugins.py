@@ -52,8 +52,10 @@ def parse_plugin_spec(spec: str) -> tuple[str, str]:
     if match is None:
         from certbnn.models import list_models
 
-        raise ConfigError(f"model spec {spec!r}: neither a registered model ({', '.join(list_models())}) nor a "
-                          "plug-in package.module:factory (Python names, e.g. mypkg.nets:make_net)")
+        raise ConfigError(
+            f"model spec {spec!r}: neither a registered model ({', '.join(list_models())}) nor a "
+            "plug-in package.module:factory (Python names, e.g. mypkg.nets:make_net)"
+        )
     return match[1], match[2]
 
 
@@ -68,8 +70,10 @@ def _import(module_name: str, spec: str):
     except ModuleNotFoundError as exc:
         parts = module_name.split(".")
         if exc.name in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
-            raise ConfigError(f"model plug-in {spec!r}: cannot import module {module_name!r} ({exc}); run certbnn "
-                              "from the folder that holds it or add that folder to PYTHONPATH") from None
+            raise ConfigError(
+                f"model plug-in {spec!r}: cannot import module {module_name!r} ({exc}); run certbnn "
+                "from the folder that holds it or add that folder to PYTHONPATH"
+            ) from None
         raise ConfigError(f"model plug-in {spec!r}: importing {module_name!r} failed: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001  (the user's module raised while imported, SyntaxError included)
         raise ConfigError(f"model plug-in {spec!r}: importing {module_name!r} raised {_first_line(exc)}") from None
@@ -106,8 +110,10 @@ def _call(factory: Callable[..., Any], spec: str, input_shape: tuple[int, ...], 
         elif _binds(signature, input_shape, num_classes):
             chosen = ((input_shape, num_classes), {})
         else:
-            raise ConfigError(f"model plug-in {spec!r}: the factory must take no arguments or "
-                              f"(input_shape, num_classes); its signature is {signature}")
+            raise ConfigError(
+                f"model plug-in {spec!r}: the factory must take no arguments or "
+                f"(input_shape, num_classes); its signature is {signature}"
+            )
     else:
         chosen = ((), {})
     try:
@@ -145,8 +151,9 @@ def build_plugin(spec: str, input_shape: tuple[int, ...], num_classes: int) -> n
     try:
         prior_from_model(model)
     except ConfigError as exc:
-        raise ConfigError(f"model plug-in {spec!r}: {exc} (certbnn's prior needs every parameter inside an "
-                          "nn.Linear or nn.ConvNd)") from None
+        raise ConfigError(
+            f"model plug-in {spec!r}: {exc} (certbnn's prior needs every parameter inside an nn.Linear or nn.ConvNd)"
+        ) from None
     probe = torch.rand((PROBE_BATCH, *shape), generator=torch.Generator().manual_seed(0)).to(params[0])
     was_training = model.training
     model.eval()
@@ -154,14 +161,17 @@ def build_plugin(spec: str, input_shape: tuple[int, ...], num_classes: int) -> n
         with torch.no_grad():
             out = model(probe)
     except Exception as exc:  # noqa: BLE001  (user code may raise anything)
-        raise ConfigError(f"model plug-in {spec!r}: forward of a {tuple(probe.shape)} batch raised "
-                          f"{_first_line(exc)}") from None
+        raise ConfigError(
+            f"model plug-in {spec!r}: forward of a {tuple(probe.shape)} batch raised {_first_line(exc)}"
+        ) from None
     finally:
         model.train(was_training)
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != (PROBE_BATCH, num_classes):
-        raise ConfigError(f"model plug-in {spec!r}: forward maps a {tuple(probe.shape)} batch to {got}, expected "
-                          f"({PROBE_BATCH}, {num_classes}) logits")
+        raise ConfigError(
+            f"model plug-in {spec!r}: forward maps a {tuple(probe.shape)} batch to {got}, expected "
+            f"({PROBE_BATCH}, {num_classes}) logits"
+        )
     return model
 
 

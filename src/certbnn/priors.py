@@ -15,8 +15,14 @@ import torch
 from torch import nn
 
 from certbnn.errors import ConfigError
-from certbnn.posterior.paramdict import (ParamDict, check_finite, check_same_structure, check_tensors,
-                                         leading_shape, sample_diag_gaussian)
+from certbnn.posterior.paramdict import (
+    ParamDict,
+    check_finite,
+    check_same_structure,
+    check_tensors,
+    leading_shape,
+    sample_diag_gaussian,
+)
 
 __all__ = ["GaussianPrior", "prior_from_model", "fan_in_of"]
 
@@ -76,16 +82,19 @@ class GaussianPrior:
         for name, q_mean in mean.items():
             q_std = std[name]
             p_mean, p_std = self._mean[name].to(q_mean), self._std[name].to(q_mean)
-            kl = (torch.log(p_std) - torch.log(q_std)
-                  + (q_std ** 2 + (q_mean - p_mean) ** 2) / (2 * p_std ** 2) - 0.5).sum()
+            kl = (
+                torch.log(p_std) - torch.log(q_std) + (q_std**2 + (q_mean - p_mean) ** 2) / (2 * p_std**2) - 0.5
+            ).sum()
             total = kl if total is None else total + kl
         assert total is not None
         return total
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianPrior:
         """A copy on ``device`` with floating ``dtype``."""
-        return GaussianPrior({n: t.to(device=device, dtype=dtype) for n, t in self._mean.items()},
-                             {n: t.to(device=device, dtype=dtype) for n, t in self._std.items()})
+        return GaussianPrior(
+            {n: t.to(device=device, dtype=dtype) for n, t in self._mean.items()},
+            {n: t.to(device=device, dtype=dtype) for n, t in self._std.items()},
+        )
 
 
 def fan_in_of(module: nn.Module) -> int | None:
@@ -97,8 +106,13 @@ def fan_in_of(module: nn.Module) -> int | None:
     return None
 
 
-def prior_from_model(model: nn.Module, scale: float = 1.0, *, fan_in_scaled: bool = True,
-                     stds: Mapping[str, float | torch.Tensor] | None = None) -> GaussianPrior:
+def prior_from_model(
+    model: nn.Module,
+    scale: float = 1.0,
+    *,
+    fan_in_scaled: bool = True,
+    stds: Mapping[str, float | torch.Tensor] | None = None,
+) -> GaussianPrior:
     """Zero-mean prior for every parameter of ``model``.
 
     Variance is ``scale / fan_in`` (``fan_in_scaled=True``) or ``scale``; ``stds`` maps
@@ -119,7 +133,9 @@ def prior_from_model(model: nn.Module, scale: float = 1.0, *, fan_in_scaled: boo
         template = param.detach()
         mean[name] = torch.zeros_like(template)
         if name in stds:
-            std[name] = torch.as_tensor(stds[name], dtype=template.dtype, device=template.device).expand_as(template).clone()
+            std[name] = (
+                torch.as_tensor(stds[name], dtype=template.dtype, device=template.device).expand_as(template).clone()
+            )
         elif not fan_in_scaled:
             std[name] = torch.full_like(template, math.sqrt(scale))
         elif name in fan_ins:

@@ -16,8 +16,7 @@ from typing import BinaryIO
 from certbnn.errors import CertbnnError, DataError
 
 
-def open_regular(path: str | os.PathLike, what: str = "file",
-                 error: type[CertbnnError] = DataError) -> BinaryIO:
+def open_regular(path: str | os.PathLike, what: str = "file", error: type[CertbnnError] = DataError) -> BinaryIO:
     """``path`` opened for binary reading; ``error`` (one line naming ``what`` and the
     path) if it is missing, unreadable, or not a regular file (directory, FIFO, device)."""
     try:
@@ -36,8 +35,9 @@ def open_regular(path: str | os.PathLike, what: str = "file",
         raise
 
 
-def read_regular(path: str | os.PathLike, what: str = "file", error: type[CertbnnError] = DataError,
-                 max_bytes: int | None = None) -> bytes:
+def read_regular(
+    path: str | os.PathLike, what: str = "file", error: type[CertbnnError] = DataError, max_bytes: int | None = None
+) -> bytes:
     """All bytes of the regular file ``path`` (see :func:`open_regular`); ``error`` if it is
     larger than ``max_bytes`` (checked before reading) or cannot be read."""
     with open_regular(path, what, error) as f:

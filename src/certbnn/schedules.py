@@ -44,8 +44,15 @@ class LinearRamp:
         return self.warmup + max(self.ramp, 1) - 1
 
 
-def epoch_ramp(target: float, epochs: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0,
-               ramp_fraction: float = 0.5, start: float = 0.0) -> LinearRamp:
+def epoch_ramp(
+    target: float,
+    epochs: int,
+    steps_per_epoch: int,
+    *,
+    warmup_epochs: float = 0.0,
+    ramp_fraction: float = 0.5,
+    start: float = 0.0,
+) -> LinearRamp:
     """A per-step ramp: ``warmup_epochs`` at ``start``, then a linear ramp over
     ``ramp_fraction`` of the remaining steps reaching ``target``, then a hold."""
     if not 0.0 <= ramp_fraction <= 1.0:

@@ -84,20 +84,21 @@ def one_of(*choices: Any) -> Range:
 
 
 SEED = between(0, 2**63 - 1)  # torch / numpy generators accept these (offsets per rank / epoch stay < 2**64)
-UNIT = between(0, 1)          # pixel radii (inputs are scaled to [0, 1]) and probabilities
-MILLION = 10**6               # upper bound of counts that cost time or memory linearly (epochs, samples, steps)
+UNIT = between(0, 1)  # pixel radii (inputs are scaled to [0, 1]) and probabilities
+MILLION = 10**6  # upper bound of counts that cost time or memory linearly (epochs, samples, steps)
 LAM_LABEL = {"lam": "lam (lambda, the weight of the clean term)"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """Init fields of dataclass ``cls`` -> resolved type hint."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def check_settings(cls: type, values: Mapping[str, Any], *, where: str = "", exclude: Iterable[str] = (),
-                   what: str = "setting") -> dict[str, Any]:
+def check_settings(
+    cls: type, values: Mapping[str, Any], *, where: str = "", exclude: Iterable[str] = (), what: str = "setting"
+) -> dict[str, Any]:
     """``values`` checked against the fields of dataclass ``cls`` (minus ``exclude``) and its
     ``SETTING_RANGES``; returns them normalised (ints as floats where a float is expected,
     one value or a comma-separated string as a list). ``where`` prefixes every message."""
@@ -110,8 +111,10 @@ def check_settings(cls: type, values: Mapping[str, Any], *, where: str = "", exc
         known = ", ".join(sorted(types_)) or "none"
         raise ConfigError(f"{where}unknown {what}(s) {', '.join(unknown)} (known: {known})")
     ranges, labels = getattr(cls, "SETTING_RANGES", {}), getattr(cls, "SETTING_LABELS", {})
-    return {key: check_value(labels.get(key, key), value, types_[key], ranges.get(key), where=where)
-            for key, value in values.items()}
+    return {
+        key: check_value(labels.get(key, key), value, types_[key], ranges.get(key), where=where)
+        for key, value in values.items()
+    }
 
 
 def check_value(key: str, value: Any, hint: Any, bound: Range | None = None, *, where: str = "") -> Any:
@@ -148,12 +151,17 @@ def describe(hint: Any) -> str:
     if origin in (dict, collections.abc.Mapping) or hint is dict:
         return "a table"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
-        hint, f"a {getattr(hint, '__name__', hint)}")
+        hint, f"a {getattr(hint, '__name__', hint)}"
+    )
 
 
 def _plural(text: str) -> str:
-    return {"an integer": "integers", "a finite number": "finite numbers", "a string": "strings",
-            "true or false": "booleans"}.get(text, text)
+    return {
+        "an integer": "integers",
+        "a finite number": "finite numbers",
+        "a string": "strings",
+        "true or false": "booleans",
+    }.get(text, text)
 
 
 def _is_union(hint: Any) -> bool:
@@ -200,7 +208,7 @@ def _scalar(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:  # and within int64, what torch and numpy take
-        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63, value
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63, value
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         try:

@@ -21,11 +21,11 @@ uninterrupted process would have produced.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +48,11 @@ from certbnn.schedules import epoch_ramp
 from certbnn.validation import validate
 
 CHECKPOINT, POSTERIOR, METRICS, CONFIG = (
-    "checkpoint.safetensors", "posterior.safetensors", "metrics.json", "config.json")
+    "checkpoint.safetensors",
+    "posterior.safetensors",
+    "metrics.json",
+    "config.json",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,13 +73,20 @@ def split_train_val(config: TrainConfig) -> tuple[data.ArrayDataset, data.ArrayD
     if config.val_size >= len(full):
         raise ConfigError(f"val_size {config.val_size} leaves no training data ({len(full)} examples)")
     order = np.random.default_rng(config.seed).permutation(len(full))
-    train_idx = np.sort(order[config.val_size:][: config.limit_train])
+    train_idx = np.sort(order[config.val_size :][: config.limit_train])
     val = full.subset(np.sort(order[: config.val_size])) if config.val_size else None
     return augment(full.subset(train_idx), config.augment, seed=config.seed), val
 
 
-def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, model: torch.nn.Module | None = None) -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
     """Fit ``config.method`` and write the run directory; returns the metrics dict.
 
     ``model`` (the Python API, :func:`certbnn.fit`): train this module from its current weights
@@ -92,15 +103,19 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     chains = comm if comm is not None and config.parallel == "chains" else None
     if chains is not None:
         comm = None  # each process runs the whole problem: no sharding, no gradient averaging
-    ckpt_path = run_dir / (CHECKPOINT if chains is None or chains.is_main else f"checkpoint.rank{chains.rank}.safetensors")
+    ckpt_path = run_dir / (
+        CHECKPOINT if chains is None or chains.is_main else f"checkpoint.rank{chains.rank}.safetensors"
+    )
     if resume:
         if not is_claimed(run_dir, "run"):
             raise CertbnnError(f"{run_dir}: nothing to resume (not a certbnn run directory: no {RUN_MARKER})")
         if not ckpt_path.exists():
             raise CertbnnError(f"{run_dir}: nothing to resume (no {ckpt_path.name})")
         if chains is not None and (run_dir / f"checkpoint.rank{chains.world_size}.safetensors").exists():
-            raise ConfigError(f"{run_dir} holds more chains than the {chains.world_size} processes of this run; "
-                              "resume with as many processes as it was started with")
+            raise ConfigError(
+                f"{run_dir} holds more chains than the {chains.world_size} processes of this run; "
+                "resume with as many processes as it was started with"
+            )
     elif ckpt_path.exists() or (run_dir / POSTERIOR).exists():
         raise CertbnnError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     config.validate(check_model=model is None)
@@ -126,8 +141,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     if steps_per_epoch == 0:
         raise ConfigError(f"batch size {config.batch_size} exceeds the {len(train_ds)} training examples")
     shard = comm.batch_shard(config.batch_size) if comm and not method.full_batch else slice(None)
-    schedule = epoch_ramp(config.eps, config.epochs, steps_per_epoch,
-                          warmup_epochs=config.warmup_epochs, ramp_fraction=config.ramp_fraction)
+    schedule = epoch_ramp(
+        config.eps,
+        config.epochs,
+        steps_per_epoch,
+        warmup_epochs=config.warmup_epochs,
+        ramp_fraction=config.ramp_fraction,
+    )
     method = sampler_for_schedule(method, config, schedule, steps_per_epoch, log)
 
     chain_seed = config.seed + (1_000_003 * chains.rank if chains is not None else 0)  # rank 0: the usual chain
@@ -137,7 +157,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
         ckpt, saved = load_checkpoint(ckpt_path, state_cls, device)
         if normalised_config(saved) != config.to_json():
-            raise ConfigError(f"{run_dir}: the saved run used a different configuration; resume without changing settings")
+            raise ConfigError(
+                f"{run_dir}: the saved run used a different configuration; resume without changing settings"
+            )
         state, start_epoch, step, history = ckpt.state, ckpt.epoch, ckpt.step, ckpt.history
         generator.set_state(ckpt.rng_state)
         log(f"resuming {run_dir} after epoch {start_epoch}")
@@ -154,12 +176,25 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         full_batch = (train_ds.subset(comm.data_shard(len(train_ds))) if comm else train_ds).tensors(device=device)
     for epoch in range(start_epoch, config.epochs):
         start = time.perf_counter()
-        batches = [full_batch] if full_batch is not None else train_ds.batches(
-            config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch, drop_last=True, device=device)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress, leave=False, unit="batch")
+        batches = (
+            [full_batch]
+            if full_batch is not None
+            else train_ds.batches(
+                config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch, drop_last=True, device=device
+            )
+        )
+        bar = tqdm(
+            batches,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+            leave=False,
+            unit="batch",
+        )
         loss_sum, seen = 0.0, 0
-        last_accuracy = {"val_acc": f"{history[-1]['val_accuracy']:.3f}"} if history and "val_accuracy" in history[-1] else {}
+        last_accuracy = (
+            {"val_acc": f"{history[-1]['val_accuracy']:.3f}"} if history and "val_accuracy" in history[-1] else {}
+        )
         for x, y in bar:
             eps = schedule.value(step)
             x, y = x[shard], y[shard]
@@ -169,24 +204,39 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             if comm:  # the same number on every rank: the global batch mean (or the global potential)
                 loss = float(comm.all_reduce(torch.tensor(loss, dtype=torch.float64), "mean"))
             if not math.isfinite(loss):
-                raise CertbnnError(f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1} "
-                                   f"(try a smaller learning rate); the last checkpoint in {run_dir} is intact")
+                raise CertbnnError(
+                    f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1} "
+                    f"(try a smaller learning rate); the last checkpoint in {run_dir} is intact"
+                )
             count = len(train_ds) if method.full_batch else config.batch_size  # global, all ranks together
             loss_sum, seen, step = loss_sum + loss * count, seen + count, step + 1
-            bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps:.4f}", **last_accuracy,
-                            ex_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                eps=f"{eps:.4f}",
+                **last_accuracy,
+                ex_s=f"{seen / (time.perf_counter() - start):.0f}",
+            )
         state = method.end_epoch(state, epoch)
         seconds = time.perf_counter() - start
-        record = {"epoch": epoch + 1, "train_nll": loss_sum / max(seen, 1), "eps": schedule.value(step - 1),
-                  "seconds": round(seconds, 3), "examples_per_second": round(seen / seconds, 1)}
+        record = {
+            "epoch": epoch + 1,
+            "train_nll": loss_sum / max(seen, 1),
+            "eps": schedule.value(step - 1),
+            "seconds": round(seconds, 3),
+            "examples_per_second": round(seen / seconds, 1),
+        }
         posterior = _posterior_so_far(method, state) if val_ds is not None and main else None
         if posterior is not None:
-            record.update(validate(model, posterior, val_ds, record["eps"],
-                                   num_samples=config.val_samples, seed=config.seed + epoch))
+            record.update(
+                validate(
+                    model, posterior, val_ds, record["eps"], num_samples=config.val_samples, seed=config.seed + epoch
+                )
+            )
         history.append(record)
         if main or chains is not None:
-            save_checkpoint(ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history),
-                            config.to_json())
+            save_checkpoint(
+                ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history), config.to_json()
+            )
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     posterior = method.posterior(state)
@@ -202,49 +252,76 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         test_ds = test_ds.subset(slice(0, config.test_size))
     final = dict(history[-1]) if history else {}
     if test_ds is not None:
-        final.update(validate(model, posterior, test_ds, 0.0, num_samples=config.val_samples,
-                              seed=config.seed, prefix="test_"))
-    metadata = {"dataset": config.dataset, "preprocessing": "pixels scaled to [0, 1], no normalisation",
-                "method": config.method, "likelihood": config.likelihood, "eps": config.eps,
-                "lam": config.lam, "seed": config.seed, "config": config.to_json(), "metrics": final,
-                "temperature": posterior_temperature(method), "method_settings": method_settings(method)}
+        final.update(
+            validate(model, posterior, test_ds, 0.0, num_samples=config.val_samples, seed=config.seed, prefix="test_")
+        )
+    metadata = {
+        "dataset": config.dataset,
+        "preprocessing": "pixels scaled to [0, 1], no normalisation",
+        "method": config.method,
+        "likelihood": config.likelihood,
+        "eps": config.eps,
+        "lam": config.lam,
+        "seed": config.seed,
+        "config": config.to_json(),
+        "metrics": final,
+        "temperature": posterior_temperature(method),
+        "method_settings": method_settings(method),
+    }
     metadata.update(sampling)  # sample_eps / snapshot_eps: the radius each sample was drawn at
     save_posterior(run_dir / POSTERIOR, posterior, metadata, model=model, model_spec=config.model)
     seconds = sum(r["seconds"] for r in history)
-    metrics = {"certbnn_version": __version__, "config": config.to_json(), "device": str(device),
-               "num_train": len(train_ds), "num_val": len(val_ds) if val_ds is not None else 0,
-               "test_accuracy": final.get("test_accuracy"),
-               "certified_accuracy_ibp": final.get("certified_accuracy_ibp"),
-               "certified_eps": final.get("eps"),
-               "temperature": metadata["temperature"], "method_settings": metadata["method_settings"],
-               **({"chains": chain_report} if chain_report else {}),
-               "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
-               "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
-               "epochs": history, "final": final}
+    metrics = {
+        "certbnn_version": __version__,
+        "config": config.to_json(),
+        "device": str(device),
+        "num_train": len(train_ds),
+        "num_val": len(val_ds) if val_ds is not None else 0,
+        "test_accuracy": final.get("test_accuracy"),
+        "certified_accuracy_ibp": final.get("certified_accuracy_ibp"),
+        "certified_eps": final.get("eps"),
+        "temperature": metadata["temperature"],
+        "method_settings": metadata["method_settings"],
+        **({"chains": chain_report} if chain_report else {}),
+        "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
+        "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
+        "epochs": history,
+        "final": final,
+    }
     atomic_write_text(run_dir / METRICS, strict_json.dumps(metrics, indent=2), "metrics")
     return metrics
 
 
-def sampler_for_schedule(method, config: TrainConfig, schedule, steps_per_epoch: int,
-                         log: Callable[[str], None] = print):
+def sampler_for_schedule(
+    method, config: TrainConfig, schedule, steps_per_epoch: int, log: Callable[[str], None] = print
+):
     """Samplers (HMC, SG-HMC, SWAG) store samples only once eps has reached its target: an
     automatic burn-in (option unset) is set to end there (logged); explicit settings that
     would store a sample earlier, or none at all, are a ConfigError before any training."""
     if not hasattr(method, "for_schedule"):
         return method
     original = method
-    if config.init_from is not None and getattr(method, "warm_start_epochs", 0) \
-            and "warm_start_epochs" not in config.method_options:
+    if (
+        config.init_from is not None
+        and getattr(method, "warm_start_epochs", 0)
+        and "warm_start_epochs" not in config.method_options
+    ):
         method = dataclasses.replace(method, warm_start_epochs=0)  # the chain starts at --init-from
-    context = (f"eps {config.eps} after epochs={config.epochs} x {steps_per_epoch} steps/epoch, "
-               f"warmup_epochs={config.warmup_epochs}, ramp_fraction={config.ramp_fraction}")
-    fitted = method.for_schedule(schedule.first_target_step, config.epochs * steps_per_epoch, steps_per_epoch,
-                                 context)
-    changed = [f"{f.name}={getattr(fitted, f.name)}" for f in dataclasses.fields(fitted)
-               if f.name != "prior" and getattr(fitted, f.name) != getattr(original, f.name)]
+    context = (
+        f"eps {config.eps} after epochs={config.epochs} x {steps_per_epoch} steps/epoch, "
+        f"warmup_epochs={config.warmup_epochs}, ramp_fraction={config.ramp_fraction}"
+    )
+    fitted = method.for_schedule(schedule.first_target_step, config.epochs * steps_per_epoch, steps_per_epoch, context)
+    changed = [
+        f"{f.name}={getattr(fitted, f.name)}"
+        for f in dataclasses.fields(fitted)
+        if f.name != "prior" and getattr(fitted, f.name) != getattr(original, f.name)
+    ]
     if changed:
-        log(f"note: {config.method} samples only once eps reaches its target {config.eps} "
-            f"(step {schedule.first_target_step + 1}); set {', '.join(changed)}")
+        log(
+            f"note: {config.method} samples only once eps reaches its target {config.eps} "
+            f"(step {schedule.first_target_step + 1}); set {', '.join(changed)}"
+        )
     return fitted
 
 
@@ -257,8 +334,10 @@ def checked_sampling_metadata(method, state, target_eps: float) -> dict[str, lis
     for key, values in sampling.items():
         off = [e for e in values if e is not None and e != target_eps]
         if off:
-            raise CertbnnError(f"{method.name}: {len(off)} stored sample(s) were drawn at eps {off[0]}, "
-                               f"not at the target {target_eps} ({key})")
+            raise CertbnnError(
+                f"{method.name}: {len(off)} stored sample(s) were drawn at eps {off[0]}, "
+                f"not at the target {target_eps} ({key})"
+            )
     return sampling
 
 
@@ -266,9 +345,16 @@ def checked_sampling_metadata(method, state, target_eps: float) -> dict[str, lis
 # in the config and on the command line): the VI methods' KL weight, the point estimates' prior weight
 # (their objective is then -log of that posterior divided by N / T), the samplers' temperature (their
 # potential is (N / T) mean nll - log p(w)).
-TEMPERATURE_OPTIONS = {"bbb": "kl_weight", "noisy-adam": "kl_weight", "vogn": "kl_weight",
-                       "sgd": "prior_weight", "adam": "prior_weight", "swag": "prior_weight",
-                       "hmc": "temperature", "sghmc": "temperature"}
+TEMPERATURE_OPTIONS = {
+    "bbb": "kl_weight",
+    "noisy-adam": "kl_weight",
+    "vogn": "kl_weight",
+    "sgd": "prior_weight",
+    "adam": "prior_weight",
+    "swag": "prior_weight",
+    "hmc": "temperature",
+    "sghmc": "temperature",
+}
 
 
 def temperature_option(method_name: str) -> str:
@@ -277,8 +363,10 @@ def temperature_option(method_name: str) -> str:
 
     name = method_class(method_name).name
     if name not in TEMPERATURE_OPTIONS:
-        raise ConfigError(f"kl_weight (the temperature T of p(D|w)^(1/T) p(w)) does not apply to {name}; "
-                          f"use its own options (--opt KEY=VALUE)")
+        raise ConfigError(
+            f"kl_weight (the temperature T of p(D|w)^(1/T) p(w)) does not apply to {name}; "
+            f"use its own options (--opt KEY=VALUE)"
+        )
     return TEMPERATURE_OPTIONS[name]
 
 
@@ -306,8 +394,11 @@ def method_settings(method) -> dict[str, Any]:
             value = float(getattr(method, resolved[f.name]))
         if isinstance(value, tuple):
             value = list(value)
-        if value is None or isinstance(value, (bool, int, float, str)) or (
-                isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+        if (
+            value is None
+            or isinstance(value, (bool, int, float, str))
+            or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
+        ):
             settings[f.name] = value
     return settings
 
@@ -322,8 +413,11 @@ def _pool_chains(comm, posterior, run_dir: Path):
     if not comm.is_main:
         return posterior, None
     pooled = SamplePosterior({n: torch.cat([c[n] for c in per_chain]) for n in samples})
-    report = chain_diagnostics(per_chain) if next(iter(samples.values())).shape[0] >= 4 else \
-        {"num_chains": len(per_chain), "note": "fewer than 4 samples per chain: no R-hat / ESS"}
+    report = (
+        chain_diagnostics(per_chain)
+        if next(iter(samples.values())).shape[0] >= 4
+        else {"num_chains": len(per_chain), "note": "fewer than 4 samples per chain: no R-hat / ESS"}
+    )
     return pooled.to(device=next(iter(posterior.mean().values())).device), report
 
 

@@ -13,8 +13,17 @@ from certbnn.likelihoods import cross_entropy
 
 
 @torch.no_grad()
-def validate(model: nn.Module, posterior, dataset: ArrayDataset, eps: float, *, num_samples: int = 8,
-             seed: int = 0, batch_size: int = 500, prefix: str = "val_") -> dict[str, float]:
+def validate(
+    model: nn.Module,
+    posterior,
+    dataset: ArrayDataset,
+    eps: float,
+    *,
+    num_samples: int = 8,
+    seed: int = 0,
+    batch_size: int = 500,
+    prefix: str = "val_",
+) -> dict[str, float]:
     """Metrics of ``num_samples`` posterior draws (seeded, independent of training's RNG):
 
     * ``accuracy`` / ``nll``: of the Monte Carlo predictive (mean of softmaxes);
@@ -35,9 +44,10 @@ def validate(model: nn.Module, posterior, dataset: ArrayDataset, eps: float, *, 
     totals = {"accuracy": 0.0, "nll": 0.0, "certified": 0.0, "certified_accuracy_ibp": 0.0}
     bounded = True
     for x, y in dataset.batches(batch_size, device=first.device, dtype=first.dtype):
-        logits = forward(model, params, x)                                    # (S, B, K)
+        logits = forward(model, params, x)  # (S, B, K)
         log_probs = torch.logsumexp(torch.log_softmax(logits, -1), 0) - torch.log(
-            torch.tensor(float(num_samples), dtype=logits.dtype))
+            torch.tensor(float(num_samples), dtype=logits.dtype)
+        )
         correct = log_probs.argmax(-1) == y
         totals["accuracy"] += float(correct.sum())
         totals["nll"] += float(cross_entropy(log_probs, y).sum())
@@ -51,7 +61,7 @@ def validate(model: nn.Module, posterior, dataset: ArrayDataset, eps: float, *, 
                 continue
             totals["certified"] += float((margin_lower > 0).all(-1).to(x.dtype).mean(0).sum())
             lo, hi = compute_bounds(model, lower, upper, method="ibp", params=params)
-            worst = torch.softmax(worst_case_logits(lo, hi, y), -1).mean(0)   # (B, K)
+            worst = torch.softmax(worst_case_logits(lo, hi, y), -1).mean(0)  # (B, K)
             totals["certified_accuracy_ibp"] += float((correct & (worst.argmax(-1) == y)).sum())
     n = len(dataset)
     metrics = {f"{prefix}accuracy": totals["accuracy"] / n, f"{prefix}nll": totals["nll"] / n}

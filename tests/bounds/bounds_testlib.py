@@ -81,8 +81,14 @@ def random_pool(c: int, h: int, w: int, rng: random.Random) -> tuple[nn.Module, 
             d = rng.choice([1, 1, 2])
             pool = nn.MaxPool2d(k, s, p, d, ceil_mode=ceil)
         else:
-            pool = nn.AvgPool2d(k, s, p, ceil_mode=ceil, count_include_pad=rng.random() < 0.5,
-                                divisor_override=rng.choice([None, None, 2]))
+            pool = nn.AvgPool2d(
+                k,
+                s,
+                p,
+                ceil_mode=ceil,
+                count_include_pad=rng.random() < 0.5,
+                divisor_override=rng.choice([None, None, 2]),
+            )
         try:
             y = pool(torch.zeros(1, c, h, w))
         except RuntimeError:
@@ -121,7 +127,7 @@ def random_cnn(rng: random.Random, depth: int, n_out: int = 3) -> tuple[nn.Seque
         layers.append(random_activation(rng))  # nonlinearity right before flatten
     layers.append(nn.Flatten())
     width = c * h * w
-    for i in range(depth - n_conv - 1):
+    for _ in range(depth - n_conv - 1):
         nxt = rng.randint(2, 12)
         layers += [nn.Linear(width, nxt, bias=rng.random() < 0.8), random_activation(rng)]
         width = nxt
@@ -155,8 +161,9 @@ def random_mlp(rng: random.Random, depth: int, n_out: int = 3) -> tuple[nn.Seque
     return nn.Sequential(*layers).double().eval(), (d_in,)
 
 
-def random_boxes(in_shape: tuple[int, ...], rng: random.Random, gen: torch.Generator,
-                 batch: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def random_boxes(
+    in_shape: tuple[int, ...], rng: random.Random, gen: torch.Generator, batch: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` boxes of mixed widths: each one has a width from WIDTHS; one of
     them is degenerate (half its coordinates have zero width)."""
     centre = torch.rand((batch, *in_shape), generator=gen, dtype=torch.float64) * 2 - 1
@@ -170,8 +177,10 @@ def random_boxes(in_shape: tuple[int, ...], rng: random.Random, gen: torch.Gener
 
 def sampled_params(model: nn.Module, S: int, gen: torch.Generator, scale: float = 0.2) -> dict[str, torch.Tensor]:
     """S perturbed copies of every parameter, stacked (S, *shape)."""
-    return {k: v.detach().unsqueeze(0) + scale * torch.randn((S, *v.shape), generator=gen, dtype=v.dtype)
-            for k, v in model.named_parameters()}
+    return {
+        k: v.detach().unsqueeze(0) + scale * torch.randn((S, *v.shape), generator=gen, dtype=v.dtype)
+        for k, v in model.named_parameters()
+    }
 
 
 def weight_boxes(model: nn.Module, rng: random.Random, gen: torch.Generator) -> dict[str, tuple]:

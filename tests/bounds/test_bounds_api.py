@@ -17,10 +17,10 @@ from certbnn.bounds import (
     interval_forward,
     margin_spec,
     register_bound,
+    registry,
     widen,
     worst_case_logits,
 )
-from certbnn.bounds import registry
 from certbnn.errors import CertbnnError, ConfigError, UnsupportedLayerError
 from certbnn.layers import Normalize
 
@@ -80,8 +80,9 @@ def test_param_bounds_with_crown_falls_back_to_ibp_with_warning():
 
 
 def test_crown_memory_guard_suggests_crown_ibp():
-    model = nn.Sequential(nn.Conv2d(3, 16, 4), nn.ReLU(), nn.Conv2d(16, 32, 4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(32 * 26 * 26, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 4), nn.ReLU(), nn.Conv2d(16, 32, 4), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 26 * 26, 10)
+    )
     x = torch.rand(4, 3, 32, 32)
     with pytest.raises(ConfigError, match="crown-ibp"):
         compute_bounds(model, x - 0.01, x + 0.01, "crown")

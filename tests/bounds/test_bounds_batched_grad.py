@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from bounds_testlib import random_boxes, random_cnn, random_mlp, sampled_params
 from torch import nn
 
-from bounds_testlib import random_boxes, random_cnn, random_mlp, sampled_params
 from certbnn.bounds import compute_bounds, margin_spec
 from certbnn.layers import Normalize
 
@@ -66,9 +66,20 @@ def _grad_model() -> nn.Sequential:
     with torch.no_grad():
         bn.running_var.uniform_(0.5, 2)
     return nn.Sequential(
-        Normalize([0.4, 0.5], [0.3, 0.2]), nn.Conv2d(2, 4, 3, padding=1), bn.eval(), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.AvgPool2d(1),
-        nn.Flatten(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6), nn.Sigmoid(), nn.Linear(6, 3),
+        Normalize([0.4, 0.5], [0.3, 0.2]),
+        nn.Conv2d(2, 4, 3, padding=1),
+        bn.eval(),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, groups=2),
+        nn.LeakyReLU(0.1),
+        nn.MaxPool2d(2),
+        nn.AvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 8),
+        nn.Tanh(),
+        nn.Linear(8, 6),
+        nn.Sigmoid(),
+        nn.Linear(6, 3),
     ).double()
 
 
@@ -81,8 +92,10 @@ def test_gradients_reach_parameters_and_box(method, use_params):
     upper = (x + 0.05).requires_grad_()
     params = None
     if use_params:
-        params = {k: (v.detach().unsqueeze(0) + 0.01 * torch.randn(2, *v.shape, dtype=v.dtype)).requires_grad_()
-                  for k, v in model.named_parameters()}
+        params = {
+            k: (v.detach().unsqueeze(0) + 0.01 * torch.randn(2, *v.shape, dtype=v.dtype)).requires_grad_()
+            for k, v in model.named_parameters()
+        }
     spec = margin_spec(torch.tensor([0, 1, 2, 0, 1]), 3).double()
     lo, up = compute_bounds(model, lower, upper, method, params=params, spec=spec)
     (up.sum() - 2 * lo.sum()).backward()
@@ -113,8 +126,10 @@ def test_gradcheck_smooth_network(method):
 def test_gradients_through_weight_boxes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
-    boxes = {k: ((v.detach() - 0.01).requires_grad_(), (v.detach() + 0.01).requires_grad_())
-             for k, v in model.named_parameters()}
+    boxes = {
+        k: ((v.detach() - 0.01).requires_grad_(), (v.detach() + 0.01).requires_grad_())
+        for k, v in model.named_parameters()
+    }
     x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
     lo, up = compute_bounds(model, x - 0.1, x + 0.1, param_bounds=boxes)
     (up - lo).sum().backward()

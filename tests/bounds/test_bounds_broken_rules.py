@@ -52,8 +52,13 @@ class NoBiasBackwardConv(BoundConv2d):
 def _models():
     torch.manual_seed(0)
     yield nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
-    yield nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 2, padding="same"),
-                        nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    yield nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 2, padding="same"),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    )
 
 
 def _check(model, method):
@@ -64,9 +69,16 @@ def _check(model, method):
     return check_soundness(model, lower, upper, lo, up, n_inputs=64)
 
 
-@pytest.mark.parametrize("broken, method", [(CentreTwiceConv, "ibp"), (GeometryIgnoredConv, "ibp"),
-                                            (CentreTwiceConv, "crown-ibp"), (NoBiasBackwardConv, "crown-ibp"),
-                                            (NoBiasBackwardConv, "crown")])
+@pytest.mark.parametrize(
+    "broken, method",
+    [
+        (CentreTwiceConv, "ibp"),
+        (GeometryIgnoredConv, "ibp"),
+        (CentreTwiceConv, "crown-ibp"),
+        (NoBiasBackwardConv, "crown-ibp"),
+        (NoBiasBackwardConv, "crown"),
+    ],
+)
 @pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 def test_broken_conv_rule_is_caught(monkeypatch, broken, method):
     for i, model in enumerate(_models()):

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from bounds_testlib import random_boxes, random_cnn, random_mlp
 from torch import nn
 
-from bounds_testlib import random_boxes, random_cnn, random_mlp
 from certbnn.bounds import compute_bounds, margin_spec
 from certbnn.layers import Normalize
 
@@ -31,12 +31,24 @@ AFFINE_MODELS = {
     "linear": (lambda: nn.Sequential(nn.Linear(6, 4)), (6,)),
     "linear_nobias": (lambda: nn.Sequential(nn.Linear(6, 4, bias=False)), (6,)),
     "conv_stride_pad": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1)), (2, 7, 6)),
-    "conv_same_even": (lambda: nn.Sequential(nn.Conv2d(2, 4, (2, 4), padding="same", dilation=(2, 1), groups=2)), (2, 5, 6)),
+    "conv_same_even": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, (2, 4), padding="same", dilation=(2, 1), groups=2)),
+        (2, 5, 6),
+    ),
     "conv_reflect": (lambda: nn.Sequential(nn.Conv2d(3, 3, 3, padding=2, padding_mode="reflect", groups=3)), (3, 5, 5)),
-    "conv_circular_stride": (lambda: nn.Sequential(nn.Conv2d(1, 2, 2, stride=3, padding=1, padding_mode="circular")), (1, 8, 7)),
-    "normalize_conv_bn": (lambda: nn.Sequential(Normalize([0.3, 0.6], [0.2, 0.5]), nn.Conv2d(2, 3, 2), _bn(3)), (2, 5, 5)),
+    "conv_circular_stride": (
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 2, stride=3, padding=1, padding_mode="circular")),
+        (1, 8, 7),
+    ),
+    "normalize_conv_bn": (
+        lambda: nn.Sequential(Normalize([0.3, 0.6], [0.2, 0.5]), nn.Conv2d(2, 3, 2), _bn(3)),
+        (2, 5, 5),
+    ),
     "avgpool": (lambda: nn.Sequential(nn.AvgPool2d(3, 2, 1, count_include_pad=False)), (2, 6, 6)),
-    "flatten_linear": (lambda: nn.Sequential(nn.Flatten(), nn.Identity(), nn.Linear(2 * 3 * 3, 5), nn.Dropout()), (2, 3, 3)),
+    "flatten_linear": (
+        lambda: nn.Sequential(nn.Flatten(), nn.Identity(), nn.Linear(2 * 3 * 3, 5), nn.Dropout()),
+        (2, 3, 3),
+    ),
 }
 
 

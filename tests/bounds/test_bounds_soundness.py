@@ -12,11 +12,11 @@ import random
 
 import pytest
 import torch
+from bounds_testlib import random_boxes, random_cnn, random_mlp, sampled_params, weight_boxes
+
+from certbnn.bounds import check_soundness, compute_bounds, margin_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
-
-from bounds_testlib import random_boxes, random_cnn, random_mlp, sampled_params, weight_boxes
-from certbnn.bounds import check_soundness, compute_bounds, margin_spec
 
 METHODS = ["ibp", "crown", "crown-ibp"]
 N_INPUTS = 64
@@ -97,8 +97,9 @@ def _run_weight_boxes(counter, seed, kind):
     spec = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     lo, up = compute_bounds(model, lower, upper, "ibp", param_bounds=sboxes, spec=spec)
     assert lo.shape == (S, lower.shape[0], 4) or not sboxes
-    _assert_sound(counter, model, lower, upper, lo, up, param_bounds=sboxes, spec=spec, n_weights=4,
-                  n_inputs=16, generator=gen)
+    _assert_sound(
+        counter, model, lower, upper, lo, up, param_bounds=sboxes, spec=spec, n_weights=4, n_inputs=16, generator=gen
+    )
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -120,15 +121,19 @@ def test_spec_matrices(soundness_counter, seed, kind):
     _, gen, model, lower, upper = _setup(seed, kind)
     B = lower.shape[0]
     labels = torch.randint(0, 3, (B,), generator=gen)
-    specs = [margin_spec(labels, 3).double(), margin_spec(labels, 3, exclude_true=True).double(),
-             torch.randn(5, 3, generator=gen, dtype=torch.float64)]
+    specs = [
+        margin_spec(labels, 3).double(),
+        margin_spec(labels, 3, exclude_true=True).double(),
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+    ]
     params = sampled_params(model, 2, gen) if seed % 2 else None
     for spec in specs:
         for method in METHODS:
             lo, up = compute_bounds(model, lower, upper, method, params=params, spec=spec)
             assert lo.shape[-1] == spec.shape[-2]
-            _assert_sound(soundness_counter, model, lower, upper, lo, up, params=params, spec=spec,
-                          n_inputs=16, generator=gen)
+            _assert_sound(
+                soundness_counter, model, lower, upper, lo, up, params=params, spec=spec, n_inputs=16, generator=gen
+            )
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -139,6 +144,15 @@ def test_float32_with_auto_tolerance(soundness_counter, seed):
     for method in METHODS:
         lo, up = compute_bounds(model32, lower, upper, method, tol="auto")
         # reference in float64 (the checker runs the model in the bounds' dtype)
-        _assert_sound(soundness_counter, model32.double(), lower.double(), upper.double(), lo.double(),
-                      up.double(), generator=gen, rtol=0, atol=0)
+        _assert_sound(
+            soundness_counter,
+            model32.double(),
+            lower.double(),
+            upper.double(),
+            lo.double(),
+            up.double(),
+            generator=gen,
+            rtol=0,
+            atol=0,
+        )
         model32.float()

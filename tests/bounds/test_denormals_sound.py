@@ -40,11 +40,15 @@ def test_subnormal_weight_times_huge_input_is_bounded():
     """w = 2^-133 (subnormal in float32) times x = 2^100 + 3 2^100: exact output 2^-31. Under
     DAZ the product is computed as 0 (the plain bounds say so); the sound bounds contain 2^-31."""
     model = nn.Sequential(nn.Linear(2, 1))
-    p = {"0.weight": torch.full((1, 2), 2.0 ** -133), "0.bias": torch.zeros(1)}
-    x = torch.tensor([[2.0 ** 100, 3 * 2.0 ** 100]])
+    p = {"0.weight": torch.full((1, 2), 2.0**-133), "0.bias": torch.zeros(1)}
+    x = torch.tensor([[2.0**100, 3 * 2.0**100]])
     exact = Fraction(2) ** -31
-    results = under_global_ftz(lambda: [(m, bounds(model, x, x, m, params=p, tol="sound")) for m in METHODS]
-                               + [("plain", bounds(model, x, x, "ibp", params=p))])
+    results = under_global_ftz(
+        lambda: (
+            [(m, bounds(model, x, x, m, params=p, tol="sound")) for m in METHODS]
+            + [("plain", bounds(model, x, x, "ibp", params=p))]
+        )
+    )
     for method, (lo, hi) in results[:-1]:
         assert Fraction(float(lo)) <= exact <= Fraction(float(hi)), method
     assert float(results[-1][1][1]) == 0.0  # FTZ did apply to the plain computation: the case is a real test
@@ -62,7 +66,10 @@ def test_adversarial_tiny_weights_under_global_ftz(dtype, kind):
         p = adversarial_params(model, rng, dtype)
         lo_b, hi_b = adversarial_box((2, 5), rng, dtype, kind)
         pts = box_points(lo_b, hi_b, 4, gen)
-        out = under_global_ftz(lambda model=model, lo_b=lo_b, hi_b=hi_b, p=p: [
-            bounds(model, lo_b, hi_b, m, params=p, tol="sound", intersect_ibp=False) for m in METHODS])
+        out = under_global_ftz(
+            lambda model=model, lo_b=lo_b, hi_b=hi_b, p=p: [
+                bounds(model, lo_b, hi_b, m, params=p, tol="sound", intersect_ibp=False) for m in METHODS
+            ]
+        )
         viol += sum(check_exact(model, lo_b, hi_b, [(None, p)], pts, lo, hi) for lo, hi in out)
     assert viol == 0

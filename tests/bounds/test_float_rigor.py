@@ -69,10 +69,26 @@ def exact_forward(model: nn.Sequential, x: list, p: dict[str, torch.Tensor]):
 
             def at(c, i, j):
                 return x[c][i][j] if 0 <= i < H and 0 <= j < Wd else Fraction(0)
+
             Ho, Wo = (H + 2 * ph - kh) // sh + 1, (Wd + 2 * pw - kw) // sw + 1
-            x = [[[sum((W[o][c][a][d] * at(c, i * sh - ph + a, j * sw - pw + d)
-                        for c in range(C) for a in range(kh) for d in range(kw)), b[o])
-                   for j in range(Wo)] for i in range(Ho)] for o in range(len(W))]
+            x = [
+                [
+                    [
+                        sum(
+                            (
+                                W[o][c][a][d] * at(c, i * sh - ph + a, j * sw - pw + d)
+                                for c in range(C)
+                                for a in range(kh)
+                                for d in range(kw)
+                            ),
+                            b[o],
+                        )
+                        for j in range(Wo)
+                    ]
+                    for i in range(Ho)
+                ]
+                for o in range(len(W))
+            ]
         elif isinstance(m, nn.ReLU):
             x = _map(lambda v: max(v, Fraction(0)), x)
         elif isinstance(m, nn.Tanh):
@@ -84,8 +100,16 @@ def exact_forward(model: nn.Sequential, x: list, p: dict[str, torch.Tensor]):
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
             red = max if isinstance(m, nn.MaxPool2d) else (lambda vs: sum(vs) / len(vs))
-            x = [[[red([ch[i * k + a][j * k + d] for a in range(k) for d in range(k)])
-                   for j in range(len(ch[0]) // k)] for i in range(len(ch) // k)] for ch in x]
+            x = [
+                [
+                    [
+                        red([ch[i * k + a][j * k + d] for a in range(k) for d in range(k)])
+                        for j in range(len(ch[0]) // k)
+                    ]
+                    for i in range(len(ch) // k)
+                ]
+                for ch in x
+            ]
         else:
             raise AssertionError(type(m))
     return x
@@ -94,8 +118,9 @@ def exact_forward(model: nn.Sequential, x: list, p: dict[str, torch.Tensor]):
 # ------------------------------------------------------------------ adversarial floats
 def wild(shape, rng: random.Random, dtype: torch.dtype, lo_exp: int, hi_exp: int) -> torch.Tensor:
     """Floats with random signs, 24-bit mantissas and exponents in ``[lo_exp, hi_exp]``."""
-    vals = [rng.choice([-1, 1]) * (1 + rng.random()) * 2.0 ** rng.randint(lo_exp, hi_exp)
-            for _ in range(math.prod(shape))]
+    vals = [
+        rng.choice([-1, 1]) * (1 + rng.random()) * 2.0 ** rng.randint(lo_exp, hi_exp) for _ in range(math.prod(shape))
+    ]
     return torch.tensor(vals, dtype=torch.float64).view(shape).to(dtype)
 
 
@@ -110,7 +135,7 @@ def adversarial_params(model: nn.Module, rng: random.Random, dtype: torch.dtype,
         t = wild(shape, rng, dtype, *EXP[dtype])
         if k.endswith("weight") and v.dim() == 2 and v.shape[1] >= 3:
             t[..., 0, 1] = -t[..., 0, 0]  # row 0: a x0 - a x1 + tiny: catastrophic cancellation
-            t[..., 0, 2] = t[..., 0, 2] * 2.0 ** -40
+            t[..., 0, 2] = t[..., 0, 2] * 2.0**-40
         out[k] = t
     return out
 
@@ -193,6 +218,7 @@ DEVICE = torch.device(os.environ.get("CERTBNN_TEST_DEVICE", "cpu"))
 
 def bounds(model: nn.Module, lower, upper, method, **kw):
     """:func:`compute_bounds` run on ``DEVICE``; results returned on the CPU."""
+
     def mv(v):
         if isinstance(v, torch.Tensor):
             return v.to(DEVICE)
@@ -201,8 +227,10 @@ def bounds(model: nn.Module, lower, upper, method, **kw):
         if isinstance(v, dict):
             return {k: mv(a) for k, a in v.items()}
         return v
-    lo, hi = compute_bounds(copy.deepcopy(model).to(DEVICE), mv(lower), mv(upper), method,
-                            **{k: mv(v) for k, v in kw.items()})
+
+    lo, hi = compute_bounds(
+        copy.deepcopy(model).to(DEVICE), mv(lower), mv(upper), method, **{k: mv(v) for k, v in kw.items()}
+    )
     return lo.cpu(), hi.cpu()
 
 
@@ -236,8 +264,12 @@ def test_crown_backsubstitution_rounding(dtype, w):
     ``ulp(w)``; the sound CROWN step error (not the IBP intersection) must cover it."""
     model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).to(dtype)
     one_up = 1 + torch.finfo(dtype).eps
-    p = {"0.weight": torch.tensor([[one_up], [1.0]], dtype=dtype), "0.bias": torch.zeros(2, dtype=dtype),
-         "2.weight": torch.tensor([[w, -w]], dtype=dtype), "2.bias": torch.zeros(1, dtype=dtype)}
+    p = {
+        "0.weight": torch.tensor([[one_up], [1.0]], dtype=dtype),
+        "0.bias": torch.zeros(2, dtype=dtype),
+        "2.weight": torch.tensor([[w, -w]], dtype=dtype),
+        "2.bias": torch.zeros(1, dtype=dtype),
+    }
     x = torch.ones(1, 1, dtype=dtype)
     for method in ("crown", "crown-ibp"):
         plain = bounds(model, x, x, method, params=p, intersect_ibp=False)
@@ -254,7 +286,7 @@ def test_crown_backsubstitution_rounding(dtype, w):
 def test_adversarial_mlp_all_methods(dtype, kind):
     rng, gen = random.Random(hash((str(dtype), kind)) % 1000), torch.Generator().manual_seed(1)
     viol = 0
-    for trial in range(3):
+    for _trial in range(3):
         model = mlp().to(dtype)
         p = adversarial_params(model, rng, dtype)
         lo_b, hi_b = adversarial_box((2, 5), rng, dtype, kind)
@@ -305,21 +337,30 @@ def test_stacked_samples_and_weight_boxes(dtype):
         pts = box_points(lo_b, hi_b, 3, gen)
         singles = [(s, {k: v[s] for k, v in p.items()}) for s in range(S)]
         for method in METHODS:
-            lo, hi = bounds(model, lo_b, hi_b, method, params=p, tol="sound", sample_chunk=1,
-                                    intersect_ibp=False)
+            lo, hi = bounds(model, lo_b, hi_b, method, params=p, tol="sound", sample_chunk=1, intersect_ibp=False)
             assert lo.shape[0] == S
             viol += check_exact(model, lo_b, hi_b, singles, pts, lo, hi)
         # weight boxes, with a leading S, via a spec folded into the last Linear
-        boxes = {k: (v - v.abs() * 2.0 ** -10, v + v.abs() * 2.0 ** -12) for k, v in p.items()}
+        boxes = {k: (v - v.abs() * 2.0**-10, v + v.abs() * 2.0**-12) for k, v in p.items()}
         y = torch.tensor([0, 2])
         spec = margin_spec(y, 3, exclude_true=True).to(dtype)
         for sp in (None, spec):
             lo, hi = bounds(model, lo_b, hi_b, "ibp", param_bounds=boxes, spec=sp, tol="sound")
             for w in range(3):
-                pick = {k: (a if w == 0 else b if w == 1 else torch.where(torch.rand(a.shape, generator=gen) < .5, a, b))
-                        for k, (a, b) in boxes.items()}
-                viol += check_exact(model, lo_b, hi_b, [(s, {k: v[s] for k, v in pick.items()}) for s in range(S)],
-                                    pts[:3], lo, hi, spec=sp)
+                pick = {
+                    k: (a if w == 0 else b if w == 1 else torch.where(torch.rand(a.shape, generator=gen) < 0.5, a, b))
+                    for k, (a, b) in boxes.items()
+                }
+                viol += check_exact(
+                    model,
+                    lo_b,
+                    hi_b,
+                    [(s, {k: v[s] for k, v in pick.items()}) for s in range(S)],
+                    pts[:3],
+                    lo,
+                    hi,
+                    spec=sp,
+                )
     assert viol == 0
 
 
@@ -346,14 +387,14 @@ def test_directed_helpers_exact():
     gen = torch.Generator().manual_seed(6)
     a = torch.randn(500, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-20, 20, (500,), generator=gen)
     b = torch.randn(500, generator=gen, dtype=torch.float64)
-    for f, g, op in ((add_down, lambda s, e: s <= e, None), (add_up, lambda s, e: s >= e, None)):
+    for f, g, _op in ((add_down, lambda s, e: s <= e, None), (add_up, lambda s, e: s >= e, None)):
         r = f(a, b)
         assert all(g(Fraction(float(s)), Fraction(float(x)) + Fraction(float(y))) for s, x, y in zip(r, a, b))
     lo, hi = cast_down(a, torch.float32), cast_up(a, torch.float32)
     assert all(Fraction(float(l)) <= Fraction(float(v)) <= Fraction(float(h)) for l, v, h in zip(lo, a, hi))
     # dot_error bounds the rounding error of a float32 dot product with cancellation
     w = torch.tensor([3e7, -3e7, 1.0, 1e-3], dtype=torch.float32)
-    x = torch.tensor([1.0 + 2 ** -23, 1.0, 0.3, 7.0], dtype=torch.float32)
+    x = torch.tensor([1.0 + 2**-23, 1.0, 0.3, 7.0], dtype=torch.float32)
     err = dot_error((w.abs() * x.abs()).sum(), 4)
     exact = sum(Fraction(float(p)) * Fraction(float(q)) for p, q in zip(w, x))
     assert abs(Fraction(float(w @ x)) - exact) <= Fraction(float(err))

@@ -27,8 +27,15 @@ METHODS = ["ibp", "crown", "crown-ibp"]
 
 
 def _act(kind: str, x: torch.Tensor) -> torch.Tensor:
-    return {"relu": F.relu, "torch.relu": torch.relu, "method": lambda t: t.relu(), "tanh": torch.tanh,
-            "sigmoid": lambda t: t.sigmoid(), "leaky": lambda t: F.leaky_relu(t, 0.1), "none": lambda t: t}[kind](x)
+    return {
+        "relu": F.relu,
+        "torch.relu": torch.relu,
+        "method": lambda t: t.relu(),
+        "tanh": torch.tanh,
+        "sigmoid": lambda t: t.sigmoid(),
+        "leaky": lambda t: F.leaky_relu(t, 0.1),
+        "none": lambda t: t,
+    }[kind](x)
 
 
 ACTS = ["relu", "torch.relu", "method", "tanh", "sigmoid", "leaky", "none"]
@@ -96,7 +103,7 @@ class ResCNN(nn.Module):
         self.head: nn.Module | None = None  # set by build() once the feature size is known
         self.n_out = n_out
 
-    def build(self, h: int, w: int) -> "ResCNN":
+    def build(self, h: int, w: int) -> ResCNN:
         if self.pool != "none":
             h, w = h // 2, w // 2
         feat = self.c if self.head_kind in ("mean", "adaptive") else self.c * h * w
@@ -167,8 +174,9 @@ def test_random_dags_sound_all_methods(soundness_counter, seed, kind):
         _assert_sound(soundness_counter, model, lower, upper, lo, up, generator=gen)
         lo, up = compute_bounds(model, lower, upper, method, params=params, spec=spec)
         assert lo.shape == (2, 4, 3)
-        _assert_sound(soundness_counter, model, lower, upper, lo, up, params=params, spec=spec, generator=gen,
-                      n_inputs=16)
+        _assert_sound(
+            soundness_counter, model, lower, upper, lo, up, params=params, spec=spec, generator=gen, n_inputs=16
+        )
         if method != "ibp":  # the raw relaxation is sound by itself
             lo, up = compute_bounds(model, lower, upper, method, intersect_ibp=False)
             _assert_sound(soundness_counter, model, lower, upper, lo, up, generator=gen, n_inputs=16)
@@ -179,8 +187,9 @@ def test_random_dags_sound_all_methods(soundness_counter, seed, kind):
     if sboxes:
         lo, up = compute_bounds(model, lower, upper, "ibp", param_bounds=sboxes)
         assert lo.shape[0] == 2
-        _assert_sound(soundness_counter, model, lower, upper, lo, up, param_bounds=sboxes, n_weights=3,
-                      generator=gen, n_inputs=16)
+        _assert_sound(
+            soundness_counter, model, lower, upper, lo, up, param_bounds=sboxes, n_weights=3, generator=gen, n_inputs=16
+        )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -195,8 +204,9 @@ def test_sample_chunks_and_sampled_inputs_agree(seed):
         parts = compute_bounds(model, lower, upper, method, params=params, sample_chunk=1)
         for a, b in zip(whole, parts):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        lo_s, up_s = compute_bounds(model, lower.expand(3, *lower.shape), upper.expand(3, *upper.shape), method,
-                                    params=params)
+        lo_s, up_s = compute_bounds(
+            model, lower.expand(3, *lower.shape), upper.expand(3, *upper.shape), method, params=params
+        )
         torch.testing.assert_close(lo_s, whole[0], rtol=1e-12, atol=1e-12)
 
 
@@ -211,8 +221,9 @@ def test_graph_engine_equals_chain_engine_on_sequentials(seed, kind):
     spec = margin_spec(torch.tensor([0, 2, 1]), 3).double() if seed % 3 else None
     for method in METHODS:
         flat = compute_bounds(model, lower, upper, method, params=params, spec=spec)
-        graph = compute_graph(model, lower, upper, method, params, None, spec, torch.float64, None, True, None,
-                              None, False)
+        graph = compute_graph(
+            model, lower, upper, method, params, None, spec, torch.float64, None, True, None, None, False
+        )
         for a, b in zip(flat, graph):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -222,8 +233,11 @@ def test_interval_forward_names_every_node():
     model, in_shape = random_dag(3, "mlp")
     x = torch.rand(2, *in_shape, dtype=torch.float64)
     names = [n for n, _, _ in interval_forward(model, x, x)]
-    assert names[0] == "stem" and names[-1] == "head" and any(n.startswith("add") or n.startswith("sub")
-                                                               or n.startswith("cat") for n in names)
+    assert (
+        names[0] == "stem"
+        and names[-1] == "head"
+        and any(n.startswith("add") or n.startswith("sub") or n.startswith("cat") for n in names)
+    )
     for _, lo, up in interval_forward(model, x - 0.1, x + 0.1):
         assert lo.shape[0] == 2 and bool((lo <= up).all())
 
@@ -276,15 +290,19 @@ def _gelu():
 
 
 REFUSED = {
-    "data-dependent control flow": (lambda s, x: s.out(x) if x.sum() > 0 else s.out(-x),
-                                    r"^model <model> \(_Net\) cannot be traced by torch.fx"),
+    "data-dependent control flow": (
+        lambda s, x: s.out(x) if x.sum() > 0 else s.out(-x),
+        r"^model <model> \(_Net\) cannot be traced by torch.fx",
+    ),
     "unknown function": (lambda s, x: s.out(torch.sin(s.fc(x))), r"^operation 'sin' \(torch.sin\) has no bound rule"),
     "unknown method": (lambda s, x: s.out(s.fc(x).exp()), r"^operation 'exp' \(Tensor.exp\) has no bound rule"),
     "in-place method": (lambda s, x: s.out(s.fc(x).relu_()), r"^operation 'relu_' \(Tensor.relu_\) is an in-place"),
     "product of traced tensors": (lambda s, x: s.out(s.fc(x) * x), r"multiplies two traced tensors"),
     "indexing": (lambda s, x: s.out(s.fc(x)[:, :4]), r"indexes or slices a traced tensor"),
-    "flatten over the batch": (lambda s, x: s.out(torch.flatten(s.fc(x)).view(-1, 4)),
-                               r"mixes the examples of the batch"),
+    "flatten over the batch": (
+        lambda s, x: s.out(torch.flatten(s.fc(x)).view(-1, 4)),
+        r"mixes the examples of the batch",
+    ),
     "train-mode functional dropout": (lambda s, x: s.out(F.dropout(s.fc(x), 0.5)), r"dropout in training mode"),
     "mean over everything": (lambda s, x: s.out(s.fc(x)) - s.fc(x).mean(), r"averages over the batch"),
     "tuple output": (lambda s, x: (s.out(x), x), r"returns tuple: the engine bounds models whose output is one"),
@@ -297,7 +315,8 @@ MODULES = {
     "in-place update read again": (lambda: _Net(_mutating), r"does not reproduce model\(x\)"),
     "inplace relu on a shared tensor": (
         lambda: _Net(lambda s, x: (lambda h: s.out(s.act(h) + h))(s.fc(x)), inplace_relu=True),
-        r"^layer 'act' \(ReLU\) works in place on a tensor that another operation also reads"),
+        r"^layer 'act' \(ReLU\) works in place on a tensor that another operation also reads",
+    ),
     "module without a rule": (_gelu, r"^layer 'act' \(GELU\) has no bound rule"),
     "adaptive pool to 2x2": (lambda: _AdaptiveTwo(), r"output_size=2 is not supported"),
     "train-mode batchnorm in a block": (lambda: _BNBlock().train(), r"^layer 'bn' \(BatchNorm1d\) is in training mode"),

@@ -52,8 +52,11 @@ def test_sound_mode_residual_net_contains_exact_outputs(dtype, kind):
     model = TinyRes().to(dtype)
     viol = 0
     for trial in range(3):
-        p = adversarial_params(model, rng, dtype) if trial else {k: wild(v.shape, rng, dtype, -6, 2)
-                                                                  for k, v in model.named_parameters()}
+        p = (
+            adversarial_params(model, rng, dtype)
+            if trial
+            else {k: wild(v.shape, rng, dtype, -6, 2) for k, v in model.named_parameters()}
+        )
         lo_b, hi_b = adversarial_box((2, 4), rng, dtype, kind)
         pts = box_points(lo_b, hi_b, 4, gen)
         for method in METHODS:
@@ -76,16 +79,16 @@ def test_sound_mode_residual_samples_and_weight_boxes():
     pts = box_points(lo_b, hi_b, 3, gen)
     viol = 0
     for method in METHODS:
-        lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", intersect_ibp=False,
-                                sample_chunk=1)
+        lo, hi = compute_bounds(model, lo_b, hi_b, method, params=p, tol="sound", intersect_ibp=False, sample_chunk=1)
         for s in range(2):
             ps = {k: v[s] for k, v in p.items()}
             for x in pts:
                 for b in range(2):
                     y = exact_tinyres(_fr(x[b]), ps)
-                    viol += sum(not (Fraction(float(lo[s, b, k])) <= y[k] <= Fraction(float(hi[s, b, k])))
-                                for k in range(2))
-    boxes = {k: (v[0] - v[0].abs() * 2.0 ** -10, v[0] + v[0].abs() * 2.0 ** -12) for k, v in p.items()}
+                    viol += sum(
+                        not (Fraction(float(lo[s, b, k])) <= y[k] <= Fraction(float(hi[s, b, k]))) for k in range(2)
+                    )
+    boxes = {k: (v[0] - v[0].abs() * 2.0**-10, v[0] + v[0].abs() * 2.0**-12) for k, v in p.items()}
     lo, hi = compute_bounds(model, lo_b, hi_b, "ibp", param_bounds=boxes, tol="sound")
     for pick in (0, 1):
         ps = {k: ab[pick] for k, ab in boxes.items()}
@@ -103,18 +106,22 @@ def test_resnet_registry_model_sound_and_certifiable(soundness_counter):
     lower, upper = (x - 0.01).clamp(0, 1), (x + 0.01).clamp(0, 1)
     spec = margin_spec(torch.tensor([1, 2, 3]), 10).double()
     gen = torch.Generator().manual_seed(0)
-    params = {k: v.detach() + 0.05 * torch.randn((2, *v.shape), generator=gen, dtype=v.dtype)
-              for k, v in model.named_parameters()}
+    params = {
+        k: v.detach() + 0.05 * torch.randn((2, *v.shape), generator=gen, dtype=v.dtype)
+        for k, v in model.named_parameters()
+    }
     for method in ("ibp", "crown-ibp"):
         lo, up = compute_bounds(model, lower, upper, method, params=params, spec=spec)
         rep = check_soundness(model, lower, upper, lo, up, params=params, spec=spec, n_inputs=64, generator=gen)
         soundness_counter["points"] += rep.n_points
         assert rep.ok
-        lo32, up32 = compute_bounds(model.float(), lower.float(), upper.float(), method, tol="sound",
-                                    dtype=torch.float32)
+        lo32, up32 = compute_bounds(
+            model.float(), lower.float(), upper.float(), method, tol="sound", dtype=torch.float32
+        )
         model.double()
-        rep = check_soundness(model, lower, upper, lo32.double(), up32.double(), n_inputs=64, generator=gen,
-                              rtol=0, atol=0)
+        rep = check_soundness(
+            model, lower, upper, lo32.double(), up32.double(), n_inputs=64, generator=gen, rtol=0, atol=0
+        )
         assert rep.ok
     with pytest.raises(Exception, match="resnet takes one width"):
         build_model("resnet:x", (3, 8, 8), 10)

@@ -19,10 +19,10 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds_testlib import sampled_params, weight_boxes
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bounds_testlib import sampled_params, weight_boxes
 from certbnn.bounds import LinearOp, check_soundness, compute_bounds, interval_forward, registry
 from certbnn.bounds.checking import reference_call
 from certbnn.errors import ConfigError, UnsupportedLayerError
@@ -149,8 +149,11 @@ def shared_chain(seed: int) -> tuple[nn.Module, int, list[int]]:
 def _calls(module: nn.Module, d_in: int) -> list[nn.Module]:
     """The leaf modules ``model(x)`` calls, in order, found by running it with forward hooks."""
     seen: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda m, i, o: seen.append(m)) for m in module.modules()
-               if not isinstance(m, nn.Sequential)]
+    handles = [
+        m.register_forward_hook(lambda m, i, o: seen.append(m))
+        for m in module.modules()
+        if not isinstance(m, nn.Sequential)
+    ]
     try:
         with torch.no_grad():
             module(torch.zeros(2, d_in, dtype=torch.float64))
@@ -163,8 +166,9 @@ def _calls(module: nn.Module, d_in: int) -> list[nn.Module]:
 def _boxes(d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     c = torch.rand(5, d_in, generator=gen, dtype=torch.float64) * 2 - 1
-    r = torch.tensor([0.0, 1e-3, 0.05, 0.3, 1.0], dtype=torch.float64).view(5, 1) * torch.rand(5, d_in, generator=gen,
-                                                                                              dtype=torch.float64)
+    r = torch.tensor([0.0, 1e-3, 0.05, 0.3, 1.0], dtype=torch.float64).view(5, 1) * torch.rand(
+        5, d_in, generator=gen, dtype=torch.float64
+    )
     return c - r, c + r
 
 
@@ -235,8 +239,9 @@ def test_regression_shared_relu_crown_is_sound(soundness_counter):
     assert [n for n, _, _ in interval_forward(model, x, x)] == ["0", "1", "2", "3", "4"]
     for method in METHODS:
         lo, up = compute_bounds(model, x - 0.3, x + 0.3, method)
-        _assert_sound(soundness_counter, model, x - 0.3, x + 0.3, lo, up,
-                      generator=torch.Generator().manual_seed(0), n_inputs=64)
+        _assert_sound(
+            soundness_counter, model, x - 0.3, x + 0.3, lo, up, generator=torch.Generator().manual_seed(0), n_inputs=64
+        )
 
 
 def test_regression_residual_sequential_subclass_is_traced(soundness_counter):
@@ -313,27 +318,40 @@ REFUSED = {
     "linear subclass overriding forward": (
         lambda: nn.Sequential(ScaledLinear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
         r"'0' \(ScaledLinear\) overrides forward \(ScaledLinear.forward\) of Linear, so the Linear bound rule would "
-        r"bound another function; register a rule for ScaledLinear"),
+        r"bound another function; register a rule for ScaledLinear",
+    ),
     "relu subclass overriding forward": (
         lambda: nn.Sequential(nn.Linear(4, 3), nn.Sequential(ClippedReLU()), nn.Linear(3, 2)),
-        r"'1\.0' \(ClippedReLU\) overrides forward"),
+        r"'1\.0' \(ClippedReLU\) overrides forward",
+    ),
     "conv subclass overriding _conv_forward": (
         lambda: nn.Sequential(BiasFreeConv(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)),
-        r"'0' \(BiasFreeConv\) overrides _conv_forward"),
+        r"'0' \(BiasFreeConv\) overrides _conv_forward",
+    ),
     "monkeypatched instance forward": (_monkeypatched, r"'1' \(ReLU\) has an instance attribute 'forward'"),
     "monkeypatched _call_impl": (_patched_call_impl, r"'2' \(Linear\) has an instance attribute '_call_impl'"),
     "forward hook": (lambda: _hooked("forward"), r"'1' \(ReLU\) has a forward hook"),
     "forward pre-hook on the container": (lambda: _hooked("pre"), r"<model> \(Sequential\) has a forward pre-hook"),
-    "train-mode dropout": (lambda: nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2)).train(),
-                           r"'1' \(Dropout\) is in training mode with p=0.5.*call model.eval\(\)"),
-    "train-mode dropout2d": (lambda: nn.Sequential(nn.Dropout2d(0.1)).train(), r"'0' \(Dropout2d\) is in training mode"),
-    "train-mode batchnorm": (lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train(),
-                             r"'1' \(BatchNorm1d\) is in training mode.*call model.eval\(\)"),
+    "train-mode dropout": (
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2)).train(),
+        r"'1' \(Dropout\) is in training mode with p=0.5.*call model.eval\(\)",
+    ),
+    "train-mode dropout2d": (
+        lambda: nn.Sequential(nn.Dropout2d(0.1)).train(),
+        r"'0' \(Dropout2d\) is in training mode",
+    ),
+    "train-mode batchnorm": (
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train(),
+        r"'1' \(BatchNorm1d\) is in training mode.*call model.eval\(\)",
+    ),
     "batchnorm without running stats": (
         lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval(),
-        r"'1' \(BatchNorm1d\) has no running statistics"),
-    "maxpool return_indices": (lambda: nn.Sequential(nn.MaxPool2d(2, return_indices=True)),
-                               r"'0' \(MaxPool2d\) has return_indices=True"),
+        r"'1' \(BatchNorm1d\) has no running statistics",
+    ),
+    "maxpool return_indices": (
+        lambda: nn.Sequential(nn.MaxPool2d(2, return_indices=True)),
+        r"'0' \(MaxPool2d\) has return_indices=True",
+    ),
     "flatten negative start_dim": (lambda: nn.Sequential(nn.Flatten(-3)), r"'0' \(Flatten\) has start_dim=-3"),
     "flatten start_dim 0": (lambda: nn.Sequential(nn.Flatten(0)), r"'0' \(Flatten\) has start_dim=0"),
     "None child": (_with_none, r"layer 'gap' is None"),
@@ -341,7 +359,9 @@ REFUSED = {
     "parametrization": (_parametrized, r"'0' \(ParametrizedLinear\) has parametrizations"),
     "lazy module": (lambda: nn.Sequential(nn.LazyLinear(3)), r"'0' \(LazyLinear\) is a lazy module"),
     "old-style weight norm (a pre-hook)": (
-        lambda: nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(4, 2))), r"'0' \(Linear\) has a forward pre-hook"),
+        lambda: nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(4, 2))),
+        r"'0' \(Linear\) has a forward pre-hook",
+    ),
 }
 
 
@@ -350,8 +370,9 @@ REFUSED = {
 TRACED = {
     "custom forward with functional relu": FunctionalNet,
     "registration order != execution order": lambda: nn.Sequential(OutOfOrder()),
-    "sequential subclass overriding __iter__": lambda: nn.Sequential(nn.Linear(4, 4), ReversedSeq(nn.Linear(4, 3),
-                                                                                                    nn.ReLU())),
+    "sequential subclass overriding __iter__": lambda: nn.Sequential(
+        nn.Linear(4, 4), ReversedSeq(nn.Linear(4, 3), nn.ReLU())
+    ),
     "monkeypatched container forward": _patched_container,
 }
 
@@ -387,7 +408,9 @@ def test_global_forward_hook_is_refused():
     x = torch.rand(2, 4)
     handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
     try:
-        with pytest.raises(UnsupportedLayerError, match=r"^layer <model> \(Sequential\) runs under global forward hooks"):
+        with pytest.raises(
+            UnsupportedLayerError, match=r"^layer <model> \(Sequential\) runs under global forward hooks"
+        ):
             compute_bounds(model, x, x)
     finally:
         handle.remove()
@@ -408,8 +431,14 @@ def test_accepted_variants_are_exact_and_sound(soundness_counter):
             return "custom init"
 
     torch.manual_seed(3)
-    model = PlainSeq(InitLinear(4, 6), nn.ReLU(inplace=True), nn.Dropout(0.0), nn.Linear(6, 6),
-                     nn.LeakyReLU(0.2, inplace=True), nn.Linear(6, 2)).double()
+    model = PlainSeq(
+        InitLinear(4, 6),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.0),
+        nn.Linear(6, 6),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Linear(6, 2),
+    ).double()
     model.train()
     model[5].register_full_backward_hook(lambda m, gi, go: None)
     x = torch.rand(3, 4, dtype=torch.float64)

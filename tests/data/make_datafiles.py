@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
 from certbnn.data import cifar
 from certbnn.data.idx import write_idx
 
@@ -40,8 +41,9 @@ def write_mnist_dir(folder: Path, counts=None, gz: bool = True) -> dict:
 
 
 def _python_batch(images: np.ndarray, labels: np.ndarray) -> bytes:
-    return pickle.dumps({b"batch_label": b"x", b"labels": labels.tolist(),
-                         b"data": images.reshape(len(labels), -1)}, protocol=2)
+    return pickle.dumps(
+        {b"batch_label": b"x", b"labels": labels.tolist(), b"data": images.reshape(len(labels), -1)}, protocol=2
+    )
 
 
 def write_cifar(folder: Path, layout: str = "bin", archive: bool = False, per_batch: int = 10) -> dict:

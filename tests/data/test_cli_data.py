@@ -9,12 +9,11 @@ import json
 import threading
 
 import pytest
+from make_datafiles import write_mnist_dir
 
 from certbnn import data
 from certbnn.cli import main
-from certbnn.data.registry import DatasetSpec, Resource, read_idx_split, _has_idx
-
-from make_datafiles import write_mnist_dir
+from certbnn.data.registry import DatasetSpec, Resource, _has_idx, read_idx_split
 
 
 def test_check_json_reports_counts_and_fails_on_wrong_counts(isolated_roots, capsys):
@@ -74,8 +73,15 @@ def _tiny_spec(served, base_url, counts):
         Resource(p.name, (f"{base_url}/{p.name}",), md5=hashlib.md5(p.read_bytes()).hexdigest())
         for p in sorted(served.glob("*.gz"))
     )
-    return DatasetSpec(name="tiny-digits", image_shape=(1, 28, 28), num_classes=10,
-                       reader=read_idx_split, marker=_has_idx, splits=counts, resources=resources)
+    return DatasetSpec(
+        name="tiny-digits",
+        image_shape=(1, 28, 28),
+        num_classes=10,
+        reader=read_idx_split,
+        marker=_has_idx,
+        splits=counts,
+        resources=resources,
+    )
 
 
 def test_download_then_check(isolated_roots, static_server, capsys):
@@ -101,8 +107,9 @@ def test_download_corrupted_source_fails_and_keeps_nothing(isolated_roots, stati
         victim = served / "t10k-labels-idx1-ubyte.gz"
         victim.write_bytes(victim.read_bytes()[:-3] + b"xyz")
         dest = isolated_roots / "dl"
-        assert main(["data", "download", "tiny-digits", "--data-dir", str(dest), "--no-progress",
-                     "--retries", "0"]) == 1
+        assert (
+            main(["data", "download", "tiny-digits", "--data-dir", str(dest), "--no-progress", "--retries", "0"]) == 1
+        )
         err = capsys.readouterr().err.strip()
         assert "md5 mismatch" in err and "\n" not in err
         assert not (dest / "tiny-digits" / victim.name).exists()

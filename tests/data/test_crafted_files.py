@@ -7,10 +7,10 @@ from __future__ import annotations
 import pickle
 import signal
 
+import crafted_inputs as crafted
 import numpy as np
 import pytest
 
-import crafted_inputs as crafted
 from certbnn import data
 from certbnn.cli import main
 from certbnn.data.cifar import parse_python_batch
@@ -24,8 +24,10 @@ from certbnn.posterior.storage import PosteriorFileError, load_posterior
 @pytest.fixture(autouse=True)
 def _deadline():
     """A FIFO that blocks would hang the suite: fail after 20 s instead."""
+
     def expire(*_):
         raise TimeoutError("crafted input blocked for 20 s")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.alarm(20)
     yield
@@ -34,10 +36,13 @@ def _deadline():
 
 
 @pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("writer, message", [
-    (crafted.idx_overflow, r"header announces \(4294967295, 4294967295, 4294967295\)"),
-    (crafted.idx_huge_count, r"header announces \(2147483648, 28, 28\)"),
-])
+@pytest.mark.parametrize(
+    "writer, message",
+    [
+        (crafted.idx_overflow, r"header announces \(4294967295, 4294967295, 4294967295\)"),
+        (crafted.idx_huge_count, r"header announces \(2147483648, 28, 28\)"),
+    ],
+)
 def test_idx_dimensions_beyond_the_file(tmp_path, gz, writer, message):
     folder = writer(tmp_path / "mnist", gz=gz)
     with pytest.raises(DataError, match=message) as info:
@@ -48,8 +53,11 @@ def test_idx_dimensions_beyond_the_file(tmp_path, gz, writer, message):
 def test_idx_size_checked_against_file_before_reading(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(crafted.idx_bytes((1000, 28, 28), b"\0" * 784))
-    with pytest.raises(DataError, match=r"truncated: header announces \(1000, 28, 28\) = 784000 bytes, "
-                                        r"the file holds 784"):
+    with pytest.raises(
+        DataError,
+        match=r"truncated: header announces \(1000, 28, 28\) = 784000 bytes, "
+        r"the file holds 784",
+    ):
         read_idx(path, 3)
 
 
@@ -68,11 +76,14 @@ def test_empty_split_is_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and "is empty" in err
 
 
-@pytest.mark.parametrize("writer, message", [
-    (crafted.cifar_big_array, r"needs 1125899906842624 bytes, the pickle holds 1"),
-    (crafted.cifar_big_shape, r"numpy array without data"),
-    (crafted.cifar_evil_global, r"refusing to load global (posix|os)\.system"),
-])
+@pytest.mark.parametrize(
+    "writer, message",
+    [
+        (crafted.cifar_big_array, r"needs 1125899906842624 bytes, the pickle holds 1"),
+        (crafted.cifar_big_shape, r"numpy array without data"),
+        (crafted.cifar_evil_global, r"refusing to load global (posix|os)\.system"),
+    ],
+)
 def test_cifar_pickle_sizes_and_globals_are_bounded(tmp_path, writer, message):
     folder = writer(tmp_path / "cifar10")
     with pytest.raises(DataError, match=message) as info:
@@ -86,6 +97,7 @@ def test_safe_pickle_refuses_non_numeric_dtypes(dtype):
         def __reduce__(self):
             reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
             return (reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), np.dtype(dtype), False, b"\0" * 8))
+
     with pytest.raises(pickle.UnpicklingError, match="refusing numpy dtype|needs"):
         safe_loads(pickle.dumps(Crafted(), protocol=2))
 
@@ -102,11 +114,14 @@ def test_safe_pickle_still_reads_plain_arrays(protocol):
     assert x.shape == (2, 3, 32, 32) and y.tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("writer, name", [
-    (crafted.mnist_fifo, "mnist"),
-    (crafted.cifar_fifo_batch, "cifar10"),
-    (crafted.cifar_fifo_archive, "cifar10"),
-])
+@pytest.mark.parametrize(
+    "writer, name",
+    [
+        (crafted.mnist_fifo, "mnist"),
+        (crafted.cifar_fifo_batch, "cifar10"),
+        (crafted.cifar_fifo_archive, "cifar10"),
+    ],
+)
 def test_fifo_data_file_is_refused_without_blocking(tmp_path, writer, name):
     folder = writer(tmp_path / name)
     with pytest.raises(DataError, match=r"not a regular file \(FIFO"):
@@ -143,8 +158,7 @@ def test_posterior_fifo_and_directory(tmp_path):
 
 @pytest.mark.parametrize("mirror", ["file:///tmp", "ftp://example.org/x", "example.org/mnist", "http://"])
 def test_mirror_must_be_http(tmp_path, mirror, capsys):
-    assert main(["data", "download", "mnist", "--data-dir", str(tmp_path), "--mirror", mirror,
-                 "--no-progress"]) == 1
+    assert main(["data", "download", "mnist", "--data-dir", str(tmp_path), "--mirror", mirror, "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an http:// or https:// URL" in err and "HTTP None" not in err
     assert not any(tmp_path.iterdir())
@@ -166,19 +180,37 @@ def test_download_into_a_file_or_unwritable_path(tmp_path, where, capsys):
         target.chmod(0o500)
         if __import__("os").access(target, __import__("os").W_OK):
             pytest.skip("running as a user who can write anywhere")
-    status = main(["data", "download", "mnist", "--data-dir", str(target), "--mirror", "http://127.0.0.1:9",
-                   "--retries", "0", "--no-progress"])
+    status = main(
+        [
+            "data",
+            "download",
+            "mnist",
+            "--data-dir",
+            str(target),
+            "--mirror",
+            "http://127.0.0.1:9",
+            "--retries",
+            "0",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1 and err.count("\n") == 1 and "cannot create data folder" in err
     if where == "file":
         assert target.read_text() == "mine"
 
 
-@pytest.mark.parametrize("timeout, retries, message", [
-    ("nan", "1", r"timeout must be a number of seconds in \(0, 86400\]"), ("inf", "1", "timeout must be"),
-    ("0", "1", "timeout must be"), ("-1", "1", "timeout must be"), ("1e300", "1", "timeout must be"),
-    ("1", "-1", "retries must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "timeout, retries, message",
+    [
+        ("nan", "1", r"timeout must be a number of seconds in \(0, 86400\]"),
+        ("inf", "1", "timeout must be"),
+        ("0", "1", "timeout must be"),
+        ("-1", "1", "timeout must be"),
+        ("1e300", "1", "timeout must be"),
+        ("1", "-1", "retries must be 0 or more"),
+    ],
+)
 def test_download_numeric_options(tmp_path, timeout, retries, message):
     spec = data.get_spec("mnist")
     with pytest.raises(DownloadError, match=message):
@@ -192,7 +224,19 @@ def test_download_never_opens_a_fifo_or_directory_in_the_way(tmp_path, name, kin
     folder = tmp_path / "mnist"
     folder.mkdir()
     crafted.fifo(folder / name) if kind == "fifo" else (folder / name).mkdir()
-    status = main(["data", "download", "mnist", "--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9",
-                   "--retries", "0", "--no-progress"])
+    status = main(
+        [
+            "data",
+            "download",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--mirror",
+            "http://127.0.0.1:9",
+            "--retries",
+            "0",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1 and err.count("\n") == 1 and "is not a regular file" in err, err

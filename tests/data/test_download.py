@@ -283,9 +283,7 @@ def test_unreachable_server_fails_quickly(tmp_path: Path) -> None:
     assert not dest.exists()
 
 
-def test_progress_bar_goes_to_stderr(
-    server: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_progress_bar_goes_to_stderr(server: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _get(server.url, tmp_path / "data.bin", md5=MD5, progress=True)
     out, _ = capsys.readouterr()
     assert out == ""

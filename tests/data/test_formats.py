@@ -8,14 +8,13 @@ import pickle
 
 import numpy as np
 import pytest
+from make_datafiles import write_cifar, write_mnist_dir
 
 from certbnn.data import cifar
 from certbnn.data.idx import read_idx, write_idx
 from certbnn.data.registry import read_idx_split
 from certbnn.data.safe_pickle import safe_loads
 from certbnn.errors import DataError
-
-from make_datafiles import write_cifar, write_mnist_dir
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from make_datafiles import write_cifar, write_mnist_dir
 
 from certbnn import data
 from certbnn.data import roots
 from certbnn.errors import DataError
-
-from make_datafiles import write_cifar, write_mnist_dir
 
 
 def test_search_order_explicit_env_cache_system(isolated_roots, monkeypatch):
@@ -144,7 +143,10 @@ def test_batches_values_match_storage_and_flatten():
 
 def test_batches_seeded_shuffle_is_reproducible_and_drop_last():
     ds = _dataset()
-    order = lambda seed: torch.cat([x.flatten(1)[:, 0] for x, _ in ds.batches(7, shuffle=True, seed=seed)])
+
+    def order(seed):
+        return torch.cat([x.flatten(1)[:, 0] for x, _ in ds.batches(7, shuffle=True, seed=seed)])
+
     assert torch.equal(order(5), order(5))
     assert not torch.equal(order(5), order(6))
     sizes = [len(y) for _, y in ds.batches(10, drop_last=True)]

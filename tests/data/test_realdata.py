@@ -3,8 +3,8 @@ installs Debian's dataset-fashion-mnist). Skipped where a data set is absent."""
 
 from __future__ import annotations
 
-import hashlib
 import gzip
+import hashlib
 
 import numpy as np
 import pytest

@@ -36,8 +36,16 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        *args,
+    ]
 
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -53,21 +61,53 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-BASE = {"dataset": "mnist", "model": "mlp:32", "epochs": 2, "batch_size": 32, "val_size": 40, "val_samples": 2,
-        "eps": 0.05, "test_size": 20, "device": "cpu", "seed": 3}
+BASE = {
+    "dataset": "mnist",
+    "model": "mlp:32",
+    "epochs": 2,
+    "batch_size": 32,
+    "val_size": 40,
+    "val_samples": 2,
+    "eps": 0.05,
+    "test_size": 20,
+    "device": "cpu",
+    "seed": 3,
+}
 RUNS = {
     "sgd": {"method": "sgd", "likelihood": "standard", "lr": 0.05},
     "bbb": {"method": "bbb", "likelihood": "ibp", "lr": 0.01, "kl_weight": 0.1},
-    "noisy-adam": {"method": "noisy-adam", "likelihood": "ibp", "lr": 0.01, "method_options": {"init_precision": 100.0}},
+    "noisy-adam": {
+        "method": "noisy-adam",
+        "likelihood": "ibp",
+        "lr": 0.01,
+        "method_options": {"init_precision": 100.0},
+    },
     "vogn": {"method": "vogn", "likelihood": "fgsm", "lr": 0.01, "method_options": {"init_precision": 100.0}},
-    "swag": {"method": "swag", "likelihood": "standard", "lr": 0.05,
-             "method_options": {"snapshot_every": 2, "rank": 2, "num_posterior_samples": 4}},
+    "swag": {
+        "method": "swag",
+        "likelihood": "standard",
+        "lr": 0.05,
+        "method_options": {"snapshot_every": 2, "rank": 2, "num_posterior_samples": 4},
+    },
     "sghmc": {"method": "sghmc", "likelihood": "ibp", "lr": 1e-5, "method_options": {"thin": 2}},
-    "hmc": {"method": "hmc", "likelihood": "ibp", "epochs": 4,
-            "method_options": {"warm_start_epochs": 0, "num_leapfrog": 3, "step_size": 0.002, "temperature": 1.0}},
+    "hmc": {
+        "method": "hmc",
+        "likelihood": "ibp",
+        "epochs": 4,
+        "method_options": {"warm_start_epochs": 0, "num_leapfrog": 3, "step_size": 0.002, "temperature": 1.0},
+    },
 }
-EVAL = {"eps": [0.02, 0.05], "limit": 60, "samples": 4, "pgd_steps": 3, "chunk_size": 16, "device": "cpu",
-        "certificates": ["per-sample", "paper", "statistical", "decision"], "ood_fgsm_eps": 0.3, "radius": True}
+EVAL = {
+    "eps": [0.02, 0.05],
+    "limit": 60,
+    "samples": 4,
+    "pgd_steps": 3,
+    "chunk_size": 16,
+    "device": "cpu",
+    "certificates": ["per-sample", "paper", "statistical", "decision"],
+    "ood_fgsm_eps": 0.3,
+    "radius": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +115,22 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     """Every method trained by one process and by two; the one-process BBB run evaluated by both."""
     root = tmp_path_factory.mktemp("ddp")
     for launch in ("single", "double"):
-        jobs = [{"kind": "train", "out": str(root / launch / name),
-                 "config": {**BASE, **settings, "data_dir": str(data_dir)}} for name, settings in RUNS.items()]
-        jobs.append({"kind": "evaluate", "run": str(root / "single" / "bbb"), "out": str(root / launch / "eval"),
-                     "options": {**EVAL, "data_dir": str(data_dir)}})
+        jobs = [
+            {
+                "kind": "train",
+                "out": str(root / launch / name),
+                "config": {**BASE, **settings, "data_dir": str(data_dir)},
+            }
+            for name, settings in RUNS.items()
+        ]
+        jobs.append(
+            {
+                "kind": "evaluate",
+                "run": str(root / "single" / "bbb"),
+                "out": str(root / launch / "eval"),
+                "options": {**EVAL, "data_dir": str(data_dir)},
+            }
+        )
         (root / f"{launch}.json").write_text(json.dumps(jobs))
         prefix = [sys.executable] if launch == "single" else _torchrun(2)
         _run(prefix + [str(WORKER), str(root / f"{launch}.json")])
@@ -121,23 +173,72 @@ def test_only_rank_zero_writes(runs):
 
 
 def test_torchrun_cli_trains_like_one_process(tmp_path, data_dir):
-    args = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--model", "mlp:16", "--method", "bbb",
-            "--likelihood", "ibp", "--eps", "0.05", "--epochs", "2", "--batch-size", "30", "--val-size", "40",
-            "--val-samples", "2", "--test-size", "20", "--device", "cpu", "--lr", "0.01", "--no-progress"]
+    args = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        "mlp:16",
+        "--method",
+        "bbb",
+        "--likelihood",
+        "ibp",
+        "--eps",
+        "0.05",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "30",
+        "--val-size",
+        "40",
+        "--val-samples",
+        "2",
+        "--test-size",
+        "20",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.01",
+        "--no-progress",
+    ]
     two = _run(_torchrun(2, "-m", "certbnn", *args, "--out", str(tmp_path / "two")))
     assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
     _run([sys.executable, "-m", "certbnn", *args, "--out", str(tmp_path / "one")])
     one, both = _posterior(tmp_path / "one"), _posterior(tmp_path / "two")
     assert all(torch.allclose(one[k], both[k], atol=ATOL, rtol=RTOL) for k in one)
-    evaluate = ["evaluate", "--limit", "40", "--chunk-size", "10", "--samples", "3", "--pgd-steps", "2",
-                "--certificates", "per-sample,paper", "--device", "cpu", "--no-progress", "--data-dir", str(data_dir)]
+    evaluate = [
+        "evaluate",
+        "--limit",
+        "40",
+        "--chunk-size",
+        "10",
+        "--samples",
+        "3",
+        "--pgd-steps",
+        "2",
+        "--certificates",
+        "per-sample,paper",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--data-dir",
+        str(data_dir),
+    ]
     _run(_torchrun(2, "-m", "certbnn", *evaluate, str(tmp_path / "one"), "--out", str(tmp_path / "eval2")))
     _run([sys.executable, "-m", "certbnn", *evaluate, str(tmp_path / "one"), "--out", str(tmp_path / "eval1")])
     sharded, single = (json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("eval2", "eval1"))
     assert sharded["per_eps"] == single["per_eps"] and sharded["processes"] == 2
-    odd = subprocess.run(_torchrun(2, "-m", "certbnn", *args[:-3], "--batch-size", "31", "--no-progress",
-                                   "--out", str(tmp_path / "odd")), env=_env(), capture_output=True, text=True,
-                         timeout=120)
+    odd = subprocess.run(
+        _torchrun(
+            2, "-m", "certbnn", *args[:-3], "--batch-size", "31", "--no-progress", "--out", str(tmp_path / "odd")
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert odd.returncode != 0 and "batch size 31 is not divisible by the 2 processes" in odd.stderr
 
 
@@ -155,12 +256,44 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
 def test_a_dead_rank_fails_the_job_and_the_checkpoint_resumes_on_one_process(tmp_path, data_dir):
-    args = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--model", "mlp:64", "--method", "sgd",
-            "--likelihood", "ibp", "--eps", "0.05", "--epochs", "60", "--batch-size", "20", "--val-size", "40",
-            "--val-samples", "1", "--test-size", "20", "--device", "cpu", "--lr", "0.02", "--no-progress"]
+    args = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        "mlp:64",
+        "--method",
+        "sgd",
+        "--likelihood",
+        "ibp",
+        "--eps",
+        "0.05",
+        "--epochs",
+        "60",
+        "--batch-size",
+        "20",
+        "--val-size",
+        "40",
+        "--val-samples",
+        "1",
+        "--test-size",
+        "20",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.02",
+        "--no-progress",
+    ]
     run = tmp_path / "run"
-    launcher = subprocess.Popen(_torchrun(2, "-m", "certbnn", *args, "--out", str(run)), env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        _torchrun(2, "-m", "certbnn", *args, "--out", str(run)),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoint.safetensors").exists():

@@ -9,9 +9,17 @@ from torch.func import functional_call
 from certbnn.attacks import pgd
 from certbnn.bounds import compute_bounds, margin_spec
 from certbnn.errors import ConfigError
-from certbnn.evaluation.certify import (box_log_mass_lower, certified_accuracy, certified_radius, certify_decision,
-                                        certify_paper, certify_statistical, certify_weight_box, per_sample_certified,
-                                        statistical_certified_radius)
+from certbnn.evaluation.certify import (
+    box_log_mass_lower,
+    certified_accuracy,
+    certified_radius,
+    certify_decision,
+    certify_paper,
+    certify_statistical,
+    certify_weight_box,
+    per_sample_certified,
+    statistical_certified_radius,
+)
 from certbnn.functional import detached_params, forward
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, SamplePosterior
@@ -58,6 +66,7 @@ def _margin(logits, y):
 def _attack_successes(model, params, x, y, eps, seed=0):
     """Strong PGD (50 steps, 5 restarts, random start) on the margin, each row ``i`` of
     ``x`` with its own weights ``params[name][i]``; returns the number of rows broken."""
+
     def logits(p, xi):
         return functional_call(model, p, (xi.unsqueeze(0),))[0]
 
@@ -131,8 +140,12 @@ def _exact_log_mass(ks: dict, b: int, posterior) -> float:
     """log prod_l erf(k_l / sqrt 2)^{n_l} in 60-digit arithmetic."""
     mpmath = pytest.importorskip("mpmath")
     with mpmath.workdps(60):
-        return float(sum(t.numel() * mpmath.log(mpmath.erf(mpmath.mpf(float(ks[n][b])) / mpmath.sqrt(2)))
-                         for n, t in posterior.mean().items()))
+        return float(
+            sum(
+                t.numel() * mpmath.log(mpmath.erf(mpmath.mpf(float(ks[n][b])) / mpmath.sqrt(2)))
+                for n, t in posterior.mean().items()
+            )
+        )
 
 
 def test_weight_box_lower_bound_is_the_rounded_down_mass_of_the_box_verified(trained):
@@ -145,11 +158,14 @@ def test_weight_box_lower_bound_is_the_rounded_down_mass_of_the_box_verified(tra
         assert float(log_lower[b]) <= exact and float(log_lower[b]) == pytest.approx(exact, rel=1e-9)
         assert float(res["log10_lower"][b]) <= exact / math.log(10)
         # the box mu ± k_l sigma of those k_l is verified by a direct call of the engine
-        lo, up = (x[b:b + 1] - 0.05).clamp(0, 1), (x[b:b + 1] + 0.05).clamp(0, 1)
-        box = {n: (mu - float(ks[n][b]) * posterior.std()[n], mu + float(ks[n][b]) * posterior.std()[n])
-               for n, mu in posterior.mean().items()}
-        m_lo, _ = compute_bounds(model, lo, up, param_bounds=box, spec=margin_spec(y[b:b + 1], K, exclude_true=True),
-                                 dtype=F64, tol="auto")
+        lo, up = (x[b : b + 1] - 0.05).clamp(0, 1), (x[b : b + 1] + 0.05).clamp(0, 1)
+        box = {
+            n: (mu - float(ks[n][b]) * posterior.std()[n], mu + float(ks[n][b]) * posterior.std()[n])
+            for n, mu in posterior.mean().items()
+        }
+        m_lo, _ = compute_bounds(
+            model, lo, up, param_bounds=box, spec=margin_spec(y[b : b + 1], K, exclude_true=True), dtype=F64, tol="auto"
+        )
         assert bool((m_lo > 0).all())
     # a box one common-bisection step wider than the common k is not verified (k is maximal to that resolution)
     common = certify_weight_box(model, posterior, x[:8], y[:8], 0.05, refine=0)
@@ -157,7 +173,9 @@ def test_weight_box_lower_bound_is_the_rounded_down_mass_of_the_box_verified(tra
     assert all(bool(torch.equal(common["k"][n], kc)) for n in common["k"])
     assert bool(((kc > 0) & (kc <= 5.0)).all())
     for b in range(8):
-        wider = certify_weight_box(model, posterior, x[b:b + 1], y[b:b + 1], 0.05, k=float(kc[b]) + 5.0 / 2**12 * 1.01)
+        wider = certify_weight_box(
+            model, posterior, x[b : b + 1], y[b : b + 1], 0.05, k=float(kc[b]) + 5.0 / 2**12 * 1.01
+        )
         assert not bool(wider["verified"][0]) or float(kc[b]) == 5.0
     # the per-tensor refinement never loses mass, and gains some
     assert bool((res["log_lower"][:8] >= common["log_lower"]).all())
@@ -175,7 +193,7 @@ def test_weight_box_counts_a_point_only_when_the_bound_reaches_the_threshold(tra
         expected = res["verified"] & (res["log_lower"] >= math.log(threshold) if threshold else True)
         assert torch.equal(res["certified"], expected) and bool(res["verified"].all())
         assert bool(res["certified"].all()) == (threshold < 1)  # k_max = 5 in 643 dims: mass 0.9996 < 1
-    assert torch.equal(res["lower"], torch.exp(res["log_lower"]) * (1 - 2.0 ** -50))
+    assert torch.equal(res["lower"], torch.exp(res["log_lower"]) * (1 - 2.0**-50))
     with pytest.raises(ConfigError, match="threshold"):
         certify_weight_box(model, narrow, x, y, 0.05, threshold=1.5)
 
@@ -249,8 +267,9 @@ def test_paper_and_statistical_certificates(trained):
     paper = certify_paper(model, posterior, x, y, 0.05, generator=torch.Generator().manual_seed(0))
     assert paper["num_samples"] == 24 and paper["certified"].shape == (64,) and bool(paper["certified"].any())
     assert certify_paper(model, posterior, x[:2], y[:2], 0.05, gamma=0.1)["num_samples"] == 95
-    stat = certify_statistical(model, posterior, x, y, 0.1, num_samples=200, sample_chunk=64,
-                               generator=torch.Generator().manual_seed(0))
+    stat = certify_statistical(
+        model, posterior, x, y, 0.1, num_samples=200, sample_chunk=64, generator=torch.Generator().manual_seed(0)
+    )
     assert stat["num_samples"] == 200
     assert bool((stat["lower"] <= stat["p_hat"]).all() & (stat["p_hat"] <= stat["upper"]).all())
     assert torch.equal(stat["certified"], stat["lower"] >= 0.5)
@@ -284,8 +303,12 @@ def test_per_point_eps_tensors(trained):
     same(lambda e: certify_weight_box(model, posterior, x, y, e, iters=6, refine=0), "log_lower")
     for fn in (certify_decision, certify_paper):
         same(lambda e: fn(model, posterior, x, y, e, generator=torch.Generator().manual_seed(0)), "certified")
-    same(lambda e: certify_statistical(model, posterior, x, y, e, num_samples=50,
-                                       generator=torch.Generator().manual_seed(0)), "p_hat")
+    same(
+        lambda e: certify_statistical(
+            model, posterior, x, y, e, num_samples=50, generator=torch.Generator().manual_seed(0)
+        ),
+        "p_hat",
+    )
     with pytest.raises(ConfigError):
         per_sample_certified(model, mean, x, y, torch.zeros(3))
     with pytest.raises(ConfigError):
@@ -328,6 +351,7 @@ def test_certified_radius_refuses_a_randomised_certificate(trained):
 
 def test_statistical_radius_corrects_for_the_tests_made(trained, monkeypatch):
     from certbnn.evaluation import certify
+
     model, _, posterior, x, y = trained
     seen, real = [], certify.certify_statistical
 
@@ -337,7 +361,16 @@ def test_statistical_radius_corrects_for_the_tests_made(trained, monkeypatch):
 
     monkeypatch.setattr(certify, "certify_statistical", spy)
     iters = 5
-    radius = statistical_certified_radius(model, posterior, x[:16], y[:16], eps_max=0.2, iters=iters,
-                                          confidence=0.99, num_samples=64, generator=torch.Generator().manual_seed(0))
+    radius = statistical_certified_radius(
+        model,
+        posterior,
+        x[:16],
+        y[:16],
+        eps_max=0.2,
+        iters=iters,
+        confidence=0.99,
+        num_samples=64,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(seen) == iters + 1 and all(c == pytest.approx(1 - 0.01 / (iters + 1)) for c in seen)
     assert radius.shape == (16,) and bool(((radius >= 0) & (radius <= 0.2)).all()) and bool((radius > 0).any())

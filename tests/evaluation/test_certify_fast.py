@@ -55,8 +55,9 @@ def net():
 def _simple_per_sample(model, params, x, y, eps, dtype):
     """The simple path: the per-point margin spec folded point by point."""
     lo, hi = certify._input_box(x, eps, dtype)
-    m_lo, _ = compute_bounds(model, lo, hi, "ibp", params=params, spec=margin_spec(y, K, exclude_true=True),
-                             dtype=dtype, tol="sound")
+    m_lo, _ = compute_bounds(
+        model, lo, hi, "ibp", params=params, spec=margin_spec(y, K, exclude_true=True), dtype=dtype, tol="sound"
+    )
     return m_lo, (m_lo > 0).all(-1)
 
 
@@ -83,8 +84,7 @@ def test_statistical_counts_do_not_depend_on_the_slices(net, monkeypatch):
     whole = certify._count_certified(model, posterior, x, y, e, 70, 70, "ibp", torch.Generator().manual_seed(5), None)
     # the same draws, bounded 3 samples at a time
     monkeypatch.setattr(certify, "_MARGIN_ELEMENTS", 3 * 48 * K * K)
-    sliced = certify._count_certified(model, posterior, x, y, e, 70, 70, "ibp", torch.Generator().manual_seed(5),
-                                      None)
+    sliced = certify._count_certified(model, posterior, x, y, e, 70, 70, "ibp", torch.Generator().manual_seed(5), None)
     assert torch.equal(whole, sliced)
     # and the counts are those of the simple path on the one shared draw of 70 samples
     params = posterior.sample(70, torch.Generator().manual_seed(5))
@@ -95,8 +95,17 @@ def test_sequential_certificate_matches_a_point_by_point_replay(net):
     """The batched sequential test (shared draws, active points only) equals a replay of the
     rule on the same draws, point by point: the same looks, levels and stopping decisions."""
     model, posterior, x, y = net
-    res = certify_statistical(model, posterior, x, y, 0.08, sequential=True, num_samples=300, sample_chunk=300,
-                              generator=torch.Generator().manual_seed(9))
+    res = certify_statistical(
+        model,
+        posterior,
+        x,
+        y,
+        0.08,
+        sequential=True,
+        num_samples=300,
+        sample_chunk=300,
+        generator=torch.Generator().manual_seed(9),
+    )
     looks = stats.sequential_looks(300, 32)
     conf = stats.sequential_confidence(0.99, len(looks))
     gen = torch.Generator().manual_seed(9)
@@ -132,14 +141,20 @@ def _sequential_size(n_max, first, alpha, t, p):
     for look in looks:
         m = look - prev
         j = torch.arange(m + 1, dtype=torch.float64)
-        inc = torch.exp(torch.lgamma(torch.tensor(m + 1.0)) - torch.lgamma(j + 1) - torch.lgamma(m - j + 1)
-                        + j * math.log(p) + (m - j) * math.log1p(-p))
-        alive = torch.nn.functional.conv1d(alive.view(1, 1, -1), inc.flip(0).view(1, 1, -1),
-                                           padding=m).view(-1)[:n_max + 1]
+        inc = torch.exp(
+            torch.lgamma(torch.tensor(m + 1.0))
+            - torch.lgamma(j + 1)
+            - torch.lgamma(m - j + 1)
+            + j * math.log(p)
+            + (m - j) * math.log1p(-p)
+        )
+        alive = torch.nn.functional.conv1d(alive.view(1, 1, -1), inc.flip(0).view(1, 1, -1), padding=m).view(-1)[
+            : n_max + 1
+        ]
         k = torch.arange(look + 1)
         lower, upper = stats.one_sided_bounds(k, look, conf)
-        done += float(alive[:look + 1][lower >= t].sum())
-        alive[:look + 1][(lower >= t) | (upper < t)] = 0.0
+        done += float(alive[: look + 1][lower >= t].sum())
+        alive[: look + 1][(lower >= t) | (upper < t)] = 0.0
         prev = look
     return done
 
@@ -175,8 +190,7 @@ def test_weight_box_grid_gives_the_simple_path_decisions(net):
     assert torch.equal(res["certified"], simple["certified"] | (best > kt) & res["certified"])
     assert torch.equal(res["certified"] & (best <= kt), simple["certified"] & (best <= kt))
     # the grid then refined per point never loses a verified box
-    refined = certify_weight_box(model, posterior, x, y, 0.03, search="grid", grid_size=25, refine=1,
-                                 refine_iters=3)
+    refined = certify_weight_box(model, posterior, x, y, 0.03, search="grid", grid_size=25, refine=1, refine_iters=3)
     assert bool((refined["log_lower"] >= res["log_lower"]).all())
 
 
@@ -194,8 +208,9 @@ def test_paper_protocol_arithmetic(net, sound):
     """``sound=False`` is the authors' plain IBP; both give the same decisions here, and the plain
     path equals plain compute_bounds on the clipped box."""
     model, posterior, x, y = net
-    res = certify_paper(model, posterior, x, y, 0.06, generator=torch.Generator().manual_seed(2), sound=sound,
-                        dtype=torch.float32)
+    res = certify_paper(
+        model, posterior, x, y, 0.06, generator=torch.Generator().manual_seed(2), sound=sound, dtype=torch.float32
+    )
     ref = certify_paper(model, posterior, x, y, 0.06, generator=torch.Generator().manual_seed(2))
     assert torch.equal(res["certified"], ref["certified"]) and 0 < int(ref["certified"].sum()) < 48
     if not sound:
@@ -211,6 +226,7 @@ def test_paper_mlp_fast_path_matches_the_generic_engine(net, sound, dtype, monke
     sound bounds enclosing the generic plain ones and within 1e-4 (float32) of the generic sound
     ones, and the same certificates and sample fractions at every radius."""
     from certbnn.evaluation import mlp_bounds
+
     model, posterior, x, y = net
     params = posterior.sample(24, torch.Generator().manual_seed(4))
     monkeypatch.setattr(mlp_bounds, "POINT_CHUNK", 7)  # several point chunks and sample groups
@@ -257,7 +273,8 @@ def test_paper_arithmetic_setting(net):
     common = {"method": "ibp", "dtype": torch.float64}
     for arithmetic, kw in (("authors", {"sound": False, "dtype": torch.float32}), ("sound", common)):
         options = EvalOptions(paper_arithmetic=arithmetic).validate()
-        got = certificate("paper", model, posterior, None, x, y, 0.06, options, torch.Generator().manual_seed(3),
-                          common)
+        got = certificate(
+            "paper", model, posterior, None, x, y, 0.06, options, torch.Generator().manual_seed(3), common
+        )
         want = certify_paper(model, posterior, x, y, 0.06, generator=torch.Generator().manual_seed(3), **kw)
         assert torch.equal(got["sample_fraction"], want["sample_fraction"])

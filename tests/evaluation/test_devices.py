@@ -22,8 +22,22 @@ from certbnn.functional import detached_params
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, SamplePosterior
 
-FACTORIES = ("zeros", "ones", "full", "empty", "arange", "eye", "tensor", "as_tensor", "rand", "randn", "randint",
-             "linspace", "logspace", "randperm")
+FACTORIES = (
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "arange",
+    "eye",
+    "tensor",
+    "as_tensor",
+    "rand",
+    "randn",
+    "randint",
+    "linspace",
+    "logspace",
+    "randperm",
+)
 WATCHED = (str(Path("certbnn", "evaluation")), str(Path("certbnn", "attacks.py")))
 
 
@@ -40,6 +54,7 @@ def deviceless(monkeypatch):
                 if not (name == "as_tensor" and args and isinstance(args[0], torch.Tensor)):
                     found.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} torch.{name}")
             return fn(*args, **kwargs)
+
         return recorder
 
     for name in FACTORIES:
@@ -69,27 +84,39 @@ def test_evaluation_creates_every_tensor_on_the_input_device(deviceless, arch):
     outputs = []
     for post in (gaussian, samples):
         params = post.sample(3, gen)
-        outputs += [certify.per_sample_certified(model, params, x, y, 0.01),
-                    certify.certify_paper(model, post, x, y, 0.01, generator=gen),
-                    certify.certify_statistical(model, post, x, y, 0.01, num_samples=20, generator=gen),
-                    certify.certify_statistical(model, post, x, y, 0.01, num_samples=70, sequential=True,
-                                                first_look=16, generator=gen),
-                    certify.certify_decision(model, post, x, y, torch.full((6,), 0.01), num_samples=3, generator=gen),
-                    certify.statistical_certified_radius(model, post, x, y, eps_max=0.05, iters=2, num_samples=10,
-                                                         generator=gen)]
+        outputs += [
+            certify.per_sample_certified(model, params, x, y, 0.01),
+            certify.certify_paper(model, post, x, y, 0.01, generator=gen),
+            certify.certify_statistical(model, post, x, y, 0.01, num_samples=20, generator=gen),
+            certify.certify_statistical(
+                model, post, x, y, 0.01, num_samples=70, sequential=True, first_look=16, generator=gen
+            ),
+            certify.certify_decision(model, post, x, y, torch.full((6,), 0.01), num_samples=3, generator=gen),
+            certify.statistical_certified_radius(
+                model, post, x, y, eps_max=0.05, iters=2, num_samples=10, generator=gen
+            ),
+        ]
         probs, sample_probs = metrics.predictive_probs(model, params, x)
-        outputs += [metrics.predictive_log_probs(model, params, x), metrics.expected_calibration_error(probs, y)[1],
-                    metrics.uncertainty_decomposition(sample_probs), metrics.entropy(probs)]
+        outputs += [
+            metrics.predictive_log_probs(model, params, x),
+            metrics.expected_calibration_error(probs, y)[1],
+            metrics.uncertainty_decomposition(sample_probs),
+            metrics.entropy(probs),
+        ]
         metrics.evaluate_predictive(model, params, x, y)
         metrics.auroc(probs[:, 0], probs[:, 1])
         for kind in ("fgsm", "pgd"):
             outputs.append(robustness.attack(model, params, x, y, 0.05, kind=kind, steps=2, generator=gen))
         outputs.append(robustness.adversarial_accuracy(model, params, x, y, 0.05, steps=2)[1])
-    outputs += [certify.certify_weight_box(model, gaussian, x, y, 0.01, k=0.5),
-                certify.certify_weight_box(model, gaussian, x, y, 0.01, iters=2, refine=1, refine_iters=1),
-                certify.certified_radius(lambda a, b, e: certify.per_sample_certified(model, mean, a, b, e)[0], x, y,
-                                         eps_max=0.05, iters=2),
-                stats.one_sided_bounds(torch.tensor([1, 2]), 5, 0.9), stats.clopper_pearson(torch.tensor([1]), 5, 0.9)]
+    outputs += [
+        certify.certify_weight_box(model, gaussian, x, y, 0.01, k=0.5),
+        certify.certify_weight_box(model, gaussian, x, y, 0.01, iters=2, refine=1, refine_iters=1),
+        certify.certified_radius(
+            lambda a, b, e: certify.per_sample_certified(model, mean, a, b, e)[0], x, y, eps_max=0.05, iters=2
+        ),
+        stats.one_sided_bounds(torch.tensor([1, 2]), 5, 0.9),
+        stats.clopper_pearson(torch.tensor([1]), 5, 0.9),
+    ]
     certify.certified_accuracy(y == y, y == y)
     assert deviceless == []
 

@@ -54,8 +54,17 @@ def test_model_is_trained_and_samples_disagree(trained):
 def test_predictive_loss_is_nll_of_monte_carlo_mean(trained):
     model, params, x, y = trained
     loss = predictive_loss_fn(model, params, y)(x)
-    per_sample = torch.stack([torch.softmax(torch.func.functional_call(  # reference: loop over samples
-        model, {k: v[s] for k, v in params.items()}, (x,)), -1) for s in range(S)])
+    per_sample = torch.stack(
+        [
+            torch.softmax(
+                torch.func.functional_call(  # reference: loop over samples
+                    model, {k: v[s] for k, v in params.items()}, (x,)
+                ),
+                -1,
+            )
+            for s in range(S)
+        ]
+    )
     expected = -per_sample.mean(0).gather(-1, y[:, None]).squeeze(-1).log()
     assert loss.shape == (200,) and torch.allclose(loss, expected, atol=1e-5)
     target = (y + 1) % K
@@ -112,8 +121,9 @@ def test_adversarial_accuracy_not_above_clean(trained):
     model, params, x, y = trained
     clean = evaluate_predictive(model, params, x, y)
     acc_fgsm, _ = adversarial_accuracy(model, params, x, y, 0.05, kind="fgsm")
-    acc_pgd, x_adv = adversarial_accuracy(model, params, x, y, 0.05, steps=20,
-                                          generator=torch.Generator().manual_seed(5))
+    acc_pgd, x_adv = adversarial_accuracy(
+        model, params, x, y, 0.05, steps=20, generator=torch.Generator().manual_seed(5)
+    )
     assert acc_pgd <= acc_fgsm <= clean["accuracy"] and acc_pgd < clean["accuracy"]
     under_attack = evaluate_predictive(model, params, x_adv, y)  # calibration under attack
     assert under_attack["accuracy"] == acc_pgd and under_attack["nll"] > clean["nll"]

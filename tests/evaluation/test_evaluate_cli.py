@@ -7,13 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from tinydata import separable_images
 
 from certbnn import data, training
 from certbnn.cli import main
 from certbnn.config import make_config
 from certbnn.errors import ConfigError
-
-from tinydata import separable_images
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,21 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for method, extra in (("bbb", {"lr": 0.01, "kl_weight": 0.01}), ("sgd", {"lr": 0.2})):
-        config = make_config({}, dict(dataset="tiny-eval", model="mlp:16", method=method, likelihood="ibp", eps=0.05,
-                                      epochs=6, batch_size=32, val_size=40, seed=1, **extra))
+        config = make_config(
+            {},
+            dict(
+                dataset="tiny-eval",
+                model="mlp:16",
+                method=method,
+                likelihood="ibp",
+                eps=0.05,
+                epochs=6,
+                batch_size=32,
+                val_size=40,
+                seed=1,
+                **extra,
+            ),
+        )
         training.train(config, root / method, progress=False, log=lambda s: None)
         out[method] = root / method
     yield out
@@ -38,21 +50,55 @@ def runs(tmp_path_factory):
 
 def test_evaluate_writes_everything(runs, capsys):
     run = runs["bbb"]
-    status = main(["evaluate", str(run), "--eps", "0.02,0.05", "--certificates",
-                   "per-sample,paper,statistical,weight-box,decision", "--samples", "8", "--pgd-steps", "10",
-                   "--ood", "tiny-noise", "--ood-fgsm-eps", "0.3", "--radius", "--no-progress", "--json"])
+    status = main(
+        [
+            "evaluate",
+            str(run),
+            "--eps",
+            "0.02,0.05",
+            "--certificates",
+            "per-sample,paper,statistical,weight-box,decision",
+            "--samples",
+            "8",
+            "--pgd-steps",
+            "10",
+            "--ood",
+            "tiny-noise",
+            "--ood-fgsm-eps",
+            "0.3",
+            "--radius",
+            "--no-progress",
+            "--json",
+        ]
+    )
     assert status == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((run / "evaluation.json").read_text())
     assert printed == saved
     assert saved["clean"]["accuracy"] > 0.9 and 0 <= saved["clean"]["ece"] <= 1
     for row in saved["per_eps"]:
-        for key in ("fgsm_accuracy", "pgd_accuracy", "paper_certified_accuracy", "statistical_certified_accuracy",
-                    "weight_box_certified_accuracy", "decision_certified_accuracy", "per_sample_certified_rate"):
+        for key in (
+            "fgsm_accuracy",
+            "pgd_accuracy",
+            "paper_certified_accuracy",
+            "statistical_certified_accuracy",
+            "weight_box_certified_accuracy",
+            "decision_certified_accuracy",
+            "per_sample_certified_rate",
+        ):
             assert 0.0 <= row[key] <= 1.0, key
     for row in saved["per_eps"]:  # the JSON contract of the issue
-        for key in ("clean_accuracy", "fgsm_accuracy", "pgd_accuracy", "ece", "nll", "brier", "n_points",
-                    "n_samples", "ood_auroc"):
+        for key in (
+            "clean_accuracy",
+            "fgsm_accuracy",
+            "pgd_accuracy",
+            "ece",
+            "nll",
+            "brier",
+            "n_points",
+            "n_samples",
+            "ood_auroc",
+        ):
             assert key in row, key
         assert set(row["certified_accuracy"]) == {"per-sample", "paper", "statistical", "weight-box", "decision"}
     for key in ("dataset", "model", "method", "likelihood", "eps_train", "seed", "certbnn_version", "device"):
@@ -62,7 +108,12 @@ def test_evaluate_writes_everything(runs, capsys):
     for row in saved["per_eps"]:  # weight box: a point counts only when its lower bound on P_rob reaches 0.5
         per_point = row["weight_box_log10_lower_per_point"]
         assert len(per_point) == saved["num_points"] and set(row["weight_box_log10_lower"]) == {
-            "min", "q10", "median", "q90", "max"}
+            "min",
+            "q10",
+            "median",
+            "q90",
+            "max",
+        }
         reaching = sum(v is not None and v >= math.log10(0.5) for v in per_point) / len(per_point)
         assert row["weight_box_certified_accuracy"] <= reaching
         assert row["weight_box_certified_accuracy"] <= row["weight_box_verified_rate"]
@@ -77,8 +128,22 @@ def test_evaluate_writes_everything(runs, capsys):
 
 
 def test_point_estimate_has_no_weight_box(runs, tmp_path, capsys):
-    assert main(["evaluate", str(runs["sgd"]), "--certificates", "weight-box,per-sample", "--attacks", "",
-                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(runs["sgd"]),
+                "--certificates",
+                "weight-box,per-sample",
+                "--attacks",
+                "",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["per_eps"][0]["weight_box"].startswith("not applicable")
 
@@ -88,7 +153,10 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert "not a training run" in capsys.readouterr().err
     assert main(["evaluate", str(runs["sgd"]), "--certificates", "magic"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "certbnn: error: unknown certificate(s) magic (known: per-sample, paper, statistical, weight-box, decision)"
+    assert (
+        err
+        == "certbnn: error: unknown certificate(s) magic (known: per-sample, paper, statistical, weight-box, decision)"
+    )
     assert main(["evaluate", str(runs["sgd"]), "--eps", "-1"]) == 1
     capsys.readouterr()
     assert main(["evaluate", str(runs["sgd"]), "--weight-box-refine", "-1"]) == 1

@@ -6,10 +6,21 @@ import pytest
 import torch
 
 from certbnn.errors import ConfigError
-from certbnn.evaluation.metrics import (accuracy, auroc, brier, entropy, entropy_histogram,
-                                        evaluate_predictive, expected_calibration_error, max_probability,
-                                        nll, predictive_log_probs, predictive_probs, reliability_diagram,
-                                        uncertainty_decomposition)
+from certbnn.evaluation.metrics import (
+    accuracy,
+    auroc,
+    brier,
+    entropy,
+    entropy_histogram,
+    evaluate_predictive,
+    expected_calibration_error,
+    max_probability,
+    nll,
+    predictive_log_probs,
+    predictive_probs,
+    reliability_diagram,
+    uncertainty_decomposition,
+)
 from certbnn.functional import detached_params
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior
@@ -133,16 +144,20 @@ def test_auroc_matches_pairwise_counting_with_ties(seed):
     assert auroc(scores_in, scores_out) == pytest.approx(_brute_force_auroc(scores_in, scores_out), abs=1e-12)
     continuous_in, continuous_out = torch.randn(100, generator=gen), torch.randn(80, generator=gen) + 0.5
     assert auroc(continuous_in, continuous_out) == pytest.approx(
-        _brute_force_auroc(continuous_in, continuous_out), abs=1e-12)
+        _brute_force_auroc(continuous_in, continuous_out), abs=1e-12
+    )
 
 
 def test_plots_write_png(tmp_path):
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(200, 3, generator=gen), dim=-1)
     _, bins = expected_calibration_error(probs, torch.randint(0, 3, (200,), generator=gen))
-    for path in (reliability_diagram(bins, tmp_path / "sub" / "rel.png", title="test"),
-                 entropy_histogram(entropy(probs[:100]), entropy(probs[100:]), tmp_path / "hist.png",
-                                   labels=("MNIST", "Fashion-MNIST"))):
+    for path in (
+        reliability_diagram(bins, tmp_path / "sub" / "rel.png", title="test"),
+        entropy_histogram(
+            entropy(probs[:100]), entropy(probs[100:]), tmp_path / "hist.png", labels=("MNIST", "Fashion-MNIST")
+        ),
+    ):
         assert path.exists() and path.read_bytes()[:8] == PNG_MAGIC
 
 

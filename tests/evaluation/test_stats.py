@@ -8,9 +8,15 @@ import torch
 from certbnn.errors import ConfigError
 from certbnn.evaluation import certify
 from certbnn.evaluation.certify import certify_statistical
-from certbnn.evaluation.stats import (binomial_lower_bound, binomial_upper_bound, clopper_pearson,
-                                      hoeffding_sample_size, one_sided_bounds, sequential_confidence,
-                                      sequential_looks)
+from certbnn.evaluation.stats import (
+    binomial_lower_bound,
+    binomial_upper_bound,
+    clopper_pearson,
+    hoeffding_sample_size,
+    one_sided_bounds,
+    sequential_confidence,
+    sequential_looks,
+)
 from certbnn.posterior import GaussianPosterior
 
 
@@ -88,8 +94,12 @@ def test_clopper_pearson_per_point_trials_and_errors():
     lo100, up100 = clopper_pearson(torch.tensor([3]), 100, 0.99)
     assert torch.allclose(lo, torch.cat([lo10, lo100]), rtol=0, atol=1e-12)
     assert torch.allclose(up, torch.cat([up10, up100]), rtol=0, atol=1e-12)
-    for succ, trials, conf in [(torch.tensor([5]), 4, 0.9), (torch.tensor([-1]), 4, 0.9),
-                               (torch.tensor([1]), 4, 1.0), (torch.tensor([1]), 0, 0.9)]:
+    for succ, trials, conf in [
+        (torch.tensor([5]), 4, 0.9),
+        (torch.tensor([-1]), 4, 0.9),
+        (torch.tensor([1]), 4, 1.0),
+        (torch.tensor([1]), 0, 0.9),
+    ]:
         with pytest.raises(ConfigError):
             clopper_pearson(succ, trials, conf)
 
@@ -140,8 +150,14 @@ def test_one_sided_lower_bound_exact_coverage_is_at_the_stated_level():
 @pytest.mark.parametrize("conf", [0.9, 0.99])
 def test_one_sided_lower_bound_monte_carlo_coverage(conf):
     """The statistical certificate's lower bound L covers p (L <= p) with probability >= conf."""
-    monte_carlo_coverage(lambda k, n, p: binomial_lower_bound(k, n, conf) <= p, conf, 4000, 99,
-                         (24, 300), (0.0, 0.05, 0.3, 0.5, 0.77, 0.99, 1.0))
+    monte_carlo_coverage(
+        lambda k, n, p: binomial_lower_bound(k, n, conf) <= p,
+        conf,
+        4000,
+        99,
+        (24, 300),
+        (0.0, 0.05, 0.3, 0.5, 0.77, 0.99, 1.0),
+    )
 
 
 @pytest.fixture
@@ -150,6 +166,7 @@ def bernoulli_certifier(monkeypatch):
     certified independently with probability ``p``: the fake ``per_sample_certified`` certifies
     sample ``s`` at point ``b`` (``x[b] = b``) iff ``u[s, b] < Phi^-1(p)``, ``u ~ N(0, 1)`` drawn by
     the posterior from the certificate's own generator."""
+
     def fake(model, params, x, y, eps, **kwargs):
         return params["u"][:, x[:, 0].long()] < params["z"][:, :1]
 
@@ -157,8 +174,10 @@ def bernoulli_certifier(monkeypatch):
 
     def make(p, reps):
         z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([p], dtype=torch.float64))
-        posterior = GaussianPosterior({"u": torch.zeros(reps, dtype=torch.float64), "z": z},
-                                      {"u": torch.ones(reps, dtype=torch.float64), "z": torch.full_like(z, 1e-300)})
+        posterior = GaussianPosterior(
+            {"u": torch.zeros(reps, dtype=torch.float64), "z": z},
+            {"u": torch.ones(reps, dtype=torch.float64), "z": torch.full_like(z, 1e-300)},
+        )
         return posterior, torch.arange(reps, dtype=torch.float64).unsqueeze(1), torch.zeros(reps, dtype=torch.int64)
 
     return make
@@ -169,8 +188,18 @@ def test_false_certification_rate_under_h0_is_at_most_alpha(bernoulli_certifier,
     # H0 true: P_rob = 0.49 < threshold 0.5. Each of 4000 independent points is one repetition of the test.
     reps, alpha, t, p, n = 4000, 0.05, 0.5, 0.49, 256
     posterior, x, y = bernoulli_certifier(p, reps)
-    res = certify_statistical(None, posterior, x, y, 0.0, num_samples=n, confidence=1 - alpha, threshold=t,
-                              sequential=sequential, generator=torch.Generator().manual_seed(7))
+    res = certify_statistical(
+        None,
+        posterior,
+        x,
+        y,
+        0.0,
+        num_samples=n,
+        confidence=1 - alpha,
+        threshold=t,
+        sequential=sequential,
+        generator=torch.Generator().manual_seed(7),
+    )
     rate = res["certified"].double().mean().item()
     assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
     if not sequential:  # the rate is the one-sided exact test's size at p, computed exactly (not a looser test)
@@ -185,6 +214,16 @@ def test_false_certification_rate_under_h0_is_at_most_alpha(bernoulli_certifier,
         assert bool((res["num_samples"] < n).any())  # some points stopped early (futility)
     # ... and the same test has power when H1 holds clearly
     posterior, x, y = bernoulli_certifier(0.8, reps)
-    res = certify_statistical(None, posterior, x, y, 0.0, num_samples=n, confidence=1 - alpha, threshold=t,
-                              sequential=sequential, generator=torch.Generator().manual_seed(8))
+    res = certify_statistical(
+        None,
+        posterior,
+        x,
+        y,
+        0.0,
+        num_samples=n,
+        confidence=1 - alpha,
+        threshold=t,
+        sequential=sequential,
+        generator=torch.Generator().manual_seed(8),
+    )
     assert res["certified"].double().mean().item() > 0.99

@@ -22,12 +22,12 @@ from certbnn.priors import GaussianPrior
 @dataclass
 class BLR:
     model: nn.Sequential
-    x: torch.Tensor          # (N, d)
-    y: torch.Tensor          # (N,)
+    x: torch.Tensor  # (N, d)
+    y: torch.Tensor  # (N,)
     prior: GaussianPrior
     likelihood: GaussianRegression
-    mean: torch.Tensor       # (d + 1,) exact posterior mean of [w..., b]
-    cov: torch.Tensor        # (d + 1, d + 1) exact posterior covariance
+    mean: torch.Tensor  # (d + 1,) exact posterior mean of [w..., b]
+    cov: torch.Tensor  # (d + 1, d + 1) exact posterior covariance
     mean_field_std: torch.Tensor  # (d + 1,) optimum of mean-field VI
 
     def nll(self, params, x, y):
@@ -38,7 +38,7 @@ class BLR:
         likelihood alone is tempered, i.e. BLR with noise variance T sigma^2 and the same prior;
         T = 1 gives (mean, cov)."""
         phi = torch.cat([self.x, torch.ones_like(self.x[:, :1])], dim=1)
-        noise_var = temperature * self.likelihood.sigma ** 2
+        noise_var = temperature * self.likelihood.sigma**2
         prior_precision = self.flat(self.prior.std()) ** -2  # zero prior mean (make_blr)
         precision = phi.T @ phi / noise_var + torch.diag(prior_precision)
         cov = torch.linalg.inv(precision)
@@ -51,8 +51,9 @@ class BLR:
         return torch.cat([w.flatten(-2), b], dim=-1)
 
 
-def make_blr(n: int = 200, d: int = 3, sigma: float = 0.5, prior_std: float = 1.0, seed: int = 0,
-             dtype=torch.float64) -> BLR:
+def make_blr(
+    n: int = 200, d: int = 3, sigma: float = 0.5, prior_std: float = 1.0, seed: int = 0, dtype=torch.float64
+) -> BLR:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
     true = torch.randn(d + 1, generator=g, dtype=dtype)
@@ -66,8 +67,7 @@ def make_blr(n: int = 200, d: int = 3, sigma: float = 0.5, prior_std: float = 1.
     precision = phi.T @ phi / sigma**2 + torch.eye(d + 1, dtype=dtype) / prior_std**2
     cov = torch.linalg.inv(precision)
     mean = cov @ phi.T @ y / sigma**2
-    return BLR(model, x, y, prior, GaussianRegression(sigma), mean, cov,
-               torch.diagonal(precision).rsqrt())
+    return BLR(model, x, y, prior, GaussianRegression(sigma), mean, cov, torch.diagonal(precision).rsqrt())
 
 
 Z, BATCHES = 5.0, 20
@@ -80,8 +80,10 @@ def assert_gaussian(theta: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, 
     z = torch.linalg.solve_triangular(chol, (theta - mean).T, upper=False).T
     m, d = z.shape
     products = (z[:, :, None] * z[:, None, :]).reshape(m, d * d)
-    for stat, target, extra, max_se in ((z, torch.zeros(d, dtype=z.dtype), 0.0, 0.1),
-                                        (products, torch.eye(d, dtype=z.dtype).flatten(), bias, 0.15)):
+    for stat, target, extra, max_se in (
+        (z, torch.zeros(d, dtype=z.dtype), 0.0, 0.1),
+        (products, torch.eye(d, dtype=z.dtype).flatten(), bias, 0.15),
+    ):
         means = stat[: m // BATCHES * BATCHES].reshape(BATCHES, -1, stat.shape[1]).mean(1)
         se = means.std(0) / math.sqrt(BATCHES)
         assert (se < max_se).all(), f"chain mixes too slowly for a meaningful test: SE {se}"
@@ -99,8 +101,9 @@ def run(method, params, batch, nll, steps: int, seed: int = 0):
     return state, infos
 
 
-def assert_resumes_identically(method, state_cls, blr: BLR, generator: torch.Generator, warm_steps: int,
-                               more_steps: int) -> None:
+def assert_resumes_identically(
+    method, state_cls, blr: BLR, generator: torch.Generator, warm_steps: int, more_steps: int
+) -> None:
     """After ``warm_steps``, a state restored from flatten_state (through JSON) continues
     bit-identically to the original for ``more_steps`` steps (what ``--resume`` relies on)."""
     import json

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from blr import make_blr
+
 from certbnn.inference.base import make_method
 from certbnn.inference.bbb import BayesByBackprop, inverse_softplus
 
@@ -30,8 +30,9 @@ def test_loss_is_mean_nll_plus_weighted_kl_over_n(kl_weight):
     g_ref = clone(g)
     _, info = method.step(state, (b.x, b.y), b.nll, g)
     sigma = {n: F.softplus(r) for n, r in state.rho.items()}
-    weights = {n: m + sigma[n] * torch.randn((4, *m.shape), generator=g_ref, dtype=m.dtype)
-               for n, m in state.mu.items()}
+    weights = {
+        n: m + sigma[n] * torch.randn((4, *m.shape), generator=g_ref, dtype=m.dtype) for n, m in state.mu.items()
+    }
     data_term = b.nll(weights, b.x, b.y).mean()
     # exact KL, summed over all coordinates, by hand (prior N(0, 1))
     mu, sd = b.flat(state.mu), b.flat(sigma)

@@ -15,7 +15,7 @@ def ar1(chains: int, length: int, rho: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(chains, length, generator=g, dtype=torch.float64)
     x = torch.empty_like(noise)
-    x[:, 0] = noise[:, 0] / math.sqrt(1 - rho ** 2)
+    x[:, 0] = noise[:, 0] / math.sqrt(1 - rho**2)
     for t in range(1, length):
         x[:, t] = rho * x[:, t - 1] + noise[:, t]
     return x

@@ -46,33 +46,53 @@ def assert_close(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-6) -> No
 
 # --- the simple per-parameter reference steps (the equations of each module docstring) ------------
 
+
 def ref_bbb(method, state, batch, nll, g):
     mu, rho = requires_grad(state.mu), requires_grad(state.rho)
     loss, data_term, kl = method.loss(mu, rho, batch, nll, g)
     grads = grad_of(loss, {**{"m" + n: t for n, t in mu.items()}, **{"r" + n: t for n, t in rho.items()}})
     step = state.num_steps + 1
-    new_mu, m_mu, v_mu = adam_update(state.mu, {n: grads["m" + n] for n in mu}, state.exp_avg_mu,
-                                     state.exp_avg_sq_mu, step, method.lr, method.betas, method.eps, 0.0)
-    new_rho, m_rho, v_rho = adam_update(state.rho, {n: grads["r" + n] for n in rho}, state.exp_avg_rho,
-                                        state.exp_avg_sq_rho, step, method.lr, method.betas, method.eps, 0.0)
+    new_mu, m_mu, v_mu = adam_update(
+        state.mu,
+        {n: grads["m" + n] for n in mu},
+        state.exp_avg_mu,
+        state.exp_avg_sq_mu,
+        step,
+        method.lr,
+        method.betas,
+        method.eps,
+        0.0,
+    )
+    new_rho, m_rho, v_rho = adam_update(
+        state.rho,
+        {n: grads["r" + n] for n in rho},
+        state.exp_avg_rho,
+        state.exp_avg_sq_rho,
+        step,
+        method.lr,
+        method.betas,
+        method.eps,
+        0.0,
+    )
     return (new_mu, new_rho, m_mu, v_mu, m_rho, v_rho), float(kl.detach())
 
 
 def ref_noisy_adam(method, state, batch, nll, g):
     lam = prior_precision(method.prior, state.mean)
-    weights = sample_diag_gaussian(state.mean, precision_std(state.exp_avg_sq, lam, method.effective_data),
-                                   method.num_samples, g)
+    weights = sample_diag_gaussian(
+        state.mean, precision_std(state.exp_avg_sq, lam, method.effective_data), method.num_samples, g
+    )
     grads, _ = data_gradients(weights, batch, nll)
     pull = prior_pull(state.mean, method.prior, lam, method.effective_data)
     b1, b2 = method.betas
     t = state.num_steps + 1
-    share = b2 ** t * method.initial_precision / method.effective_data
+    share = b2**t * method.initial_precision / method.effective_data
     mean, m_new, s_new = {}, {}, {}
     for n, mu in state.mean.items():
         m = b1 * state.exp_avg[n] + (1 - b1) * (grads[n].mean(0) + pull[n])
         s = b2 * state.exp_avg_sq[n] + (1 - b2) * (grads[n] ** 2).mean(0)
-        denom = ((s - share) / (1 - b2 ** t)).clamp_min(0).sqrt() + lam[n] / method.effective_data
-        mean[n], m_new[n], s_new[n] = mu - method.lr / (1 - b1 ** t) * m / denom, m, s
+        denom = ((s - share) / (1 - b2**t)).clamp_min(0).sqrt() + lam[n] / method.effective_data
+        mean[n], m_new[n], s_new[n] = mu - method.lr / (1 - b1**t) * m / denom, m, s
     return mean, m_new, s_new
 
 
@@ -88,8 +108,15 @@ def ref_sghmc(method, state, batch, nll, g):
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_bbb_fused_step_matches_reference(num_samples):
     model, batch, nll = problem()
-    method = make_method("bbb", prior=prior_from_model(model), num_data=500, num_samples=num_samples,
-                         init_std=0.02, kl_weight=0.5, lr=1e-2)
+    method = make_method(
+        "bbb",
+        prior=prior_from_model(model),
+        num_data=500,
+        num_samples=num_samples,
+        init_std=0.02,
+        kl_weight=0.5,
+        lr=1e-2,
+    )
     g = torch.Generator().manual_seed(1)
     state = method.init(detached_params(model), g)
     for _ in range(STEPS):
@@ -101,8 +128,10 @@ def test_bbb_fused_step_matches_reference(num_samples):
         assert info["kl"] == pytest.approx(kl, rel=1e-5)
 
 
-@pytest.mark.parametrize("name,options", [("sgd", {}), ("sgd", {"weight_decay": 1e-3, "prior_weight": 0.0}),
-                                          ("adam", {}), ("adam", {"weight_decay": 1e-3})])
+@pytest.mark.parametrize(
+    "name,options",
+    [("sgd", {}), ("sgd", {"weight_decay": 1e-3, "prior_weight": 0.0}), ("adam", {}), ("adam", {"weight_decay": 1e-3})],
+)
 def test_point_estimate_fused_steps_match_reference(name, options):
     model, batch, nll = problem()
     method = make_method(name, prior=prior_from_model(model), num_data=500, **options)
@@ -115,8 +144,9 @@ def test_point_estimate_fused_steps_match_reference(name, options):
             params, moments = sgd_update(params, grads, moments, method.lr, method.momentum, method.weight_decay)
         else:
             moments = moments or ({n: torch.zeros_like(p) for n, p in params.items()},) * 2
-            params, *moments = adam_update(params, grads, *moments, step, method.lr, method.betas, method.eps,
-                                           method.weight_decay)
+            params, *moments = adam_update(
+                params, grads, *moments, step, method.lr, method.betas, method.eps, method.weight_decay
+            )
         state, info = method.step(state, batch, nll, torch.Generator())
         assert_close(state.params, params)
         assert info["loss"] == pytest.approx(ref_info["loss"], rel=1e-5)
@@ -125,8 +155,9 @@ def test_point_estimate_fused_steps_match_reference(name, options):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_swag_fused_step_matches_reference(optimizer):
     model, batch, nll = problem()
-    method = make_method("swag", prior=prior_from_model(model), num_data=500, optimizer=optimizer, lr=0.01,
-                         snapshot_every=1, rank=2)
+    method = make_method(
+        "swag", prior=prior_from_model(model), num_data=500, optimizer=optimizer, lr=0.01, snapshot_every=1, rank=2
+    )
     point = make_method(optimizer, prior=method.prior, num_data=500, lr=0.01)
     state, ref = method.init(detached_params(model)), point.init(detached_params(model))
     for _ in range(STEPS):
@@ -139,8 +170,7 @@ def test_swag_fused_step_matches_reference(optimizer):
 @pytest.mark.parametrize("num_samples", [1, 2])
 def test_noisy_adam_fused_step_matches_reference(num_samples):
     model, batch, nll = problem()
-    method = make_method("noisy-adam", prior=prior_from_model(model), num_data=500, num_samples=num_samples,
-                         lr=1e-2)
+    method = make_method("noisy-adam", prior=prior_from_model(model), num_data=500, num_samples=num_samples, lr=1e-2)
     g = torch.Generator().manual_seed(3)
     state = method.init(detached_params(model), g)
     for _ in range(STEPS):
@@ -181,8 +211,9 @@ def test_fused_state_is_views_of_one_buffer_and_checkpoints_per_parameter():
     assert info_a == info_b and all(torch.equal(a.rho[n], b.rho[n]) for n in a.rho)
 
 
-@pytest.mark.parametrize("spec,shape", [("mlp:12", (1, 6, 6)), ("cnn:4c3,p2,10", (3, 8, 8)),
-                                        ("cnn:4c3s2p1,a2,8@tanh", (2, 8, 8))])
+@pytest.mark.parametrize(
+    "spec,shape", [("mlp:12", (1, 6, 6)), ("cnn:4c3,p2,10", (3, 8, 8)), ("cnn:4c3s2p1,a2,8@tanh", (2, 8, 8))]
+)
 @pytest.mark.parametrize("num_samples", [None, 1, 3])
 def test_point_and_ibp_matches_forward_and_compute_bounds(spec, shape, num_samples):
     torch.manual_seed(0)
@@ -202,8 +233,9 @@ def test_point_and_ibp_matches_forward_and_compute_bounds(spec, shape, num_sampl
     # the robust likelihood uses it: same loss and gradient as the two-pass path
     like = make_likelihood("ibp", lam=0.25)
     fast = like.nll(model, params, x, y, 0.1)
-    slow = mix_losses(cross_entropy(ref_logits, y), cross_entropy(worst_case_logits(ref_lo, ref_hi, y), y), 0.25,
-                      "prob")
+    slow = mix_losses(
+        cross_entropy(ref_logits, y), cross_entropy(worst_case_logits(ref_lo, ref_hi, y), y), 0.25, "prob"
+    )
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     g_fast, g_slow = grad_of(fast.sum(), params), grad_of(slow.sum(), params)
     assert_close(g_fast, g_slow, rtol=1e-4, atol=1e-5)
@@ -231,8 +263,11 @@ def test_linear_point_ibp_function_gradients_match_plain_autograd(bias, used):
     def fused(x, lower, upper, W, b=None):
         return _LinearPointIBP.apply(x, lower, upper, W, b)
 
-    weights = [torch.randn(5, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
-               torch.randn(6, 4, dtype=torch.float64)]
+    weights = [
+        torch.randn(5, 4, dtype=torch.float64),
+        torch.randn(6, 4, dtype=torch.float64),
+        torch.randn(6, 4, dtype=torch.float64),
+    ]
     results = []
     for fn in (plain, fused):
         outs = fn(*inputs)

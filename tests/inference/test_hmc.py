@@ -1,6 +1,6 @@
 """HMC (Neal 2011): exact posterior recovery on Bayesian linear regression (T = 1 and the
-tempered posterior p(D|w)^(1/T) p(w)), MH rejection restores the state, independent samples, prior gradient, mass matrix,
-leapfrog order, chunked potential, checkpoint round trip.
+tempered posterior p(D|w)^(1/T) p(w)), MH rejection restores the state, independent samples, prior gradient,
+mass matrix, leapfrog order, chunked potential, checkpoint round trip.
 
 Statistical checks whiten the chain, z = L^{-1} (theta - mu) with Sigma = L L^T the
 exact posterior covariance, so the target is E z = 0, E z z^T = I. Monte Carlo
@@ -27,6 +27,7 @@ from certbnn.inference.base import flatten_state, make_method
 from certbnn.inference.hmc import HMC, HMCState
 from certbnn.priors import GaussianPrior, prior_from_model
 
+
 @pytest.fixture(scope="module")
 def blr():
     # n=30, sigma=0.5: posterior stds ~0.08-0.11, prior std 1 (a broad, correlated posterior)
@@ -38,8 +39,17 @@ MASS = {"0.weight": torch.tensor([[4.0, 0.25, 2.0]], dtype=torch.float64), "0.bi
 
 @pytest.mark.parametrize("mass", [1.0, MASS], ids=["identity-mass", "diagonal-mass"])
 def test_blr_posterior_recovered_with_sane_acceptance(blr, mass):
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.01, num_leapfrog=8, num_burnin=200,
-                 jitter=0.2, mass=mass)
+    method = HMC(
+        warm_start_epochs=0,
+        temperature=1.0,
+        prior=blr.prior,
+        num_data=30,
+        step_size=0.01,
+        num_leapfrog=8,
+        num_burnin=200,
+        jitter=0.2,
+        mass=mass,
+    )
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1200, seed=1)
     posterior = method.posterior(state)
     assert posterior.num_samples == 1000
@@ -55,8 +65,15 @@ def test_tempered_posterior_is_recovered():
     # posterior and (p(D|w) p(w))^(1/T) (prior tempered too) by the same check.
     blr, temperature = make_blr(n=10, d=3, sigma=1.0, prior_std=0.2, seed=1), 0.25
     mean, cov = blr.tempered(temperature)
-    method = HMC(warm_start_epochs=0, prior=blr.prior, num_data=10, temperature=temperature, num_leapfrog=8,
-                 num_burnin=200, jitter=0.2)
+    method = HMC(
+        warm_start_epochs=0,
+        prior=blr.prior,
+        num_data=10,
+        temperature=temperature,
+        num_leapfrog=8,
+        num_burnin=200,
+        jitter=0.2,
+    )
     assert method.initial_step_size == pytest.approx(0.01 * (temperature / 10) ** 0.5)
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 1200, seed=3)
     theta = blr.flat(method.posterior(state).sample())
@@ -84,8 +101,10 @@ def test_warm_start_optimises_the_tempered_objective():
 @pytest.mark.parametrize("case", ["constant-likelihood", "no-data"])
 def test_prior_gradient_included_samples_the_prior(case):
     model = nn.Linear(3, 1).double()
-    prior = GaussianPrior({n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
-                          {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()})
+    prior = GaussianPrior(
+        {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
+        {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()},
+    )
     x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
     if case == "no-data":
         x, y = x[:0], y[:0]
@@ -93,7 +112,9 @@ def test_prior_gradient_included_samples_the_prior(case):
     def constant_nll(params, xb, yb):  # depends on nothing: the potential is -log p(w) alone
         return torch.zeros(xb.shape[0], dtype=xb.dtype) + 0.0 * params["bias"].sum()
 
-    method = HMC(warm_start_epochs=0, prior=prior, num_data=10, step_size=0.5, num_leapfrog=5, num_burnin=100, jitter=0.2)
+    method = HMC(
+        warm_start_epochs=0, prior=prior, num_data=10, step_size=0.5, num_leapfrog=5, num_burnin=100, jitter=0.2
+    )
     state, _ = run(method, detached_params(model), (x, y), constant_nll, 1100, seed=2)
     theta = torch.cat([s.flatten(1) for s in method.posterior(state).sample().values()], 1)
     assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64))
@@ -146,7 +167,14 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     h0 = u0 + method.kinetic(momentum, masses)
     errors = []
     for eps in (4e-3, 2e-3):
-        leaps = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, mass=MASS, num_leapfrog=round(0.04 / eps))
+        leaps = HMC(
+            warm_start_epochs=0,
+            temperature=1.0,
+            prior=blr.prior,
+            num_data=30,
+            mass=MASS,
+            num_leapfrog=round(0.04 / eps),
+        )
         _, p, u, _ = leaps.leapfrog(position, momentum, g0, eps, masses, (blr.x, blr.y), blr.nll)
         errors.append(abs(float(u + method.kinetic(p, masses) - h0)))
     assert errors[0] < 0.05 and 3.0 < errors[0] / errors[1] < 5.0
@@ -154,7 +182,9 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
 
 @pytest.mark.parametrize("huge_step", [1e3, 1e300], ids=["huge-energy", "non-finite-energy"])
 def test_rejection_restores_the_exact_old_state(blr, huge_step):
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    method = HMC(
+        warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0
+    )
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 3)
     forced = dataclasses.replace(state, step_size=huge_step)
     before = {k: v.clone() for k, v in flatten_state(forced)[0].items()}
@@ -170,8 +200,17 @@ def test_rejection_restores_the_exact_old_state(blr, huge_step):
 
 def test_stored_samples_are_independent_copies_and_differ(blr):
     # a large fixed step: a mix of accepted and rejected proposals (a rejection re-stores the old position)
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.12, num_leapfrog=3, num_burnin=5, thin=2,
-                 adapt_step_size=False)
+    method = HMC(
+        warm_start_epochs=0,
+        temperature=1.0,
+        prior=blr.prior,
+        num_data=30,
+        step_size=0.12,
+        num_leapfrog=3,
+        num_burnin=5,
+        thin=2,
+        adapt_step_size=False,
+    )
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 45)
     assert len(state.samples) == 20 and all(i["num_samples"] == 0 for i in infos[:5])
     assert 0 < sum(i["accepted"] for i in infos) < 45
@@ -186,13 +225,31 @@ def test_stored_samples_are_independent_copies_and_differ(blr):
 
 
 def test_max_samples_keeps_the_newest(blr):
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=2, num_burnin=0, max_samples=3)
+    method = HMC(
+        warm_start_epochs=0,
+        temperature=1.0,
+        prior=blr.prior,
+        num_data=30,
+        step_size=0.02,
+        num_leapfrog=2,
+        num_burnin=0,
+        max_samples=3,
+    )
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6)
     assert len(state.samples) == 3 and torch.equal(blr.flat(state.samples[-1]), blr.flat(state.position))
 
 
 def test_checkpoint_round_trip_continues_identically(blr):
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=4, jitter=0.1)
+    method = HMC(
+        warm_start_epochs=0,
+        temperature=1.0,
+        prior=blr.prior,
+        num_data=30,
+        step_size=0.02,
+        num_leapfrog=3,
+        num_burnin=4,
+        jitter=0.1,
+    )
     for steps in (0, 2):  # before any cache exists, and mid burn-in; then past burn-in
         assert_resumes_identically(method, HMCState, blr, torch.Generator().manual_seed(5), steps, 6)
 
@@ -200,17 +257,38 @@ def test_checkpoint_round_trip_continues_identically(blr):
 def test_classification_mlp_runs_and_lowers_the_loss():
     model, x, y, nll = tiny_classification()
     params = detached_params(model)
-    method = make_method("hmc", prior=prior_from_model(model), num_data=64, warm_start_epochs=0, step_size=0.01,
-                         temperature=1.0, num_leapfrog=10, num_burnin=30, chunk_size=16)
+    method = make_method(
+        "hmc",
+        prior=prior_from_model(model),
+        num_data=64,
+        warm_start_epochs=0,
+        step_size=0.01,
+        temperature=1.0,
+        num_leapfrog=10,
+        num_burnin=30,
+        chunk_size=16,
+    )
     state, infos = run(method, params, (x, y), nll, 50)
     start = float(nll(params, x, y).mean())
     final = float(nll(method.posterior(state).sample(), x, y).mean())
     assert final < 0.8 * start and infos[-1]["accept_rate"] > 0.3
 
 
-@pytest.mark.parametrize("options", [{"step_size": -1.0}, {"num_leapfrog": 0}, {"target_accept": 1.0},
-                                     {"mass": 0.0}, {"mass": {"nope": 1.0}}, {"thin": 0}, {"chunk_size": 0},
-                                     {"jitter": 1.5}, {"num_data": -1}, {"learning_rate": 0.1}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"step_size": -1.0},
+        {"num_leapfrog": 0},
+        {"target_accept": 1.0},
+        {"mass": 0.0},
+        {"mass": {"nope": 1.0}},
+        {"thin": 0},
+        {"chunk_size": 0},
+        {"jitter": 1.5},
+        {"num_data": -1},
+        {"learning_rate": 0.1},
+    ],
+)
 def test_bad_options_are_config_errors(blr, options):
     with pytest.raises(ConfigError):
         make_method("hmc", **{"prior": blr.prior, "num_data": 30, **options})
@@ -223,6 +301,7 @@ def test_posterior_without_samples_is_a_clear_error(blr):
 
 
 # --- the eps schedule: cache keyed on eps, samples only at the target, warm start ----------
+
 
 @dataclasses.dataclass(frozen=True)
 class ShiftedNLL:
@@ -239,8 +318,16 @@ class ShiftedNLL:
 def test_stale_potential_across_an_eps_change_is_recomputed(blr):
     # A potential cached at a smaller eps makes log r = U_stale - U_new = -N * 50 * d_eps (-15 per
     # 0.01 step here): every proposal rejected, the chain frozen. Keyed on eps, nothing changes.
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.03, num_leapfrog=4,
-                 num_burnin=0, adapt_step_size=False)
+    method = HMC(
+        warm_start_epochs=0,
+        temperature=1.0,
+        prior=blr.prior,
+        num_data=30,
+        step_size=0.03,
+        num_leapfrog=4,
+        num_burnin=0,
+        adapt_step_size=False,
+    )
     batch, generator = (blr.x, blr.y), torch.Generator().manual_seed(7)
     state = method.init(detached_params(blr.model), generator)
     for _ in range(5):
@@ -260,7 +347,9 @@ def test_stale_potential_across_an_eps_change_is_recomputed(blr):
 
 
 def test_cache_is_reused_while_eps_is_fixed(blr, monkeypatch):
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0)
+    method = HMC(
+        warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0
+    )
     calls = []
     real = HMC.potential_and_grad
     monkeypatch.setattr(HMC, "potential_and_grad", lambda self, *a: calls.append(1) or real(self, *a))
@@ -280,8 +369,15 @@ def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin():
     likelihood = make_likelihood("ibp")
     total, target = 40, 0.05
     schedule = epoch_ramp(target, total, 1, ramp_fraction=0.5)
-    method = make_method("hmc", prior=prior_from_model(model), num_data=64, step_size=0.04, num_leapfrog=10,
-                         temperature=1.0, warm_start_batch_size=16).for_schedule(schedule.first_target_step, total)
+    method = make_method(
+        "hmc",
+        prior=prior_from_model(model),
+        num_data=64,
+        step_size=0.04,
+        num_leapfrog=10,
+        temperature=1.0,
+        warm_start_batch_size=16,
+    ).for_schedule(schedule.first_target_step, total)
     assert method.num_burnin == schedule.first_target_step - 1 == 18  # + 1 warm-start epoch
     generator = torch.Generator().manual_seed(0)
     state, infos = method.init(detached_params(model), generator), []
@@ -300,8 +396,11 @@ def test_for_schedule_sets_the_automatic_burnin_and_refuses_early_or_no_samples(
     assert method.burnin == 0
     assert method.for_schedule(first_target_step=9, total_steps=20).num_burnin == 8
     assert method.for_schedule(first_target_step=0, total_steps=20).num_burnin == 0
-    with pytest.raises(ConfigError, match=r"hmc: warm_start_epochs=1, num_burnin=2, thin=1 would store samples "
-                                          r"from step 4 of 8, before eps reaches its target at step 5 \(ctx\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"hmc: warm_start_epochs=1, num_burnin=2, thin=1 would store samples "
+        r"from step 4 of 8, before eps reaches its target at step 5 \(ctx\)",
+    ):
         dataclasses.replace(method, num_burnin=2).for_schedule(4, 8, context="ctx")
     with pytest.raises(ConfigError, match="hmc: warm_start_epochs=1, num_burnin=100, thin=1 stores no sample in 20"):
         dataclasses.replace(method, num_burnin=100).for_schedule(9, 20)
@@ -312,8 +411,16 @@ def test_for_schedule_sets_the_automatic_burnin_and_refuses_early_or_no_samples(
 def test_warm_start_epoch_is_sgd_on_the_map_objective_not_a_proposal():
     model, x, y, nll = tiny_classification()
     params = detached_params(model)
-    method = make_method("hmc", prior=prior_from_model(model), num_data=64, warm_start_epochs=4,
-                         warm_start_batch_size=16, warm_start_lr=0.3, num_burnin=0, step_size=0.01)
+    method = make_method(
+        "hmc",
+        prior=prior_from_model(model),
+        num_data=64,
+        warm_start_epochs=4,
+        warm_start_batch_size=16,
+        warm_start_lr=0.3,
+        num_burnin=0,
+        step_size=0.01,
+    )
     state, infos = run(method, params, (x, y), nll, 4)
     assert all(i["warm_start"] == 1.0 and i["num_samples"] == 0 for i in infos)
     assert state.num_steps == 0 and state.warm_epochs_done == 4 and state.potential is None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from blr import make_blr
+
 from certbnn.inference.noisy_adam import NoisyAdam
 
 
@@ -23,8 +23,13 @@ def vadam_by_hand(b, mean, m, s, t, generator, *, num_data, prior_std, lr, betas
     """Khan et al. 2018, Algorithm 1, on the flat vector [w..., b] (prior mean 0)."""
     lam = 1 / prior_std**2
     std = (num_data * s + lam).rsqrt()
-    eps = torch.cat([torch.randn((samples, 1, 3), generator=generator, dtype=mean.dtype).flatten(1),
-                     torch.randn((samples, 1), generator=generator, dtype=mean.dtype)], dim=1)
+    eps = torch.cat(
+        [
+            torch.randn((samples, 1, 3), generator=generator, dtype=mean.dtype).flatten(1),
+            torch.randn((samples, 1), generator=generator, dtype=mean.dtype),
+        ],
+        dim=1,
+    )
     w = (mean + std * eps).requires_grad_(True)
     params = {"0.weight": w[:, :3].reshape(samples, 1, 3), "0.bias": w[:, 3:]}
     (g,) = torch.autograd.grad(b.nll(params, b.x, b.y).mean(-1).sum(), w)  # per-sample gradients
@@ -47,8 +52,20 @@ def test_two_steps_follow_the_vadam_equations(init_precision):
     s = torch.full((4,), init_precision / 400, dtype=torch.float64)
     for t in (1, 2):
         state, info = method.step(state, (b.x, b.y), b.nll, g)
-        mean, m, s = vadam_by_hand(b, mean, m, s, t, g_ref, num_data=400, prior_std=0.7, lr=0.01,
-                                   betas=(0.8, 0.95), samples=3, s0=init_precision / 400)
+        mean, m, s = vadam_by_hand(
+            b,
+            mean,
+            m,
+            s,
+            t,
+            g_ref,
+            num_data=400,
+            prior_std=0.7,
+            lr=0.01,
+            betas=(0.8, 0.95),
+            samples=3,
+            s0=init_precision / 400,
+        )
         assert torch.allclose(b.flat(state.mean), mean, rtol=1e-12, atol=1e-14)
         assert torch.allclose(b.flat(state.exp_avg), m, rtol=1e-12, atol=1e-14)
         assert torch.allclose(b.flat(state.exp_avg_sq), s, rtol=1e-12, atol=1e-14)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blr import make_blr
 from torch import nn
 
-from blr import make_blr
 from certbnn.errors import ConfigError
 from certbnn.functional import detached_params
 from certbnn.inference.base import flatten_state, make_method, unflatten_state
@@ -39,6 +39,7 @@ def run_full_batch(method, blr, steps: int, state=None):
 
 # Full-batch descent on a strongly convex quadratic is deterministic and converges
 # linearly; the tolerances are float64 round-off with margin, not statistical.
+
 
 def test_sgd_converges_to_exact_posterior_mean():
     blr = blr_problem()
@@ -94,7 +95,7 @@ def test_updates_match_torch_optim(name):
     method = make_method(name, prior=prior, num_data=len(x), prior_weight=0.0, **options)
     state = method.init(detached_params(model), torch.Generator())
     reference = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    optim = (torch.optim.SGD(reference, **options) if name == "sgd" else torch.optim.Adam(reference, **options))
+    optim = torch.optim.SGD(reference, **options) if name == "sgd" else torch.optim.Adam(reference, **options)
     names = [n for n, _ in model.named_parameters()]
     for i in range(25):
         batch = slice(8 * (i % 8), 8 * (i % 8) + 8)
@@ -125,11 +126,11 @@ def test_checkpoint_round_trip_continues_identically(cls):
     method = cls(prior_from_model(model), len(x))
     state = method.init(detached_params(model), torch.Generator())
     for i in range(5):
-        state, _ = method.step(state, (x[8 * i:8 * i + 8], y[8 * i:8 * i + 8]), nll, torch.Generator())
+        state, _ = method.step(state, (x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]), nll, torch.Generator())
     tensors, layout = flatten_state(state)
     restored = unflatten_state(type(state), {k: v.clone() for k, v in tensors.items()}, layout)
     for i in range(5, 8):
-        batch = (x[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+        batch = (x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])
         state, _ = method.step(state, batch, nll, torch.Generator())
         restored, _ = method.step(restored, batch, nll, torch.Generator())
     assert restored.num_steps == state.num_steps == 8
@@ -141,24 +142,35 @@ def test_checkpoint_round_trip_continues_identically(cls):
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_classification_loss_decreases(name):
     model, x, y, nll = _mlp_problem(torch.float32)
-    method = make_method(name, prior=prior_from_model(model), num_data=len(x),
-                         **({"lr": 0.1} if name == "sgd" else {"lr": 0.01}))
+    method = make_method(
+        name, prior=prior_from_model(model), num_data=len(x), **({"lr": 0.1} if name == "sgd" else {"lr": 0.01})
+    )
     state = method.init(detached_params(model), torch.Generator())
     before = nll(state.params, x, y).mean().item()
     for epoch in range(40):
         for i in range(0, len(x), 16):
-            state, info = method.step(state, (x[i:i + 16], y[i:i + 16]), nll, torch.Generator())
+            state, info = method.step(state, (x[i : i + 16], y[i : i + 16]), nll, torch.Generator())
         state = method.end_epoch(state, epoch)
     after = nll(method.posterior(state).sample(), x, y).mean().item()  # (1, B): the M = 1 posterior
     assert after < 0.6 * before, (before, after)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("sgd", {"lr": -0.1}), ("sgd", {"lr": float("nan")}), ("sgd", {"momentum": 1.0}),
-    ("sgd", {"weight_decay": -1.0}), ("sgd", {"prior_weight": -1.0}), ("sgd", {"num_data": 0}),
-    ("sgd", {"betas": (0.9, 0.99)}), ("adam", {"betas": (1.0, 0.999)}), ("adam", {"eps": 0.0}),
-    ("adam", {"momentum": 0.9}), ("adam", {"prior": "not a prior"}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("sgd", {"lr": -0.1}),
+        ("sgd", {"lr": float("nan")}),
+        ("sgd", {"momentum": 1.0}),
+        ("sgd", {"weight_decay": -1.0}),
+        ("sgd", {"prior_weight": -1.0}),
+        ("sgd", {"num_data": 0}),
+        ("sgd", {"betas": (0.9, 0.99)}),
+        ("adam", {"betas": (1.0, 0.999)}),
+        ("adam", {"eps": 0.0}),
+        ("adam", {"momentum": 0.9}),
+        ("adam", {"prior": "not a prior"}),
+    ],
+)
 def test_bad_options_raise_config_error(name, options):
     blr = blr_problem()
     kwargs = {"prior": blr.prior, "num_data": N, **options}

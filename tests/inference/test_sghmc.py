@@ -25,6 +25,7 @@ from certbnn.inference.base import make_method
 from certbnn.inference.sghmc import SGHMC, SGHMCState
 from certbnn.priors import GaussianPrior, prior_from_model
 
+
 @pytest.fixture(scope="module")
 def blr():
     return make_blr(n=30, d=3, sigma=0.5, prior_std=1.0, seed=0)
@@ -41,8 +42,16 @@ def test_blr_posterior_recovered_up_to_discretisation_bias(blr):
     lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(blr.cov)).max())
     lr, friction = 0.1 / lam_max, 0.3
     bias = 1.0 / (1.0 - lr * lam_max / (2.0 * (2.0 - friction))) - 1.0
-    method = SGHMC(prior=blr.prior, num_data=30, lr=lr, friction=friction, temperature=1.0, num_burnin=200,
-                   thin=1, max_samples=None)
+    method = SGHMC(
+        prior=blr.prior,
+        num_data=30,
+        lr=lr,
+        friction=friction,
+        temperature=1.0,
+        num_burnin=200,
+        thin=1,
+        max_samples=None,
+    )
     state, infos = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6200, seed=1)
     posterior = method.posterior(state)
     assert posterior.num_samples == 6000 and infos[-1]["num_samples"] == 6000
@@ -61,8 +70,16 @@ def test_tempered_posterior_is_recovered(temperature):
     lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(cov)).max())
     lr, friction = 0.1 / (temperature * lam_max), 0.3
     bias = 1.0 / (1.0 - 0.1 / (2.0 * (2.0 - friction))) - 1.0
-    method = SGHMC(prior=blr.prior, num_data=10, lr=lr, friction=friction, temperature=temperature,
-                   num_burnin=200, thin=1, max_samples=None)
+    method = SGHMC(
+        prior=blr.prior,
+        num_data=10,
+        lr=lr,
+        friction=friction,
+        temperature=temperature,
+        num_burnin=200,
+        thin=1,
+        max_samples=None,
+    )
     state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 6200, seed=4)
     theta = blr.flat(method.posterior(state).sample())
     assert_gaussian(theta, mean, cov, bias=bias)
@@ -108,8 +125,10 @@ def test_defaults_are_the_tempered_posterior_with_lr_relative_to_n(blr):
 @pytest.mark.parametrize("temperature", [1.0, 0.1])
 def test_constant_likelihood_samples_the_prior(temperature):
     model = nn.Linear(3, 1).double()
-    prior = GaussianPrior({n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
-                          {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()})
+    prior = GaussianPrior(
+        {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()},
+        {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()},
+    )
     x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
 
     def constant_nll(params, xb, yb):
@@ -120,12 +139,21 @@ def test_constant_likelihood_samples_the_prior(temperature):
     # likelihood only: the prior is sampled at its own width whatever T.
     lr, friction = 0.16 / temperature, 0.4
     bias = 1.0 / (1.0 - lr * temperature / 4.0 / (2.0 * (2.0 - friction))) - 1.0
-    method = SGHMC(prior=prior, num_data=10, lr=lr, friction=friction, temperature=temperature, num_burnin=100,
-                   thin=1, max_samples=None)
+    method = SGHMC(
+        prior=prior,
+        num_data=10,
+        lr=lr,
+        friction=friction,
+        temperature=temperature,
+        num_burnin=100,
+        thin=1,
+        max_samples=None,
+    )
     state, _ = run(method, detached_params(model), (x, y), constant_nll, 6100, seed=2)
     theta = torch.cat([s.flatten(1) for s in method.posterior(state).sample().values()], 1)
-    assert_gaussian(theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64),
-                    bias=bias)
+    assert_gaussian(
+        theta, torch.full((4,), 0.5, dtype=torch.float64), 4.0 * torch.eye(4, dtype=torch.float64), bias=bias
+    )
 
 
 def test_burnin_thin_and_max_samples_keep_the_newest_independent_copies(blr):
@@ -153,8 +181,16 @@ def test_checkpoint_round_trip_continues_identically(blr):
 def test_classification_mlp_minibatches_lower_the_loss():
     model, x, y, nll = tiny_classification()
     params = detached_params(model)
-    method = make_method("sghmc", prior=prior_from_model(model), num_data=64, lr=1e-3, friction=0.1,
-                         temperature=1.0, num_burnin=200, thin=10)
+    method = make_method(
+        "sghmc",
+        prior=prior_from_model(model),
+        num_data=64,
+        lr=1e-3,
+        friction=0.1,
+        temperature=1.0,
+        num_burnin=200,
+        thin=10,
+    )
     generator = torch.Generator().manual_seed(6)
     state = method.init(params, generator)
     for step in range(400):
@@ -166,9 +202,21 @@ def test_classification_mlp_minibatches_lower_the_loss():
     assert method.posterior(state).num_samples == 20 and final < 0.8 * start
 
 
-@pytest.mark.parametrize("options", [{"lr": 0.0}, {"friction": 0.0}, {"friction": 1.5}, {"temperature": -1.0},
-                                     {"num_burnin": -1}, {"thin": 0}, {"max_samples": 0}, {"num_data": 0},
-                                     {"prior": None}, {"step_size": 0.1}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lr": 0.0},
+        {"friction": 0.0},
+        {"friction": 1.5},
+        {"temperature": -1.0},
+        {"num_burnin": -1},
+        {"thin": 0},
+        {"max_samples": 0},
+        {"num_data": 0},
+        {"prior": None},
+        {"step_size": 0.1},
+    ],
+)
 def test_bad_options_are_config_errors(blr, options):
     with pytest.raises(ConfigError):
         make_method("sghmc", **{"prior": blr.prior, "num_data": 30, **options})
@@ -206,8 +254,11 @@ def test_stores_nothing_before_the_target_eps(blr):
             assert info["num_samples"] == 0
     assert len(state.samples) == 7 and state.sample_eps == [0.1] * 7  # steps 22, 25, ..., 40
     assert method.sampling_metadata(state) == {"sample_eps": [0.1] * 7}
-    with pytest.raises(ConfigError, match="sghmc: num_burnin=10, thin=3 would store samples from step 13 of 40, "
-                                          "before eps reaches its target at step 20"):
+    with pytest.raises(
+        ConfigError,
+        match="sghmc: num_burnin=10, thin=3 would store samples from step 13 of 40, "
+        "before eps reaches its target at step 20",
+    ):
         dataclasses.replace(method, num_burnin=10).for_schedule(19, 40)
     with pytest.raises(ConfigError, match="sghmc: num_burnin=None|stores no sample in 40 steps"):
         dataclasses.replace(method, num_burnin=None, thin=25).for_schedule(19, 40)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from blr import make_blr
 from torch import nn
 
-from blr import make_blr
 from certbnn.errors import ConfigError
 from certbnn.functional import detached_params
 from certbnn.inference.base import flatten_state, make_method, unflatten_state
@@ -33,7 +33,7 @@ def train(method, blr, epochs: int, state=None, seed: int = 0, on_step=None, on_
     for epoch in range(epochs):
         perm = torch.randperm(N, generator=g)
         for i in range(0, N, BATCH):
-            idx = perm[i:i + BATCH]
+            idx = perm[i : i + BATCH]
             state, _ = method.step(state, (blr.x[idx], blr.y[idx]), blr.nll, g)
             if on_step:
                 on_step(state)
@@ -66,12 +66,13 @@ def test_running_moments_equal_direct_moments_of_snapshots(every):
     for name in state.params:
         stack = torch.stack([s[name] for s in record.snapshots])
         torch.testing.assert_close(state.mean[name], stack.mean(0), atol=1e-13, rtol=1e-11)
-        torch.testing.assert_close(state.sq_mean[name] - state.mean[name] ** 2, stack.var(0, unbiased=False),
-                                   atol=1e-13, rtol=1e-9)
+        torch.testing.assert_close(
+            state.sq_mean[name] - state.mean[name] ** 2, stack.var(0, unbiased=False), atol=1e-13, rtol=1e-9
+        )
         # the ring buffer holds the last K = rank deviations w_i - mean(w_1..w_i), slot i mod K
         total, rank = len(stack), method.rank
         for i in range(total - rank, total):
-            expected = stack[i] - stack[:i + 1].mean(0)
+            expected = stack[i] - stack[: i + 1].mean(0)
             torch.testing.assert_close(state.deviations[name][i % rank], expected, atol=1e-13, rtol=1e-10)
 
 
@@ -79,8 +80,13 @@ def test_epoch_schedule_waits_for_burnin():
     blr = blr_problem()
     method = SWAG(blr.prior, N, burnin_epochs=2)
     counts = []
-    train(method, blr, 5, on_step=lambda s: counts.append(("step", s.num_snapshots)),
-          on_epoch=lambda s: counts.append(("epoch", s.num_snapshots)))
+    train(
+        method,
+        blr,
+        5,
+        on_step=lambda s: counts.append(("step", s.num_snapshots)),
+        on_epoch=lambda s: counts.append(("epoch", s.num_snapshots)),
+    )
     per_epoch = [c for kind, c in counts if kind == "epoch"]
     assert per_epoch == [0, 0, 1, 2, 3]
     steps_per_epoch = N // BATCH
@@ -141,7 +147,7 @@ def test_low_rank_sampler_has_the_swag_covariance():
     cov = torch.diag(variance) / 2 + deviations @ deviations.T / (2 * (method.rank - 1))
     mean = blr.flat(state.mean)
     assert ((samples.mean(0) - mean).abs() <= 5 * (cov.diagonal() / draws).sqrt()).all()
-    se = ((torch.outer(cov.diagonal(), cov.diagonal()) + cov ** 2) / draws).sqrt()
+    se = ((torch.outer(cov.diagonal(), cov.diagonal()) + cov**2) / draws).sqrt()
     assert ((torch.cov(samples.T) - cov).abs() <= 5 * se).all()
     # deterministic in posterior_seed
     again = blr.flat(method.posterior(state).sample())
@@ -171,8 +177,16 @@ def test_blr_posterior_approximation():
     """
     blr = blr_problem()
     lr = 2 * BATCH * SIGMA**2 / N
-    method = SWAG(blr.prior, N, lr=lr, momentum=0.0, burnin_steps=200, snapshot_every=1, prior_weight=1.0,
-                  num_posterior_samples=4000)
+    method = SWAG(
+        blr.prior,
+        N,
+        lr=lr,
+        momentum=0.0,
+        burnin_steps=200,
+        snapshot_every=1,
+        prior_weight=1.0,
+        num_posterior_samples=4000,
+    )
     state = method.init({n: torch.zeros_like(p) for n, p in detached_params(blr.model).items()}, None)
     g = torch.Generator().manual_seed(7)
     for _ in range(200 + 2400):
@@ -214,13 +228,21 @@ def test_classification_loss_decreases(optimizer, lr):
     def nll(params, xb, yb):
         return Categorical().nll(model, params, xb, yb)
 
-    method = make_method("swag", prior=prior_from_model(model), num_data=len(x), optimizer=optimizer, lr=lr,
-                         burnin_epochs=30, rank=5, num_posterior_samples=16)
+    method = make_method(
+        "swag",
+        prior=prior_from_model(model),
+        num_data=len(x),
+        optimizer=optimizer,
+        lr=lr,
+        burnin_epochs=30,
+        rank=5,
+        num_posterior_samples=16,
+    )
     state = method.init(detached_params(model), g)
     before = nll(state.params, x, y).mean().item()
     for epoch in range(40):
         for i in range(0, len(x), 16):
-            state, info = method.step(state, (x[i:i + 16], y[i:i + 16]), nll, g)
+            state, info = method.step(state, (x[i : i + 16], y[i : i + 16]), nll, g)
         state = method.end_epoch(state, epoch)
     posterior = method.posterior(state)
     assert isinstance(posterior, SamplePosterior) and posterior.num_samples == 16
@@ -229,11 +251,23 @@ def test_classification_loss_decreases(optimizer, lr):
     assert after < 0.6 * before, (before, after)
 
 
-@pytest.mark.parametrize("options", [
-    {"optimizer": "rmsprop"}, {"snapshot_every": 0}, {"snapshot_every": "step"}, {"snapshot_every": True},
-    {"rank": -1}, {"burnin_epochs": 1.5}, {"var_clamp": 0.0}, {"num_posterior_samples": 0},
-    {"lr": 0.0}, {"momentum": -0.1}, {"betas": (0.9,)}, {"max_models": 3},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"optimizer": "rmsprop"},
+        {"snapshot_every": 0},
+        {"snapshot_every": "step"},
+        {"snapshot_every": True},
+        {"rank": -1},
+        {"burnin_epochs": 1.5},
+        {"var_clamp": 0.0},
+        {"num_posterior_samples": 0},
+        {"lr": 0.0},
+        {"momentum": -0.1},
+        {"betas": (0.9,)},
+        {"max_models": 3},
+    ],
+)
 def test_bad_options_raise_config_error(options):
     blr = blr_problem()
     with pytest.raises(ConfigError):
@@ -266,8 +300,8 @@ def test_no_snapshot_before_the_target_eps(every):
     from certbnn.schedules import epoch_ramp
 
     blr = blr_problem()
-    steps_per_epoch, epochs = N // BATCH, 6                       # 8 steps per epoch, 48 in all
-    schedule = epoch_ramp(0.1, epochs, steps_per_epoch, ramp_fraction=0.5)   # target from step 24 (1-based)
+    steps_per_epoch, epochs = N // BATCH, 6  # 8 steps per epoch, 48 in all
+    schedule = epoch_ramp(0.1, epochs, steps_per_epoch, ramp_fraction=0.5)  # target from step 24 (1-based)
     method = SWAG(blr.prior, N, lr=0.05, snapshot_every=every, rank=2)
     method = method.for_schedule(schedule.first_target_step, epochs * steps_per_epoch, steps_per_epoch)
     assert method.burnin_steps == schedule.first_target_step + 1 == 24
@@ -276,8 +310,9 @@ def test_no_snapshot_before_the_target_eps(every):
     g = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         for i in range(0, N, BATCH):
-            state, _ = method.step(state, (blr.x[i:i + BATCH], blr.y[i:i + BATCH]),
-                                   EpsNLL(blr.nll, schedule.value(step)), g)
+            state, _ = method.step(
+                state, (blr.x[i : i + BATCH], blr.y[i : i + BATCH]), EpsNLL(blr.nll, schedule.value(step)), g
+            )
             step += 1
             if schedule.value(step - 1) < 0.1:
                 assert state.num_snapshots == 0
@@ -285,8 +320,11 @@ def test_no_snapshot_before_the_target_eps(every):
     expected = 4 if every == "epoch" else (48 - 24) // 3  # ends of epochs 3-6; after steps 27, 30, ..., 48
     assert state.num_snapshots == expected and state.snapshot_eps == [0.1] * expected
     assert method.sampling_metadata(state) == {"snapshot_eps": [0.1] * expected}
-    with pytest.raises(ConfigError, match=r"swag: burnin_epochs=2, burnin_steps=0, snapshot_every='epoch' would "
-                                          r"store samples from step 24 of 48, before eps reaches its target at step 25"):
+    with pytest.raises(
+        ConfigError,
+        match=r"swag: burnin_epochs=2, burnin_steps=0, snapshot_every='epoch' would "
+        r"store samples from step 24 of 48, before eps reaches its target at step 25",
+    ):
         SWAG(blr.prior, N, burnin_epochs=2, burnin_steps=0).for_schedule(24, 48, steps_per_epoch)
     with pytest.raises(ConfigError, match="stores no sample in 48 steps"):
         SWAG(blr.prior, N, burnin_epochs=6).for_schedule(0, 48, steps_per_epoch)

@@ -30,9 +30,9 @@ import dataclasses
 
 import pytest
 import torch
+from blr import make_blr
 from torch import nn
 
-from blr import make_blr
 from certbnn.errors import ConfigError
 from certbnn.inference.base import flatten_state, make_method, unflatten_state
 from certbnn.inference.bbb import BayesByBackprop
@@ -107,8 +107,7 @@ def assert_close(avg, se, bias, target_mean, target_std):
 @pytest.mark.parametrize("kl_weight", [1.0, 0.25])
 def test_bbb_recovers_tempered_mean_field_optimum(kl_weight):
     b, phi, lam = blr_problem()
-    method = BayesByBackprop(prior=b.prior, num_data=len(b.y), num_samples=32, init_std=0.1,
-                             kl_weight=kl_weight)
+    method = BayesByBackprop(prior=b.prior, num_data=len(b.y), num_samples=32, init_std=0.1, kl_weight=kl_weight)
     avg, se = run_and_average(method, [(0.03, 600), (0.005, 400), (0.002, 1000)], b)
     mean, std = mean_field_optimum(b, phi, lam, len(b.y), kl_weight)
     if kl_weight == 1.0:
@@ -118,8 +117,9 @@ def test_bbb_recovers_tempered_mean_field_optimum(kl_weight):
 
 def test_noisy_adam_recovers_mean_and_its_fixed_point_std():
     b, phi, lam = blr_problem()
-    method = NoisyAdam(prior=b.prior, num_data=len(b.y), num_samples=16, betas=(0.9, 0.99), kl_weight=1.0,
-                       init_precision=0.0)
+    method = NoisyAdam(
+        prior=b.prior, num_data=len(b.y), num_samples=16, betas=(0.9, 0.99), kl_weight=1.0, init_precision=0.0
+    )
     avg, se = run_and_average(method, [(0.03, 800), (0.003, 1500)], b, skip=500)
     mean, std = noisy_adam_fixed_point(b, phi, lam, len(b.y))
     assert torch.allclose(mean, b.mean)
@@ -132,8 +132,15 @@ def test_noisy_adam_recovers_mean_and_its_fixed_point_std():
 @pytest.mark.parametrize("num_data", [20, 60])
 def test_vogn_precision_learns_the_curvature(num_data):
     b, phi, lam = blr_problem()
-    method = VOGN(prior=b.prior, num_data=num_data, num_samples=16, betas=(0.9, 0.99), kl_weight=1.0,
-                  init_precision=0.0, damping=0.0)
+    method = VOGN(
+        prior=b.prior,
+        num_data=num_data,
+        num_samples=16,
+        betas=(0.9, 0.99),
+        kl_weight=1.0,
+        init_precision=0.0,
+        damping=0.0,
+    )
     avg, se = run_and_average(method, [(0.3, 200), (0.05, 700)], b, skip=200)
     mf_mean, mf_std = mean_field_optimum(b, phi, lam, num_data)
     _, std = vogn_fixed_point(b, phi, lam, num_data)
@@ -145,6 +152,7 @@ def test_vogn_precision_learns_the_curvature(num_data):
 
 # --- contracts shared by the three methods ----------------------------------------------------
 
+
 def tiny_classification(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -155,8 +163,11 @@ def tiny_classification(seed: int = 0):
     return model, x, y, (lambda params, xb, yb: likelihood.nll(model, params, xb, yb))
 
 
-FAST = {"bbb": dict(lr=0.03, num_samples=2), "noisy-adam": dict(lr=0.03, num_samples=2, init_precision=100.0),
-        "vogn": dict(lr=0.05, num_samples=2, betas=(0.9, 0.99))}
+FAST = {
+    "bbb": dict(lr=0.03, num_samples=2),
+    "noisy-adam": dict(lr=0.03, num_samples=2, init_precision=100.0),
+    "vogn": dict(lr=0.05, num_samples=2, betas=(0.9, 0.99)),
+}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -168,7 +179,7 @@ def test_classification_mlp_loss_decreases(name):
     before = nll(method.posterior(state).mean(), x, y).mean().item()
     for epoch in range(15):
         for start in range(0, len(y), 32):
-            state, info = method.step(state, (x[start:start + 32], y[start:start + 32]), nll, g)
+            state, info = method.step(state, (x[start : start + 32], y[start : start + 32]), nll, g)
         state = method.end_epoch(state, epoch)
     after = nll(method.posterior(state).mean(), x, y).mean().item()
     assert after < 0.8 * before, (before, after)
@@ -204,8 +215,18 @@ def test_checkpoint_round_trip_continues_bit_identically(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("option", [dict(bogus=1), dict(lr=-1.0), dict(lr=float("nan")), dict(num_samples=0),
-                                    dict(num_data=0), dict(betas=(1.0, 0.9)), dict(betas=0.9)])
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(bogus=1),
+        dict(lr=-1.0),
+        dict(lr=float("nan")),
+        dict(num_samples=0),
+        dict(num_data=0),
+        dict(betas=(1.0, 0.9)),
+        dict(betas=0.9),
+    ],
+)
 def test_bad_options_are_config_errors(name, option):
     model, _, _, _ = tiny_classification()
     kwargs = dict(prior=prior_from_model(model, 1.0), num_data=10) | option
@@ -213,9 +234,16 @@ def test_bad_options_are_config_errors(name, option):
         make_method(name, **kwargs)
 
 
-@pytest.mark.parametrize("name,option", [("bbb", dict(kl_weight=-0.1)), ("bbb", dict(init_std=0.0)),
-                                         ("noisy-adam", dict(init_precision=-1.0)),
-                                         ("vogn", dict(per_example="loop")), ("vogn", dict(prior=None))])
+@pytest.mark.parametrize(
+    "name,option",
+    [
+        ("bbb", dict(kl_weight=-0.1)),
+        ("bbb", dict(init_std=0.0)),
+        ("noisy-adam", dict(init_precision=-1.0)),
+        ("vogn", dict(per_example="loop")),
+        ("vogn", dict(prior=None)),
+    ],
+)
 def test_method_specific_bad_options(name, option):
     model, _, _, _ = tiny_classification()
     with pytest.raises(ConfigError):

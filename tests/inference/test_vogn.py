@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from blr import make_blr
 from torch import nn
 
-from blr import make_blr
 from certbnn.inference.vogn import VOGN, PerExampleFallbackWarning, per_example_grads
 from certbnn.likelihoods import Categorical, IntervalRobust
 from certbnn.priors import prior_from_model
@@ -37,7 +37,7 @@ def loop_reference(weights, x, y, nll):
         row = []
         for i in range(len(y)):
             w = {n: t[k].clone().requires_grad_(True) for n, t in weights.items()}
-            grads = torch.autograd.grad(nll(w, x[i:i + 1], y[i:i + 1]).sum(), list(w.values()))
+            grads = torch.autograd.grad(nll(w, x[i : i + 1], y[i : i + 1]).sum(), list(w.values()))
             row.append(dict(zip(w, grads)))
         rows.append(row)
     return {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in weights}
@@ -81,8 +81,14 @@ def test_likelihood_that_vmap_cannot_run_falls_back_to_exact_copies():
 
 def test_vogn_trains_with_the_robust_likelihood():
     model, x, y, _, nll = mlp_problem(IntervalRobust(bound="ibp", lam=0.25), eps=0.05)
-    method = VOGN(prior=prior_from_model(model, 1.0), num_data=6, lr=0.05, per_example="copies",
-                  betas=(0.9, 0.9), init_precision=100.0)
+    method = VOGN(
+        prior=prior_from_model(model, 1.0),
+        num_data=6,
+        lr=0.05,
+        per_example="copies",
+        betas=(0.9, 0.9),
+        init_precision=100.0,
+    )
     g = torch.Generator().manual_seed(0)
     state = method.init({n: p.detach() for n, p in model.named_parameters()}, g)
     first = None
@@ -99,8 +105,16 @@ def test_two_steps_follow_the_vogn_equations():
     b = make_blr(n=25, d=3, sigma=0.5, prior_std=0.7, seed=4)
     phi = torch.cat([b.x, torch.ones(25, 1, dtype=torch.float64)], dim=1)
     num_data, lr, (b1, b2), samples, lam = 300, 0.2, (0.8, 0.9), 3, 1 / 0.49
-    method = VOGN(prior=b.prior, num_data=num_data, lr=lr, betas=(b1, b2), num_samples=samples,
-                  init_precision=40.0, kl_weight=1.0, damping=0.0)
+    method = VOGN(
+        prior=b.prior,
+        num_data=num_data,
+        lr=lr,
+        betas=(b1, b2),
+        num_samples=samples,
+        init_precision=40.0,
+        kl_weight=1.0,
+        damping=0.0,
+    )
     g = torch.Generator().manual_seed(5)
     state = method.init({n: p.detach().clone() for n, p in b.model.named_parameters()}, g)
     g_ref = clone(g)
@@ -109,10 +123,15 @@ def test_two_steps_follow_the_vogn_equations():
     for t in (1, 2):
         state, _ = method.step(state, (b.x, b.y), b.nll, g)
         std = (num_data * s + lam).rsqrt()
-        eps = torch.cat([torch.randn((samples, 1, 3), generator=g_ref, dtype=torch.float64).flatten(1),
-                         torch.randn((samples, 1), generator=g_ref, dtype=torch.float64)], dim=1)
-        w = mean + std * eps                                              # (S, 4)
-        per_example = phi[None] * ((w @ phi.T - b.y) / 0.25)[..., None]   # (S, n, 4): phi_i r_i / sigma^2
+        eps = torch.cat(
+            [
+                torch.randn((samples, 1, 3), generator=g_ref, dtype=torch.float64).flatten(1),
+                torch.randn((samples, 1), generator=g_ref, dtype=torch.float64),
+            ],
+            dim=1,
+        )
+        w = mean + std * eps  # (S, 4)
+        per_example = phi[None] * ((w @ phi.T - b.y) / 0.25)[..., None]  # (S, n, 4): phi_i r_i / sigma^2
         s = b2 * s + (1 - b2) * (per_example**2).mean((0, 1))
         m = b1 * m + (1 - b1) * (per_example.mean((0, 1)) + lam * mean / num_data)
         mean = mean - lr * (m / (1 - b1**t)) / (s + lam / num_data)

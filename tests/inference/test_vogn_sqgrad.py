@@ -22,15 +22,28 @@ def mlp() -> nn.Module:
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(3, 4, 2, stride=2), nn.Sigmoid(), nn.AvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 2, stride=2),
+        nn.Sigmoid(),
+        nn.AvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
 
 
 def cnn_variants() -> nn.Module:  # groups, dilation, 'same' padding, a non-zero padding mode
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding="same", dilation=2), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"), nn.ReLU(),
-                         nn.Conv2d(4, 2, 2, stride=2), nn.Flatten(), nn.Linear(32, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding="same", dilation=2),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
 
 
 def shared() -> nn.Module:  # one Linear used twice: its weight on two paths per pass
@@ -47,8 +60,10 @@ def problem(make, samples: int, dtype=torch.float64, batch: int = 5):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(batch, *INPUTS[make], generator=g, dtype=dtype)
     y = torch.randint(0, 3, (batch,), generator=g)
-    weights = {n: p.detach() + 0.2 * torch.randn((samples, *p.shape), generator=g, dtype=dtype)
-               for n, p in model.named_parameters()}
+    weights = {
+        n: p.detach() + 0.2 * torch.randn((samples, *p.shape), generator=g, dtype=dtype)
+        for n, p in model.named_parameters()
+    }
     return model, x, y, weights
 
 
@@ -76,12 +91,15 @@ LIKELIHOODS = [
 ]
 
 
-CASES = ([(mlp, lik, s) for lik in LIKELIHOODS for s in (1, 3)] + [(cnn, lik, 2) for lik in LIKELIHOODS]
-         + [(cnn_variants, lik, 1) for lik in LIKELIHOODS[1:4:2]] + [(shared, lik, 2) for lik in LIKELIHOODS[:4:3]])
+CASES = (
+    [(mlp, lik, s) for lik in LIKELIHOODS for s in (1, 3)]
+    + [(cnn, lik, 2) for lik in LIKELIHOODS]
+    + [(cnn_variants, lik, 1) for lik in LIKELIHOODS[1:4:2]]
+    + [(shared, lik, 2) for lik in LIKELIHOODS[:4:3]]
+)
 
 
-@pytest.mark.parametrize("make,likelihood,samples", CASES,
-                         ids=[f"{m.__name__}-{lik!r}-S{s}" for m, lik, s in CASES])
+@pytest.mark.parametrize("make,likelihood,samples", CASES, ids=[f"{m.__name__}-{lik!r}-S{s}" for m, lik, s in CASES])
 def test_analytic_sums_equal_per_example_gradients(make, likelihood, samples):
     model, x, y, weights = problem(make, samples)
     assert_matches_per_example(weights, (x, y), BatchNLL(likelihood, model, 0.05), mode="copies")
@@ -91,8 +109,10 @@ def test_gaussian_regression_and_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
     x, y = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
-    weights = {n: p.detach().double() + 0.1 * torch.randn(2, *p.shape, dtype=torch.float64)
-               for n, p in model.named_parameters()}
+    weights = {
+        n: p.detach().double() + 0.1 * torch.randn(2, *p.shape, dtype=torch.float64)
+        for n, p in model.named_parameters()
+    }
     assert_matches_per_example(weights, (x, y), BatchNLL(GaussianRegression(sigma=0.7), model.double(), 0.0))
     model32, x32, y32, w32 = problem(mlp, 2, torch.float32, batch=16)
     assert_matches_per_example(w32, (x32, y32), BatchNLL(IntervalRobust(lam=0.25), model32, 0.05), rtol=1e-4)
@@ -108,8 +128,10 @@ def test_adversarial_likelihoods_attack_once_outside(attack):
 
 def test_pgd_random_start_uses_the_generator_like_the_vmap_path():
     model, x, y, weights = problem(mlp, 2)
-    nlls = [BatchNLL(Adversarial(attack="pgd", lam=0.25, steps=2), model, 0.1, torch.Generator().manual_seed(3))
-            for _ in range(2)]
+    nlls = [
+        BatchNLL(Adversarial(attack="pgd", lam=0.25, steps=2), model, 0.1, torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     (_, square, _), _ = analytic_moments(weights, (x, y), nlls[0])
     grads, _ = per_example_grads(weights, (x, y), nlls[1], "vmap")
     for name, g in grads.items():
@@ -175,8 +197,9 @@ def test_unknown_use_of_a_weight_falls_back():
     assert torch.allclose(square["1.weight"], (grads["1.weight"] ** 2).mean((0, 1)))
 
 
-@pytest.mark.parametrize("likelihood", [Categorical(), IntervalRobust(lam=0.25), IntervalRobust(lam=0.25, margins=True)],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "likelihood", [Categorical(), IntervalRobust(lam=0.25), IntervalRobust(lam=0.25, margins=True)], ids=repr
+)
 def test_vogn_steps_give_the_same_state_as_per_example_gradients(likelihood):
     model, x, y, _ = problem(mlp, 1)
     nll = BatchNLL(likelihood, model, 0.05)

@@ -25,8 +25,9 @@ def reference_outputs(model, params, x):
     return torch.stack(outputs)
 
 
-@pytest.mark.parametrize("spec, shape", [("mlp:16,8", (1, 6, 6)), ("cifar-small", (3, 32, 32)),
-                                         ("cnn:4c3s2p1,p2,8@tanh", (2, 10, 10))])
+@pytest.mark.parametrize(
+    "spec, shape", [("mlp:16,8", (1, 6, 6)), ("cifar-small", (3, 32, 32)), ("cnn:4c3s2p1,p2,8@tanh", (2, 10, 10))]
+)
 def test_vmap_over_gaussian_samples_matches_loading_each_sample(spec, shape):
     torch.manual_seed(0)
     model = build_model(spec, shape, 5)

@@ -12,20 +12,26 @@ from certbnn.posterior import GaussianPosterior, box_log_mass
 def make_posterior(dtype=torch.float64):
     gen = torch.Generator().manual_seed(0)
     mean = {"w": torch.randn(3, 2, generator=gen, dtype=dtype), "b": torch.randn(2, generator=gen, dtype=dtype)}
-    std = {"w": torch.rand(3, 2, generator=gen, dtype=dtype) + 0.1, "b": torch.rand(2, generator=gen, dtype=dtype) + 0.1}
+    std = {
+        "w": torch.rand(3, 2, generator=gen, dtype=dtype) + 0.1,
+        "b": torch.rand(2, generator=gen, dtype=dtype) + 0.1,
+    }
     return GaussianPosterior(mean, std)
 
 
-@pytest.mark.parametrize("mean, std, fragment", [
-    ({"w": torch.zeros(2)}, {"w": torch.zeros(2)}, "strictly positive"),
-    ({"w": torch.zeros(2)}, {"w": torch.tensor([1.0, float("inf")])}, "NaN or infinite"),
-    ({"w": torch.tensor([float("nan"), 0.0])}, {"w": torch.ones(2)}, "NaN or infinite"),
-    ({"w": torch.zeros(2)}, {"w": torch.ones(2, 1)}, "shape"),
-    ({"w": torch.zeros(2)}, {"v": torch.ones(2)}, "lacks parameter 'w'"),
-    ({"w": torch.zeros(2)}, {"w": torch.ones(2, dtype=torch.float64)}, "dtype"),
-    ({}, {}, "non-empty"),
-    ({"w": torch.zeros(2, dtype=torch.int64)}, {"w": torch.ones(2)}, "non-floating"),
-])
+@pytest.mark.parametrize(
+    "mean, std, fragment",
+    [
+        ({"w": torch.zeros(2)}, {"w": torch.zeros(2)}, "strictly positive"),
+        ({"w": torch.zeros(2)}, {"w": torch.tensor([1.0, float("inf")])}, "NaN or infinite"),
+        ({"w": torch.tensor([float("nan"), 0.0])}, {"w": torch.ones(2)}, "NaN or infinite"),
+        ({"w": torch.zeros(2)}, {"w": torch.ones(2, 1)}, "shape"),
+        ({"w": torch.zeros(2)}, {"v": torch.ones(2)}, "lacks parameter 'w'"),
+        ({"w": torch.zeros(2)}, {"w": torch.ones(2, dtype=torch.float64)}, "dtype"),
+        ({}, {}, "non-empty"),
+        ({"w": torch.zeros(2, dtype=torch.int64)}, {"w": torch.ones(2)}, "non-floating"),
+    ],
+)
 def test_validation(mean, std, fragment):
     with pytest.raises(ConfigError, match=fragment):
         GaussianPosterior(mean, std)
@@ -76,7 +82,7 @@ def test_box_mass_closed_form_and_log_stability():
     assert posterior.box_mass(2.0) == pytest.approx(math.erf(2.0 / math.sqrt(2)) ** 8, rel=1e-12)
     assert posterior.box_log_mass(2.0) == pytest.approx(8 * math.log(math.erf(math.sqrt(2))), rel=1e-12)
     # A million coordinates at k = 3: mass underflows nowhere in log space.
-    assert box_log_mass(3.0, 10 ** 6) == pytest.approx(10 ** 6 * math.log1p(-math.erfc(3 / math.sqrt(2))), rel=1e-12)
+    assert box_log_mass(3.0, 10**6) == pytest.approx(10**6 * math.log1p(-math.erfc(3 / math.sqrt(2))), rel=1e-12)
     # Very wide boxes: log erf ~ -erfc, which naive log(erf) would round to 0.
     assert box_log_mass(12.0, 1) == pytest.approx(-math.erfc(12 / math.sqrt(2)), rel=1e-6)
     assert box_log_mass(1e-3, 1) == pytest.approx(math.log(math.erf(1e-3 / math.sqrt(2))), rel=1e-12)

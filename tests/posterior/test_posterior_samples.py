@@ -11,7 +11,10 @@ from certbnn.posterior import SamplePosterior
 
 def stored(m=4, dtype=torch.float64):
     values = torch.arange(m, dtype=dtype)
-    return {"w": values[:, None, None] * torch.ones(m, 2, 3, dtype=dtype), "b": values[:, None] + torch.zeros(m, 2, dtype=dtype)}
+    return {
+        "w": values[:, None, None] * torch.ones(m, 2, 3, dtype=dtype),
+        "b": values[:, None] + torch.zeros(m, 2, dtype=dtype),
+    }
 
 
 def test_validation():

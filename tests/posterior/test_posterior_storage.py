@@ -12,9 +12,15 @@ from safetensors.torch import save_file
 from certbnn import __version__
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.models import build_model, model_fingerprint
-from certbnn.posterior import (FORMAT_VERSION, GaussianPosterior, PosteriorFileError, SamplePosterior,
-                               load_posterior, save_posterior)
-from certbnn.posterior import storage
+from certbnn.posterior import (
+    FORMAT_VERSION,
+    GaussianPosterior,
+    PosteriorFileError,
+    SamplePosterior,
+    load_posterior,
+    save_posterior,
+    storage,
+)
 
 SPEC, SHAPE = "mlp:6", (1, 3, 3)
 
@@ -31,8 +37,15 @@ def model_and_gaussian(dtype):
 def test_gaussian_round_trip_is_exact(tmp_path, dtype):
     model, posterior = model_and_gaussian(dtype)
     path = tmp_path / "post.safetensors"
-    extra = {"dataset": "mnist", "method": "bbb", "eps": 0.1, "seed": 3, "metrics": {"acc": 0.97, "ece": None},
-             "preprocessing": ["to_unit_interval"], "likelihood": {"mix": "prob", "lambda": 0.25}}
+    extra = {
+        "dataset": "mnist",
+        "method": "bbb",
+        "eps": 0.1,
+        "seed": 3,
+        "metrics": {"acc": 0.97, "ece": None},
+        "preprocessing": ["to_unit_interval"],
+        "likelihood": {"mix": "prob", "lambda": 0.25},
+    }
     save_posterior(path, posterior, extra, model=model, model_spec=SPEC)
     loaded, meta = load_posterior(path, expected_fingerprint=model)
     assert isinstance(loaded, GaussianPosterior) and loaded.names == posterior.names
@@ -82,7 +95,7 @@ def rewrite_metadata(path, change):
     """Re-save ``path`` with its certbnn metadata JSON passed through ``change``."""
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(json.loads(data[8:8 + size])["__metadata__"]["certbnn"])
+    meta = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["certbnn"])
     tensors = load_safetensors_bytes(data)
     save_file(tensors, str(path), metadata={"certbnn": json.dumps(change(meta))})
 
@@ -104,8 +117,13 @@ def test_corrupt_files_give_one_line_errors_naming_the_file(tmp_path, damage):
     path = tmp_path / "bad.safetensors"
     save_posterior(path, posterior)
     data = path.read_bytes()
-    damaged = {"empty": b"", "truncated": data[: len(data) - 10], "garbage": os.urandom(200),
-               "header": data[:40], "flipped_header": data[:8] + b"}" + data[9:]}[damage]
+    damaged = {
+        "empty": b"",
+        "truncated": data[: len(data) - 10],
+        "garbage": os.urandom(200),
+        "header": data[:40],
+        "flipped_header": data[:8] + b"}" + data[9:],
+    }[damage]
     path.write_bytes(damaged)
     with pytest.raises(CertbnnError) as info:
         load_posterior(path)
@@ -176,8 +194,11 @@ def test_failed_save_never_clobbers_an_existing_file(tmp_path, monkeypatch):
 def test_metadata_accepts_numpy_and_tensor_scalars(tmp_path):
     numpy = pytest.importorskip("numpy")
     _, posterior = model_and_gaussian(torch.float32)
-    save_posterior(tmp_path / "p.safetensors", posterior,
-                   {"acc": numpy.float32(0.5), "eps": torch.tensor(0.25), "path": tmp_path / "data"})
+    save_posterior(
+        tmp_path / "p.safetensors",
+        posterior,
+        {"acc": numpy.float32(0.5), "eps": torch.tensor(0.25), "path": tmp_path / "data"},
+    )
     meta = load_posterior(tmp_path / "p.safetensors")[1]
     assert meta["acc"] == 0.5 and meta["eps"] == 0.25 and meta["path"] == str(tmp_path / "data")
 
@@ -190,8 +211,11 @@ def test_sample_eps_round_trips_and_must_match_the_samples(tmp_path):
     _, meta = load_posterior(path)
     assert meta["sample_eps"] == [0.11] * 3 and meta["snapshot_eps"] == [0.1, 0.11]
     assert meta["format_version"] == FORMAT_VERSION == 1  # an optional field: older readers ignore it
-    for bad, match in (([0.11, 0.11], "2 entries for 3 stored samples"), ([0.1, -1.0, 0.1], "non-negative finite"),
-                       ("0.11", "non-negative finite")):
+    for bad, match in (
+        ([0.11, 0.11], "2 entries for 3 stored samples"),
+        ([0.1, -1.0, 0.1], "non-negative finite"),
+        ("0.11", "non-negative finite"),
+    ):
         with pytest.raises(ConfigError, match=match):
             save_posterior(tmp_path / "bad.safetensors", samples, {"sample_eps": bad})
         rewrite_metadata(path, lambda meta: {**meta, "sample_eps": bad})

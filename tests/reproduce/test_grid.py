@@ -11,13 +11,21 @@ from certbnn.reproduce.grid import expand
 BASE = {
     "train": {"epochs": 2, "lr": 0.1, "method_options": {}},
     "evaluate": {"limit": 50},
-    "methods": {"sgd": {"lr": 0.2, "method_options": {"momentum": 0.5, "weight_decay": 0.1}},
-                "hmc": {"init_from": "cell:sgd", "epochs": 7}},
+    "methods": {
+        "sgd": {"lr": 0.2, "method_options": {"momentum": 0.5, "weight_decay": 0.1}},
+        "hmc": {"init_from": "cell:sgd", "epochs": 7},
+    },
     "modes": {"standard": {"likelihood": "standard"}, "ibp": {"likelihood": "ibp", "lam": 0.5}},
-    "experiment": [{"dataset": "mnist", "methods": ["sgd", "hmc"], "modes": ["standard", "ibp"],
-                    "train": {"eps": 0.2, "lr": 0.3},
-                    "method_settings": {"sgd": {"method_options": {"weight_decay": 0.2, "prior_weight": 0.3}}},
-                    "evaluate": {"eps": [0.1, 0.2]}}],
+    "experiment": [
+        {
+            "dataset": "mnist",
+            "methods": ["sgd", "hmc"],
+            "modes": ["standard", "ibp"],
+            "train": {"eps": 0.2, "lr": 0.3},
+            "method_settings": {"sgd": {"method_options": {"weight_decay": 0.2, "prior_weight": 0.3}}},
+            "evaluate": {"eps": [0.1, 0.2]},
+        }
+    ],
 }
 
 
@@ -70,21 +78,27 @@ def test_select_adds_the_cells_a_selection_starts_from():
         select(cells, ["cifar"])
 
 
-@pytest.mark.parametrize("raw, message", [
-    (_with(bogus=1), "unknown key\\(s\\) bogus"),
-    (_with(train={"epoch": 3}), "\\[train\\]: unknown key\\(s\\) epoch"),
-    (_with(evaluate={"limt": 3}), "\\[evaluate\\]: unknown key\\(s\\) limt"),
-    (_with(exp_modes=["standard", "pgd"]), "mode\\(s\\) pgd have no \\[modes.NAME\\] table"),
-    (_with(exp_methods=["hmc", "sgd"]), "must be a method listed before it"),
-    (_with(exp_sweep={"method": ["sgd"]}), "cannot sweep 'method'"),
-    (_with(exp_sweep={"lam": []}), "non-empty list"),
-    (_with(exp_methods=[]), "non-empty methods"),
-    (_with(exp_methods={"sgd": {}}), "lists of names"),
-    (_with(experiment=[]), "at least one \\[\\[experiment\\]\\]"),
-    (_with(train={"epochs": 0}), "\\[train\\]: epochs must be >= 1 \\(an integer\\), got 0"),
-    (_with(exp_evaluate={"eps": [-1.0]}), "eps must be a list of finite numbers \\(each in \\[0, 1\\]\\), got \\[-1.0\\]"),
-    (_with(exp_evaluate={"eps": "abc"}), "eps must be a list of finite numbers .*, got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (_with(bogus=1), "unknown key\\(s\\) bogus"),
+        (_with(train={"epoch": 3}), "\\[train\\]: unknown key\\(s\\) epoch"),
+        (_with(evaluate={"limt": 3}), "\\[evaluate\\]: unknown key\\(s\\) limt"),
+        (_with(exp_modes=["standard", "pgd"]), "mode\\(s\\) pgd have no \\[modes.NAME\\] table"),
+        (_with(exp_methods=["hmc", "sgd"]), "must be a method listed before it"),
+        (_with(exp_sweep={"method": ["sgd"]}), "cannot sweep 'method'"),
+        (_with(exp_sweep={"lam": []}), "non-empty list"),
+        (_with(exp_methods=[]), "non-empty methods"),
+        (_with(exp_methods={"sgd": {}}), "lists of names"),
+        (_with(experiment=[]), "at least one \\[\\[experiment\\]\\]"),
+        (_with(train={"epochs": 0}), "\\[train\\]: epochs must be >= 1 \\(an integer\\), got 0"),
+        (
+            _with(exp_evaluate={"eps": [-1.0]}),
+            "eps must be a list of finite numbers \\(each in \\[0, 1\\]\\), got \\[-1.0\\]",
+        ),
+        (_with(exp_evaluate={"eps": "abc"}), "eps must be a list of finite numbers .*, got 'abc'"),
+    ],
+)
 def test_bad_presets_fail_with_a_message_naming_the_problem(raw, message):
     with pytest.raises(ConfigError, match=message):
         _expand(raw)
@@ -119,7 +133,11 @@ def test_shipped_presets_load_and_paper_matches_the_papers_settings():
     six = ["sgd", "bbb", "noisy-adam", "vogn", "swag", "hmc"]
     for dataset in ("mnist", "fashion-mnist"):
         cells = [c for c in paper.cells if c.experiment == dataset]
-        assert sorted({c.method for c in cells}) == sorted(six) and {c.mode for c in cells} == {"standard", "pgd", "ibp"}
+        assert sorted({c.method for c in cells}) == sorted(six) and {c.mode for c in cells} == {
+            "standard",
+            "pgd",
+            "ibp",
+        }
         assert all(c.config.model == "mlp:512" and c.config.eps == 0.11 and c.config.lam == 0.25 for c in cells)
         assert all(c.config.epochs == 20 for c in cells if c.method != "hmc")
         assert all(c.evaluate.eps[-1] == 0.1 for c in cells)
@@ -130,4 +148,6 @@ def test_shipped_presets_load_and_paper_matches_the_papers_settings():
     assert all(c.config.eps == 0.004 and c.config.epochs == 25 and c.config.augment == 40000 for c in cifar)
     assert all(c.evaluate.eps[-1] == 0.0035 for c in cifar)
     quick = load_preset("quick")
-    assert {(c.experiment, c.method, c.mode) for c in quick.cells} == {(c.experiment, c.method, c.mode) for c in paper.cells}
+    assert {(c.experiment, c.method, c.mode) for c in quick.cells} == {
+        (c.experiment, c.method, c.mode) for c in paper.cells
+    }

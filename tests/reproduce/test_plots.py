@@ -27,9 +27,16 @@ def test_certified_curve_is_the_survival_function_of_the_radii():
 
 def _curves(n: int) -> list[plots.Curve]:
     rng = np.random.default_rng(1)
-    return [plots.Curve(f"run {i}", radii=rng.random(50) * 0.2, eps_max=0.2,
-                        points=[(0.05, 0.6 - 0.1 * i), (0.1, 0.4 - 0.1 * i)], points_label="paper certificate")
-            for i in range(n)]
+    return [
+        plots.Curve(
+            f"run {i}",
+            radii=rng.random(50) * 0.2,
+            eps_max=0.2,
+            points=[(0.05, 0.6 - 0.1 * i), (0.1, 0.4 - 0.1 * i)],
+            points_label="paper certificate",
+        )
+        for i in range(n)
+    ]
 
 
 def test_every_curve_has_its_own_colour_and_marker(tmp_path):
@@ -59,8 +66,10 @@ def _bins(n: int, seed: int):
 
 
 def test_reliability_bin_counts_sum_to_the_number_of_points(tmp_path):
-    series = [("a", {k: v.numpy() for k, v in _bins(300, 0).items()}),
-              ("b", {k: v.numpy() for k, v in _bins(120, 1).items()})]
+    series = [
+        ("a", {k: v.numpy() for k, v in _bins(300, 0).items()}),
+        ("b", {k: v.numpy() for k, v in _bins(120, 1).items()}),
+    ]
     _, axes = plots.figure((4, 5), 2, 1)
     plots.draw_reliability(axes[0][0], axes[1][0], series)
     bars = axes[1][0].patches
@@ -74,23 +83,49 @@ def test_reliability_bin_counts_sum_to_the_number_of_points(tmp_path):
 
 def _cell(method: str, mode: str, radii: list[float] | None, paper: float) -> dict:
     bins = _bins(40, 3)
-    evaluation = {"per_eps": [{"eps": e, "clean_accuracy": 0.9, "pgd_accuracy": 0.5,
-                               "certified_accuracy": {"paper": paper - e}} for e in (0.05, 0.1)],
-                  "clean": {"ece": 0.05, "nll": 0.3, "entropy": 0.4,
-                            "reliability": {k: bins[k].tolist() for k in ("confidence", "accuracy", "count")}},
-                  "num_points": 40, "num_samples": 4}
+    evaluation = {
+        "per_eps": [
+            {"eps": e, "clean_accuracy": 0.9, "pgd_accuracy": 0.5, "certified_accuracy": {"paper": paper - e}}
+            for e in (0.05, 0.1)
+        ],
+        "clean": {
+            "ece": 0.05,
+            "nll": 0.3,
+            "entropy": 0.4,
+            "reliability": {k: bins[k].tolist() for k in ("confidence", "accuracy", "count")},
+        },
+        "num_points": 40,
+        "num_samples": 4,
+    }
     if radii is not None:
         evaluation["radius"] = {"certificate": "decision", "per_point": radii, "eps_max": 0.2}
-    return {"id": f"e/{method}/{mode}", "experiment": "e", "dataset": "toy", "model": "mlp:8", "method": method,
-            "mode": mode, "sweep": {}, "status": "done", "evaluation": evaluation,
-            "config": {"eps": 0.1, "epochs": 1, "likelihood": "standard" if mode == "standard" else "ibp"},
-            "evaluate_options": {"pgd_steps": 5, "bound": "ibp", "points": "first", "eps": [0.05, 0.1]},
-            "train_seconds": 1.0, "eval_seconds": 1.0, "seconds_per_epoch": 1.0, "num_train": 10}
+    return {
+        "id": f"e/{method}/{mode}",
+        "experiment": "e",
+        "dataset": "toy",
+        "model": "mlp:8",
+        "method": method,
+        "mode": mode,
+        "sweep": {},
+        "status": "done",
+        "evaluation": evaluation,
+        "config": {"eps": 0.1, "epochs": 1, "likelihood": "standard" if mode == "standard" else "ibp"},
+        "evaluate_options": {"pgd_steps": 5, "bound": "ibp", "points": "first", "eps": [0.05, 0.1]},
+        "train_seconds": 1.0,
+        "eval_seconds": 1.0,
+        "seconds_per_epoch": 1.0,
+        "num_train": 10,
+    }
 
 
 def test_report_draws_radius_curves_and_count_histograms(tmp_path):
-    cells = {c["id"]: c for c in (_cell("bbb", "standard", [0.0, 0.01, 0.02] * 10 + [0.0] * 10, 0.3),
-                                  _cell("bbb", "ibp", [0.1, 0.15, 0.12, 0.0] * 10, 0.8))}
+    cells = {
+        c["id"]: c
+        for c in (
+            _cell("bbb", "standard", [0.0, 0.01, 0.02] * 10 + [0.0] * 10, 0.3),
+            _cell("bbb", "ibp", [0.1, 0.15, 0.12, 0.0] * 10, 0.8),
+        )
+    }
     curves = cell_curves([("bbb/standard", cells["e/bbb/standard"]), ("bbb/ibp", cells["e/bbb/ibp"])], "paper")
     assert [c.label for c in curves] == ["bbb/standard", "bbb/ibp"]
     assert len(curves[1].radii) == 40 and np.allclose(curves[1].points, [(0.05, 0.75), (0.1, 0.7)])

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinydata import separable_images
 
 from certbnn import data
 from certbnn.cli import main
 from certbnn.reproduce.demo import run_demo, summary
-
-from tinydata import separable_images
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 from make_datafiles import write_mnist_dir  # noqa: E402
@@ -61,8 +60,14 @@ modes = ["ibp"]
 sweep = { lam = [0.0, 1.0] }
 """
 
-CELLS = ["tiny-grid/sgd/standard", "tiny-grid/hmc/standard", "tiny-grid/sgd/ibp", "tiny-grid/hmc/ibp",
-         "lam/sgd/ibp/lam=0.0", "lam/sgd/ibp/lam=1.0"]
+CELLS = [
+    "tiny-grid/sgd/standard",
+    "tiny-grid/hmc/standard",
+    "tiny-grid/sgd/ibp",
+    "tiny-grid/hmc/ibp",
+    "lam/sgd/ibp/lam=0.0",
+    "lam/sgd/ibp/lam=1.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +81,9 @@ def preset_file(tmp_path_factory):
 
 
 def _reproduce(preset_file, out, *extra):
-    return main(["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu",
-                 "--no-progress", *extra])
+    return main(
+        ["reproduce", "--preset", str(preset_file), "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+    )
 
 
 def _posteriors(out: Path) -> dict[str, int]:
@@ -103,8 +109,12 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     report = (finished_grid / "RESULTS.md").read_text()
     assert "| method | standard | ibp |" in report and "| sgd |" in report and "| hmc |" in report
     assert "Certified-accuracy lift" in report and "| lam | sgd/ibp |" in report
-    for plot in ("certified_vs_eps_tiny-grid.png", "reliability_tiny-grid.png", "ood_entropy_tiny-grid.png",
-                 "sweep_lam.png"):
+    for plot in (
+        "certified_vs_eps_tiny-grid.png",
+        "reliability_tiny-grid.png",
+        "ood_entropy_tiny-grid.png",
+        "sweep_lam.png",
+    ):
         assert (finished_grid / plot).stat().st_size > 1000 and f"]({plot})" in report
 
 
@@ -141,8 +151,9 @@ def test_killed_grid_continues_and_resumed_training_matches(preset_file, finishe
     assert list(results["cells"]) == CELLS or set(results["cells"]) == set(CELLS)
     # the same seed and settings give the same posterior, interrupted or not
     for name in ("lam__sgd__ibp__lam=0.0", "tiny-grid__hmc__ibp"):
-        resumed, reference = (load_file(root / "cells" / name / "run/posterior.safetensors")
-                              for root in (out, finished_grid))
+        resumed, reference = (
+            load_file(root / "cells" / name / "run/posterior.safetensors") for root in (out, finished_grid)
+        )
         assert resumed.keys() == reference.keys()
         assert all(torch.equal(resumed[k], reference[k]) for k in resumed)
 
@@ -196,11 +207,15 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(preset_file, tmp_path, 
 
 
 def test_cli_errors_are_one_line(preset_file, tmp_path, capsys):
-    for argv, message in ([["--preset", "nope", "--out", str(tmp_path)], "unknown preset 'nope'"],
-                          [["--preset", str(preset_file)], "--out DIR is required"],
-                          [["--preset", str(preset_file), "--out", str(tmp_path), "--only", "zzz"], "matches no cell"],
-                          [["--preset", str(preset_file), "--out", str(tmp_path), "--set", "epochz=1"],
-                           "overrides: unknown key(s) epochz"]):
+    for argv, message in (
+        [["--preset", "nope", "--out", str(tmp_path)], "unknown preset 'nope'"],
+        [["--preset", str(preset_file)], "--out DIR is required"],
+        [["--preset", str(preset_file), "--out", str(tmp_path), "--only", "zzz"], "matches no cell"],
+        [
+            ["--preset", str(preset_file), "--out", str(tmp_path), "--set", "epochz=1"],
+            "overrides: unknown key(s) epochz",
+        ],
+    ):
         assert main(["reproduce", *argv]) == 1
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
@@ -218,9 +233,16 @@ def test_demo_trains_certifies_and_summarises(tmp_path, monkeypatch):
     monkeypatch.setattr(roots, "SYSTEM_ROOTS", ())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     write_mnist_dir(tmp_path / "data" / "mnist", counts={"train": 300, "test": 60})
-    results = run_demo(tmp_path / "demo", device="cpu", data_dir=str(tmp_path / "data"), progress=False, fetch=False,
-                       overrides={"epochs": 1, "val_size": 50}, eval_overrides={"pgd_steps": 2, "samples": 4},
-                       log=lambda line: None)
+    results = run_demo(
+        tmp_path / "demo",
+        device="cpu",
+        data_dir=str(tmp_path / "data"),
+        progress=False,
+        fetch=False,
+        overrides={"epochs": 1, "val_size": 50},
+        eval_overrides={"pgd_steps": 2, "samples": 4},
+        log=lambda line: None,
+    )
     assert [c["mode"] for c in results["cells"].values()] == ["standard", "ibp"]
     text = summary(results)
     assert "standard BNN" in text and "IBP-robust BNN" in text and "mnist" in text

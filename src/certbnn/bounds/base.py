@@ -35,8 +35,15 @@ def mid_rad(lower: Tensor, upper: Tensor) -> Box:
     return (lower + upper) / 2, (upper - lower) / 2
 
 
-def affine_ibp(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None,
-               W_rad: Tensor | None = None, b_rad: Tensor | None = None) -> Box:
+def affine_ibp(
+    lower: Tensor,
+    upper: Tensor,
+    apply,
+    W: Tensor,
+    b: Tensor | None,
+    W_rad: Tensor | None = None,
+    b_rad: Tensor | None = None,
+) -> Box:
     """IBP of a linear map ``apply(x, W, b)`` in midpoint-radius form, with an optional
     weight box ``W +- W_rad`` (bilinear: ``r' = |W| r + W_rad (|c| + r) + b_rad``).
 
@@ -60,8 +67,16 @@ def affine_ibp(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None,
     return lower_out, yr.add_(yc)
 
 
-def affine_ibp_sound(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None, n: int,
-                     W_rad: Tensor | None = None, b_rad: Tensor | None = None) -> Box:
+def affine_ibp_sound(
+    lower: Tensor,
+    upper: Tensor,
+    apply,
+    W: Tensor,
+    b: Tensor | None,
+    n: int,
+    W_rad: Tensor | None = None,
+    b_rad: Tensor | None = None,
+) -> Box:
     """Floating-point-sound IBP of ``apply(x, W, b)`` (every output a dot product of at most
     ``n`` products plus the bias) over the box and the weight box ``W +- W_rad``, ``b +- b_rad``.
 
@@ -87,6 +102,7 @@ def affine_ibp_sound(lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor |
 
 def interval_spec_sound(lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
     """Floating-point-sound :func:`interval_spec`."""
+
     def apply(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
         return x @ W.t() if W.dim() == 2 else torch.einsum("bkf,sbf->sbk", W, x)
 

@@ -97,8 +97,10 @@ def check_soundness(
     base = {k: v.detach().to(dtype) for k, v in model.named_parameters()}
     base.update({k: v.detach().to(dtype) for k, v in model.named_buffers()})
     params = {k: torch.as_tensor(v).detach().to(dtype) for k, v in (params or {}).items()}
-    boxes = {k: (torch.as_tensor(a).detach().to(dtype), torch.as_tensor(b).detach().to(dtype))
-             for k, (a, b) in (param_bounds or {}).items()}
+    boxes = {
+        k: (torch.as_tensor(a).detach().to(dtype), torch.as_tensor(b).detach().to(dtype))
+        for k, (a, b) in (param_bounds or {}).items()
+    }
     sampled, S = _split_sampled(model, {**params, **{k: a for k, (a, _) in boxes.items()}})
     if input_has_samples:
         S = S or lower.shape[0]
@@ -108,8 +110,10 @@ def check_soundness(
     n_points = n_values = n_viol = 0
     worst = -float("inf")
     for s in range(S or 1):
+
         def pick(k: str, v: Tensor) -> Tensor:
             return v[s] if k in sampled else v
+
         lo_b, up_b = (out_lower[s], out_upper[s]) if S is not None else (out_lower, out_upper)
         x_lo, x_up = (lower[s], upper[s]) if input_has_samples else (lower, upper)
         for w in range(n_weights if boxes else 1):

@@ -10,21 +10,20 @@ from torch import Tensor, nn
 
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
 from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, interval_spec_sound
+from certbnn.bounds.graph import compute_graph, graph_interval_forward
 from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
 from certbnn.bounds.params import resolve_tensors, sample_slices
+from certbnn.bounds.rounding import cast_down, cast_up, check_dtype, plain_arithmetic
+from certbnn.bounds.rounding import down as round_down
+from certbnn.bounds.rounding import up as round_up
 from certbnn.bounds.shared import CPU_CHUNK_BYTES, CROWN_MAX_ELEMENTS, concretize
 from certbnn.bounds.shared import acc as _acc
 from certbnn.bounds.shared import finish as _finish
 from certbnn.bounds.shared import outward_radii as _outward_radii
 from certbnn.bounds.shared import prepare_spec as _prepare_spec
 from certbnn.bounds.shared import step_error as _step_error
-from certbnn.bounds.graph import compute_graph, graph_interval_forward
+from certbnn.bounds.specs import known_true, resolve_tol, widen
 from certbnn.bounds.structure import is_chain, model_layers
-from certbnn.bounds.specs import known_true
-from certbnn.bounds.specs import resolve_tol, widen
-from certbnn.bounds.rounding import cast_down, cast_up, check_dtype, plain_arithmetic
-from certbnn.bounds.rounding import down as round_down
-from certbnn.bounds.rounding import up as round_up
 from certbnn.errors import ConfigError
 
 METHODS = ("ibp", "crown", "crown-ibp")
@@ -36,8 +35,9 @@ class BoundsFallbackWarning(UserWarning):
     """A requested method could not handle the configuration; a sound fallback was used."""
 
 
-def build_ops(model: nn.Module, params: ParamDict | None, param_bounds: BoxDict | None,
-              dtype: torch.dtype | None) -> tuple[list[BoundOp], int | None]:
+def build_ops(
+    model: nn.Module, params: ParamDict | None, param_bounds: BoxDict | None, dtype: torch.dtype | None
+) -> tuple[list[BoundOp], int | None]:
     """One bound op per layer call of ``model(x)`` (a shared module once per use), with
     resolved tensors; and the sample count S. Raises :class:`UnsupportedLayerError`
     where the ops would not compute exactly ``model(x)`` (see :mod:`certbnn.bounds.structure`)."""
@@ -66,9 +66,15 @@ def _compute_dtype(lower: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return d
 
 
-def _prepare_input(ops: list[BoundOp], lower: Tensor, upper: Tensor, S: int | None,
-                   dtype: torch.dtype | None, input_has_samples: bool | None,
-                   check_order: bool = True) -> tuple[Tensor, Tensor, bool]:
+def _prepare_input(
+    ops: list[BoundOp],
+    lower: Tensor,
+    upper: Tensor,
+    S: int | None,
+    dtype: torch.dtype | None,
+    input_has_samples: bool | None,
+    check_order: bool = True,
+) -> tuple[Tensor, Tensor, bool]:
     lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
     if dtype is not None:
         lower, upper = lower.to(dtype), upper.to(dtype)
@@ -118,15 +124,23 @@ def _ibp_exact(prefix: list[BoundOp]) -> bool:
     return all(op.is_linear for op in prefix) and sum(op.mixing for op in prefix) <= 1
 
 
-def _crown_intermediate(prefix: list[BoundOp], target: BoundOp, lower: Tensor, upper: Tensor, feat: torch.Size,
-                        S: int | None, sound: bool = False) -> Box:
+def _crown_intermediate(
+    prefix: list[BoundOp],
+    target: BoundOp,
+    lower: Tensor,
+    upper: Tensor,
+    feat: torch.Size,
+    S: int | None,
+    sound: bool = False,
+) -> Box:
     n = feat.numel()
     widest = max([lower[0, 0].numel()] + [op.in_shape.numel() for op in prefix if op.in_shape is not None])
     need = (S or 1) * lower.shape[1] * n * widest
     if need > CROWN_MAX_ELEMENTS:
         raise ConfigError(
             f"method='crown' needs ~{need / 2**28:.1f} GiB (float32) of coefficients for the input of layer "
-            f"{target.label()}; use method='crown-ibp' (IBP intermediate bounds)")
+            f"{target.label()}; use method='crown-ibp' (IBP intermediate bounds)"
+        )
     eye = torch.eye(n, dtype=lower.dtype, device=lower.device).view(1, 1, n, *feat)
     lo, up = crown_backward_pass(prefix, eye, lower, upper, sound)
     return lo.view(*lo.shape[:2], *feat), up.view(*up.shape[:2], *feat)
@@ -138,8 +152,16 @@ def _out_shape(op: BoundOp, lower: Tensor) -> torch.Size:
         return op.forward(lower.new_zeros(1, 1, *lower.shape[2:])).shape[2:]
 
 
-def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method: str, spec: Tensor | None,
-                       S: int | None, collect: list | None = None, sound: bool = False) -> Box:
+def _forward_intervals(
+    ops: list[BoundOp],
+    lower: Tensor,
+    upper: Tensor,
+    method: str,
+    spec: Tensor | None,
+    S: int | None,
+    collect: list | None = None,
+    sound: bool = False,
+) -> Box:
     """IBP through ``ops`` (``spec`` folded into the last real op), storing each op's
     input shape and, where needed, input bounds (tightened by CROWN for ``"crown"``).
     ``sound``: the ops' ``*_sound`` rules, and every op's input box in ``op.sound_box``."""
@@ -168,8 +190,9 @@ def _forward_intervals(ops: list[BoundOp], lower: Tensor, upper: Tensor, method:
     return interval_spec_sound(l, u, spec) if sound else interval_spec(l, u, spec)
 
 
-def point_and_ibp(model: nn.Module, x: Tensor, lower: Tensor, upper: Tensor,
-                  params: ParamDict | None = None, check_order: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def point_and_ibp(
+    model: nn.Module, x: Tensor, lower: Tensor, upper: Tensor, params: ParamDict | None = None, check_order: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(model(x), lower_bound, upper_bound)``: the forward pass at ``x`` and plain IBP over
     ``[lower, upper]`` (``tol=None``) in ONE pass through the layers, for training losses.
 
@@ -218,8 +241,16 @@ def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:
     return max(1, min(S, CPU_CHUNK_BYTES // (per_sample * l.element_size())))
 
 
-def _bounds(ops: list[BoundOp], l: Tensor, u: Tensor, method: str, spec: Tensor | None, S: int | None,
-            intersect_ibp: bool, sound: bool = False) -> Box:
+def _bounds(
+    ops: list[BoundOp],
+    l: Tensor,
+    u: Tensor,
+    method: str,
+    spec: Tensor | None,
+    S: int | None,
+    intersect_ibp: bool,
+    sound: bool = False,
+) -> Box:
     """Bounds ``(S', B, ...)`` of prepared inputs ``(Sx, B, ...)`` (``S'`` in ``{1, S}``)."""
     if sound:
         _outward_radii(ops)
@@ -241,8 +272,15 @@ def _bounds(ops: list[BoundOp], l: Tensor, u: Tensor, method: str, spec: Tensor 
     return lo, up
 
 
-def _sound_inputs(model: nn.Module, lower: Tensor, upper: Tensor, params: ParamDict | None,
-                  param_bounds: BoxDict | None, spec: Tensor | None, dtype: torch.dtype):
+def _sound_inputs(
+    model: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    params: ParamDict | None,
+    param_bounds: BoxDict | None,
+    spec: Tensor | None,
+    dtype: torch.dtype,
+):
     """``tol="sound"``: the input box and weight boxes cast to ``dtype`` outward; point
     parameters and the spec must be exactly representable in ``dtype`` (else refused)."""
     check_dtype(dtype)
@@ -254,8 +292,9 @@ def _sound_inputs(model: nn.Module, lower: Tensor, upper: Tensor, params: ParamD
         t = torch.as_tensor(t)
         if t.is_floating_point() and t.dtype != dtype and torch.finfo(t.dtype).bits > torch.finfo(dtype).bits:
             if not torch.equal(t.to(dtype).to(t.dtype), t):
-                raise ConfigError(f"tol='sound': {name} ({t.dtype}) is not exactly representable in {dtype}; "
-                                  f"pass dtype={t.dtype}")
+                raise ConfigError(
+                    f"tol='sound': {name} ({t.dtype}) is not exactly representable in {dtype}; pass dtype={t.dtype}"
+                )
 
     given = dict(params or {})
     for k, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -266,9 +305,13 @@ def _sound_inputs(model: nn.Module, lower: Tensor, upper: Tensor, params: ParamD
     if spec is not None:
         exact("spec", spec)
     if param_bounds:
-        param_bounds = {k: (cast_down(torch.as_tensor(a), dtype) if torch.as_tensor(a).is_floating_point() else a,
-                            cast_up(torch.as_tensor(b), dtype) if torch.as_tensor(b).is_floating_point() else b)
-                        for k, (a, b) in param_bounds.items()}
+        param_bounds = {
+            k: (
+                cast_down(torch.as_tensor(a), dtype) if torch.as_tensor(a).is_floating_point() else a,
+                cast_up(torch.as_tensor(b), dtype) if torch.as_tensor(b).is_floating_point() else b,
+            )
+            for k, (a, b) in param_bounds.items()
+        }
     return lower, upper, param_bounds
 
 
@@ -299,26 +342,80 @@ def compute_bounds(
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
     if param_bounds and method != "ibp":
-        warnings.warn(f"method='{method}' does not support param_bounds (weight intervals); using IBP",
-                      BoundsFallbackWarning, stacklevel=2)
+        warnings.warn(
+            f"method='{method}' does not support param_bounds (weight intervals); using IBP",
+            BoundsFallbackWarning,
+            stacklevel=2,
+        )
         method = "ibp"
     dtype = _compute_dtype(lower, dtype)
     sound = isinstance(tol, str) and tol == "sound"
     if sound:
         with plain_arithmetic():  # _sound_inputs rounds outward too
             lower, upper, param_bounds = _sound_inputs(model, lower, upper, params, param_bounds, spec, dtype)
-            return _compute(model, lower, upper, method, params, param_bounds, spec, dtype, None, intersect_ibp,
-                            input_has_samples, sample_chunk, True)
-    return _compute(model, lower, upper, method, params, param_bounds, spec, dtype, resolve_tol(tol, dtype),
-                    intersect_ibp, input_has_samples, sample_chunk, False)
+            return _compute(
+                model,
+                lower,
+                upper,
+                method,
+                params,
+                param_bounds,
+                spec,
+                dtype,
+                None,
+                intersect_ibp,
+                input_has_samples,
+                sample_chunk,
+                True,
+            )
+    return _compute(
+        model,
+        lower,
+        upper,
+        method,
+        params,
+        param_bounds,
+        spec,
+        dtype,
+        resolve_tol(tol, dtype),
+        intersect_ibp,
+        input_has_samples,
+        sample_chunk,
+        False,
+    )
 
 
-def _compute(model: nn.Module, lower: Tensor, upper: Tensor, method: str, params: ParamDict | None,
-             param_bounds: BoxDict | None, spec: Tensor | None, dtype: torch.dtype, rt: tuple[float, float] | None,
-             intersect_ibp: bool, input_has_samples: bool | None, sample_chunk: int | None, sound: bool) -> Box:
+def _compute(
+    model: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    method: str,
+    params: ParamDict | None,
+    param_bounds: BoxDict | None,
+    spec: Tensor | None,
+    dtype: torch.dtype,
+    rt: tuple[float, float] | None,
+    intersect_ibp: bool,
+    input_has_samples: bool | None,
+    sample_chunk: int | None,
+    sound: bool,
+) -> Box:
     if not is_chain(model):  # custom forward code: the graph engine traces it
-        return compute_graph(model, lower, upper, method, params, param_bounds, spec, dtype, rt, intersect_ibp,
-                             input_has_samples, sample_chunk, sound)
+        return compute_graph(
+            model,
+            lower,
+            upper,
+            method,
+            params,
+            param_bounds,
+            spec,
+            dtype,
+            rt,
+            intersect_ibp,
+            input_has_samples,
+            sample_chunk,
+            sound,
+        )
     ops, S = build_ops(model, params, param_bounds, dtype)
     l, u, x_sampled = _prepare_input(ops, lower, upper, S, dtype, input_has_samples)
     if x_sampled and S is None:

@@ -63,8 +63,9 @@ class GraphOps:
         return self.plan.nodes[-1].shape
 
 
-def build_graph_ops(model: nn.Module, plan: GraphPlan, params: ParamDict | None, param_bounds: BoxDict | None,
-                    dtype: torch.dtype | None) -> tuple[GraphOps, int | None]:
+def build_graph_ops(
+    model: nn.Module, plan: GraphPlan, params: ParamDict | None, param_bounds: BoxDict | None, dtype: torch.dtype | None
+) -> tuple[GraphOps, int | None]:
     """One op per node with resolved tensors (canonical names, as the chain engine); and ``S``."""
     tensors, S = resolve_tensors(model, [(n.name, n.module) for n in plan.nodes], params, param_bounds, dtype)
     ops = [n.rule(n.module, n.name, t) for n, t in zip(plan.nodes, tensors)]
@@ -85,8 +86,7 @@ def _ancestors(g: GraphOps) -> list[set[int]]:
 def _ibp_exact(g: GraphOps, nodes: set[int]) -> bool:
     """IBP is exact on an affine chain with at most one mixing op (no merges: branches correlate)."""
     ops = [g.ops[i] for i in nodes]
-    return (all(op.is_linear and not isinstance(op, MergeOp) for op in ops)
-            and sum(op.mixing for op in ops) <= 1)
+    return all(op.is_linear and not isinstance(op, MergeOp) for op in ops) and sum(op.mixing for op in ops) <= 1
 
 
 def _fold_node(g: GraphOps) -> int:
@@ -97,8 +97,16 @@ def _fold_node(g: GraphOps) -> int:
     return i
 
 
-def forward_intervals(g: GraphOps, lower: Tensor, upper: Tensor, method: str, spec: Tensor | None, S: int | None,
-                      collect: list | None = None, sound: bool = False) -> tuple[Box, dict[int, Box]]:
+def forward_intervals(
+    g: GraphOps,
+    lower: Tensor,
+    upper: Tensor,
+    method: str,
+    spec: Tensor | None,
+    S: int | None,
+    collect: list | None = None,
+    sound: bool = False,
+) -> tuple[Box, dict[int, Box]]:
     """IBP through the DAG (``spec`` folded into :func:`_fold_node`); sets every op's input shape(s)
     and, where needed, input bounds (tightened by CROWN for ``"crown"``). Returns the output box and
     the boxes of the nodes (``INPUT`` included) that CROWN needs."""
@@ -146,8 +154,16 @@ def forward_intervals(g: GraphOps, lower: Tensor, upper: Tensor, method: str, sp
     return (interval_spec_sound(lo, up, spec) if sound else interval_spec(lo, up, spec)), boxes
 
 
-def _crown_intermediate(g: GraphOps, j: int, target: BoundOp, lower: Tensor, upper: Tensor, S: int | None,
-                        boxes: dict[int, Box], sound: bool) -> Box:
+def _crown_intermediate(
+    g: GraphOps,
+    j: int,
+    target: BoundOp,
+    lower: Tensor,
+    upper: Tensor,
+    S: int | None,
+    boxes: dict[int, Box],
+    sound: bool,
+) -> Box:
     """CROWN bounds of node ``j``'s output (the input of ``target``) over the input box."""
     feat = g.plan.nodes[j].shape
     n = feat.numel()
@@ -156,7 +172,8 @@ def _crown_intermediate(g: GraphOps, j: int, target: BoundOp, lower: Tensor, upp
     if need > CROWN_MAX_ELEMENTS:
         raise ConfigError(
             f"method='crown' needs ~{need / 2**28:.1f} GiB (float32) of coefficients for the input of layer "
-            f"{target.label()}; use method='crown-ibp' (IBP intermediate bounds)")
+            f"{target.label()}; use method='crown-ibp' (IBP intermediate bounds)"
+        )
     eye = torch.eye(n, dtype=lower.dtype, device=lower.device).view(1, 1, n, *feat)
     lo, up = backward_pass(g, j, eye, boxes, sound)
     return lo.view(*lo.shape[:2], *feat), up.view(*up.shape[:2], *feat)
@@ -226,8 +243,16 @@ def backward_pass(g: GraphOps, target: int, A0: Tensor, boxes: dict[int, Box], s
     return concretize(A_lo[INPUT], A_up[INPUT], b_lo, b_up, lower, upper, sound)
 
 
-def graph_bounds(g: GraphOps, l: Tensor, u: Tensor, method: str, spec: Tensor | None, S: int | None,
-                 intersect_ibp: bool, sound: bool = False) -> Box:
+def graph_bounds(
+    g: GraphOps,
+    l: Tensor,
+    u: Tensor,
+    method: str,
+    spec: Tensor | None,
+    S: int | None,
+    intersect_ibp: bool,
+    sound: bool = False,
+) -> Box:
     """Bounds ``(S', B, ...)`` of prepared inputs ``(Sx, B, ...)`` (as the chain engine's ``_bounds``)."""
     if sound:
         outward_radii(g.ops)
@@ -258,8 +283,13 @@ def _sample_count(model: nn.Module, params: ParamDict | None, param_bounds: BoxD
     return None
 
 
-def plan_for(model: nn.Module, lower: Tensor, params: ParamDict | None, param_bounds: BoxDict | None,
-             input_has_samples: bool | None) -> tuple[GraphPlan, bool]:
+def plan_for(
+    model: nn.Module,
+    lower: Tensor,
+    params: ParamDict | None,
+    param_bounds: BoxDict | None,
+    input_has_samples: bool | None,
+) -> tuple[GraphPlan, bool]:
     """Trace ``model`` for the input box ``lower``; decide whether its leading dim holds samples
     (as the chain engine: from the rank the first rank-fixing op expects)."""
     check_global_hooks(model)
@@ -274,7 +304,7 @@ def plan_for(model: nn.Module, lower: Tensor, params: ParamDict | None, param_bo
     sampled = bool(input_has_samples)
     if lower.dim() < (3 if sampled else 2):
         raise ConfigError(f"lower/upper of shape {tuple(lower.shape)}: expected ({'S, ' if sampled else ''}B, *in)")
-    return cached_trace(model, tuple(lower.shape[2 if sampled else 1:])), sampled
+    return cached_trace(model, tuple(lower.shape[2 if sampled else 1 :])), sampled
 
 
 def _prepare(lower: Tensor, upper: Tensor, dtype: torch.dtype, S: int | None, sampled: bool) -> tuple[Tensor, Tensor]:
@@ -301,10 +331,21 @@ def _auto_chunk(g: GraphOps, l: Tensor, S: int) -> int:
     return max(1, min(S, CPU_CHUNK_BYTES // (per_sample * l.element_size())))
 
 
-def compute_graph(model: nn.Module, lower: Tensor, upper: Tensor, method: str, params: ParamDict | None,
-                  param_bounds: BoxDict | None, spec: Tensor | None, dtype: torch.dtype,
-                  rt: tuple[float, float] | None, intersect_ibp: bool, input_has_samples: bool | None,
-                  sample_chunk: int | None, sound: bool) -> Box:
+def compute_graph(
+    model: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    method: str,
+    params: ParamDict | None,
+    param_bounds: BoxDict | None,
+    spec: Tensor | None,
+    dtype: torch.dtype,
+    rt: tuple[float, float] | None,
+    intersect_ibp: bool,
+    input_has_samples: bool | None,
+    sample_chunk: int | None,
+    sound: bool,
+) -> Box:
     """:func:`certbnn.bounds.compute_bounds` for a traced graph (arguments already checked)."""
     plan, x_sampled = plan_for(model, lower, params, param_bounds, input_has_samples)
     g, S = build_graph_ops(model, plan, params, param_bounds, dtype)
@@ -322,7 +363,7 @@ def compute_graph(model: nn.Module, lower: Tensor, upper: Tensor, method: str, p
         for i in range(0, S, chunk):
             p, pb = sample_slices(model, params, param_bounds, i, i + chunk)
             g_i, S_i = build_graph_ops(model, plan, p, pb, dtype)
-            li, ui = (l[i: i + chunk], u[i: i + chunk]) if x_sampled and l.shape[0] > 1 else (l, u)
+            li, ui = (l[i : i + chunk], u[i : i + chunk]) if x_sampled and l.shape[0] > 1 else (l, u)
             n = min(chunk, S - i)
             parts.append(finish(*graph_bounds(g_i, li, ui, method, spec_t, S_i or n, intersect_ibp, sound), True, n))
         lo, up = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
@@ -330,9 +371,15 @@ def compute_graph(model: nn.Module, lower: Tensor, upper: Tensor, method: str, p
     return widen(lo, up, *rt) if rt is not None else (lo, up)
 
 
-def graph_interval_forward(model: nn.Module, lower: Tensor, upper: Tensor, params: ParamDict | None,
-                           param_bounds: BoxDict | None, dtype: torch.dtype,
-                           input_has_samples: bool | None) -> list[tuple[str, Tensor, Tensor]]:
+def graph_interval_forward(
+    model: nn.Module,
+    lower: Tensor,
+    upper: Tensor,
+    params: ParamDict | None,
+    param_bounds: BoxDict | None,
+    dtype: torch.dtype,
+    input_has_samples: bool | None,
+) -> list[tuple[str, Tensor, Tensor]]:
     """:func:`certbnn.bounds.interval_forward` for a traced graph: IBP bounds of every node."""
     plan, x_sampled = plan_for(model, lower, params, param_bounds, input_has_samples)
     g, S = build_graph_ops(model, plan, params, param_bounds, dtype)

@@ -112,8 +112,10 @@ def _fx_graph(model: nn.Module) -> tuple[fx.Graph, nn.Module]:
     except UnsupportedLayerError:
         raise
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
-        raise UnsupportedLayerError(f"model {label('', model)} cannot be traced by torch.fx (the bound engine "
-                                    f"needs a static graph): {_first_line(err)}") from None
+        raise UnsupportedLayerError(
+            f"model {label('', model)} cannot be traced by torch.fx (the bound engine "
+            f"needs a static graph): {_first_line(err)}"
+        ) from None
     return graph, root
 
 
@@ -210,6 +212,7 @@ class _Translator:
 
     def value(self, a: Any, node: fx.Node, strict: bool = True) -> Any:
         """Resolve an argument: traced tensors -> _X, model tensors -> _Const, static values -> the probe's."""
+
         def one(v: Any) -> Any:
             if not isinstance(v, fx.Node):
                 return v
@@ -220,17 +223,21 @@ class _Translator:
                     raise self.refuse(node, f"uses '{v.name}', which depends on the batch size")
                 return vals[0]
             return r
+
         return _map(one, a)
 
     def shape(self, node: fx.Node, k: int = 0) -> torch.Size:
         return self.probes[k][node].shape[1:]
 
-    def add(self, node: fx.Node, module: nn.Module, inputs: list[_X], name: str | None = None,
-            is_module: bool = False) -> None:
+    def add(
+        self, node: fx.Node, module: nn.Module, inputs: list[_X], name: str | None = None, is_module: bool = False
+    ) -> None:
         rule = lookup_bound_class(type(module))
         if rule is None:
-            raise UnsupportedLayerError(f"layer {label(name or node.name, module)} has no bound rule and is not "
-                                        "traced through (register a rule with certbnn.bounds.register_bound)")
+            raise UnsupportedLayerError(
+                f"layer {label(name or node.name, module)} has no bound rule and is not "
+                "traced through (register a rule with certbnn.bounds.register_bound)"
+            )
         out = self.probes[0][node]
         if not isinstance(out, Tensor):
             raise self.refuse(node, f"returns {type(out).__name__}, not a tensor")
@@ -239,8 +246,9 @@ class _Translator:
                 raise self.refuse(node, "mixes the examples of the batch (its output does not keep the batch dim)")
         if self.probes[1][node].shape[1:] != out.shape[1:]:
             raise self.refuse(node, "has an output shape that depends on the batch size")
-        self.nodes.append(NodeSpec(name or node.name, module, rule, tuple(x.index for x in inputs), out.shape[1:],
-                                   is_module))
+        self.nodes.append(
+            NodeSpec(name or node.name, module, rule, tuple(x.index for x in inputs), out.shape[1:], is_module)
+        )
         self.ref[node] = _X(len(self.nodes) - 1, node)
 
     def check_inplace(self, node: fx.Node, x: _X, inplace: bool) -> None:
@@ -249,8 +257,11 @@ class _Translator:
         if not inplace:
             return
         src = x.node
-        aliasing = src.op == "placeholder" or (x.index >= 0 and self.nodes[x.index].rule.passthrough) or \
-            (x.index >= 0 and isinstance(self.nodes[x.index].module, Reshape))
+        aliasing = (
+            src.op == "placeholder"
+            or (x.index >= 0 and self.nodes[x.index].rule.passthrough)
+            or (x.index >= 0 and isinstance(self.nodes[x.index].module, Reshape))
+        )
         if self.users[src] > 1 or (aliasing and src.op != "placeholder"):
             raise self.refuse(node, "works in place on a tensor that another operation also reads")
 
@@ -279,8 +290,10 @@ class _Translator:
                 r = self.ref.get(out) if isinstance(out, fx.Node) else None
                 if not isinstance(r, _X):
                     what = type(self.probes[0][out] if isinstance(out, fx.Node) else out).__name__
-                    raise UnsupportedLayerError(f"model {label('', self.model)} returns {what}: the engine bounds "
-                                                "models whose output is one tensor")
+                    raise UnsupportedLayerError(
+                        f"model {label('', self.model)} returns {what}: the engine bounds "
+                        "models whose output is one tensor"
+                    )
                 if r.index == INPUT:
                     self.add(node, nn.Identity(), [r], name="output")
                     r = self.ref[node]
@@ -295,8 +308,11 @@ class _Translator:
         traced = any(isinstance(d, _X) for d in deps)
         if not traced:
             if any(isinstance(d, _Const) for d in deps):
-                raise self.refuse(node, "computes with a tensor of the model outside the traced path: a posterior "
-                                  "sample could not replace it (use it in a layer, or add/multiply it directly)")
+                raise self.refuse(
+                    node,
+                    "computes with a tensor of the model outside the traced path: a posterior "
+                    "sample could not replace it (use it in a layer, or add/multiply it directly)",
+                )
             self.ref[node] = _STATIC  # sizes, numbers
             return
         if node.op == "call_module":
@@ -308,8 +324,11 @@ class _Translator:
             self.check_inplace(node, xs[0], bool(getattr(module, "inplace", False)))
             self.add(node, module, xs, name=_strip(node.target), is_module=True)
             return
-        if node.op == "call_method" and node.target in _STATIC_METHODS or (
-                node.op == "call_function" and node.target is getattr and node.args[1] in _STATIC_ATTRS):
+        if (
+            node.op == "call_method"
+            and node.target in _STATIC_METHODS
+            or (node.op == "call_function" and node.target is getattr and node.args[1] in _STATIC_ATTRS)
+        ):
             self.ref[node] = _STATIC
             return
         if node.op == "call_function" and node.target is operator.getitem and isinstance(self.ref[node.args[0]], _X):
@@ -324,8 +343,9 @@ class _Translator:
         key = t if method else t
         if method and isinstance(t, str) and t.endswith("_") and not t.startswith("_"):
             raise self.refuse(node, "is an in-place operation: not supported (use the out-of-place version)")
-        args = self.value(node.args, node, strict=not (key in ("view", "reshape", "flatten") or t in _FLAT
-                                                         or t in _RESHAPE_FN))
+        args = self.value(
+            node.args, node, strict=not (key in ("view", "reshape", "flatten") or t in _FLAT or t in _RESHAPE_FN)
+        )
         kwargs = self.value(node.kwargs, node, strict=False)
         x0 = args[0] if args else None
         act = None
@@ -347,8 +367,9 @@ class _Translator:
             self.add(node, nn.Identity(), [self.one_x(node, x0)])
             return
         if not method and t is F.dropout:
-            b = _bind(args, kwargs, ("input", "p", "training", "inplace"),
-                      {"p": 0.5, "training": True, "inplace": False})
+            b = _bind(
+                args, kwargs, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False}
+            )
             if b["training"] and b["p"] > 0:
                 raise self.refuse(node, f"is dropout in training mode with p={b['p']}: it applies random masks")
             self.add(node, nn.Identity(), [self.one_x(node, b["input"])])
@@ -396,24 +417,39 @@ class _Translator:
             self.add(node, nn.AdaptiveAvgPool2d(b["output_size"]), [self.one_x(node, b["input"])])
             return
         if not method and t in (F.max_pool2d, torch.max_pool2d):
-            b = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                                     "return_indices"), {"stride": None, "padding": 0, "dilation": 1,
-                                                         "ceil_mode": False, "return_indices": False})
+            b = _bind(
+                args,
+                kwargs,
+                ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False},
+            )
             if b["return_indices"]:
                 raise self.refuse(node, "returns (values, indices)")
             pool = nn.MaxPool2d(b["kernel_size"], b["stride"], b["padding"], b["dilation"], ceil_mode=b["ceil_mode"])
             self.add(node, pool, [self.one_x(node, b["input"])])
             return
         if not method and t is F.avg_pool2d:
-            b = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                                     "divisor_override"), {"stride": None, "padding": 0, "ceil_mode": False,
-                                                           "count_include_pad": True, "divisor_override": None})
-            pool = nn.AvgPool2d(b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"], b["count_include_pad"],
-                                b["divisor_override"])
+            b = _bind(
+                args,
+                kwargs,
+                ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+                {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None},
+            )
+            pool = nn.AvgPool2d(
+                b["kernel_size"],
+                b["stride"],
+                b["padding"],
+                b["ceil_mode"],
+                b["count_include_pad"],
+                b["divisor_override"],
+            )
             self.add(node, pool, [self.one_x(node, b["input"])])
             return
-        raise self.refuse(node, "has no bound rule (supported: Linear, Conv2d, activations as modules or functions, "
-                          "+, -, * and / by constants, flatten/view/reshape, cat, mean, pools, BatchNorm)")
+        raise self.refuse(
+            node,
+            "has no bound rule (supported: Linear, Conv2d, activations as modules or functions, "
+            "+, -, * and / by constants, flatten/view/reshape, cat, mean, pools, BatchNorm)",
+        )
 
     def one_x(self, node: fx.Node, x: Any) -> _X:
         if not isinstance(x, _X):
@@ -427,18 +463,23 @@ class _Translator:
         if not isinstance(c, _Const):
             return float(c), False
         if id(c.tensor) not in self.canon:
-            raise self.refuse(node, f"uses the tensor attribute '{c.name}', which is not a parameter or buffer of "
-                              "the model (register it as a buffer)")
+            raise self.refuse(
+                node,
+                f"uses the tensor attribute '{c.name}', which is not a parameter or buffer of "
+                "the model (register it as a buffer)",
+            )
         feat = self.probes[0][x.node].shape[1:]
         t = c.tensor
         if t.dim() > len(feat) + 1 or (t.dim() == len(feat) + 1 and t.shape[0] != 1):
-            raise self.refuse(node, f"uses '{c.name}' of shape {tuple(t.shape)}, which does not broadcast over "
-                              "the batch")
+            raise self.refuse(
+                node, f"uses '{c.name}' of shape {tuple(t.shape)}, which does not broadcast over the batch"
+            )
         try:
             torch.broadcast_shapes(t.shape[1:] if t.dim() == len(feat) + 1 else t.shape, feat)
         except RuntimeError:
-            raise self.refuse(node, f"uses '{c.name}' of shape {tuple(t.shape)}, which does not broadcast to "
-                              f"{tuple(feat)}") from None
+            raise self.refuse(
+                node, f"uses '{c.name}' of shape {tuple(t.shape)}, which does not broadcast to {tuple(feat)}"
+            ) from None
         if torch.broadcast_shapes(t.shape, (1, *feat))[1:] != feat:
             raise self.refuse(node, f"broadcasts '{c.name}' beyond the shape of the tensor it is applied to")
         return t, t.dim() == len(feat) + 1
@@ -449,8 +490,9 @@ class _Translator:
             raise self.refuse(node, "has alpha != 1: not supported")
         if isinstance(a, _X) and isinstance(b, _X):
             if self.probes[0][a.node].shape != self.probes[0][b.node].shape:
-                raise self.refuse(node, "adds tensors of different shapes (broadcasting between traced tensors "
-                                  "is not supported)")
+                raise self.refuse(
+                    node, "adds tensors of different shapes (broadcasting between traced tensors is not supported)"
+                )
             self.add(node, Add(sign), [a, b])
             return
         if isinstance(a, _X):
@@ -465,8 +507,10 @@ class _Translator:
     def mul_div(self, node: fx.Node, args: tuple, kwargs: dict, kind: str) -> None:
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
         if isinstance(a, _X) and isinstance(b, _X):
-            raise self.refuse(node, f"{'multiplies' if kind == 'mul' else 'divides'} two traced tensors "
-                              "(not a linear map): not supported")
+            raise self.refuse(
+                node,
+                f"{'multiplies' if kind == 'mul' else 'divides'} two traced tensors (not a linear map): not supported",
+            )
         if isinstance(b, _X):
             if kind == "div":
                 raise self.refuse(node, "divides by a traced tensor: not supported")
@@ -509,8 +553,17 @@ def _prune(nodes: list[NodeSpec], output: int) -> list[NodeSpec]:
     order = sorted(keep)
     new = {old: k for k, old in enumerate(order)}
     new[INPUT] = INPUT
-    return [NodeSpec(nodes[i].name, nodes[i].module, nodes[i].rule, tuple(new[j] for j in nodes[i].inputs),
-                     nodes[i].shape, nodes[i].is_module) for i in order]
+    return [
+        NodeSpec(
+            nodes[i].name,
+            nodes[i].module,
+            nodes[i].rule,
+            tuple(new[j] for j in nodes[i].inputs),
+            nodes[i].shape,
+            nodes[i].is_module,
+        )
+        for i in order
+    ]
 
 
 def _probe_input(model: nn.Module, in_shape: tuple[int, ...], batch: int, seed: int) -> Tensor:
@@ -533,8 +586,10 @@ def _check_reproduces(plan: GraphPlan, model: nn.Module, x: Tensor) -> None:
     scale = 1 + float(ref.abs().max()) if ref.numel() else 1.0
     tol = 1e-4 if ref.dtype != torch.float64 else 1e-9
     if got.shape != ref.shape or not bool(((got - ref).abs() <= tol * scale).all()):
-        raise UnsupportedLayerError(f"model {label('', model)}: the traced graph does not reproduce model(x) "
-                                    "(an in-place update of a tensor that is read again?)")
+        raise UnsupportedLayerError(
+            f"model {label('', model)}: the traced graph does not reproduce model(x) "
+            "(an in-place update of a tensor that is read again?)"
+        )
 
 
 # Traced plans per model, reused while the model's structure is unchanged (see cached_trace).
@@ -546,9 +601,19 @@ def _fingerprint(model: nn.Module, in_shape: tuple[int, ...]) -> tuple:
     their tensors (objects), training flags, hooks and parametrizations."""
     parts: list[Any] = [tuple(in_shape)]
     for name, m in model.named_modules(remove_duplicate=False):
-        parts.append((name, id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
-                      tuple(id(t) for t in m._parameters.values()), tuple(id(t) for t in m._buffers.values()),
-                      "forward" in m.__dict__, "_call_impl" in m.__dict__))
+        parts.append(
+            (
+                name,
+                id(m),
+                m.training,
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                tuple(id(t) for t in m._parameters.values()),
+                tuple(id(t) for t in m._buffers.values()),
+                "forward" in m.__dict__,
+                "_call_impl" in m.__dict__,
+            )
+        )
     return tuple(parts)
 
 
@@ -583,8 +648,9 @@ def trace_graph(model: nn.Module, in_shape: tuple[int, ...]) -> GraphPlan:
             except UnsupportedLayerError:
                 raise
             except Exception as err:
-                raise UnsupportedLayerError(f"model {label('', model)} fails on inputs of shape "
-                                            f"{(batch, *in_shape)}: {_first_line(err)}") from None
+                raise UnsupportedLayerError(
+                    f"model {label('', model)} fails on inputs of shape {(batch, *in_shape)}: {_first_line(err)}"
+                ) from None
             probes.append(env)
         plan = _Translator(model, root, graph, probes).run()
         _check_reproduces(plan, model, _probe_input(model, tuple(in_shape), 2, 7))

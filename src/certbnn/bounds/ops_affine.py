@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds.base import Box, LinearOp, affine_ibp, channel_view, mid_rad, sum_features
-from certbnn.bounds.rounding import down, up
 from certbnn.bounds.registry import register_bound
+from certbnn.bounds.rounding import down, up
 from certbnn.errors import UnsupportedLayerError
 from certbnn.layers import Normalize
 

@@ -35,8 +35,13 @@ from certbnn.bounds.rounding import dot_error, dot_upper, down, up
 from certbnn.errors import UnsupportedLayerError
 
 Number = float | int
-_APPLY = {"mul": lambda x, c: x * c, "div": lambda x, c: x / c, "add": lambda x, c: x + c,
-          "sub": lambda x, c: x - c, "rsub": lambda x, c: c - x}
+_APPLY = {
+    "mul": lambda x, c: x * c,
+    "div": lambda x, c: x / c,
+    "add": lambda x, c: x + c,
+    "sub": lambda x, c: x - c,
+    "rsub": lambda x, c: c - x,
+}
 
 
 # ------------------------------------------------------------------ the operations as modules
@@ -212,8 +217,10 @@ class BoundConstAffine(LinearOp):
         if m.drop_batch:
             c = c.squeeze(1 if sampled else 0)
         if feat_rank < c.dim() - sampled:
-            raise UnsupportedLayerError(f"operation {self.label()}: constant of shape {tuple(c.shape)} has more "
-                                        "dims than the tensor it is applied to")
+            raise UnsupportedLayerError(
+                f"operation {self.label()}: constant of shape {tuple(c.shape)} has more "
+                "dims than the tensor it is applied to"
+            )
         if sampled:  # (S, *cf) -> (S, 1.., *cf) against (S, B, [K,] *f)
             c = c.view(c.shape[0], *(1,) * (n_lead - 1 + feat_rank - (c.dim() - 1)), *c.shape[1:])
         return c
@@ -284,8 +291,10 @@ class BoundMean(LinearOp):
     def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
         """A sum of ``count`` terms then a division (or a product with a rounded ``1/count``)."""
         n = self._count() + 2
-        return (down(self.forward(lower) - dot_error(self.forward(lower.abs()), n)),
-                up(self.forward(upper) + dot_error(self.forward(upper.abs()), n)))
+        return (
+            down(self.forward(lower) - dot_error(self.forward(lower.abs()), n)),
+            up(self.forward(upper) + dot_error(self.forward(upper.abs()), n)),
+        )
 
     def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
         v = dot_upper(self.forward(m_in), self._count() + 2)
@@ -312,8 +321,9 @@ class BoundAdaptiveAvgPool2d(BoundMean):
         super().__init__(module, name, tensors)
         size = module.output_size
         if tuple(size) if isinstance(size, (tuple, list)) else (size, size) != (1, 1):
-            raise UnsupportedLayerError(f"layer {self.label()}: output_size={size} is not supported, only 1 "
-                                        "(global average pooling)")
+            raise UnsupportedLayerError(
+                f"layer {self.label()}: output_size={size} is not supported, only 1 (global average pooling)"
+            )
 
     def _dims(self) -> tuple[tuple[int, ...], bool]:
         return (-2, -1), True

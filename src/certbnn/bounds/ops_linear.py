@@ -60,8 +60,16 @@ def linear_apply(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     return y + _bias_view(b, y.dim())
 
 
-def affine_ibp_with_point(x: Tensor, lower: Tensor, upper: Tensor, apply, W: Tensor, b: Tensor | None,
-                          W_rad: Tensor | None = None, b_rad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def affine_ibp_with_point(
+    x: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    apply,
+    W: Tensor,
+    b: Tensor | None,
+    W_rad: Tensor | None = None,
+    b_rad: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(apply(x, W, b), *affine_ibp(lower, upper, ...))`` with the point ``x`` and the box
     centre stacked along the batch (dim 1) through ONE ``apply`` (one GEMM / convolution
     shared by the clean and the interval pass); the radius takes a second one with ``|W|``."""
@@ -69,8 +77,8 @@ def affine_ibp_with_point(x: Tensor, lower: Tensor, upper: Tensor, apply, W: Ten
         return apply(x, W, b), *affine_ibp(lower, upper, apply, W, b, W_rad, b_rad)
     c, r = mid_rad(lower, upper)
     y = apply(torch.cat([x.expand(c.shape[0], *x.shape[1:]), c], 1), W, b)
-    yc, yr = y[:, x.shape[1]:], apply(r, W.abs(), None)
-    return y[:, :x.shape[1]], yc - yr, yr.add_(yc)
+    yc, yr = y[:, x.shape[1] :], apply(r, W.abs(), None)
+    return y[:, : x.shape[1]], yc - yr, yr.add_(yc)
 
 
 class _LinearPointIBP(torch.autograd.Function):
@@ -128,13 +136,19 @@ def _plain_autograd() -> bool:
     return not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active()
 
 
-def linear_ibp_with_point(x: Tensor, lower: Tensor, upper: Tensor, W: Tensor,
-                          b: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+def linear_ibp_with_point(
+    x: Tensor, lower: Tensor, upper: Tensor, W: Tensor, b: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`affine_ibp_with_point` with :func:`linear_apply` through :class:`_LinearPointIBP`
     when ``W`` is one matrix (``(out, in)`` or one sample ``(1, out, in)``) and ``x``, ``lower``,
     ``upper`` are ``(1, B, in)``; None otherwise (the caller then takes the general path)."""
-    if not (x.dim() == lower.dim() == upper.dim() == 3 and x.shape[0] == lower.shape[0] == 1
-            and lower.shape == upper.shape and W.dim() in (2, 3) and _plain_autograd()):
+    if not (
+        x.dim() == lower.dim() == upper.dim() == 3
+        and x.shape[0] == lower.shape[0] == 1
+        and lower.shape == upper.shape
+        and W.dim() in (2, 3)
+        and _plain_autograd()
+    ):
         return None
     if W.dim() == 3:
         if W.shape[0] != 1 or (b is not None and b.dim() != 2):
@@ -144,8 +158,9 @@ def linear_ibp_with_point(x: Tensor, lower: Tensor, upper: Tensor, W: Tensor,
         return None
     if x.dtype != W.dtype or lower.dtype != W.dtype or upper.dtype != W.dtype:
         return None
-    p, lo, hi = _LinearPointIBP.apply(x.reshape(x.shape[1:]), lower.reshape(lower.shape[1:]),
-                                      upper.reshape(upper.shape[1:]), W, b)
+    p, lo, hi = _LinearPointIBP.apply(
+        x.reshape(x.shape[1:]), lower.reshape(lower.shape[1:]), upper.reshape(upper.shape[1:]), W, b
+    )
     return p.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
 
 
@@ -178,8 +193,9 @@ class BoundLinear(LinearOp):
             fast = linear_ibp_with_point(x, lower, upper, v["weight"], v.get("bias"))
             if fast is not None:
                 return fast
-        return affine_ibp_with_point(x, lower, upper, linear_apply, v["weight"], v.get("bias"), rad.get("weight"),
-                                     rad.get("bias"))
+        return affine_ibp_with_point(
+            x, lower, upper, linear_apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias")
+        )
 
     def ibp_spec(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
         if lower.dim() != 3:
@@ -207,8 +223,9 @@ class BoundLinear(LinearOp):
     def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
         v, rad = self.t.values, self.t.radius
         W = v["weight"]
-        return affine_ibp_sound(lower, upper, linear_apply, W, v.get("bias"), W.shape[-1], rad.get("weight"),
-                                rad.get("bias"))
+        return affine_ibp_sound(
+            lower, upper, linear_apply, W, v.get("bias"), W.shape[-1], rad.get("weight"), rad.get("bias")
+        )
 
     def ibp_spec_sound(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
         """Spec folded into the weights; the fold ``spec W`` (dot length ``out``) is computed with
@@ -220,6 +237,7 @@ class BoundLinear(LinearOp):
         out = W.shape[-2]
         sa = spec.abs()
         if spec.dim() == 2:  # (K, out)
+
             def fold_w(s: Tensor, w: Tensor) -> Tensor:
                 return s @ w
 
@@ -228,6 +246,7 @@ class BoundLinear(LinearOp):
 
             apply = linear_apply
         else:  # (B, K, out): per-example weights ([S,] B, K, in)
+
             def fold_w(s: Tensor, w: Tensor) -> Tensor:
                 return torch.einsum("bko,...oi->...bki", s, w)
 
@@ -341,8 +360,9 @@ class BoundConv2d(LinearOp):
         def apply(z: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
             return self._conv(z, W, b, s("weight"), s("bias"))
 
-        return affine_ibp_with_point(x, lower, upper, apply, v["weight"], v.get("bias"), rad.get("weight"),
-                                     rad.get("bias"))
+        return affine_ibp_with_point(
+            x, lower, upper, apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias")
+        )
 
     def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
         v, rad, s = self.t.values, self.t.radius, self.sampled
@@ -351,8 +371,16 @@ class BoundConv2d(LinearOp):
             return self._conv(x, W, b, s("weight"), s("bias"))
 
         W = v["weight"]
-        return affine_ibp_sound(lower, upper, apply, W, v.get("bias"), W[0, 0].numel() if s("weight") else
-                                W[0].numel(), rad.get("weight"), rad.get("bias"))
+        return affine_ibp_sound(
+            lower,
+            upper,
+            apply,
+            W,
+            v.get("bias"),
+            W[0, 0].numel() if s("weight") else W[0].numel(),
+            rad.get("weight"),
+            rad.get("bias"),
+        )
 
     def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
         """``|W| m + |b|``; each coefficient of the transposed convolution sums at most

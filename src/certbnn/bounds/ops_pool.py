@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certbnn.bounds.base import BackwardResult, Box, BoundOp, LinearOp, sum_features
+from certbnn.bounds.base import BackwardResult, BoundOp, Box, LinearOp, sum_features
 from certbnn.bounds.ops_linear import linear_vjp
 from certbnn.bounds.registry import register_bound
 from certbnn.bounds.rounding import dot_error, dot_upper, down, up
@@ -38,7 +38,9 @@ class BoundAvgPool2d(LinearOp):
 
     def _pool(self, x4: Tensor) -> Tensor:
         m: nn.AvgPool2d = self.module  # type: ignore[assignment]
-        return F.avg_pool2d(x4, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+        return F.avg_pool2d(
+            x4, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return _fold(self._pool, x)
@@ -52,8 +54,10 @@ class BoundAvgPool2d(LinearOp):
 
     def ibp_sound(self, lower: Tensor, upper: Tensor) -> Box:
         n = self._taps()
-        return (down(self.forward(lower) - dot_error(self.forward(lower.abs()), n)),
-                up(self.forward(upper) + dot_error(self.forward(upper.abs()), n)))
+        return (
+            down(self.forward(lower) - dot_error(self.forward(lower.abs()), n)),
+            up(self.forward(upper) + dot_error(self.forward(upper.abs()), n)),
+        )
 
     def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
         v = dot_upper(self.forward(m_in), self._taps())

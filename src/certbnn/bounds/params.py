@@ -65,8 +65,10 @@ def _check_names(model: nn.Module, given: set[str], canonical: set[str]) -> None
             continue
         t = owner._parameters.get(key, owner._buffers.get(key))
         if t is not None and id(t) in names:
-            raise ConfigError(f"params/param_bounds name '{name}' is a second name of '{names[id(t)]}' "
-                              f"(a module or tensor used twice); pass it as '{names[id(t)]}'")
+            raise ConfigError(
+                f"params/param_bounds name '{name}' is a second name of '{names[id(t)]}' "
+                f"(a module or tensor used twice); pass it as '{names[id(t)]}'"
+            )
     raise ConfigError(f"params/param_bounds name(s) not in the model: {', '.join(sorted(unknown))}")
 
 
@@ -76,7 +78,9 @@ def _sample_dim(name: str, given: Tensor, own: Tensor) -> bool:
         return False
     if given.dim() == own.dim() + 1 and given.shape[1:] == own.shape:
         return True
-    raise ConfigError(f"params entry '{name}' has shape {tuple(given.shape)}, expected {tuple(own.shape)} or (S, *{tuple(own.shape)})")
+    raise ConfigError(
+        f"params entry '{name}' has shape {tuple(given.shape)}, expected {tuple(own.shape)} or (S, *{tuple(own.shape)})"
+    )
 
 
 def resolve_tensors(
@@ -98,7 +102,7 @@ def resolve_tensors(
     _check_names(model, set(params) | set(param_bounds), set(canon.values()))
     sizes: dict[str, int] = {}
     resolved: list[LayerTensors] = []
-    for lname, module in layers:
+    for _lname, module in layers:
         lt = LayerTensors()
         if module._modules:
             own = dict(module.named_parameters(recurse=True))
@@ -115,7 +119,9 @@ def resolve_tensors(
                     raise ConfigError(f"param_bounds entry '{full}' must be a (low, high) pair")
                 lo, hi = (torch.as_tensor(p) for p in pair)
                 if lo.shape != hi.shape:
-                    raise ConfigError(f"param_bounds entry '{full}': low {tuple(lo.shape)} and high {tuple(hi.shape)} differ in shape")
+                    raise ConfigError(
+                        f"param_bounds entry '{full}': low {tuple(lo.shape)} and high {tuple(hi.shape)} differ in shape"
+                    )
                 if dtype is not None:
                     lo, hi = lo.to(dtype), hi.to(dtype)
                 if bool((lo > hi).any()):
@@ -142,8 +148,13 @@ def resolve_tensors(
     return resolved, (distinct.pop() if distinct else None)
 
 
-def sample_slices(model: nn.Module, params: Mapping[str, Tensor] | None,
-                  param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None, start: int, stop: int):
+def sample_slices(
+    model: nn.Module,
+    params: Mapping[str, Tensor] | None,
+    param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None,
+    start: int,
+    stop: int,
+):
     """``params`` / ``param_bounds`` restricted to samples ``start:stop`` (unsampled entries unchanged)."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))

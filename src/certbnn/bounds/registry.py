@@ -24,7 +24,9 @@ _REGISTRY: dict[type, type[BoundOp]] = {}
 B = TypeVar("B", bound="type[BoundOp]")
 
 
-def register_bound(module_type: type[nn.Module], bound_class: type[BoundOp] | None = None) -> Callable[[B], B] | type[BoundOp]:
+def register_bound(
+    module_type: type[nn.Module], bound_class: type[BoundOp] | None = None
+) -> Callable[[B], B] | type[BoundOp]:
     """Register ``bound_class`` as the rule for ``module_type`` (replacing any earlier one).
 
     Usable directly, ``register_bound(nn.ReLU, BoundReLU)``, or as a class

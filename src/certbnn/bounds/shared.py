@@ -92,8 +92,9 @@ def outward_radii(ops: list[BoundOp]) -> None:
             op.t.radius[k] = round_up(r)
 
 
-def concretize(A_lo: Tensor, A_up: Tensor, b_lo: Tensor | None, b_up: Tensor | None, lower: Tensor, upper: Tensor,
-               sound: bool) -> Box:
+def concretize(
+    A_lo: Tensor, A_up: Tensor, b_lo: Tensor | None, b_up: Tensor | None, lower: Tensor, upper: Tensor, sound: bool
+) -> Box:
     """``min A_lo x + b_lo`` and ``max A_up x + b_up`` over the box ``(Sx, B, *in)`` -> ``(S, B, K)``
     (``A_up is A_lo`` shares the products); ``sound``: rounded outward with the concretisation error."""
     if sound:

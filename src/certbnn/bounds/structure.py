@@ -69,8 +69,10 @@ def _patched(module: nn.Module, base: type) -> str | None:
     helpers = tuple(n for t, names in _HELPERS if issubclass(base, t) for n in names)
     for name in ("forward", "_call_impl", *helpers):  # looked up on the instance first
         if name in module.__dict__:
-            return (f"has an instance attribute '{name}' replacing {base.__name__}.{name}: "
-                    "the engine cannot see what it computes")
+            return (
+                f"has an instance attribute '{name}' replacing {base.__name__}.{name}: "
+                "the engine cannot see what it computes"
+            )
     return None
 
 
@@ -119,11 +121,17 @@ def _config(module: nn.Module) -> str | None:
 def check_global_hooks(model: nn.Module) -> None:
     """Refuse while global forward (pre-)hooks are registered: they can change every layer's output."""
     mod = torch.nn.modules.module
-    for attr, register in (("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
-                           ("_global_forward_hooks", "register_module_forward_hook")):
+    for attr, register in (
+        ("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
+        ("_global_forward_hooks", "register_module_forward_hook"),
+    ):
         if getattr(mod, attr, None):
-            raise _refuse("", model, f"runs under global forward hooks (torch.nn.modules.module.{register}) that can "
-                          "change every layer's output; remove them to compute bounds")
+            raise _refuse(
+                "",
+                model,
+                f"runs under global forward hooks (torch.nn.modules.module.{register}) that can "
+                "change every layer's output; remove them to compute bounds",
+            )
 
 
 def leaf_rule(name: str, module: nn.Module) -> type[BoundOp] | None:
@@ -140,8 +148,12 @@ def leaf_rule(name: str, module: nn.Module) -> type[BoundOp] | None:
     base, rule = found
     why = _override(module, base)
     if why:
-        raise _refuse(name, module, f"{why}, so the {base.__name__} bound rule would bound another function; "
-                      f"register a rule for {type(module).__name__} with certbnn.bounds.register_bound")
+        raise _refuse(
+            name,
+            module,
+            f"{why}, so the {base.__name__} bound rule would bound another function; "
+            f"register a rule for {type(module).__name__} with certbnn.bounds.register_bound",
+        )
     if rule.__module__.startswith("certbnn.bounds."):
         why = _config(module)
         if why:
@@ -191,8 +203,12 @@ def _walk(module: nn.Module | None, name: str, out: list[Layer], ancestors: set[
     if isinstance(module, nn.Sequential):
         why = _override(module, nn.Sequential)
         if why:
-            raise _refuse(name, module, f"is an nn.Sequential subclass that {why}: the engine bounds only plain "
-                          "layer chains (register a rule for it with certbnn.bounds.register_bound)")
+            raise _refuse(
+                name,
+                module,
+                f"is an nn.Sequential subclass that {why}: the engine bounds only plain "
+                "layer chains (register a rule for it with certbnn.bounds.register_bound)",
+            )
         if id(module) in ancestors:
             raise _refuse(name, module, "contains itself: its forward never terminates")
         ancestors.add(id(module))
@@ -200,8 +216,12 @@ def _walk(module: nn.Module | None, name: str, out: list[Layer], ancestors: set[
             _walk(child, f"{name}.{key}" if name else key, out, ancestors)
         ancestors.discard(id(module))
         return
-    raise _refuse(name, module, "has no bound rule and is not an nn.Sequential: the engine cannot follow a custom "
-                  "forward (register a rule with certbnn.bounds.register_bound)")
+    raise _refuse(
+        name,
+        module,
+        "has no bound rule and is not an nn.Sequential: the engine cannot follow a custom "
+        "forward (register a rule with certbnn.bounds.register_bound)",
+    )
 
 
 def model_layers(model: nn.Module) -> list[Layer]:

@@ -14,9 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from certbnn import __version__, distributed
-from certbnn.errors import CertbnnError
-
 from certbnn.cli import data_cmd, demo_cmd, evaluate_cmd, reproduce_cmd, train_cmd
+from certbnn.errors import CertbnnError
 
 _COMMAND_MODULES = (demo_cmd, data_cmd, train_cmd, evaluate_cmd, reproduce_cmd)
 

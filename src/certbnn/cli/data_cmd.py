@@ -25,38 +25,51 @@ DATA_DIR_HELP = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "data", help="list, check and download data sets",
+        "data",
+        help="list, check and download data sets",
         description="List, check and download the data sets certbnn can train on.",
     )
     commands = parser.add_subparsers(title="data commands", metavar="ACTION", required=True)
 
-    p = commands.add_parser("list", help="known data sets and where each was found",
-                            description="Show every known data set and the folder it was found in, then the npz "
-                                        "data sets found as NAME/data.npz under the data roots.")
+    p = commands.add_parser(
+        "list",
+        help="known data sets and where each was found",
+        description="Show every known data set and the folder it was found in, then the npz "
+        "data sets found as NAME/data.npz under the data roots.",
+    )
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run_list)
 
     p = commands.add_parser(
-        "check", help="load and verify a data set",
+        "check",
+        help="load and verify a data set",
         description="Load every split of a data set, verify formats, counts and label range, "
-                    "and print counts per split and class and the pixel range. Exits non-zero "
-                    "on any problem.")
-    p.add_argument("name", help=f"data set name ({', '.join(data.known_datasets())}, or a folder NAME/data.npz "
-                                "under a data root) or PATH.npz")
+        "and print counts per split and class and the pixel range. Exits non-zero "
+        "on any problem.",
+    )
+    p.add_argument(
+        "name",
+        help=f"data set name ({', '.join(data.known_datasets())}, or a folder NAME/data.npz "
+        "under a data root) or PATH.npz",
+    )
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=run_check)
 
     p = commands.add_parser(
-        "download", help="download a data set's canonical files (checksummed, resumable)",
+        "download",
+        help="download a data set's canonical files (checksummed, resumable)",
         description="Fetch the canonical archives over HTTP(S), verify their md5/sha256, and "
-                    "store them atomically; an interrupted download resumes where it stopped.")
+        "store them atomically; an interrupted download resumes where it stopped.",
+    )
     p.add_argument("name", help=f"data set name ({', '.join(data.known_datasets())})")
-    p.add_argument("--data-dir", help="data root to download into (default: the first "
-                   f"${data.ENV_VAR} entry if set, else the user cache {data.cache_root()})")
-    p.add_argument("--mirror", metavar="URL",
-                   help="base URL to fetch the files from instead of the canonical mirrors")
+    p.add_argument(
+        "--data-dir",
+        help="data root to download into (default: the first "
+        f"${data.ENV_VAR} entry if set, else the user cache {data.cache_root()})",
+    )
+    p.add_argument("--mirror", metavar="URL", help="base URL to fetch the files from instead of the canonical mirrors")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per network read (default 60)")
     p.add_argument("--retries", type=int, default=3, help="retries per file (default 3)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -70,17 +83,18 @@ def run_list(args: argparse.Namespace) -> int:
         if spec.source is not None:  # npz data sets: listed fresh from the roots below
             continue
         found = data.find_dataset(spec, args.data_dir)
-        rows.append({
-            "name": name,
-            "description": spec.description,
-            "found": found is not None,
-            "path": str(found.path) if found else None,
-            "origin": found.origin if found else None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "description": spec.description,
+                "found": found is not None,
+                "path": str(found.path) if found else None,
+                "origin": found.origin if found else None,
+            }
+        )
     for name, path, origin in npz.discover(args.data_dir):
         if name not in {r["name"] for r in rows}:
-            rows.append({"name": name, "description": "npz folder", "found": True, "path": str(path),
-                         "origin": origin})
+            rows.append({"name": name, "description": "npz folder", "found": True, "path": str(path), "origin": origin})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -103,8 +117,13 @@ def check_dataset(name: str, data_dir: str | None = None) -> dict[str, Any]:
             data.unregister(name)
             spec = data.get_spec(name, data_dir)
     folder = data.locate(spec, data_dir)
-    report: dict[str, Any] = {"name": name, "path": str(spec.source or folder), "splits": {}, "files": {},
-                              "problems": []}
+    report: dict[str, Any] = {
+        "name": name,
+        "path": str(spec.source or folder),
+        "splits": {},
+        "files": {},
+        "problems": [],
+    }
     if spec.sha256:
         report["sha256"] = spec.sha256
     for split, expected in spec.splits.items():
@@ -142,10 +161,14 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{report['name']}: {report['path']}")
         for split, info in report["splits"].items():
             shape = "x".join(map(str, info["image_shape"]))
-            print(f"  {split:<5} {info['count']:>6} images {shape}, pixels "
-                  f"{info['pixel_min']:g}..{info['pixel_max']:g}, per class {info['class_counts']}")
+            print(
+                f"  {split:<5} {info['count']:>6} images {shape}, pixels "
+                f"{info['pixel_min']:g}..{info['pixel_max']:g}, per class {info['class_counts']}"
+            )
         for filename, info in report["files"].items():
-            status = "canonical" if info["canonical_md5"] else "differs from the canonical md5 (re-encoded or lossy copy?)"
+            status = (
+                "canonical" if info["canonical_md5"] else "differs from the canonical md5 (re-encoded or lossy copy?)"
+            )
             print(f"  {filename}: {status}")
         if report.get("sha256"):
             print(f"  sha256 {report['sha256']}")
@@ -162,7 +185,8 @@ def run_download(args: argparse.Namespace) -> int:
     else:
         roots = [r.path for r in data.search_roots() if r.origin == data.ENV_VAR]
         root = roots[0] if roots else data.cache_root()
-    folder = download_dataset(spec, root, mirror=args.mirror, progress=not args.no_progress,
-                              timeout=args.timeout, retries=args.retries)
+    folder = download_dataset(
+        spec, root, mirror=args.mirror, progress=not args.no_progress, timeout=args.timeout, retries=args.retries
+    )
     print(f"{args.name}: downloaded and verified in {folder}")
     return 0

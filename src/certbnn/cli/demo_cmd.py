@@ -10,10 +10,12 @@ from certbnn.cli.options import add_device_option
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="train, certify and attack a robust and a standard BNN (a few minutes on a laptop)",
+        "demo",
+        help="train, certify and attack a robust and a standard BNN (a few minutes on a laptop)",
         description="Train Bayes-by-Backprop BNNs on MNIST (else Fashion-MNIST; downloaded when missing and "
-                    "there is internet) with the standard and the IBP-robust likelihood, certify and attack "
-                    "them, and write OUT/RESULTS.md, OUT/results.json and plots. Rerunning resumes.")
+        "there is internet) with the standard and the IBP-robust likelihood, certify and attack "
+        "them, and write OUT/RESULTS.md, OUT/results.json and plots. Rerunning resumes.",
+    )
     p.add_argument("--out", "-o", default="certbnn-demo", metavar="DIR", help="output directory (default certbnn-demo)")
     add_device_option(p)
     p.add_argument("--data-dir", help="data directory (default: $CERTBNN_DATA, the usual search)")
@@ -28,9 +30,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     overrides = {"epochs": args.epochs} if args.epochs is not None else {}
-    results = run_demo(args.out, device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
-                       fetch=not args.no_download, overrides=overrides,
-                       log=lambda line: print(line, flush=True))
+    results = run_demo(
+        args.out,
+        device=args.device,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        fetch=not args.no_download,
+        overrides=overrides,
+        log=lambda line: print(line, flush=True),
+    )
     print()
     print(summary(results))
     print(f"\nreport: {args.out}/RESULTS.md (plots beside it); {time.perf_counter() - start:.0f} s")

@@ -11,24 +11,45 @@ from certbnn.config import parse_option
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "reproduce", help="run a whole study (a preset grid) and write RESULTS.md",
+        "reproduce",
+        help="run a whole study (a preset grid) and write RESULTS.md",
         description="Train and evaluate every cell (data set x model x method x training mode [x sweep point]) "
-                    "of a preset, then write OUT/results.json, OUT/RESULTS.md (tables like the paper's: rows = "
-                    "inference method, columns = training mode, cells = clean / PGD / certified accuracy) and "
-                    "plots. Rerunning the same command skips finished cells and resumes interrupted ones.")
-    p.add_argument("--preset", default="quick", metavar="NAME|FILE",
-                   help="a shipped preset (paper, quick, eps-sweep, lambda-ablation, demo; see --list) or a path "
-                        "to your own TOML file in the same format (default quick)")
+        "of a preset, then write OUT/results.json, OUT/RESULTS.md (tables like the paper's: rows = "
+        "inference method, columns = training mode, cells = clean / PGD / certified accuracy) and "
+        "plots. Rerunning the same command skips finished cells and resumes interrupted ones.",
+    )
+    p.add_argument(
+        "--preset",
+        default="quick",
+        metavar="NAME|FILE",
+        help="a shipped preset (paper, quick, eps-sweep, lambda-ablation, demo; see --list) or a path "
+        "to your own TOML file in the same format (default quick)",
+    )
     p.add_argument("--out", "-o", metavar="DIR", help="output directory (required unless --list)")
-    p.add_argument("--only", default="", metavar="PATTERNS",
-                   help="comma-separated substrings of cell ids (e.g. 'mnist/bbb,/ibp'); runs the matching cells "
-                        "and the cells they start from")
+    p.add_argument(
+        "--only",
+        default="",
+        metavar="PATTERNS",
+        help="comma-separated substrings of cell ids (e.g. 'mnist/bbb,/ibp'); runs the matching cells "
+        "and the cells they start from",
+    )
     add_device_option(p)
     p.add_argument("--data-dir", help="data directory for every data set (default: $CERTBNN_DATA, the usual search)")
-    p.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training setting in every cell, e.g. --set epochs=2 (repeatable)")
-    p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an evaluation setting in every cell, e.g. --eval-set limit=200 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="train_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting in every cell, e.g. --set epochs=2 (repeatable)",
+    )
+    p.add_argument(
+        "--eval-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an evaluation setting in every cell, e.g. --eval-set limit=200 (repeatable)",
+    )
     p.add_argument("--list", action="store_true", help="list the shipped presets and exit")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their state, run nothing")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -69,8 +90,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
         for cell in cells:
             print(f"{cell_status(cell, Path(args.out)):9s} {cell.id}")
         return 0
-    results = run_grid(preset, args.out, cells=cells, progress=not args.no_progress, command=_command(args),
-                       log=lambda line: print(line, flush=True))
+    results = run_grid(
+        preset,
+        args.out,
+        cells=cells,
+        progress=not args.no_progress,
+        command=_command(args),
+        log=lambda line: print(line, flush=True),
+    )
     print(f"wrote {args.out}/results.json and {args.out}/RESULTS.md ({len(results['cells'])} cells)")
     return 0
 

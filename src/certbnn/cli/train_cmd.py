@@ -11,14 +11,14 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 HELP = {
     "dataset": "data set: a name (mnist, fashion-mnist, cifar10, or a folder NAME/data.npz under a data root), "
-               "or PATH.npz with arrays x_train, y_train, x_test, y_test (docs/data.md); an npz file's path and "
-               "sha256 are recorded in config.json and checked again by resume and evaluate",
+    "or PATH.npz with arrays x_train, y_train, x_test, y_test (docs/data.md); an npz file's path and "
+    "sha256 are recorded in config.json and checked again by resume and evaluate",
     "dataset_sha256": "refuse to train unless the npz data set has this sha256 (recorded automatically)",
     "data_dir": "directory holding the data set (default: $CERTBNN_DATA, user cache, /usr/share/datasets)",
     "model": "architecture: mlp:512 (the paper's MNIST MLP), mlp:1024,512, cifar-small, cnn:16c4,32c4,p2,100[@tanh], "
-             "or your own nn.Module as package.module:factory. A plug-in IMPORTS AND RUNS YOUR PYTHON CODE (from "
-             "PYTHONPATH and the current folder): factory() or factory(input_shape, num_classes) returns the module "
-             "(docs/training.md, Plug-in models); nothing else on the command line imports code",
+    "or your own nn.Module as package.module:factory. A plug-in IMPORTS AND RUNS YOUR PYTHON CODE (from "
+    "PYTHONPATH and the current folder): factory() or factory(input_shape, num_classes) returns the module "
+    "(docs/training.md, Plug-in models); nothing else on the command line imports code",
     "method": "inference method: sgd, adam, bbb, noisy-adam, vogn, swag, hmc, sghmc",
     "likelihood": "standard (plain softmax), ibp / crown-ibp / crown (certifiably robust), fgsm / pgd (adversarial)",
     "lam": "weight of the clean term in the robust/adversarial mixture, in [0, 1] (paper: 0.25)",
@@ -31,42 +31,59 @@ HELP = {
     "batch_size": "minibatch size",
     "lr": "learning rate (HMC's step size is a method option: --opt step_size=...)",
     "kl_weight": "posterior temperature T: train towards p(D|w)^(1/T) p(w); the KL weight of bbb / noisy-adam / "
-                 "vogn (weight of KL/N in the ELBO), the prior_weight of sgd / adam / swag, the temperature of hmc / "
-                 "sghmc (potential (N/T) mean nll - log p(w)). The default 0.01 is a "
-                 "tempered posterior, common practice for BNNs: it trains and certifies far better than T = 1 "
-                 "(docs/training.md, Defaults). --kl-weight 1 gives the proper ELBO / Bayesian posterior. "
-                 "metrics.json and the posterior file record the value used",
+    "vogn (weight of KL/N in the ELBO), the prior_weight of sgd / adam / swag, the temperature of hmc / "
+    "sghmc (potential (N/T) mean nll - log p(w)). The default 0.01 is a "
+    "tempered posterior, common practice for BNNs: it trains and certifies far better than T = 1 "
+    "(docs/training.md, Defaults). --kl-weight 1 gives the proper ELBO / Bayesian posterior. "
+    "metrics.json and the posterior file record the value used",
     "prior_scale": "prior variance = prior_scale / fan_in, per layer",
     "seed": "random seed: held-out split, initialisation, shuffling and weight noise",
     "limit_train": "train on only the first N (shuffled) training examples",
-    "augment": "append N randomly rotated / zoomed / shifted / flipped copies of training images (paper CIFAR-10: 40000)",
+    "augment": "append N randomly rotated / zoomed / shifted / flipped copies of training images "
+    "(paper CIFAR-10: 40000)",
     "val_size": "training examples held out for per-epoch validation (0 disables)",
     "val_samples": "posterior samples used by the per-epoch validation",
     "test_size": "score only the first N test points into metrics.json at the end (default: all)",
     "parallel": "under torchrun: data = every process takes a shard of each batch (one posterior); chains = "
-                "every process runs its own HMC / SG-HMC chain on all the data, samples pooled, R-hat and ESS reported",
+    "every process runs its own HMC / SG-HMC chain on all the data, samples pooled, R-hat and ESS reported",
     "device": "cpu, cuda[:N] or auto (GPU when available)",
-    "init_from": "warm start: a posterior file or run directory (same architecture) whose mean gives the initial weights, e.g. an SGD run before HMC",
+    "init_from": "warm start: a posterior file or run directory (same architecture) whose mean gives the "
+    "initial weights, e.g. an SGD run before HMC",
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a (certifiably robust) Bayesian neural network",
+        "train",
+        help="train a (certifiably robust) Bayesian neural network",
         description="Train a posterior with the chosen inference method and likelihood. Settings come "
-                    "from the defaults, then --config FILE.toml, then flags. Writes RUN_DIR/config.json, "
-                    "checkpoint.safetensors (every epoch), posterior.safetensors and metrics.json.",
+        "from the defaults, then --config FILE.toml, then flags. Writes RUN_DIR/config.json, "
+        "checkpoint.safetensors (every epoch), posterior.safetensors and metrics.json.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the settings below")
-    parser.add_argument("--resume", action="store_true", default=False,
-                        help="continue the run in RUN_DIR from its last checkpoint (same settings)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in RUN_DIR from its last checkpoint (same settings)",
+    )
     parser.add_argument("--no-progress", action="store_true", default=False, help="hide progress bars")
-    parser.add_argument("--opt", action="append", metavar="KEY=VALUE", dest="method_opt",
-                        help="method option, e.g. --opt num_leapfrog=25 (repeatable)")
-    parser.add_argument("--lik-opt", action="append", metavar="KEY=VALUE", dest="likelihood_opt",
-                        help="likelihood option, e.g. --lik-opt steps=20 (repeatable)")
+    parser.add_argument(
+        "--opt",
+        action="append",
+        metavar="KEY=VALUE",
+        dest="method_opt",
+        help="method option, e.g. --opt num_leapfrog=25 (repeatable)",
+    )
+    parser.add_argument(
+        "--lik-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        dest="likelihood_opt",
+        help="likelihood option, e.g. --lik-opt steps=20 (repeatable)",
+    )
     for name, f in FIELDS.items():
         if name in ("method_options", "likelihood_options", "dataset_file"):  # tables; recorded, not set
             continue
@@ -115,9 +132,11 @@ def run_train(args: argparse.Namespace) -> int:
         saved_path = Path(args.out) / CONFIG
         if not saved_path.exists():
             from certbnn.errors import CertbnnError
+
             raise CertbnnError(f"{args.out}: nothing to resume (no {CONFIG})")
         if given or file_values:
             from certbnn.errors import ConfigError
+
             raise ConfigError("--resume continues a run with its saved settings; drop the other settings")
         config = make_config(load_saved_config(saved_path), {})
     else:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 from certbnn.data.dataset import ArrayDataset
-from certbnn.data.roots import ENV_VAR, cache_root, find_dataset, locate, search_roots
 from certbnn.data.registry import (
     DatasetSpec,
     Resource,
@@ -30,12 +29,26 @@ from certbnn.data.registry import (
     registered_spec,
     unregister,
 )
+from certbnn.data.roots import ENV_VAR, cache_root, find_dataset, locate, search_roots
 from certbnn.errors import DataError
 
 __all__ = [
-    "ArrayDataset", "DatasetSpec", "Resource", "DataError", "ENV_VAR", "cache_root",
-    "find_dataset", "get_spec", "known_datasets", "load", "locate", "register",
-    "register_arrays", "registered_spec", "search_roots", "unregister",
+    "ArrayDataset",
+    "DatasetSpec",
+    "Resource",
+    "DataError",
+    "ENV_VAR",
+    "cache_root",
+    "find_dataset",
+    "get_spec",
+    "known_datasets",
+    "load",
+    "locate",
+    "register",
+    "register_arrays",
+    "registered_spec",
+    "search_roots",
+    "unregister",
 ]
 
 
@@ -49,8 +62,7 @@ def load(name: str, split: str = "train", data_dir: str | os.PathLike | None = N
     images, labels = spec.reader(folder, split)
     if tuple(images.shape[1:]) != spec.image_shape:
         raise DataError(
-            f"{folder}: {name}/{split} images have shape {tuple(images.shape[1:])}, "
-            f"expected {spec.image_shape}"
+            f"{folder}: {name}/{split} images have shape {tuple(images.shape[1:])}, expected {spec.image_shape}"
         )
     if len(images) == 0:
         raise DataError(f"{folder}: {name}/{split} is empty (0 examples)")

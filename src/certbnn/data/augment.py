@@ -40,8 +40,9 @@ class AugmentSpec:
         return self
 
 
-def augment(dataset: ArrayDataset, copies: int, *, seed: int = 0, spec: AugmentSpec = AugmentSpec(),
-            chunk: int = 2048) -> ArrayDataset:
+def augment(
+    dataset: ArrayDataset, copies: int, *, seed: int = 0, spec: AugmentSpec = AugmentSpec(), chunk: int = 2048
+) -> ArrayDataset:
     """``dataset`` followed by ``copies`` transformed images (sources drawn with replacement).
 
     Labels are copied from the sources. uint8 images stay uint8 (rounded); the
@@ -54,23 +55,30 @@ def augment(dataset: ArrayDataset, copies: int, *, seed: int = 0, spec: AugmentS
     if len(dataset) == 0:
         raise ConfigError("cannot augment an empty data set")
     if dataset.images.ndim != 4:
-        raise ConfigError(f"augmentation transforms images (N, C, H, W); {dataset.name} holds feature vectors "
-                          f"{dataset.image_shape}")
+        raise ConfigError(
+            f"augmentation transforms images (N, C, H, W); {dataset.name} holds feature vectors {dataset.image_shape}"
+        )
     spec.validate()
     rng = np.random.default_rng(seed)
     sources = rng.integers(0, len(dataset), size=copies)
     generator = torch.Generator().manual_seed(seed)
     out = np.empty((copies, *dataset.image_shape), dtype=dataset.images.dtype)
     for start in range(0, copies, chunk):
-        idx = sources[start:start + chunk]
+        idx = sources[start : start + chunk]
         images = torch.from_numpy(np.ascontiguousarray(dataset.images[idx])).float()
         moved = _random_affine(images, spec, generator)
         if dataset.images.dtype == np.uint8:
-            out[start:start + len(idx)] = moved.round().clamp(0, 255).to(torch.uint8).numpy()
+            out[start : start + len(idx)] = moved.round().clamp(0, 255).to(torch.uint8).numpy()
         else:
-            out[start:start + len(idx)] = moved.clamp(0, 1).numpy()
-    return ArrayDataset(np.concatenate([dataset.images, out]), np.concatenate([dataset.labels, dataset.labels[sources]]),
-                        dataset.num_classes, dataset.name, dataset.split, dataset.class_names)
+            out[start : start + len(idx)] = moved.clamp(0, 1).numpy()
+    return ArrayDataset(
+        np.concatenate([dataset.images, out]),
+        np.concatenate([dataset.labels, dataset.labels[sources]]),
+        dataset.num_classes,
+        dataset.name,
+        dataset.split,
+        dataset.class_names,
+    )
 
 
 def _random_affine(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
@@ -81,11 +89,10 @@ def _random_affine(images: torch.Tensor, spec: AugmentSpec, generator: torch.Gen
         return (torch.rand(n, generator=generator) * 2 - 1) * half_width
 
     angle = uniform(math.radians(spec.rotation))
-    scale = 1.0 + uniform(spec.zoom)   # > 1 zooms out: the grid samples a larger area
+    scale = 1.0 + uniform(spec.zoom)  # > 1 zooms out: the grid samples a larger area
     flip = torch.where(torch.rand(n, generator=generator) < spec.hflip, -1.0, 1.0)
     tx, ty = uniform(2 * spec.shift), uniform(2 * spec.shift)  # normalised coordinates span 2
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], -1),
-                         torch.stack([sin * flip, cos, ty], -1)], 1)
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], -1), torch.stack([sin * flip, cos, ty], -1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -54,14 +54,27 @@ def parse_python_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray
     """Unpickle (restricted) a python batch into images (N, 3, 32, 32) and labels (N,)."""
     try:
         batch = safe_loads(data)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
-            IndexError, MemoryError, RecursionError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        MemoryError,
+        RecursionError,
+    ) as exc:
         raise DataError(f"{source}: not a valid CIFAR-10 python batch ({exc})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{source}: pickled object is not a dict with b'data' and b'labels'")
     images, labels = batch[b"data"], batch[b"labels"]
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
-            or images.shape[1] != IMAGE_BYTES:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 2
+        or images.shape[1] != IMAGE_BYTES
+    ):
         raise DataError(f"{source}: b'data' must be a uint8 array of shape (N, {IMAGE_BYTES})")
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu" or labels.shape != (images.shape[0],):
@@ -83,21 +96,20 @@ def find_source(folder: Path) -> Path | None:
 def _read_archive(archive: Path, split: str) -> tuple[str, dict[str, bytes]]:
     """Stream through ``archive`` once; return its layout and the split's member bytes."""
     wanted = {
-        (dirname, batch + suffix)
-        for layout, (dirname, suffix) in LAYOUTS.items()
-        for batch in SPLIT_BATCHES[split]
+        (dirname, batch + suffix) for layout, (dirname, suffix) in LAYOUTS.items() for batch in SPLIT_BATCHES[split]
     }
     found: dict[str, dict[str, bytes]] = {layout: {} for layout in LAYOUTS}
     layout_of = {dirname: layout for layout, (dirname, _) in LAYOUTS.items()}
     try:
-        with open_regular(archive, "CIFAR-10 archive") as raw, \
-                tarfile.open(fileobj=raw, mode="r:*") as tar:
+        with open_regular(archive, "CIFAR-10 archive") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             for member in tar:
                 path = PurePosixPath(member.name)
                 if member.isfile() and (path.parent.name, path.name) in wanted:
                     if member.size > MAX_BATCH_BYTES:
-                        raise DataError(f"{archive}: member {member.name} announces {member.size} "
-                                        f"bytes, more than the {MAX_BATCH_BYTES} a CIFAR-10 batch may hold")
+                        raise DataError(
+                            f"{archive}: member {member.name} announces {member.size} "
+                            f"bytes, more than the {MAX_BATCH_BYTES} a CIFAR-10 batch may hold"
+                        )
                     extracted = tar.extractfile(member)
                     assert extracted is not None
                     found[layout_of[path.parent.name]][path.name] = extracted.read()
@@ -132,9 +144,7 @@ def read_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         names = [b + suffix for b in SPLIT_BATCHES[split]]
         missing = [n for n in names if n not in blobs]
         if missing:
-            raise DataError(
-                f"{path}: archive lacks {dirname}/{missing[0]} (needed for the {split} split)"
-            )
+            raise DataError(f"{path}: archive lacks {dirname}/{missing[0]} (needed for the {split} split)")
         where = {name: f"{path}:{dirname}/{name}" for name in names}
     parse: Callable[[bytes, str], tuple[np.ndarray, np.ndarray]] = (
         parse_binary_batch if layout == "bin" else parse_python_batch

@@ -36,9 +36,7 @@ class ArrayDataset:
             shape = getattr(images, "shape", None)
             raise DataError(f"{where}: images must be an array of shape (N, C, H, W) or (N, D), got {shape}")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(
-                f"{where}: {images.shape[0]} images but labels of shape {labels.shape}"
-            )
+            raise DataError(f"{where}: {images.shape[0]} images but labels of shape {labels.shape}")
         if labels.dtype.kind not in "iu":
             raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
         if images.dtype == np.float32:
@@ -52,8 +50,7 @@ class ArrayDataset:
             raise DataError(f"{where}: num_classes must be positive, got {self.num_classes}")
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise DataError(
-                f"{where}: labels must lie in [0, {self.num_classes}), found "
-                f"{labels.min()}..{labels.max()}"
+                f"{where}: labels must lie in [0, {self.num_classes}), found {labels.min()}..{labels.max()}"
             )
         if self.class_names and len(self.class_names) != self.num_classes:
             raise DataError(f"{where}: {len(self.class_names)} class names for {self.num_classes} classes")
@@ -74,8 +71,12 @@ class ArrayDataset:
     def subset(self, indices: np.ndarray | slice) -> ArrayDataset:
         """A view (slice) or copy (index array) holding the selected examples."""
         return ArrayDataset(
-            self.images[indices], self.labels[indices], self.num_classes, self.name,
-            self.split, self.class_names,
+            self.images[indices],
+            self.labels[indices],
+            self.num_classes,
+            self.name,
+            self.split,
+            self.class_names,
         )
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
@@ -103,13 +104,14 @@ class ArrayDataset:
         for start in range(0, self.num_batches(batch_size, drop_last) * batch_size, batch_size):
             stop = min(start + batch_size, n)
             index = order[start:stop] if order is not None else slice(start, stop)
-            yield self._to_tensor(self.images[index], flatten, device, dtype), \
-                torch.from_numpy(self.labels[index]).to(device)
+            yield (
+                self._to_tensor(self.images[index], flatten, device, dtype),
+                torch.from_numpy(self.labels[index]).to(device),
+            )
 
     def tensors(self, *, flatten: bool = False, device=None, dtype=torch.float32):
         """All examples as one ``(x, y)`` pair (allocates N x C x H x W floats)."""
-        return self._to_tensor(self.images, flatten, device, dtype), \
-            torch.from_numpy(self.labels).to(device)
+        return self._to_tensor(self.images, flatten, device, dtype), torch.from_numpy(self.labels).to(device)
 
     @staticmethod
     def _to_tensor(images: np.ndarray, flatten: bool, device, dtype) -> torch.Tensor:

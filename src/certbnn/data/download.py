@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 import certbnn
 from certbnn.errors import DataError, DownloadError
-from certbnn.safe_open import open_regular
 from certbnn.fileio import open_no_follow
+from certbnn.safe_open import open_regular
 
 if TYPE_CHECKING:
     from certbnn.data.registry import DatasetSpec
@@ -67,9 +67,7 @@ def file_digest(path: str | os.PathLike[str], algorithm: str) -> str:
     return h.hexdigest()
 
 
-def _mismatch(
-    path: Path, *, md5: str | None, sha256: str | None, expected_size: int | None
-) -> str | None:
+def _mismatch(path: Path, *, md5: str | None, sha256: str | None, expected_size: int | None) -> str | None:
     """Describe the first way ``path`` fails the given expectations, or ``None``."""
     if expected_size is not None:
         size = path.stat().st_size
@@ -253,8 +251,17 @@ def download_file(
     dest = Path(dest)
     _check_url(url)
     try:
-        return _download_file(url, dest, md5=md5, sha256=sha256, expected_size=expected_size,
-                              timeout=timeout, retries=retries, progress=progress, chunk_size=chunk_size)
+        return _download_file(
+            url,
+            dest,
+            md5=md5,
+            sha256=sha256,
+            expected_size=expected_size,
+            timeout=timeout,
+            retries=retries,
+            progress=progress,
+            chunk_size=chunk_size,
+        )
     except OSError as err:  # local file system: unwritable folder, disk full, a directory in the way
         where = err.filename or dest
         raise DownloadError(f"cannot write {where}: {err.strerror or err}") from None
@@ -267,9 +274,18 @@ def _check_url(url: str) -> None:
         raise DownloadError(f"{url!r}: not an http:// or https:// URL (only HTTP(S) mirrors are supported)")
 
 
-def _download_file(url: str, dest: Path, *, md5: str | None, sha256: str | None,
-                   expected_size: int | None, timeout: float, retries: int, progress: bool,
-                   chunk_size: int) -> Path:
+def _download_file(
+    url: str,
+    dest: Path,
+    *,
+    md5: str | None,
+    sha256: str | None,
+    expected_size: int | None,
+    timeout: float,
+    retries: int,
+    progress: bool,
+    chunk_size: int,
+) -> Path:
     """:func:`download_file` without the URL check and OSError translation."""
     part = dest.with_name(dest.name + ".part")
     for path in (dest, part):  # a FIFO, directory or device in the way: refuse, never open it
@@ -333,8 +349,13 @@ def _download_file(url: str, dest: Path, *, md5: str | None, sha256: str | None,
 
 
 def download_dataset(
-    spec: "DatasetSpec", root: Path, *, mirror: str | None = None, progress: bool = True,
-    timeout: float = 60.0, retries: int = 3,
+    spec: DatasetSpec,
+    root: Path,
+    *,
+    mirror: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    retries: int = 3,
 ) -> Path:
     """Fetch every resource of ``spec`` into ``root / <first folder name>`` and return
     that folder. Files already present and verified are kept; mirrors are tried in
@@ -359,13 +380,20 @@ def download_dataset(
         errors: list[str] = []
         for url in urls:
             try:
-                download_file(url, folder / resource.filename, md5=resource.md5,
-                              sha256=resource.sha256, timeout=timeout, retries=retries,
-                              progress=progress)
+                download_file(
+                    url,
+                    folder / resource.filename,
+                    md5=resource.md5,
+                    sha256=resource.sha256,
+                    timeout=timeout,
+                    retries=retries,
+                    progress=progress,
+                )
                 break
             except DownloadError as exc:
                 errors.append(str(exc))
         else:
-            raise DownloadError(errors[-1] if len(errors) == 1 else
-                                f"{resource.filename}: every mirror failed; last: {errors[-1]}")
+            raise DownloadError(
+                errors[-1] if len(errors) == 1 else f"{resource.filename}: every mirror failed; last: {errors[-1]}"
+            )
     return folder

@@ -40,9 +40,7 @@ def _read_body(f, path: Path, dims: tuple[int, ...], size: int) -> bytearray:
     while len(buf) < size:
         chunk = f.read(min(_CHUNK, size - len(buf)))
         if not chunk:
-            raise DataError(
-                f"{path}: truncated: header announces {dims} = {size} bytes, found {len(buf)}"
-            )
+            raise DataError(f"{path}: truncated: header announces {dims} = {size} bytes, found {len(buf)}")
         buf += chunk
     return buf
 
@@ -65,8 +63,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             zero1, zero2, dtype_code, file_ndim = struct.unpack(">BBBB", header)
             if zero1 != 0 or zero2 != 0 or dtype_code != _UBYTE:
                 raise DataError(
-                    f"{path}: not an unsigned-byte IDX file (magic {header.hex()}, "
-                    f"expected 000008{ndim:02x})"
+                    f"{path}: not an unsigned-byte IDX file (magic {header.hex()}, expected 000008{ndim:02x})"
                 )
             if file_ndim != ndim:
                 raise DataError(f"{path}: IDX file has {file_ndim} dimensions, expected {ndim}")
@@ -78,8 +75,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             available = None if disk_size is None else disk_size - 4 - 4 * ndim
             if available is not None and size > available:
                 raise DataError(
-                    f"{path}: truncated: header announces {dims} = {size} bytes, "
-                    f"the file holds {available}"
+                    f"{path}: truncated: header announces {dims} = {size} bytes, the file holds {available}"
                 )
             if size > MAX_IDX_BYTES:
                 raise DataError(
@@ -104,9 +100,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     Used by tests and by users converting their own data to the MNIST layout.
     """
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, _UBYTE, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
+    header = struct.pack(">BBBB", 0, 0, _UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     opener = gzip.open if Path(path).suffix == ".gz" else open
     with opener(path, "wb") as f:
         f.write(header)

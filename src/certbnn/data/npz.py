@@ -94,8 +94,10 @@ def _parse(path: Path, raw: bytes) -> NpzData:
             if missing:
                 raise DataError(f"{where} missing array(s) {', '.join(missing)} (has: {', '.join(names) or 'none'})")
             if unknown:
-                raise DataError(f"{where} unknown array(s) {', '.join(unknown)} (expected x_train, y_train, x_test, "
-                                "y_test and optionally class_names)")
+                raise DataError(
+                    f"{where} unknown array(s) {', '.join(unknown)} (expected x_train, y_train, x_test, "
+                    "y_test and optionally class_names)"
+                )
             arrays = {k: archive[k] for k in names}
     except DataError:
         raise
@@ -105,8 +107,10 @@ def _parse(path: Path, raw: bytes) -> NpzData:
         raise DataError(f"{where} {_one_line(reason)}") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise DataError(f"{where} not a readable .npz archive ({_one_line(str(exc)) or type(exc).__name__})") from None
-    splits = {split: (_inputs(where, xk, arrays[xk]), _labels(where, yk, arrays[yk]))
-              for split, (xk, yk) in SPLIT_KEYS.items()}
+    splits = {
+        split: (_inputs(where, xk, arrays[xk]), _labels(where, yk, arrays[yk]))
+        for split, (xk, yk) in SPLIT_KEYS.items()
+    }
     for split, (xk, yk) in SPLIT_KEYS.items():
         x, y = splits[split]
         if len(x) != len(y):
@@ -115,15 +119,19 @@ def _parse(path: Path, raw: bytes) -> NpzData:
             raise DataError(f"{where} {xk} is empty (0 examples)")
     input_shape = tuple(int(d) for d in splits["train"][0].shape[1:])
     if tuple(splits["test"][0].shape[1:]) != input_shape:
-        raise DataError(f"{where} x_train examples have shape {input_shape} but x_test examples "
-                        f"{tuple(splits['test'][0].shape[1:])}")
+        raise DataError(
+            f"{where} x_train examples have shape {input_shape} but x_test examples "
+            f"{tuple(splits['test'][0].shape[1:])}"
+        )
     top = max(int(y.max()) for _, y in splits.values())
     class_names: tuple[str, ...] = ()
     if "class_names" in arrays:
         names_array = arrays["class_names"]
         if names_array.ndim != 1 or names_array.dtype.kind not in "US":
-            raise DataError(f"{where} class_names must be a 1-d array of strings, got dtype {names_array.dtype} "
-                            f"shape {names_array.shape}")
+            raise DataError(
+                f"{where} class_names must be a 1-d array of strings, got dtype {names_array.dtype} "
+                f"shape {names_array.shape}"
+            )
         class_names = tuple(str(n) for n in names_array.tolist())
         if top >= len(class_names):
             raise DataError(f"{where} labels go up to {top} but class_names names only {len(class_names)} classes")
@@ -145,8 +153,10 @@ def _inputs(where: str, key: str, x: np.ndarray) -> np.ndarray:
     if x.size and not np.isfinite(x).all():
         raise DataError(f"{where} {key} contains NaN or infinite values")
     if x.size and (x.min() < 0 or x.max() > 1):
-        raise DataError(f"{where} {key} must lie in [0, 1] (scale images to [0, 1] or store them as uint8), "
-                        f"found {float(x.min()):g}..{float(x.max()):g}")
+        raise DataError(
+            f"{where} {key} must lie in [0, 1] (scale images to [0, 1] or store them as uint8), "
+            f"found {float(x.min()):g}..{float(x.max()):g}"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)  # [0, 1] rounds into [0, 1]
 
 
@@ -169,17 +179,25 @@ def npz_spec(name: str, path: str | os.PathLike) -> DatasetSpec:
     def reader(_folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         current = read_npz(source)  # cached; re-read (and re-checked) if the file changed
         if current.sha256 != contents.sha256:
-            raise DataError(f"{source} changed since it was checked (sha256 {current.sha256[:12]}..., "
-                            f"was {contents.sha256[:12]}...)")
+            raise DataError(
+                f"{source} changed since it was checked (sha256 {current.sha256[:12]}..., "
+                f"was {contents.sha256[:12]}...)"
+            )
         return current.splits[split]
 
     counts = {split: len(y) for split, (_, y) in contents.splits.items()}
     return DatasetSpec(
-        name=name, image_shape=contents.input_shape, num_classes=contents.num_classes, reader=reader,
-        marker=lambda folder: (Path(folder) / source.name).is_file(), splits=counts,
-        class_names=contents.class_names, source=source, sha256=contents.sha256,
+        name=name,
+        image_shape=contents.input_shape,
+        num_classes=contents.num_classes,
+        reader=reader,
+        marker=lambda folder: (Path(folder) / source.name).is_file(),
+        splits=counts,
+        class_names=contents.class_names,
+        source=source,
+        sha256=contents.sha256,
         description=f"npz file {source}, {counts['train']:,} train / {counts['test']:,} test, "
-                    + "x".join(map(str, contents.input_shape)),
+        + "x".join(map(str, contents.input_shape)),
     )
 
 
@@ -191,15 +209,18 @@ def find_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path | 
     if not _FOLDER_NAME.fullmatch(name):
         return None
     for root in search_roots(data_dir):
-        for candidate in (root.path / name / FOLDER_FILE,
-                          *((root.path / FOLDER_FILE,) if root.origin == "explicit" and root.path.name == name else ())):
+        for candidate in (
+            root.path / name / FOLDER_FILE,
+            *((root.path / FOLDER_FILE,) if root.origin == "explicit" and root.path.name == name else ()),
+        ):
             if candidate.is_file():
                 return candidate
     return None
 
 
-def resolve(name: str, data_dir: str | os.PathLike | None = None, file: str | os.PathLike | None = None
-            ) -> DatasetSpec | None:
+def resolve(
+    name: str, data_dir: str | os.PathLike | None = None, file: str | os.PathLike | None = None
+) -> DatasetSpec | None:
     """Register (replacing an older one) and return the npz data set ``name``: the file
     ``file`` when it exists, else ``name`` itself when it is a ``.npz`` path, else a folder
     ``<root>/<name>/data.npz`` under the data roots; None when none of these exists and

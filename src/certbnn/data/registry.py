@@ -95,8 +95,10 @@ def get_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
     spec = resolve(name, data_dir)
     if spec is None:
         known = ", ".join(sorted(n for n, s in _REGISTRY.items() if s.source is None)) or "none"
-        raise DataError(f"unknown data set {name!r} (known: {known}; or a PATH.npz file, or a folder "
-                        f"{name}/data.npz under a data root)")
+        raise DataError(
+            f"unknown data set {name!r} (known: {known}; or a PATH.npz file, or a folder "
+            f"{name}/data.npz under a data root)"
+        )
     return spec
 
 
@@ -130,9 +132,15 @@ def register_arrays(
 
     return register(
         DatasetSpec(
-            name=name, image_shape=shapes.pop(), num_classes=num_classes, reader=reader,
-            marker=lambda _folder: True, splits={s: len(y) for s, (_, y) in frozen.items()},
-            class_names=class_names, description="in-memory arrays", in_memory=True,
+            name=name,
+            image_shape=shapes.pop(),
+            num_classes=num_classes,
+            reader=reader,
+            marker=lambda _folder: True,
+            splits={s: len(y) for s, (_, y) in frozen.items()},
+            class_names=class_names,
+            description="in-memory arrays",
+            in_memory=True,
         ),
         overwrite=True,
     )
@@ -162,9 +170,7 @@ def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(image_path, ndim=3)
     labels = read_idx(label_path, ndim=1)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{label_path}: {labels.shape[0]} labels for {images.shape[0]} images in {image_path.name}"
-        )
+        raise DataError(f"{label_path}: {labels.shape[0]} labels for {images.shape[0]} images in {image_path.name}")
     return images[:, None, :, :], labels.astype(np.int64)
 
 
@@ -180,53 +186,79 @@ def _idx_resources(base_urls: tuple[str, ...], md5: dict[str, str]) -> tuple[Res
     )
 
 
-register(DatasetSpec(
-    name="mnist",
-    description="MNIST handwritten digits, 60,000 train / 10,000 test, 1x28x28",
-    image_shape=(1, 28, 28), num_classes=10, reader=read_idx_split, marker=_has_idx,
-    splits={"train": 60000, "test": 10000},
-    class_names=tuple(str(i) for i in range(10)),
-    resources=_idx_resources(
-        ("https://ossci-datasets.s3.amazonaws.com/mnist", "http://yann.lecun.com/exdb/mnist"),
-        {
-            "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
-        },
-    ),
-))
+register(
+    DatasetSpec(
+        name="mnist",
+        description="MNIST handwritten digits, 60,000 train / 10,000 test, 1x28x28",
+        image_shape=(1, 28, 28),
+        num_classes=10,
+        reader=read_idx_split,
+        marker=_has_idx,
+        splits={"train": 60000, "test": 10000},
+        class_names=tuple(str(i) for i in range(10)),
+        resources=_idx_resources(
+            ("https://ossci-datasets.s3.amazonaws.com/mnist", "http://yann.lecun.com/exdb/mnist"),
+            {
+                "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+            },
+        ),
+    )
+)
 
-register(DatasetSpec(
-    name="fashion-mnist",
-    description="Zalando Fashion-MNIST, 60,000 train / 10,000 test, 1x28x28",
-    image_shape=(1, 28, 28), num_classes=10, reader=read_idx_split, marker=_has_idx,
-    folder_names=("fashion-mnist", "fashion_mnist", "fashionmnist"),
-    splits={"train": 60000, "test": 10000},
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot"),
-    resources=_idx_resources(
-        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",),
-        {
-            "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
-        },
-    ),
-))
+register(
+    DatasetSpec(
+        name="fashion-mnist",
+        description="Zalando Fashion-MNIST, 60,000 train / 10,000 test, 1x28x28",
+        image_shape=(1, 28, 28),
+        num_classes=10,
+        reader=read_idx_split,
+        marker=_has_idx,
+        folder_names=("fashion-mnist", "fashion_mnist", "fashionmnist"),
+        splits={"train": 60000, "test": 10000},
+        class_names=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        resources=_idx_resources(
+            ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",),
+            {
+                "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+            },
+        ),
+    )
+)
 
-register(DatasetSpec(
-    name="cifar10",
-    description="CIFAR-10 natural images, 50,000 train / 10,000 test, 3x32x32",
-    image_shape=(3, 32, 32), num_classes=10, reader=cifar.read_cifar10,
-    marker=lambda folder: cifar.find_source(folder) is not None,
-    folder_names=("cifar10", "cifar-10"),
-    splits={"train": 50000, "test": 10000},
-    class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                 "ship", "truck"),
-    resources=(
-        Resource("cifar-10-binary.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
-                 md5="c32a1d4ab5d03f1284b67883e8d87530"),
-    ),
-))
+register(
+    DatasetSpec(
+        name="cifar10",
+        description="CIFAR-10 natural images, 50,000 train / 10,000 test, 3x32x32",
+        image_shape=(3, 32, 32),
+        num_classes=10,
+        reader=cifar.read_cifar10,
+        marker=lambda folder: cifar.find_source(folder) is not None,
+        folder_names=("cifar10", "cifar-10"),
+        splits={"train": 50000, "test": 10000},
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        resources=(
+            Resource(
+                "cifar-10-binary.tar.gz",
+                ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
+                md5="c32a1d4ab5d03f1284b67883e8d87530",
+            ),
+        ),
+    )
+)

@@ -41,8 +41,7 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Root]:
     """The roots searched, in order (only the explicit one when ``data_dir`` is given)."""
     if data_dir is not None:
         return [Root(Path(data_dir).expanduser(), "explicit")]
-    roots = [Root(Path(p).expanduser(), ENV_VAR)
-             for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    roots = [Root(Path(p).expanduser(), ENV_VAR) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
     roots.append(Root(cache_root(), "cache"))
     roots.extend(Root(p, "system") for p in SYSTEM_ROOTS)
     return roots
@@ -52,9 +51,9 @@ def candidate_folders(spec: DatasetSpec, root: Path) -> list[Path]:
     """Folders under ``root`` that may hold ``spec``: exact names first, then
     ``<name>-<variant>`` folders in name order; the root itself last."""
     exact = [root / name for name in spec.folders()]
-    variants = sorted(
-        p for name in spec.folders() for p in root.glob(f"{name}-*") if p.is_dir()
-    ) if root.is_dir() else []
+    variants = (
+        sorted(p for name in spec.folders() for p in root.glob(f"{name}-*") if p.is_dir()) if root.is_dir() else []
+    )
     return [p for p in exact if p.is_dir()] + variants + [root]
 
 

@@ -22,18 +22,22 @@ from typing import Any
 
 import numpy as np
 
-_RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"),
-                          ("numpy._core.multiarray", "_reconstruct")})
+_RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
 # (module, name) pairs needed to rebuild plain numpy arrays; numpy 2 renamed
 # numpy.core to numpy._core, and pickles may name either.
-_FROMBUFFER = frozenset({("numpy.core.numeric", "_frombuffer"),
-                         ("numpy._core.numeric", "_frombuffer")})  # pickle protocol 5
-_ALLOWED_GLOBALS = _RECONSTRUCT | _FROMBUFFER | frozenset(
-    {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # bytes written by Python 3 with protocol < 3
-    }
+_FROMBUFFER = frozenset(
+    {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+)  # pickle protocol 5
+_ALLOWED_GLOBALS = (
+    _RECONSTRUCT
+    | _FROMBUFFER
+    | frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes written by Python 3 with protocol < 3
+        }
+    )
 )
 _NUMBER_KINDS = frozenset("biufc")
 #: Most dimensions an unpickled array may have.
@@ -63,13 +67,21 @@ def _checked_frombuffer(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndar
 
 def _checked_array(raw: Any, dtype: Any, shape: Any, fortran: Any) -> np.ndarray:
     """A copy of ``raw`` as an array, once dtype, shape and byte count are checked."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMBER_KINDS or dtype.hasobject \
-            or dtype.fields is not None or dtype.subdtype is not None:
+    if (
+        not isinstance(dtype, np.dtype)
+        or dtype.kind not in _NUMBER_KINDS
+        or dtype.hasobject
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+    ):
         raise pickle.UnpicklingError(f"refusing numpy dtype {dtype!r:.80} (plain numbers only)")
     if isinstance(shape, list):
         shape = tuple(shape)
-    if not isinstance(shape, tuple) or len(shape) > MAX_NDIM or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r:.80}")
     if isinstance(raw, pickle.PickleBuffer):
         raw = bytes(raw)
@@ -78,8 +90,8 @@ def _checked_array(raw: Any, dtype: Any, shape: Any, fortran: Any) -> np.ndarray
     need = math.prod(shape) * dtype.itemsize
     if need != len(raw):
         raise pickle.UnpicklingError(
-            f"numpy array of shape {shape!r:.80} and dtype {dtype} needs {need} bytes, "
-            f"the pickle holds {len(raw)}")
+            f"numpy array of shape {shape!r:.80} and dtype {dtype} needs {need} bytes, the pickle holds {len(raw)}"
+        )
     return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
@@ -99,6 +111,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 def _finish(value: Any) -> Any:
     """Swap every :class:`_ArrayBuilder` for its array, inside dicts and lists too (iteratively,
     in place, so deep nesting cannot overflow the stack)."""
+
     def swap(v: Any) -> Any:
         if isinstance(v, _ArrayBuilder):
             if v.array is None:

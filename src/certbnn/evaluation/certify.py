@@ -31,9 +31,19 @@ from certbnn.evaluation import stats
 from certbnn.evaluation.mlp_bounds import mlp_linears, mlp_logit_bounds
 from certbnn.posterior import GaussianPosterior
 
-__all__ = ["box_log_mass_lower", "certified_accuracy", "certified_radius", "certify_decision", "certify_paper",
-           "certify_statistical", "certify_weight_box", "per_sample_certified", "statistical_certified_radius",
-           "threshold_k", "weight_box_grid"]
+__all__ = [
+    "box_log_mass_lower",
+    "certified_accuracy",
+    "certified_radius",
+    "certify_decision",
+    "certify_paper",
+    "certify_statistical",
+    "certify_weight_box",
+    "per_sample_certified",
+    "statistical_certified_radius",
+    "threshold_k",
+    "weight_box_grid",
+]
 
 Eps = float | Tensor
 
@@ -80,9 +90,17 @@ def _offdiag_spec(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return _pairwise_spec(k, dtype, device)[keep]
 
 
-def _margin_lower(model: nn.Module, params: Mapping[str, Tensor] | None, lo: Tensor, hi: Tensor, y: Tensor, K: int,
-                  method: str, param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-                  input_has_samples: bool | None = None) -> Tensor:
+def _margin_lower(
+    model: nn.Module,
+    params: Mapping[str, Tensor] | None,
+    lo: Tensor,
+    hi: Tensor,
+    y: Tensor,
+    K: int,
+    method: str,
+    param_bounds: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    input_has_samples: bool | None = None,
+) -> Tensor:
     """``(S, B, K-1)`` sound lower bounds of the margins ``z_y - z_j`` (``j != y``, increasing
     ``j``; ``K`` classes) over the input box ``[lo, hi]`` (``(B, *in)``, or ``(P, B, *in)``
     with ``input_has_samples``); ``S = 1`` for point parameters.
@@ -95,16 +113,34 @@ def _margin_lower(model: nn.Module, params: Mapping[str, Tensor] | None, lo: Ten
     B = yy.shape[0]
     shared = method == "ibp"
     spec = _offdiag_spec(K, lo.dtype, lo.device) if shared else margin_spec(yy, K, exclude_true=True)
-    m_lo, _ = compute_bounds(model, lo, hi, method, params=params, param_bounds=param_bounds, spec=spec,
-                             dtype=lo.dtype, tol="sound", input_has_samples=input_has_samples)
+    m_lo, _ = compute_bounds(
+        model,
+        lo,
+        hi,
+        method,
+        params=params,
+        param_bounds=param_bounds,
+        spec=spec,
+        dtype=lo.dtype,
+        tol="sound",
+        input_has_samples=input_has_samples,
+    )
     m_lo = m_lo if m_lo.dim() == 3 else m_lo.unsqueeze(0)
     if not shared:
         return m_lo
     return m_lo.view(m_lo.shape[0], B, K, K - 1)[:, torch.arange(B, device=lo.device), yy]
 
 
-def per_sample_certified(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, eps: Eps, *,
-                         method: str = "ibp", dtype: torch.dtype | None = None) -> Tensor:
+def per_sample_certified(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: Eps,
+    *,
+    method: str = "ibp",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """``(S, B)`` bool: sample ``s`` is certified at point ``b`` iff every margin lower
     bound ``z_y - z_j`` (``j != y``) over the input box is > 0. ``params``: stacked
     ``(S, *shape)`` (an unstacked dict gives ``S = 1``)."""
@@ -112,9 +148,20 @@ def per_sample_certified(model: nn.Module, params: Mapping[str, Tensor], x: Tens
     return (_margin_lower(model, params, lo, hi, y, _num_classes(model, x), method) > 0).all(-1)
 
 
-def certify_paper(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *, gamma: float = 0.2,
-                  delta: float = 0.3, method: str = "ibp", generator: torch.Generator | None = None,
-                  dtype: torch.dtype | None = None, sound: bool = True) -> dict:
+def certify_paper(
+    model: nn.Module,
+    posterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Eps,
+    *,
+    gamma: float = 0.2,
+    delta: float = 0.3,
+    method: str = "ibp",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    sound: bool = True,
+) -> dict:
     """The authors' protocol: ``n = hoeffding_sample_size(gamma, delta)`` samples; per
     sample the worst-case logits from separate logit bounds; ``x`` is certified when
     ``y`` is the strict argmax of ``sum_s softmax(z_hat_s)``.
@@ -142,14 +189,16 @@ def certify_paper(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *
     if linears is not None:  # a ReLU MLP: all samples in one GEMM per layer (evaluation/mlp_bounds.py)
         z_lo, z_hi = mlp_logit_bounds(model, params, lo, hi, sound=sound, linears=linears)
     else:
-        z_lo, z_hi = compute_bounds(model, lo, hi, method, params=params, dtype=lo.dtype,
-                                    tol="sound" if sound else None)
+        z_lo, z_hi = compute_bounds(
+            model, lo, hi, method, params=params, dtype=lo.dtype, tol="sound" if sound else None
+        )
     z_hat = worst_case_logits(z_lo, z_hi, y.to(x.device))  # (S, B, K)
     onehot = torch.nn.functional.one_hot(y.to(x.device), z_hat.shape[-1]).bool()
 
     def y_strictly_on_top(scores: Tensor) -> Tensor:
-        return scores.gather(-1, y.to(x.device).expand(scores.shape[:-1]).unsqueeze(-1)).squeeze(-1) > \
-            scores.masked_fill(onehot, -math.inf).amax(-1)
+        return scores.gather(-1, y.to(x.device).expand(scores.shape[:-1]).unsqueeze(-1)).squeeze(
+            -1
+        ) > scores.masked_fill(onehot, -math.inf).amax(-1)
 
     certified = y_strictly_on_top(torch.softmax(z_hat, -1).sum(0))
     fraction = y_strictly_on_top(z_hat).double().mean(0)
@@ -159,8 +208,18 @@ def certify_paper(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *
 _MARGIN_ELEMENTS = 2**22  # margin bounds held at once by _count_certified (samples x points x K(K-1))
 
 
-def _count_certified(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Tensor, n: int, chunk: int,
-                     method: str, generator: torch.Generator | None, dtype: torch.dtype | None) -> Tensor:
+def _count_certified(
+    model: nn.Module,
+    posterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    n: int,
+    chunk: int,
+    method: str,
+    generator: torch.Generator | None,
+    dtype: torch.dtype | None,
+) -> Tensor:
     """Number of ``n`` fresh posterior samples certified per point, ``(B,)`` int64. Samples are
     drawn ``chunk`` at a time, each draw shared by all ``B`` points (every point still sees
     i.i.d. samples), and bounded in slices that keep the margin bounds within
@@ -174,15 +233,28 @@ def _count_certified(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Ten
             classes = _num_classes(model, x) if model is not None else 1
             per_slice = max(1, _MARGIN_ELEMENTS // max(1, x.shape[0] * classes * classes))
         for i in range(0, drawn, per_slice):
-            part = {name: t[i:i + per_slice] for name, t in params.items()}
+            part = {name: t[i : i + per_slice] for name, t in params.items()}
             count += per_sample_certified(model, part, x, y, eps, method=method, dtype=dtype).sum(0)
     return count
 
 
-def certify_statistical(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *,
-                        num_samples: int | None = None, confidence: float = 0.99, threshold: float = 0.5,
-                        method: str = "ibp", sequential: bool = False, generator: torch.Generator | None = None,
-                        dtype: torch.dtype | None = None, sample_chunk: int = 256, first_look: int = 32) -> dict:
+def certify_statistical(
+    model: nn.Module,
+    posterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Eps,
+    *,
+    num_samples: int | None = None,
+    confidence: float = 0.99,
+    threshold: float = 0.5,
+    method: str = "ibp",
+    sequential: bool = False,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    sample_chunk: int = 256,
+    first_look: int = 32,
+) -> dict:
     """Exact binomial test of ``H0: P_rob < threshold`` at level ``alpha = 1 - confidence``.
 
     ``P_rob = P_w[sample w certified on T_eps(x)]`` (a lower bound on the
@@ -205,14 +277,21 @@ def certify_statistical(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: 
     """
     n_max = stats.hoeffding_sample_size(0.05, 0.01) if num_samples is None else int(num_samples)
     if n_max < 1 or sample_chunk < 1 or not 0 <= threshold <= 1 or not 0 < confidence < 1:
-        raise ConfigError(f"need num_samples >= 1, sample_chunk >= 1, 0 <= threshold <= 1, 0 < confidence < 1 "
-                          f"(got {n_max}, {sample_chunk}, {threshold}, {confidence})")
+        raise ConfigError(
+            f"need num_samples >= 1, sample_chunk >= 1, 0 <= threshold <= 1, 0 < confidence < 1 "
+            f"(got {n_max}, {sample_chunk}, {threshold}, {confidence})"
+        )
     e = _eps_vector(eps, x)
     if not sequential:
         succ = _count_certified(model, posterior, x, y, e, n_max, sample_chunk, method, generator, dtype)
         lower, upper = stats.one_sided_bounds(succ, n_max, confidence)
-        return {"p_hat": succ.double() / n_max, "lower": lower, "upper": upper,
-                "certified": lower >= threshold, "num_samples": n_max}
+        return {
+            "p_hat": succ.double() / n_max,
+            "lower": lower,
+            "upper": upper,
+            "certified": lower >= threshold,
+            "num_samples": n_max,
+        }
     looks = stats.sequential_looks(n_max, first_look)
     conf = stats.sequential_confidence(confidence, len(looks))
     succ = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
@@ -222,14 +301,20 @@ def certify_statistical(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: 
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        succ[idx] += _count_certified(model, posterior, x[idx], y[idx], e[idx], look - int(used[idx[0]]),
-                                      sample_chunk, method, generator, dtype)
+        succ[idx] += _count_certified(
+            model, posterior, x[idx], y[idx], e[idx], look - int(used[idx[0]]), sample_chunk, method, generator, dtype
+        )
         used[idx] = look
         lower, upper = stats.one_sided_bounds(succ[idx], look, conf)
         active[idx[(lower >= threshold) | (upper < threshold)]] = False
     lower, upper = stats.one_sided_bounds(succ, used, conf)
-    return {"p_hat": succ.double() / used, "lower": lower, "upper": upper,
-            "certified": lower >= threshold, "num_samples": used}
+    return {
+        "p_hat": succ.double() / used,
+        "lower": lower,
+        "upper": upper,
+        "certified": lower >= threshold,
+        "num_samples": used,
+    }
 
 
 def _outward_box(mean: Tensor, std: Tensor, k: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -267,7 +352,7 @@ def box_log_mass_lower(k: Tensor, counts: Tensor) -> Tensor:
     (all terms ``<= 0``) is enlarged by ``1e-12`` relative, far above the few-ulp error of
     the math library's ``erf``/``erfc``/``log1p`` (``|log erf z| >= 0.17`` on the ``log``
     branch ``z <= 1``), and ``1e-290`` is subtracted for ``erfc`` underflow."""
-    z = k / math.sqrt(2.0) * (1.0 - 2.0 ** -50)
+    z = k / math.sqrt(2.0) * (1.0 - 2.0**-50)
     positive = (z > 0).all(-1)
     total = (_log_erf(torch.where(z > 0, z, torch.ones_like(z))) * counts).sum(-1)
     lower = total * (1.0 + _REL_SAFETY) - 1e-290
@@ -281,8 +366,16 @@ def _log_threshold_up(threshold: float) -> float:
     return math.nextafter(math.nextafter(math.log(threshold), math.inf), math.inf)
 
 
-def _box_certified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y: Tensor, eps: Tensor, k: Tensor,
-                   method: str, dtype: torch.dtype | None) -> Tensor:
+def _box_certified(
+    model: nn.Module,
+    posterior: GaussianPosterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    k: Tensor,
+    method: str,
+    dtype: torch.dtype | None,
+) -> Tensor:
     """Per point ``b``: is the whole weight box ``mu ± k[b, l] sigma`` (``l``: the posterior's
     tensors in order; ``k`` ``(B, L)`` float64) certified on ``T_eps_b(x_b)``? Point ``b``
     gets its own box as sample ``b`` (inputs ``(B, 1, *in)``), one batched pass."""
@@ -292,15 +385,25 @@ def _box_certified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y:
     boxes = {name: _outward_box(mu, std[name], k[:, i], dt) for i, (name, mu) in enumerate(posterior.mean().items())}
     K = _num_classes(model, x)
     spec = _pairwise_spec(K, dt, x.device)  # shared spec: the label differs per "sample"
-    m_lo, _ = compute_bounds(model, lo.unsqueeze(1), hi.unsqueeze(1), method, param_bounds=boxes, spec=spec,
-                             dtype=dt, tol="sound", input_has_samples=True)
+    m_lo, _ = compute_bounds(
+        model,
+        lo.unsqueeze(1),
+        hi.unsqueeze(1),
+        method,
+        param_bounds=boxes,
+        spec=spec,
+        dtype=dt,
+        tol="sound",
+        input_has_samples=True,
+    )
     m_lo = m_lo[:, 0].view(-1, K, K)[torch.arange(x.shape[0], device=x.device), y.to(x.device)]  # (B, K): z_y - z_j
     others = ~torch.nn.functional.one_hot(y.to(x.device), K).bool()
     return torch.where(others, m_lo > 0, torch.ones_like(others)).all(-1)
 
 
-def _largest_scale(cert: Callable[[Tensor], Tensor], d: Tensor, lo: Tensor, hi: Tensor, iters: int,
-                   try_hi: bool) -> tuple[Tensor, Tensor]:
+def _largest_scale(
+    cert: Callable[[Tensor], Tensor], d: Tensor, lo: Tensor, hi: Tensor, iters: int, try_hi: bool
+) -> tuple[Tensor, Tensor]:
     """Per point, the largest ``s`` in ``[lo, hi]`` found by bisection with ``cert(s d)`` true
     (``d`` ``(B, L)``; ``hi`` tried first if ``try_hi``). Returns ``(s, ok)``: ``ok`` where
     ``s d`` was itself verified by a call of ``cert`` (elsewhere ``s = 0``)."""
@@ -316,8 +419,16 @@ def _largest_scale(cert: Callable[[Tensor], Tensor], d: Tensor, lo: Tensor, hi: 
     return torch.where(top, bad, torch.where(ok, good, torch.zeros_like(good))), ok
 
 
-def _search_box(cert: Callable[[Tensor, Tensor], Tensor], counts: Tensor, B: int, k_max: float, iters: int,
-                refine: int, refine_iters: int, device: torch.device) -> Tensor:
+def _search_box(
+    cert: Callable[[Tensor, Tensor], Tensor],
+    counts: Tensor,
+    B: int,
+    k_max: float,
+    iters: int,
+    refine: int,
+    refine_iters: int,
+    device: torch.device,
+) -> Tensor:
     """Per-point per-tensor half-widths ``(B, L)`` of a verified box (0 rows: none found):
     bisection on a common ``k`` in ``(0, k_max]``, then ``refine`` rounds of pattern search
     on the log mass: per tensor ``l`` and factor ``f in {rho, 1/rho}`` (``rho = 2^(2^-r)`` in
@@ -332,8 +443,9 @@ def _search_box(cert: Callable[[Tensor, Tensor], Tensor], counts: Tensor, B: int
     return _refine_box(cert, counts, scale.unsqueeze(-1) * ones, refine, refine_iters)
 
 
-def _refine_box(cert: Callable[[Tensor, Tensor], Tensor], counts: Tensor, ks: Tensor, refine: int,
-                refine_iters: int) -> Tensor:
+def _refine_box(
+    cert: Callable[[Tensor, Tensor], Tensor], counts: Tensor, ks: Tensor, refine: int, refine_iters: int
+) -> Tensor:
     """``refine`` rounds of the per-point pattern search of :func:`_search_box` from the
     verified half-widths ``ks`` ``(B, L)`` (rows of 0: none verified, left alone)."""
     L = counts.numel()
@@ -343,14 +455,15 @@ def _refine_box(cert: Callable[[Tensor, Tensor], Tensor], counts: Tensor, ks: Te
     ks = ks.clone()
     best, best_mass = ks[idx], box_log_mass_lower(ks[idx], counts)
     for r in range(refine):
-        rho = 2.0 ** (2.0 ** -r)
+        rho = 2.0 ** (2.0**-r)
         for i in range(L):
             for f in (rho, 1.0 / rho):
                 d = best.clone()
                 d[:, i] *= f
                 lo = torch.full_like(best_mass, min(1.0, 1.0 / f))
-                s, ok = _largest_scale(lambda kk: cert(kk, idx), d, lo, torch.full_like(lo, max(1.0, 1.0 / f)),
-                                       refine_iters, False)
+                s, ok = _largest_scale(
+                    lambda kk: cert(kk, idx), d, lo, torch.full_like(lo, max(1.0, 1.0 / f)), refine_iters, False
+                )
                 cand = s.unsqueeze(-1) * d
                 mass = box_log_mass_lower(cand, counts)
                 better = ok & (mass > best_mass)
@@ -384,8 +497,16 @@ def weight_box_grid(counts: Tensor, threshold: float, k_max: float = 5.0, size: 
     return torch.tensor(sorted({k for k in grid if k > 0}), dtype=torch.float64)
 
 
-def _grid_verified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y: Tensor, eps: Tensor,
-                   grid: Tensor, method: str, dtype: torch.dtype | None) -> Tensor:
+def _grid_verified(
+    model: nn.Module,
+    posterior: GaussianPosterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    grid: Tensor,
+    method: str,
+    dtype: torch.dtype | None,
+) -> Tensor:
     """``(G, B)`` bool: is the box ``mu ± grid[g] sigma`` (every tensor) certified on
     ``T_eps_b(x_b)``? One bound pass per slice of boxes, each box shared by all points
     (as a sample is), so the first layer is one GEMM for every point and box."""
@@ -395,17 +516,31 @@ def _grid_verified(model: nn.Module, posterior: GaussianPosterior, x: Tensor, y:
     per_slice = max(1, _MARGIN_ELEMENTS // max(1, x.shape[0] * K * K))
     out = []
     for i in range(0, grid.numel(), per_slice):
-        part = grid[i:i + per_slice].to(x.device)
+        part = grid[i : i + per_slice].to(x.device)
         boxes = {name: _outward_box(mu, std[name], part, dt) for name, mu in posterior.mean().items()}
         out.append((_margin_lower(model, None, lo, hi, y, K, method, param_bounds=boxes) > 0).all(-1))
     return torch.cat(out)
 
 
-def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *,
-                       k: float | Mapping[str, float] | None = None, threshold: float = 0.5, k_max: float = 5.0,
-                       iters: int = 12, refine: int = 1, refine_iters: int = 6, method: str = "ibp",
-                       dtype: torch.dtype | None = None, point_chunk: int = 64, search: str = "bisection",
-                       grid_size: int = 33) -> dict:
+def certify_weight_box(
+    model: nn.Module,
+    posterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Eps,
+    *,
+    k: float | Mapping[str, float] | None = None,
+    threshold: float = 0.5,
+    k_max: float = 5.0,
+    iters: int = 12,
+    refine: int = 1,
+    refine_iters: int = 6,
+    method: str = "ibp",
+    dtype: torch.dtype | None = None,
+    point_chunk: int = 64,
+    search: str = "bisection",
+    grid_size: int = 33,
+) -> dict:
     """Sound lower bound on ``P_rob`` from a verified weight box ``H = mu ± k_l sigma`` (SPEC §5).
 
     If every weight in ``H`` (and every input in the ball) keeps ``y`` on top, then
@@ -435,22 +570,34 @@ def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: E
     bool (``lower >= threshold``).
     """
     if not isinstance(posterior, GaussianPosterior):
-        raise ConfigError(f"certify_weight_box needs a GaussianPosterior (mean ± k std boxes), "
-                          f"got {type(posterior).__name__}")
+        raise ConfigError(
+            f"certify_weight_box needs a GaussianPosterior (mean ± k std boxes), got {type(posterior).__name__}"
+        )
     names = list(posterior.mean())
     if k is not None:
         given = {n: k for n in names} if not isinstance(k, Mapping) else dict(k)
         if set(given) != set(names):
-            raise ConfigError(f"weight box k must give every posterior tensor ({', '.join(names)}), "
-                              f"got {', '.join(map(str, given))}")
+            raise ConfigError(
+                f"weight box k must give every posterior tensor ({', '.join(names)}), got {', '.join(map(str, given))}"
+            )
         for name, value in given.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"weight box half-width k[{name}] must be a positive finite number of stds, "
-                                  f"got {value!r}")
-    elif not (math.isfinite(k_max) and k_max > 0 and iters >= 0 and refine >= 0 and refine_iters >= 0
-              and grid_size >= 1 and search in ("bisection", "grid")):
-        raise ConfigError(f"need k_max > 0, iters, refine, refine_iters >= 0, grid_size >= 1 and search bisection "
-                          f"or grid, got {k_max}, {iters}, {refine}, {refine_iters}, {grid_size}, {search!r}")
+                raise ConfigError(
+                    f"weight box half-width k[{name}] must be a positive finite number of stds, got {value!r}"
+                )
+    elif not (
+        math.isfinite(k_max)
+        and k_max > 0
+        and iters >= 0
+        and refine >= 0
+        and refine_iters >= 0
+        and grid_size >= 1
+        and search in ("bisection", "grid")
+    ):
+        raise ConfigError(
+            f"need k_max > 0, iters, refine, refine_iters >= 0, grid_size >= 1 and search bisection "
+            f"or grid, got {k_max}, {iters}, {refine}, {refine_iters}, {grid_size}, {search!r}"
+        )
     if not 0 <= threshold <= 1:
         raise ConfigError(f"threshold must lie in [0, 1], got {threshold}")
     e = _eps_vector(eps, x)
@@ -463,7 +610,7 @@ def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: E
         best = torch.where(verified, grid.unsqueeze(1), torch.zeros_like(grid).unsqueeze(1)).amax(0)
         ks = best.unsqueeze(-1).expand(B, len(names)).clone()
     for s in range(0, B, max(1, point_chunk)):
-        xs, ys, es = x[s:s + point_chunk], y[s:s + point_chunk], e[s:s + point_chunk]
+        xs, ys, es = x[s : s + point_chunk], y[s : s + point_chunk], e[s : s + point_chunk]
 
         def cert(kk: Tensor, rows: Tensor, xs: Tensor = xs, ys: Tensor = ys, es: Tensor = es) -> Tensor:
             return _box_certified(model, posterior, xs[rows], ys[rows], es[rows], kk, method, dtype)
@@ -471,23 +618,37 @@ def certify_weight_box(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: E
         if k is not None:
             kk = torch.tensor([float(given[n]) for n in names], dtype=torch.float64, device=dev).expand(xs.shape[0], -1)
             ok = cert(kk, torch.arange(xs.shape[0], device=dev))
-            ks[s:s + point_chunk] = torch.where(ok.unsqueeze(-1), kk, torch.zeros_like(kk))
+            ks[s : s + point_chunk] = torch.where(ok.unsqueeze(-1), kk, torch.zeros_like(kk))
             continue
         if search == "grid":
-            ks[s:s + point_chunk] = _refine_box(cert, counts, ks[s:s + point_chunk], refine, refine_iters)
+            ks[s : s + point_chunk] = _refine_box(cert, counts, ks[s : s + point_chunk], refine, refine_iters)
             continue
-        ks[s:s + point_chunk] = _search_box(cert, counts, xs.shape[0], float(k_max), iters, refine, refine_iters, dev)
+        ks[s : s + point_chunk] = _search_box(cert, counts, xs.shape[0], float(k_max), iters, refine, refine_iters, dev)
     verified = (ks > 0).all(-1)
     log_lower = box_log_mass_lower(ks, counts)
     log10_lower = log_lower / math.log(10.0) * (1.0 + 1e-15)  # negative: enlarging rounds down
-    return {"k": {n: ks[:, i] for i, n in enumerate(names)}, "log_lower": log_lower, "log10_lower": log10_lower,
-            "lower": torch.exp(log_lower) * (1.0 - 2.0 ** -50), "verified": verified,
-            "certified": verified & (log_lower >= _log_threshold_up(threshold))}
+    return {
+        "k": {n: ks[:, i] for i, n in enumerate(names)},
+        "log_lower": log_lower,
+        "log10_lower": log10_lower,
+        "lower": torch.exp(log_lower) * (1.0 - 2.0**-50),
+        "verified": verified,
+        "certified": verified & (log_lower >= _log_threshold_up(threshold)),
+    }
 
 
-def certify_decision(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps, *, num_samples: int = 24,
-                     method: str = "ibp", generator: torch.Generator | None = None,
-                     dtype: torch.dtype | None = None) -> dict:
+def certify_decision(
+    model: nn.Module,
+    posterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Eps,
+    *,
+    num_samples: int = 24,
+    method: str = "ibp",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
     """Is ``argmax_j mean_s softmax(f_s(x'))_j = y`` for every ``x'`` in the ball, for the
     ``num_samples`` weights drawn (one call ``posterior.sample(num_samples, generator)``)?
 
@@ -503,8 +664,9 @@ def certify_decision(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps
     lo, hi = _input_box(x, eps, dtype)
     params = posterior.sample(num_samples, generator)
     K = _num_classes(model, x)
-    d_lo, d_hi = compute_bounds(model, lo, hi, method, params=params, spec=_pairwise_spec(K, lo.dtype, x.device),
-                                dtype=lo.dtype, tol="sound")
+    d_lo, d_hi = compute_bounds(
+        model, lo, hi, method, params=params, spec=_pairwise_spec(K, lo.dtype, x.device), dtype=lo.dtype, tol="sound"
+    )
     eye = torch.eye(K, dtype=torch.bool, device=x.device)
     d_lo = d_lo.view(*d_lo.shape[:-1], K, K).masked_fill(eye, 0.0)  # (S, B, i, j); z_j - z_j = 0 exactly
     d_hi = d_hi.view(*d_hi.shape[:-1], K, K).masked_fill(eye, 0.0)
@@ -514,12 +676,17 @@ def certify_decision(model: nn.Module, posterior, x: Tensor, y: Tensor, eps: Eps
     p_lower = p_lo.mean(0).gather(-1, yy.unsqueeze(-1)).squeeze(-1)
     onehot = torch.nn.functional.one_hot(yy, K).bool()
     p_other = p_up.mean(0).masked_fill(onehot, -math.inf).amax(-1)
-    return {"certified": (p_lower > p_other) | (p_lower > 0.5), "p_lower": p_lower, "p_other_upper": p_other,
-            "num_samples": num_samples}
+    return {
+        "certified": (p_lower > p_other) | (p_lower > 0.5),
+        "p_lower": p_lower,
+        "p_other_upper": p_other,
+        "num_samples": num_samples,
+    }
 
 
-def certified_radius(certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor, *,
-                     eps_max: float, iters: int = 10) -> Tensor:
+def certified_radius(
+    certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor, *, eps_max: float, iters: int = 10
+) -> Tensor:
     """Per-point bisection for the largest certified radius, ``(B,)`` float64 in ``[0, eps_max]``.
 
     ``certify_fn(x, y, eps)`` must accept a ``(B,)`` eps tensor, return ``(B,)``
@@ -537,14 +704,22 @@ def certified_radius(certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: 
     first = torch.as_tensor(certify_fn(x, y, top_eps), device=x.device).bool()
     again = torch.as_tensor(certify_fn(x, y, top_eps), device=x.device).bool()
     if not torch.equal(first, again):
-        raise ConfigError(f"certified_radius needs a deterministic certify_fn: two calls at eps_max disagree on "
-                          f"{int((first != again).sum())} points (randomised certificate? use "
-                          f"statistical_certified_radius)")
+        raise ConfigError(
+            f"certified_radius needs a deterministic certify_fn: two calls at eps_max disagree on "
+            f"{int((first != again).sum())} points (randomised certificate? use "
+            f"statistical_certified_radius)"
+        )
     return _bisect_radius(certify_fn, x, y, top_eps, first, iters)
 
 
-def _bisect_radius(certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, y: Tensor, top_eps: Tensor,
-                   top: Tensor, iters: int) -> Tensor:
+def _bisect_radius(
+    certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    top_eps: Tensor,
+    top: Tensor,
+    iters: int,
+) -> Tensor:
     good, bad = torch.zeros_like(top_eps), top_eps.clone()
     for _ in range(iters):
         mid = (good + bad) / 2
@@ -553,9 +728,18 @@ def _bisect_radius(certify_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Te
     return torch.where(top, bad, good)
 
 
-def statistical_certified_radius(model: nn.Module, posterior, x: Tensor, y: Tensor, *, eps_max: float,
-                                 iters: int = 10, confidence: float = 0.99, threshold: float = 0.5,
-                                 **statistical) -> Tensor:
+def statistical_certified_radius(
+    model: nn.Module,
+    posterior,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps_max: float,
+    iters: int = 10,
+    confidence: float = 0.99,
+    threshold: float = 0.5,
+    **statistical,
+) -> Tensor:
     """Largest radius, by bisection, at which :func:`certify_statistical` certifies
     ``P_rob >= threshold``, corrected for the ``1 + iters`` tests made per point: each
     call runs at level ``1 - alpha/(1 + iters)`` (``alpha = 1 - confidence``; Bonferroni),
@@ -563,13 +747,16 @@ def statistical_certified_radius(model: nn.Module, posterior, x: Tensor, y: Tens
     ``P_rob(radius) >= threshold`` wherever ``radius > 0``. Each call draws fresh
     samples; ``statistical`` goes to :func:`certify_statistical`. ``(B,)`` float64."""
     if not (math.isfinite(eps_max) and eps_max > 0) or iters < 0 or not 0 < confidence < 1:
-        raise ConfigError(f"statistical_certified_radius needs eps_max > 0, iters >= 0 and 0 < confidence < 1, "
-                          f"got {eps_max}, {iters}, {confidence}")
+        raise ConfigError(
+            f"statistical_certified_radius needs eps_max > 0, iters >= 0 and 0 < confidence < 1, "
+            f"got {eps_max}, {iters}, {confidence}"
+        )
     per_call = 1.0 - (1.0 - confidence) / (1 + iters)
 
     def cert(xx: Tensor, yy: Tensor, e: Tensor) -> Tensor:
-        return certify_statistical(model, posterior, xx, yy, e, confidence=per_call, threshold=threshold,
-                                   **statistical)["certified"]
+        return certify_statistical(
+            model, posterior, xx, yy, e, confidence=per_call, threshold=threshold, **statistical
+        )["certified"]
 
     top_eps = torch.full((x.shape[0],), float(eps_max), dtype=torch.float64, device=x.device)
     return _bisect_radius(cert, x, y, top_eps, cert(x, y, top_eps), iters)
@@ -580,6 +767,8 @@ def certified_accuracy(correct: Tensor, certified: Tensor) -> float:
     correct = torch.as_tensor(correct).bool()
     certified = torch.as_tensor(certified, device=correct.device).bool()
     if correct.shape != certified.shape or correct.dim() != 1 or correct.numel() == 0:
-        raise ConfigError(f"correct {tuple(correct.shape)} and certified {tuple(certified.shape)} "
-                          "must be equal non-empty (B,) tensors")
+        raise ConfigError(
+            f"correct {tuple(correct.shape)} and certified {tuple(certified.shape)} "
+            "must be equal non-empty (B,) tensors"
+        )
     return float((correct & certified).double().mean())

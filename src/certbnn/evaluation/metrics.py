@@ -102,8 +102,7 @@ def expected_calibration_error(probs: Tensor, y: Tensor, num_bins: int = 15) -> 
     correct_sum = torch.zeros_like(conf_sum).index_add_(0, index, correct)
     ece = ((correct_sum - conf_sum).abs().sum() / probs.shape[0]).item()
     denominator = count.clamp_min(1).double()
-    bins = {"confidence": conf_sum / denominator, "accuracy": correct_sum / denominator,
-            "count": count, "edges": edges}
+    bins = {"confidence": conf_sum / denominator, "accuracy": correct_sum / denominator, "count": count, "edges": edges}
     return ece, bins
 
 
@@ -144,7 +143,7 @@ def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     _, inverse, counts = torch.unique(both, sorted=True, return_inverse=True, return_counts=True)
     # group of c tied values at sorted positions start+1..start+c has average rank cumsum - (c-1)/2
     group_rank = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
-    rank_out = group_rank[inverse[scores_in.numel():]].sum()
+    rank_out = group_rank[inverse[scores_in.numel() :]].sum()
     n_in, n_out = scores_in.numel(), scores_out.numel()
     u_out = rank_out - n_out * (n_out + 1) / 2
     return (u_out / (n_in * n_out)).item()
@@ -167,21 +166,30 @@ def _save(fig, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=100)  # atomic, never through a link at ``path``
 
 
-def reliability_diagram(bins: Mapping[str, Tensor], path: str | Path, title: str = "Reliability diagram",
-                        label: str = "predictive") -> Path:
+def reliability_diagram(
+    bins: Mapping[str, Tensor], path: str | Path, title: str = "Reliability diagram", label: str = "predictive"
+) -> Path:
     """PNG of per-bin accuracy against mean confidence (non-empty bins) with the diagonal,
     and below it the number of points in each confidence bin (log scale, annotated);
     ``bins`` from :func:`expected_calibration_error`. Returns the written path."""
     from certbnn.evaluation.plots import reliability_plot
 
-    as_arrays = {k: bins[k].detach().cpu().double().numpy() if k != "count" else bins[k].detach().cpu().numpy()
-                 for k in ("confidence", "accuracy", "count", "edges") if k in bins}
+    as_arrays = {
+        k: bins[k].detach().cpu().double().numpy() if k != "count" else bins[k].detach().cpu().numpy()
+        for k in ("confidence", "accuracy", "count", "edges")
+        if k in bins
+    }
     return reliability_plot([(label, as_arrays)], path, title=title)
 
 
-def entropy_histogram(in_scores: Tensor, out_scores: Tensor, path: str | Path,
-                      labels: tuple[str, str] = ("in-distribution", "out-of-distribution"),
-                      xlabel: str = "predictive entropy (nats)", bins: int = 30) -> Path:
+def entropy_histogram(
+    in_scores: Tensor,
+    out_scores: Tensor,
+    path: str | Path,
+    labels: tuple[str, str] = ("in-distribution", "out-of-distribution"),
+    xlabel: str = "predictive entropy (nats)",
+    bins: int = 30,
+) -> Path:
     """PNG of overlaid, density-normalised histograms of two score sets (e.g. predictive
     entropy on in-distribution vs OOD inputs). Returns the written path."""
     scores = [s.detach().reshape(-1).cpu().double().tolist() for s in (in_scores, out_scores)]
@@ -194,8 +202,9 @@ def entropy_histogram(in_scores: Tensor, out_scores: Tensor, path: str | Path,
     return _save(fig, path)
 
 
-def evaluate_predictive(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
-                        num_bins: int = 15) -> dict[str, float]:
+def evaluate_predictive(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, num_bins: int = 15
+) -> dict[str, float]:
     """Accuracy, NLL, Brier and ECE of the Monte Carlo predictive on (x, y), without
     gradients; on adversarial inputs this is calibration under attack. The whole
     batch goes through in one pass: chunk large test sets yourself."""

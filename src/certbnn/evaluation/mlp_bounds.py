@@ -60,8 +60,9 @@ def mlp_linears(model: nn.Module) -> list[str] | None:
     return [name for name, _ in kinds[::2]]
 
 
-def _stacked(model: nn.Module, params: Mapping[str, Tensor], name: str, S: int, dtype: torch.dtype,
-             sound: bool) -> tuple[Tensor, Tensor | None]:
+def _stacked(
+    model: nn.Module, params: Mapping[str, Tensor], name: str, S: int, dtype: torch.dtype, sound: bool
+) -> tuple[Tensor, Tensor | None]:
     """``(S, out, in)`` weights and ``(S, out)`` bias (or None) of Linear ``name`` in ``dtype``;
     ``sound``: a tensor not exactly representable in ``dtype`` is refused (as by ``tol="sound"``)."""
     module = model.get_submodule(name)
@@ -76,8 +77,10 @@ def _stacked(model: nn.Module, params: Mapping[str, Tensor], name: str, S: int, 
         if t is not None:
             t = t.detach()
             if sound and t.dtype != dtype and not torch.equal(t.to(dtype).to(t.dtype), t):
-                raise ConfigError(f"tol='sound': params entry '{name}.{key}' ({t.dtype}) is not exactly "
-                                  f"representable in {dtype}; pass dtype={t.dtype}")
+                raise ConfigError(
+                    f"tol='sound': params entry '{name}.{key}' ({t.dtype}) is not exactly "
+                    f"representable in {dtype}; pass dtype={t.dtype}"
+                )
             t = t.to(dtype)
         out.append(t)
     return out[0], out[1]
@@ -159,8 +162,8 @@ def _first_sigma(lo: Tensor, hi: Tensor) -> Tensor:
 def _augmented(W: Tensor, alpha: Tensor) -> Tensor:
     """``[|W|, alpha]``: ``(S, out, in + G)``, written in place (no intermediate ``|W|``)."""
     out = W.new_empty(*W.shape[:-1], W.shape[-1] + alpha.shape[-1])
-    torch.abs(W, out=out[..., :W.shape[-1]])
-    out[..., W.shape[-1]:] = alpha
+    torch.abs(W, out=out[..., : W.shape[-1]])
+    out[..., W.shape[-1] :] = alpha
     return out
 
 
@@ -170,8 +173,14 @@ def _hidden(W: Tensor, b: Tensor | None, alpha: Tensor | None, beta: Tensor | No
     half = W * 0.5
     halved = bool(torch.equal(half * 2, W))
     Wb = half if halved else W
-    return (Wb.transpose(1, 2), None if b is None else b.unsqueeze(1), Wb.abs().transpose(1, 2),
-            None if alpha is None else alpha.transpose(1, 2), None if beta is None else beta.unsqueeze(1), halved)
+    return (
+        Wb.transpose(1, 2),
+        None if b is None else b.unsqueeze(1),
+        Wb.abs().transpose(1, 2),
+        None if alpha is None else alpha.transpose(1, 2),
+        None if beta is None else beta.unsqueeze(1),
+        halved,
+    )
 
 
 def _block(first: tuple, rest: list[tuple], c: Tensor, r: Tensor, sound: bool) -> tuple[Tensor, Tensor]:
@@ -201,8 +210,15 @@ def _block(first: tuple, rest: list[tuple], c: Tensor, r: Tensor, sound: bool) -
     return l, u
 
 
-def mlp_logit_bounds(model: nn.Module, params: Mapping[str, Tensor], lower: Tensor, upper: Tensor, *,
-                     sound: bool, linears: list[str] | None = None) -> tuple[Tensor, Tensor]:
+def mlp_logit_bounds(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    lower: Tensor,
+    upper: Tensor,
+    *,
+    sound: bool,
+    linears: list[str] | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(S, B, K)`` lower and upper bounds of the logits of every sample over the input box.
 
     ``params``: name -> ``(S, *shape)`` (tensors missing from it are the model's own);
@@ -212,8 +228,7 @@ def mlp_logit_bounds(model: nn.Module, params: Mapping[str, Tensor], lower: Tens
     in chunks of :data:`POINT_CHUNK`; results do not depend on either."""
     linears = linears if linears is not None else mlp_linears(model)
     if linears is None:
-        raise ConfigError(f"mlp_logit_bounds needs a [Flatten] Linear (ReLU Linear)* model, got "
-                          f"{type(model).__name__}")
+        raise ConfigError(f"mlp_logit_bounds needs a [Flatten] Linear (ReLU Linear)* model, got {type(model).__name__}")
     dt = lower.dtype
     if sound:
         check_dtype(dt)
@@ -236,10 +251,17 @@ def mlp_logit_bounds(model: nn.Module, params: Mapping[str, Tensor], lower: Tens
             n_s, H = W1[g].shape[:2]
             # first layer: the group's samples stacked as the output features of one GEMM
             R1 = _augmented(W1[g], alpha1[g]) if sound else W1[g].abs()
-            first = (W1[g].reshape(n_s * H, -1).t(), None if b1 is None else b1[g].reshape(-1),
-                     R1.reshape(n_s * H, -1).t(), None if beta1 is None else beta1[g].reshape(-1), n_s)
-            rest = [_hidden(W[g], None if b is None else b[g], None if a is None else a[g],
-                            None if be is None else be[g]) for (W, b), (a, be) in zip(layers[1:], coeffs[1:])]
+            first = (
+                W1[g].reshape(n_s * H, -1).t(),
+                None if b1 is None else b1[g].reshape(-1),
+                R1.reshape(n_s * H, -1).t(),
+                None if beta1 is None else beta1[g].reshape(-1),
+                n_s,
+            )
+            rest = [
+                _hidden(W[g], None if b is None else b[g], None if a is None else a[g], None if be is None else be[g])
+                for (W, b), (a, be) in zip(layers[1:], coeffs[1:])
+            ]
             for p in range(0, B, POINT_CHUNK):
                 pts = slice(p, p + POINT_CHUNK)
                 out_lo[g, pts], out_hi[g, pts] = _block(first, rest, c0[pts], r0[pts], sound)

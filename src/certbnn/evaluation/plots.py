@@ -22,8 +22,20 @@ from certbnn.fileio import make_dir, save_figure
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 #: colour-blind-safe qualitative palette (Okabe-Ito), then matplotlib's tab10 for more curves
-COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442",
-           "tab:brown", "tab:olive", "tab:gray", "tab:cyan")
+COLOURS = (
+    "#0072B2",
+    "#D55E00",
+    "#009E73",
+    "#CC79A7",
+    "#E69F00",
+    "#56B4E9",
+    "#000000",
+    "#F0E442",
+    "tab:brown",
+    "tab:olive",
+    "tab:gray",
+    "tab:cyan",
+)
 
 
 def curve_style(index: int) -> dict[str, Any]:
@@ -82,14 +94,31 @@ def draw_certified_curves(ax, curves: Sequence[Curve], *, grid_points: int = 400
         if curve.radii is not None and len(curve.radii):
             top = float(curve.eps_max or max(curve.radii) or 1.0)
             grid = np.linspace(0.0, top, grid_points)
-            ax.plot(grid, certified_curve(curve.radii, grid), color=style["color"], marker=style["marker"],
-                    markevery=max(1, grid_points // 8), markersize=5, linewidth=1.8, drawstyle="steps-post",
-                    label=f"{curve.label}: from certified radii")
+            ax.plot(
+                grid,
+                certified_curve(curve.radii, grid),
+                color=style["color"],
+                marker=style["marker"],
+                markevery=max(1, grid_points // 8),
+                markersize=5,
+                linewidth=1.8,
+                drawstyle="steps-post",
+                label=f"{curve.label}: from certified radii",
+            )
         if curve.points:
             xs, ys = zip(*curve.points)
-            ax.plot(xs, ys, color=style["color"], marker=style["marker"], markersize=7, markerfacecolor="none",
-                    markeredgewidth=1.5, linestyle="--", linewidth=1.0,
-                    label=f"{curve.label}" + (f": {curve.points_label}" if curve.points_label else ""))
+            ax.plot(
+                xs,
+                ys,
+                color=style["color"],
+                marker=style["marker"],
+                markersize=7,
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                linestyle="--",
+                linewidth=1.0,
+                label=f"{curve.label}" + (f": {curve.points_label}" if curve.points_label else ""),
+            )
     ax.set_xlabel("eps (l_inf radius, pixel units)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
@@ -127,16 +156,37 @@ def draw_reliability(ax, count_ax, series: Sequence[tuple[str, Mapping[str, Any]
         count = np.asarray(bins["count"], dtype=np.int64)
         filled = count > 0
         conf, acc = np.asarray(bins["confidence"])[filled], np.asarray(bins["accuracy"])[filled]
-        ax.plot(conf, acc, color=style["color"], marker=style["marker"], markersize=4, linewidth=1.2,
-                label=f"{label} (n={int(count.sum())})")
+        ax.plot(
+            conf,
+            acc,
+            color=style["color"],
+            marker=style["marker"],
+            markersize=4,
+            linewidth=1.2,
+            label=f"{label} (n={int(count.sum())})",
+        )
         edges = _edges(bins)
         left, step = edges[:-1], np.diff(edges)
-        bars = count_ax.bar(left + step * width * i, count, width=step * width, align="edge", color=style["color"],
-                            edgecolor="black", linewidth=0.3, label=label)
+        bars = count_ax.bar(
+            left + step * width * i,
+            count,
+            width=step * width,
+            align="edge",
+            color=style["color"],
+            edgecolor="black",
+            linewidth=0.3,
+            label=label,
+        )
         for bar, n in zip(bars, count):
             if n > 0:
-                count_ax.annotate(str(int(n)), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                  ha="center", va="bottom", fontsize=5, rotation=90 if len(series) > 1 else 0)
+                count_ax.annotate(
+                    str(int(n)),
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=5,
+                    rotation=90 if len(series) > 1 else 0,
+                )
         top = max(top, int(count.max(initial=0)))
     ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="accuracy")
     ax.tick_params(labelbottom=False)
@@ -146,8 +196,12 @@ def draw_reliability(ax, count_ax, series: Sequence[tuple[str, Mapping[str, Any]
     count_ax.set(xlim=(0, 1), xlabel="confidence (max predictive probability)", ylabel="points per bin")
 
 
-def reliability_plot(series: Sequence[tuple[str, Mapping[str, Any]]], path: str | Path, title: str = "",
-                     size: tuple[float, float] = (4.6, 5.0)) -> Path:
+def reliability_plot(
+    series: Sequence[tuple[str, Mapping[str, Any]]],
+    path: str | Path,
+    title: str = "",
+    size: tuple[float, float] = (4.6, 5.0),
+) -> Path:
     """PNG of :func:`draw_reliability`: the diagram above, bin counts below."""
     fig, axes = figure(size, 2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     draw_reliability(axes[0][0], axes[1][0], series)

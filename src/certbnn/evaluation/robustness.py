@@ -30,14 +30,16 @@ def _labels(y: Tensor, x: Tensor, what: str) -> Tensor:
     return y.long().unsqueeze(-1)
 
 
-def predictive_loss_fn(model: nn.Module, params: Mapping[str, Tensor], y: Tensor, *,
-                       target: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+def predictive_loss_fn(
+    model: nn.Module, params: Mapping[str, Tensor], y: Tensor, *, target: Tensor | None = None
+) -> Callable[[Tensor], Tensor]:
     """Per-example loss of the predictive, ``x (B, ...) -> (B,)``, to be maximised.
 
     Untargeted: -log mean_s softmax(f_s(x))_y (NLL of the true label ``y``).
     Targeted (``target`` (B,) labels): log mean_s softmax(f_s(x))_target, so
     ascent pushes the predictive towards the target class.
     """
+
     def loss(x: Tensor) -> Tensor:
         log_p = predictive_log_probs(model, params, x)
         if target is not None:
@@ -47,10 +49,21 @@ def predictive_loss_fn(model: nn.Module, params: Mapping[str, Tensor], y: Tensor
     return loss
 
 
-def attack(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, eps: float, *,
-           kind: str = "pgd", steps: int = 20, step_size: float | None = None, restarts: int = 1,
-           random_start: bool = True, target: Tensor | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
+def attack(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    kind: str = "pgd",
+    steps: int = 20,
+    step_size: float | None = None,
+    restarts: int = 1,
+    random_start: bool = True,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Adversarial inputs (detached, same shape as ``x``) against the predictive.
 
     ``kind="pgd"``: :func:`certbnn.attacks.pgd` (``steps``, ``step_size``
@@ -63,12 +76,21 @@ def attack(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
     loss_fn = predictive_loss_fn(model, params, y, target=target)
     if kind == "fgsm":
         return fgsm(loss_fn, x, eps)
-    return pgd(loss_fn, x, eps, steps=steps, step_size=step_size, random_start=random_start,
-               restarts=restarts, generator=generator)
+    return pgd(
+        loss_fn,
+        x,
+        eps,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        restarts=restarts,
+        generator=generator,
+    )
 
 
-def adversarial_accuracy(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, eps: float,
-                         **attack_kwargs) -> tuple[float, Tensor]:
+def adversarial_accuracy(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, eps: float, **attack_kwargs
+) -> tuple[float, Tensor]:
     """``(accuracy, x_adv)``: accuracy of the predictive's argmax (as in
     :func:`evaluate_predictive`) on ``x_adv = attack(model, params, x, y, eps, **attack_kwargs)``."""
     x_adv = attack(model, params, x, y, eps, **attack_kwargs)

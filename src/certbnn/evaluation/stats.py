@@ -44,8 +44,15 @@ from torch import Tensor
 
 from certbnn.errors import ConfigError
 
-__all__ = ["binomial_lower_bound", "binomial_upper_bound", "clopper_pearson", "hoeffding_sample_size",
-           "one_sided_bounds", "sequential_confidence", "sequential_looks"]
+__all__ = [
+    "binomial_lower_bound",
+    "binomial_upper_bound",
+    "clopper_pearson",
+    "hoeffding_sample_size",
+    "one_sided_bounds",
+    "sequential_confidence",
+    "sequential_looks",
+]
 
 _BISECTION_STEPS = 64  # halves [0, 1] down to 2^-64 < float64 resolution near 1
 
@@ -97,8 +104,9 @@ def _counts(successes: Tensor, trials: int | Tensor, confidence: float) -> tuple
     return k, n
 
 
-def _bounds(successes: Tensor, trials: int | Tensor, confidence: float, alpha_lower: float,
-            alpha_upper: float) -> tuple[Tensor, Tensor]:
+def _bounds(
+    successes: Tensor, trials: int | Tensor, confidence: float, alpha_lower: float, alpha_upper: float
+) -> tuple[Tensor, Tensor]:
     k, n = _counts(successes, trials, confidence)
     if k.numel() == 0:
         return k.clone(), k.clone()
@@ -151,8 +159,7 @@ def _exact_bounds_unique(k: Tensor, n: Tensor, alpha_lower: float, alpha_upper: 
     # P(X >= k; p) increases with p: the lower end solves it = alpha_lower (keep the bracket's low side).
     low, _ = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j >= kk), alpha_lower, k.numel(), k.device)
     # P(X <= k; p) = alpha_upper  <=>  P(X >= k+1; p) = 1 - alpha_upper, increasing in p (keep the high side).
-    _, up = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j > kk), 1.0 - alpha_upper,
-                               k.numel(), k.device)
+    _, up = _bisect_increasing(lambda p: _binom_tail(p, j, log_comb, n, j > kk), 1.0 - alpha_upper, k.numel(), k.device)
     lower = torch.where(k == 0, torch.zeros_like(k), low)
     upper = torch.where(k == n, torch.ones_like(k), up)
     return lower, upper

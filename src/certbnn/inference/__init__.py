@@ -5,11 +5,27 @@ Backprop), ``noisy-adam``, ``vogn``, ``swag``, ``hmc``, ``sghmc``. Build one wit
 :func:`make_method`.
 """
 
+from certbnn.inference import bbb, hmc, noisy_adam, sgd, sghmc, swag, vogn  # noqa: F401  (registration)
 from certbnn.inference.base import (
-    NLL, InferenceMethod, Params, flatten_state, make_method, method_class, method_names,
-    register_method, unflatten_state,
+    NLL,
+    InferenceMethod,
+    Params,
+    flatten_state,
+    make_method,
+    method_class,
+    method_names,
+    register_method,
+    unflatten_state,
 )
-from certbnn.inference import sgd, swag, bbb, noisy_adam, vogn, hmc, sghmc  # noqa: F401  (registration)
 
-__all__ = ["NLL", "InferenceMethod", "Params", "flatten_state", "make_method", "method_class",
-           "method_names", "register_method", "unflatten_state"]
+__all__ = [
+    "NLL",
+    "InferenceMethod",
+    "Params",
+    "flatten_state",
+    "make_method",
+    "method_class",
+    "method_names",
+    "register_method",
+    "unflatten_state",
+]

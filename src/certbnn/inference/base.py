@@ -56,8 +56,9 @@ class InferenceMethod(Protocol):
 
     def init(self, params: Params, generator: torch.Generator) -> State: ...
 
-    def step(self, state: State, batch: Batch, nll: NLL,
-             generator: torch.Generator) -> tuple[State, dict[str, float]]: ...
+    def step(
+        self, state: State, batch: Batch, nll: NLL, generator: torch.Generator
+    ) -> tuple[State, dict[str, float]]: ...
 
     def end_epoch(self, state: State, epoch: int) -> State: ...
 
@@ -94,12 +95,12 @@ def make_method(name: str, **options: Any) -> InferenceMethod:
     unknown = sorted(set(options) - fields)
     if unknown:
         user = sorted(fields - {"prior", "num_data"})  # set by the trainer, not user options
-        raise ConfigError(f"method {name!r} has no option(s) {', '.join(unknown)} "
-                          f"(options: {', '.join(user)})")
+        raise ConfigError(f"method {name!r} has no option(s) {', '.join(unknown)} (options: {', '.join(user)})")
     return cls(**options)
 
 
 # --- state (de)serialisation, for checkpoints -------------------------------------
+
 
 def flatten_state(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split a state dataclass into named tensors and a JSON-able description.
@@ -153,6 +154,7 @@ def unflatten_state(cls: type, tensors: dict[str, Tensor], layout: dict[str, Any
 
 
 # --- small helpers shared by the methods ---------------------------------------------
+
 
 def grad_of(loss: Tensor, params: Params) -> Params:
     """d loss / d params as a dict (zeros for parameters the loss does not use)."""

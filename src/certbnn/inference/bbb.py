@@ -129,8 +129,9 @@ class BayesByBackprop:
         rho = {name: inverse_softplus(torch.full_like(m, float(self.init_std))) for name, m in mu.items()}
         return BBBState(mu, rho, zeros_like(mu), zeros_like(mu), zeros_like(rho), zeros_like(rho), 0)
 
-    def loss(self, mu: Params, rho: Params, batch: Batch, nll: NLL,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    def loss(
+        self, mu: Params, rho: Params, batch: Batch, nll: NLL, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(negative per-example ELBO, its data term, KL) at (mu, rho), one MC estimate."""
         x, y = batch
         sigma = {name: F.softplus(r) for name, r in rho.items()}
@@ -139,8 +140,9 @@ class BayesByBackprop:
         kl = self.prior.kl_from(mu, sigma)
         return data_term + (self.kl_weight / self.num_data) * kl, data_term, kl
 
-    def step(self, state: BBBState, batch: Batch, nll: NLL,
-             generator: torch.Generator | None = None) -> tuple[BBBState, dict[str, float]]:
+    def step(
+        self, state: BBBState, batch: Batch, nll: NLL, generator: torch.Generator | None = None
+    ) -> tuple[BBBState, dict[str, float]]:
         """One Adam step on (mu, rho) for the loss of :meth:`loss`, fused over flat buffers
         (:mod:`certbnn.inference.flat`): the noise is one ``(S, P)`` draw, the weights one
         set whose gradient is one ``(S, P)`` buffer, and the KL gradient is analytic:
@@ -170,8 +172,16 @@ class BayesByBackprop:
         avg_mu, avg_rho = layout.pack(state.exp_avg_mu), layout.pack(state.exp_avg_rho)
         sq_mu, sq_rho = layout.pack(state.exp_avg_sq_mu), layout.pack(state.exp_avg_sq_rho)
         data_value, kl_value = torch.stack([data_term.detach(), kl.detach()]).tolist()  # before mu, rho change
-        adam_flat_([mu, rho], [grad_mu, grad_rho], [avg_mu, avg_rho], [sq_mu, sq_rho], step, self.lr,
-                   tuple(self.betas), self.eps)
+        adam_flat_(
+            [mu, rho],
+            [grad_mu, grad_rho],
+            [avg_mu, avg_rho],
+            [sq_mu, sq_rho],
+            step,
+            self.lr,
+            tuple(self.betas),
+            self.eps,
+        )
         info = {"loss": data_value + scale * kl_value, "nll": data_value, "kl": kl_value}
         views = layout.views
         return BBBState(views(mu), views(rho), views(avg_mu), views(sq_mu), views(avg_rho), views(sq_rho), step), info
@@ -180,5 +190,7 @@ class BayesByBackprop:
         return state
 
     def posterior(self, state: BBBState) -> GaussianPosterior:
-        return GaussianPosterior({n: m.detach().clone() for n, m in state.mu.items()},
-                                 {n: F.softplus(r.detach()) for n, r in state.rho.items()})
+        return GaussianPosterior(
+            {n: m.detach().clone() for n, m in state.mu.items()},
+            {n: F.softplus(r.detach()) for n, r in state.rho.items()},
+        )

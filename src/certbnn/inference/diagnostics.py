@@ -89,6 +89,10 @@ def chain_diagnostics(per_chain: list[dict[str, Tensor]], num_projections: int =
     rhats = [split_rhat(q) for q in summaries]
     ess = [effective_sample_size(q) for q in summaries]
     names = ["norm"] + [f"projection_{i}" for i in range(num_projections)]
-    return {"num_chains": len(per_chain), "samples_per_chain": lengths.pop(),
-            "rhat_max": max(rhats), "ess_min": min(ess),
-            "per_quantity": {n: {"rhat": r, "ess": e} for n, r, e in zip(names, rhats, ess)}}
+    return {
+        "num_chains": len(per_chain),
+        "samples_per_chain": lengths.pop(),
+        "rhat_max": max(rhats),
+        "ess_min": min(ess),
+        "per_quantity": {n: {"rhat": r, "ess": e} for n, r, e in zip(names, rhats, ess)},
+    }

@@ -22,8 +22,15 @@ from torch import Tensor
 
 from certbnn.priors import GaussianPrior
 
-__all__ = ["FlatLayout", "Precision", "adam_flat_", "flat_data_gradient", "prior_flat", "prior_precision_flat",
-           "randn_flat"]
+__all__ = [
+    "FlatLayout",
+    "Precision",
+    "adam_flat_",
+    "flat_data_gradient",
+    "prior_flat",
+    "prior_precision_flat",
+    "randn_flat",
+]
 
 
 class FlatLayout:
@@ -47,8 +54,13 @@ class FlatLayout:
         storage = first.untyped_storage()
         ptr = storage.data_ptr()
         for t, offset, shape in zip(tensors, self.offsets, self.shapes):
-            if (t.untyped_storage().data_ptr() != ptr or t.storage_offset() != base + offset
-                    or tuple(t.shape) != shape or not t.is_contiguous() or t.dtype != first.dtype):
+            if (
+                t.untyped_storage().data_ptr() != ptr
+                or t.storage_offset() != base + offset
+                or tuple(t.shape) != shape
+                or not t.is_contiguous()
+                or t.dtype != first.dtype
+            ):
                 return None
         if storage.nbytes() < (base + self.numel) * first.element_size():
             return None
@@ -64,8 +76,9 @@ class FlatLayout:
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """``name -> view`` of a ``(*lead, numel)`` buffer, each ``(*lead, *shape)``."""
         lead = flat.shape[:-1]
-        return {n: flat[..., o:o + math.prod(s)].view(*lead, *s)
-                for n, o, s in zip(self.names, self.offsets, self.shapes)}
+        return {
+            n: flat[..., o : o + math.prod(s)].view(*lead, *s) for n, o, s in zip(self.names, self.offsets, self.shapes)
+        }
 
 
 _PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -93,7 +106,7 @@ class Precision:
         self.values = values
         spans = []
         for offset, shape in zip(layout.offsets, layout.shapes):
-            block = values[offset:offset + math.prod(shape)]
+            block = values[offset : offset + math.prod(shape)]
             if block.numel() and not bool((block == block[0]).all()):
                 spans = None
                 break
@@ -105,14 +118,14 @@ class Precision:
         if self.spans is None:
             return out.addcmul_(x, self.values, value=alpha)
         for offset, n, v in self.spans:
-            out[offset:offset + n].add_(x[offset:offset + n], alpha=alpha * v)
+            out[offset : offset + n].add_(x[offset : offset + n], alpha=alpha * v)
         return out
 
     def quadratic(self, *xs: Tensor) -> Tensor:
         """``sum_i sum_j precision_j x_ij^2`` (0-dim) for ``(P,)`` vectors ``xs``."""
         if self.spans is None:
             return sum(torch.dot(x * x, self.values) for x in xs)
-        terms = torch.stack([torch.dot(x[o:o + n], x[o:o + n]) for x in xs for o, n, _ in self.spans])
+        terms = torch.stack([torch.dot(x[o : o + n], x[o : o + n]) for x in xs for o, n, _ in self.spans])
         weights = torch.tensor([v for _ in xs for _, _, v in self.spans], dtype=terms.dtype, device=terms.device)
         return torch.dot(terms, weights)
 
@@ -126,8 +139,7 @@ def prior_precision_flat(prior: GaussianPrior, layout: FlatLayout, like: Tensor)
     return cache[key]
 
 
-def flat_data_gradient(layout: FlatLayout, weights: Tensor, batch: tuple[Tensor, Tensor],
-                       nll) -> tuple[Tensor, Tensor]:
+def flat_data_gradient(layout: FlatLayout, weights: Tensor, batch: tuple[Tensor, Tensor], nll) -> tuple[Tensor, Tensor]:
     """``(d mean_batch nll / d weights, mean nll)`` at the flat ``(S, numel)`` weights (S samples,
     the likelihood called once on their stacked views); the gradient is one ``(S, numel)``
     buffer. (Each parameter is its own leaf: slicing one flat leaf would make autograd
@@ -156,8 +168,16 @@ def randn_flat(layout: FlatLayout, num_samples: int, like: Tensor, generator: to
     return noise
 
 
-def adam_flat_(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor],
-               step: int, lr: float, betas: tuple[float, float], eps: float) -> None:
+def adam_flat_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
     """One bias-corrected Adam step number ``step`` on flat buffers, IN PLACE on ``params``,
     ``exp_avg`` and ``exp_avg_sq`` (the steps' state is donated, see
     :mod:`certbnn.inference.base`); ``grads`` may be overwritten. Same equations as
@@ -167,10 +187,23 @@ def adam_flat_(params: list[Tensor], grads: list[Tensor], exp_avg: list[Tensor],
     fused = getattr(torch, "_fused_adam_", None)
     if fused is not None and all(p.device.type in ("cpu", "cuda") for p in params):
         steps = [torch.tensor(float(step), device=p.device) for p in params]
-        fused(params, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
-              eps=eps, amsgrad=False, maximize=False)
+        fused(
+            params,
+            grads,
+            exp_avg,
+            exp_avg_sq,
+            [],
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+        )
         return
-    correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    correction1, correction2 = 1.0 - beta1**step, 1.0 - beta2**step
     for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)

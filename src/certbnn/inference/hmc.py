@@ -82,14 +82,25 @@ MIN_ADAPT_BURNIN = 20  # dual averaging with fewer burn-in proposals ends on its
 
 # --- helpers shared with sghmc.py ------------------------------------------------
 
-def check_number(name: str, value: object, low: float = 0.0, high: float = math.inf, *,
-                 low_inclusive: bool = False, high_inclusive: bool = True) -> None:
+
+def check_number(
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    low_inclusive: bool = False,
+    high_inclusive: bool = True,
+) -> None:
     """ConfigError unless ``value`` is a finite real in the given interval."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low <= value if low_inclusive else low < value) and (value <= high if high_inclusive else value < high)
     if not ok:
-        interval = (f"{'>=' if low_inclusive else '>'} {low:g}" if high == math.inf else
-                    f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}")
+        interval = (
+            f"{'>=' if low_inclusive else '>'} {low:g}"
+            if high == math.inf
+            else f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+        )
         raise ConfigError(f"option {name} must be a finite number {interval}, got {value!r}")
 
 
@@ -119,8 +130,9 @@ def copy_params(params: Params) -> Params:
     return {name: t.detach().clone() for name, t in params.items()}
 
 
-def store_sample(samples: list[Params], sample_eps: list[float | None], position: Params, eps: float | None,
-                 max_samples: int | None) -> tuple[list[Params], list[float | None]]:
+def store_sample(
+    samples: list[Params], sample_eps: list[float | None], position: Params, eps: float | None, max_samples: int | None
+) -> tuple[list[Params], list[float | None]]:
     """New lists with a copy of ``position`` (drawn at radius ``eps``) appended, oldest dropped
     beyond ``max_samples``."""
     kept, kept_eps = samples + [copy_params(position)], sample_eps + [eps]
@@ -136,18 +148,23 @@ def likelihood_eps(nll: NLL) -> float | None:
     return None if eps is None else float(eps)
 
 
-def check_sample_window(method: str, settings: str, first_sample_step: int, first_target_step: int,
-                        total_steps: int, context: str = "") -> None:
+def check_sample_window(
+    method: str, settings: str, first_sample_step: int, first_target_step: int, total_steps: int, context: str = ""
+) -> None:
     """ConfigError (one line) unless the first stored sample (0-based step ``first_sample_step``)
     comes once eps has reached its target (step ``first_target_step``) and within ``total_steps``."""
     where = f" ({context})" if context else ""
     if first_sample_step < first_target_step:
-        raise ConfigError(f"{method}: {settings} would store samples from step {first_sample_step + 1} of "
-                          f"{total_steps}, before eps reaches its target at step {first_target_step + 1}{where}; "
-                          f"burn in longer (or leave the burn-in option unset) or shorten the eps ramp")
+        raise ConfigError(
+            f"{method}: {settings} would store samples from step {first_sample_step + 1} of "
+            f"{total_steps}, before eps reaches its target at step {first_target_step + 1}{where}; "
+            f"burn in longer (or leave the burn-in option unset) or shorten the eps ramp"
+        )
     if first_sample_step >= total_steps:
-        raise ConfigError(f"{method}: {settings} stores no sample in {total_steps} steps (the first would come "
-                          f"at step {first_sample_step + 1}){where}; train longer or shorten the burn-in")
+        raise ConfigError(
+            f"{method}: {settings} stores no sample in {total_steps} steps (the first would come "
+            f"at step {first_sample_step + 1}){where}; train longer or shorten the burn-in"
+        )
 
 
 def samples_posterior(samples: list[Params], method: str) -> SamplePosterior:
@@ -164,20 +181,21 @@ def randn_like(t: Tensor, generator: torch.Generator) -> Tensor:
 
 # --- HMC ----------------------------------------------------------------------------
 
+
 @dataclass
 class HMCState:
     position: Params
-    potential: Tensor | None      # U(position), cached (None before the first step)
-    gradient: Params | None       # grad U(position), cached
-    step_size: float              # current nominal step size (adapted during burn-in)
-    da_log_step_avg: float        # dual averaging: averaged log step size
-    da_h_bar: float               # dual averaging: running mean of (target - accept prob)
-    num_steps: int                # proposals made
-    num_accepted: int             # accepted proposals in the current phase (burn-in / sampling)
+    potential: Tensor | None  # U(position), cached (None before the first step)
+    gradient: Params | None  # grad U(position), cached
+    step_size: float  # current nominal step size (adapted during burn-in)
+    da_log_step_avg: float  # dual averaging: averaged log step size
+    da_h_bar: float  # dual averaging: running mean of (target - accept prob)
+    num_steps: int  # proposals made
+    num_accepted: int  # accepted proposals in the current phase (burn-in / sampling)
     samples: list[Params] = field(default_factory=list)
-    potential_eps: float | None = None   # the radius the cached U and grad U were computed at
+    potential_eps: float | None = None  # the radius the cached U and grad U were computed at
     sample_eps: list[float | None] = field(default_factory=list)  # radius of each stored sample
-    warm_epochs_done: int = 0            # warm-start SGD epochs run (they precede the proposals)
+    warm_epochs_done: int = 0  # warm-start SGD epochs run (they precede the proposals)
 
 
 @register_method
@@ -224,7 +242,7 @@ class HMC:
         for flag in ("adapt_step_size", "flush_denormals"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"option {flag} must be true or false, got {getattr(self, flag)!r}")
-        for name, m in (self.mass.items() if isinstance(self.mass, Mapping) else [("", self.mass)]):
+        for name, m in self.mass.items() if isinstance(self.mass, Mapping) else [("", self.mass)]:
             if name and name not in self.prior.names:
                 raise ConfigError(f"option mass names {name!r}, which is not a parameter of the prior")
             try:
@@ -251,8 +269,9 @@ class HMC:
         """Burn-in proposals (``num_burnin``; None is 0 when used without a schedule)."""
         return self.num_burnin or 0
 
-    def for_schedule(self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1,
-                     context: str = "") -> HMC:
+    def for_schedule(
+        self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1, context: str = ""
+    ) -> HMC:
         """This sampler for a run of ``total_steps`` steps whose eps reaches its target at
         0-based step ``first_target_step``: ``num_burnin=None`` becomes the proposals before
         it; ConfigError when a sample would be stored earlier, or none at all."""
@@ -260,8 +279,7 @@ class HMC:
         if self.num_burnin is None:
             method = dataclasses.replace(self, num_burnin=max(first_target_step - self.warm_start_epochs, 0))
         first = method.warm_start_epochs + method.burnin + method.thin - 1
-        settings = (f"warm_start_epochs={method.warm_start_epochs}, num_burnin={method.num_burnin}, "
-                    f"thin={method.thin}")
+        settings = f"warm_start_epochs={method.warm_start_epochs}, num_burnin={method.num_burnin}, thin={method.thin}"
         check_sample_window("hmc", settings, first, first_target_step, total_steps, context)
         return method
 
@@ -278,8 +296,9 @@ class HMC:
             m = self.mass.get(n, 1.0) if isinstance(self.mass, Mapping) else self.mass
             out[n] = float(m) if isinstance(m, (int, float)) else torch.as_tensor(m).to(w)
             if isinstance(out[n], Tensor) and torch.broadcast_shapes(out[n].shape, w.shape) != w.shape:
-                raise ConfigError(f"option mass[{n!r}] of shape {tuple(out[n].shape)} "
-                                  f"does not broadcast to {tuple(w.shape)}")
+                raise ConfigError(
+                    f"option mass[{n!r}] of shape {tuple(out[n].shape)} does not broadcast to {tuple(w.shape)}"
+                )
         return out
 
     @staticmethod
@@ -287,8 +306,16 @@ class HMC:
         """K(p) = sum p^2 / (2 M)."""
         return sum((0.5 * p * p / masses[n]).sum() for n, p in momentum.items())
 
-    def leapfrog(self, position: Params, momentum: Params, gradient: Params, step_size: float,
-                 masses: Mapping[str, Tensor | float], batch: Batch, nll: NLL) -> tuple[Params, Params, Tensor, Params]:
+    def leapfrog(
+        self,
+        position: Params,
+        momentum: Params,
+        gradient: Params,
+        step_size: float,
+        masses: Mapping[str, Tensor | float],
+        batch: Batch,
+        nll: NLL,
+    ) -> tuple[Params, Params, Tensor, Params]:
         """``num_leapfrog`` leapfrog steps of dH with H = U + K(p; masses): (w, p, U(w), grad U(w)) at the end."""
         p = {n: momentum[n] - 0.5 * step_size * gradient[n] for n in momentum}
         w = position
@@ -337,12 +364,21 @@ class HMC:
     def init(self, params: Params, generator: torch.Generator | None = None) -> HMCState:
         check_params(params, self.prior)
         self.masses(params)  # shape check
-        return HMCState(position=copy_params(params), potential=None, gradient=None,
-                        step_size=float(self.initial_step_size), da_log_step_avg=0.0, da_h_bar=0.0,
-                        num_steps=0, num_accepted=0, samples=[])
+        return HMCState(
+            position=copy_params(params),
+            potential=None,
+            gradient=None,
+            step_size=float(self.initial_step_size),
+            da_log_step_avg=0.0,
+            da_h_bar=0.0,
+            num_steps=0,
+            num_accepted=0,
+            samples=[],
+        )
 
-    def step(self, state: HMCState, batch: Batch, nll: NLL,
-             generator: torch.Generator) -> tuple[HMCState, dict[str, float]]:
+    def step(
+        self, state: HMCState, batch: Batch, nll: NLL, generator: torch.Generator
+    ) -> tuple[HMCState, dict[str, float]]:
         if state.warm_epochs_done < self.warm_start_epochs:
             return self._warm_start_epoch(state, batch, nll, generator)
         num_burnin = self.burnin
@@ -352,8 +388,7 @@ class HMC:
         if potential is None or gradient is None or state.potential_eps != eps_now:
             # no cache yet, or it belongs to another likelihood: H_old must use this one
             potential, gradient = self.potential_and_grad(state.position, batch, nll)
-        jitter_u, accept_u = torch.rand(2, generator=generator, dtype=torch.float64,
-                                        device=generator.device).tolist()
+        jitter_u, accept_u = torch.rand(2, generator=generator, dtype=torch.float64, device=generator.device).tolist()
         eps = state.step_size * (1.0 + self.jitter * (2.0 * jitter_u - 1.0))
         masses = self.masses(state.position)
         momentum = {n: randn_like(w, generator) * masses[n] ** 0.5 for n, w in state.position.items()}
@@ -361,17 +396,27 @@ class HMC:
         h_diff = potential + self.kinetic(momentum, masses) - u_new - self.kinetic(p_new, masses)
         log_priors = [self.prior.log_prob(state.position).detach(), self.prior.log_prob(w_new).detach()]
         log_ratio, u_old_value, u_new_value, lp_old, lp_new = torch.stack(
-            [h_diff, potential, u_new, *log_priors]).tolist()  # one sync
+            [h_diff, potential, u_new, *log_priors]
+        ).tolist()  # one sync
         accept_prob = math.exp(min(0.0, log_ratio)) if math.isfinite(log_ratio) else 0.0
         accepted = accept_u < accept_prob
         position = w_new if accepted else state.position
         if accepted:
             potential, gradient = u_new, g_new
-        new = HMCState(position=position, potential=potential, gradient=gradient, step_size=state.step_size,
-                       da_log_step_avg=state.da_log_step_avg, da_h_bar=state.da_h_bar,
-                       num_steps=state.num_steps + 1, num_accepted=state.num_accepted + int(accepted),
-                       samples=state.samples, potential_eps=eps_now, sample_eps=state.sample_eps,
-                       warm_epochs_done=state.warm_epochs_done)
+        new = HMCState(
+            position=position,
+            potential=potential,
+            gradient=gradient,
+            step_size=state.step_size,
+            da_log_step_avg=state.da_log_step_avg,
+            da_h_bar=state.da_h_bar,
+            num_steps=state.num_steps + 1,
+            num_accepted=state.num_accepted + int(accepted),
+            samples=state.samples,
+            potential_eps=eps_now,
+            sample_eps=state.sample_eps,
+            warm_epochs_done=state.warm_epochs_done,
+        )
         phase_steps = new.num_steps if burning_in else new.num_steps - num_burnin
         rate = new.num_accepted / phase_steps
         if burning_in and self.adapt_step_size and num_burnin >= MIN_ADAPT_BURNIN:
@@ -379,12 +424,18 @@ class HMC:
         if burning_in and new.num_steps == num_burnin:
             new.num_accepted = 0  # the sampling phase counts its own acceptance rate
         elif not burning_in and (new.num_steps - num_burnin) % self.thin == 0:
-            new.samples, new.sample_eps = store_sample(state.samples, state.sample_eps, position, eps_now,
-                                                       self.max_samples)
+            new.samples, new.sample_eps = store_sample(
+                state.samples, state.sample_eps, position, eps_now, self.max_samples
+            )
         u_value, lp_value = (u_new_value, lp_new) if accepted else (u_old_value, lp_old)
-        info = {"potential": u_value, "accept_prob": accept_prob,
-                "accepted": float(accepted), "step_size": eps, "accept_rate": rate,
-                "num_samples": float(len(new.samples))}
+        info = {
+            "potential": u_value,
+            "accept_prob": accept_prob,
+            "accepted": float(accepted),
+            "step_size": eps,
+            "accept_rate": rate,
+            "num_samples": float(len(new.samples)),
+        }
         if self.num_data > 0:  # the mean NLL at the chain's position: (T / N) (U + log p(w))
             info["nll"] = self.temperature / self.num_data * (u_value + lp_value)
         return new, info
@@ -396,13 +447,14 @@ class HMC:
         weight = 1.0 / (m + _DA_T0)
         state.da_h_bar = (1.0 - weight) * state.da_h_bar + weight * (self.target_accept - accept_prob)
         log_step = min(max(mu - math.sqrt(m) / _DA_GAMMA * state.da_h_bar, -300.0), 300.0)  # no overflow
-        avg = m ** -_DA_KAPPA
+        avg = m**-_DA_KAPPA
         state.da_log_step_avg = avg * log_step + (1.0 - avg) * state.da_log_step_avg
         last = m == self.burnin
         state.step_size = math.exp(state.da_log_step_avg if last else log_step)
 
-    def _warm_start_epoch(self, state: HMCState, batch: Batch, nll: NLL,
-                          generator: torch.Generator) -> tuple[HMCState, dict[str, float]]:
+    def _warm_start_epoch(
+        self, state: HMCState, batch: Batch, nll: NLL, generator: torch.Generator
+    ) -> tuple[HMCState, dict[str, float]]:
         """One epoch of minibatch SGD with momentum on (T / N) U (module docstring); not a proposal."""
         x, y = batch
         count = x.shape[0]
@@ -418,13 +470,20 @@ class HMC:
         velocity = {n: torch.zeros_like(w) for n, w in position.items()}
         nll_sum, batches = 0.0, count_all // size if size else 0
         for b in range(batches):
-            index = order[b * size:(b + 1) * size]
-            grads, info = map_gradient(position, (x[index], y[index]), nll, self.prior, self.temperature,
-                                       max(self.num_data, 1))
+            index = order[b * size : (b + 1) * size]
+            grads, info = map_gradient(
+                position, (x[index], y[index]), nll, self.prior, self.temperature, max(self.num_data, 1)
+            )
             position, velocity = sgd_update(position, grads, velocity, self.warm_start_lr, 0.9, 0.0)
             nll_sum += info["nll"]
-        new = dataclasses.replace(state, position={n: w.detach() for n, w in position.items()}, potential=None,
-                                  gradient=None, potential_eps=None, warm_epochs_done=state.warm_epochs_done + 1)
+        new = dataclasses.replace(
+            state,
+            position={n: w.detach() for n, w in position.items()},
+            potential=None,
+            gradient=None,
+            potential_eps=None,
+            warm_epochs_done=state.warm_epochs_done + 1,
+        )
         return new, {"nll": nll_sum / max(batches, 1), "warm_start": 1.0, "num_samples": 0.0}
 
     def end_epoch(self, state: HMCState, epoch: int) -> HMCState:

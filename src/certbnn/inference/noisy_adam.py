@@ -140,8 +140,10 @@ class PrecisionVI:
     def gaussian(self, mean: Params, s: Params) -> GaussianPosterior:
         """The posterior N(mean, 1 / (N s + lambda)): a precision turned into a std."""
         lam = prior_precision(self.prior, mean)
-        return GaussianPosterior({n: m.detach().clone() for n, m in mean.items()},
-                                 precision_std({n: v.detach() for n, v in s.items()}, lam, self.effective_data))
+        return GaussianPosterior(
+            {n: m.detach().clone() for n, m in mean.items()},
+            precision_std({n: v.detach() for n, v in s.items()}, lam, self.effective_data),
+        )
 
 
 @register_method
@@ -156,8 +158,9 @@ class NoisyAdam(PrecisionVI):
     def init(self, params: Params, generator: torch.Generator | None = None) -> NoisyAdamState:
         return NoisyAdamState(*self.initial_moments(params), 0)
 
-    def step(self, state: NoisyAdamState, batch: Batch, nll: NLL,
-             generator: torch.Generator | None = None) -> tuple[NoisyAdamState, dict[str, float]]:
+    def step(
+        self, state: NoisyAdamState, batch: Batch, nll: NLL, generator: torch.Generator | None = None
+    ) -> tuple[NoisyAdamState, dict[str, float]]:
         layout = FlatLayout(state.mean)
         mu, m_old, s_old = layout.pack(state.mean), layout.pack(state.exp_avg), layout.pack(state.exp_avg_sq)
         prior_mean, lam, _ = prior_flat(self.prior, layout, mu)
@@ -168,8 +171,8 @@ class NoisyAdam(PrecisionVI):
         grads, nll_value = flat_data_gradient(layout, torch.addcmul(mu, std, noise), batch, nll)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
-        correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-        initial_share = beta2 ** step * self.initial_precision / n_eff  # b2^t s_0
+        correction1, correction2 = 1.0 - beta1**step, 1.0 - beta2**step
+        initial_share = beta2**step * self.initial_precision / n_eff  # b2^t s_0
         centred = mu if prior_mean is None else mu - prior_mean
         # m <- b1 m + (1 - b1) (mean_k g_k + lambda (mu - mu_prior) / N);  s <- b2 s + (1 - b2) mean_k g_k^2
         # (1 - b2) mean_k g_k^2 as (sum_k (g_k / S)^2) (S (1 - b2)); one sample: b2 s + (1 - b2) g^2 by one

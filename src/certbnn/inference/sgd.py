@@ -41,13 +41,24 @@ from certbnn.inference.flat import FlatLayout, adam_flat_, flat_data_gradient, p
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
-__all__ = ["SGD", "Adam", "AdamState", "SGDState", "adam_update", "adam_update_flat", "map_gradient",
-           "map_gradient_flat", "sgd_update", "sgd_update_flat"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamState",
+    "SGDState",
+    "adam_update",
+    "adam_update_flat",
+    "map_gradient",
+    "map_gradient_flat",
+    "sgd_update",
+    "sgd_update_flat",
+]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 # --- validation shared by the point-estimate methods and SWAG ------------------------
+
 
 def check_common(method: Any) -> None:
     """ConfigError for a bad prior / num_data / lr / weight_decay / prior_weight."""
@@ -60,14 +71,24 @@ def check_common(method: Any) -> None:
     check_number(method, "prior_weight", method.prior_weight, low=0.0)
 
 
-def check_number(method: Any, option: str, value: Any, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def check_number(
+    method: Any,
+    option: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """ConfigError naming ``option`` unless ``value`` is a finite real in the interval."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
-                    f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        interval = (
+            f"{'>' if low_open else '>='} {low:g}"
+            if high == math.inf
+            else f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        )
         raise ConfigError(f"{method.name}: option {option} must be a finite number {interval}, got {value!r}")
 
 
@@ -82,8 +103,10 @@ def check_betas(method: Any) -> None:
 
 # --- objective and updates ------------------------------------------------------------
 
-def map_gradient(params: Params, batch: Batch, nll: NLL, prior: GaussianPrior, prior_weight: float,
-                 num_data: int) -> tuple[Params, dict[str, float]]:
+
+def map_gradient(
+    params: Params, batch: Batch, nll: NLL, prior: GaussianPrior, prior_weight: float, num_data: int
+) -> tuple[Params, dict[str, float]]:
     """Gradient of ``mean nll - prior_weight * log p(w) / N`` at ``params``, and an info
     dict with the objective (``loss``) and the batch mean NLL (``nll``)."""
     x, y = batch
@@ -101,8 +124,9 @@ def _with_decay(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
     return grad if weight_decay == 0 else grad + weight_decay * param
 
 
-def sgd_update(params: Params, grads: Params, velocity: Params, lr: float, momentum: float,
-               weight_decay: float) -> tuple[Params, Params]:
+def sgd_update(
+    params: Params, grads: Params, velocity: Params, lr: float, momentum: float, weight_decay: float
+) -> tuple[Params, Params]:
     """One heavy-ball step: ``v <- momentum v + g; w <- w - lr v`` (out of place)."""
     new_params, new_velocity = {}, {}
     for name, param in params.items():
@@ -112,12 +136,20 @@ def sgd_update(params: Params, grads: Params, velocity: Params, lr: float, momen
     return new_params, new_velocity
 
 
-def adam_update(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Params, step: int, lr: float,
-                betas: tuple[float, float], eps: float,
-                weight_decay: float) -> tuple[Params, Params, Params]:
+def adam_update(
+    params: Params,
+    grads: Params,
+    exp_avg: Params,
+    exp_avg_sq: Params,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> tuple[Params, Params, Params]:
     """One bias-corrected Adam step number ``step`` (1-based), out of place."""
     beta1, beta2 = betas
-    correction1, correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    correction1, correction2 = 1.0 - beta1**step, 1.0 - beta2**step
     new_params, new_avg, new_avg_sq = {}, {}, {}
     for name, param in params.items():
         g = _with_decay(grads[name], param, weight_decay)
@@ -128,8 +160,9 @@ def adam_update(params: Params, grads: Params, exp_avg: Params, exp_avg_sq: Para
     return new_params, new_avg, new_avg_sq
 
 
-def map_gradient_flat(layout: FlatLayout, params: Tensor, batch: Batch, nll: NLL, prior: GaussianPrior,
-                      prior_weight: float, num_data: int) -> tuple[Tensor, dict[str, float]]:
+def map_gradient_flat(
+    layout: FlatLayout, params: Tensor, batch: Batch, nll: NLL, prior: GaussianPrior, prior_weight: float, num_data: int
+) -> tuple[Tensor, dict[str, float]]:
     """:func:`map_gradient` on the flat ``(P,)`` buffer ``params``: a flat gradient, the prior
     term analytic (``-d log p / dw = (w - m) / s^2``, ``log p = -sum (w - m)^2 / (2 s^2) - sum log s
     - P log sqrt(2 pi)``)."""
@@ -146,8 +179,9 @@ def map_gradient_flat(layout: FlatLayout, params: Tensor, batch: Batch, nll: NLL
     return grad, {"loss": nll_value - (prior_weight / num_data) * log_prior_value, "nll": nll_value}
 
 
-def sgd_update_flat(params: Tensor, grad: Tensor, velocity: Tensor, lr: float, momentum: float,
-                    weight_decay: float) -> tuple[Tensor, Tensor]:
+def sgd_update_flat(
+    params: Tensor, grad: Tensor, velocity: Tensor, lr: float, momentum: float, weight_decay: float
+) -> tuple[Tensor, Tensor]:
     """:func:`sgd_update` on flat buffers: ``(params, new velocity)``, ``params`` updated in
     place, the new velocity in ``grad``'s buffer (``grad`` is consumed)."""
     if weight_decay != 0:
@@ -156,8 +190,17 @@ def sgd_update_flat(params: Tensor, grad: Tensor, velocity: Tensor, lr: float, m
     return params.add_(new_velocity, alpha=-lr), new_velocity
 
 
-def adam_update_flat(params: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
-                     betas: tuple[float, float], eps: float, weight_decay: float) -> tuple[Tensor, Tensor, Tensor]:
+def adam_update_flat(
+    params: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`adam_update` on flat buffers, in place (``grad`` is consumed); returns the three buffers."""
     if weight_decay != 0:
         grad.add_(params, alpha=weight_decay)
@@ -179,6 +222,7 @@ def point_posterior(params: Params) -> SamplePosterior:
 
 
 # --- the methods ------------------------------------------------------------------------
+
 
 @dataclass
 class SGDState:
@@ -218,13 +262,15 @@ class SGD:
         start = detached_copy(params)
         return SGDState(start, zeros_like(start), 0)
 
-    def step(self, state: SGDState, batch: Batch, nll: NLL,
-             generator: torch.Generator | None = None) -> tuple[SGDState, dict[str, float]]:
+    def step(
+        self, state: SGDState, batch: Batch, nll: NLL, generator: torch.Generator | None = None
+    ) -> tuple[SGDState, dict[str, float]]:
         layout = FlatLayout(state.params)
         params = layout.pack(state.params)
         grad, info = map_gradient_flat(layout, params, batch, nll, self.prior, self.prior_weight, self.num_data)
-        params, velocity = sgd_update_flat(params, grad, layout.pack(state.velocity), self.lr, self.momentum,
-                                           self.weight_decay)
+        params, velocity = sgd_update_flat(
+            params, grad, layout.pack(state.velocity), self.lr, self.momentum, self.weight_decay
+        )
         return SGDState(layout.views(params), layout.views(velocity), state.num_steps + 1), info
 
     def end_epoch(self, state: SGDState, epoch: int) -> SGDState:
@@ -258,15 +304,24 @@ class Adam:
         start = detached_copy(params)
         return AdamState(start, zeros_like(start), zeros_like(start), 0)
 
-    def step(self, state: AdamState, batch: Batch, nll: NLL,
-             generator: torch.Generator | None = None) -> tuple[AdamState, dict[str, float]]:
+    def step(
+        self, state: AdamState, batch: Batch, nll: NLL, generator: torch.Generator | None = None
+    ) -> tuple[AdamState, dict[str, float]]:
         layout = FlatLayout(state.params)
         params = layout.pack(state.params)
         grad, info = map_gradient_flat(layout, params, batch, nll, self.prior, self.prior_weight, self.num_data)
         step = state.num_steps + 1
-        new, exp_avg, exp_avg_sq = adam_update_flat(params, grad, layout.pack(state.exp_avg),
-                                                    layout.pack(state.exp_avg_sq), step, self.lr, tuple(self.betas),
-                                                    self.eps, self.weight_decay)
+        new, exp_avg, exp_avg_sq = adam_update_flat(
+            params,
+            grad,
+            layout.pack(state.exp_avg),
+            layout.pack(state.exp_avg_sq),
+            step,
+            self.lr,
+            tuple(self.betas),
+            self.eps,
+            self.weight_decay,
+        )
         return AdamState(layout.views(new), layout.views(exp_avg), layout.views(exp_avg_sq), step), info
 
     def end_epoch(self, state: AdamState, epoch: int) -> AdamState:

@@ -112,13 +112,20 @@ class SGHMC:
         """Burn-in steps (``num_burnin``; None is 0 when used without a schedule)."""
         return self.num_burnin or 0
 
-    def for_schedule(self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1,
-                     context: str = "") -> SGHMC:
+    def for_schedule(
+        self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1, context: str = ""
+    ) -> SGHMC:
         """As :meth:`certbnn.inference.hmc.HMC.for_schedule`: ``num_burnin=None`` becomes the
         steps before eps reaches its target; ConfigError for a sample before it or none at all."""
         method = self if self.num_burnin is not None else dataclasses.replace(self, num_burnin=first_target_step)
-        check_sample_window("sghmc", f"num_burnin={method.num_burnin}, thin={method.thin}",
-                            method.burnin + method.thin - 1, first_target_step, total_steps, context)
+        check_sample_window(
+            "sghmc",
+            f"num_burnin={method.num_burnin}, thin={method.thin}",
+            method.burnin + method.thin - 1,
+            first_target_step,
+            total_steps,
+            context,
+        )
         return method
 
     def sampling_metadata(self, state: SGHMCState) -> dict[str, list[float | None]]:
@@ -128,11 +135,13 @@ class SGHMC:
     def init(self, params: Params, generator: torch.Generator | None = None) -> SGHMCState:
         check_params(params, self.prior)
         position = copy_params(params)
-        return SGHMCState(position=position, velocity={n: torch.zeros_like(w) for n, w in position.items()},
-                          num_steps=0, samples=[])
+        return SGHMCState(
+            position=position, velocity={n: torch.zeros_like(w) for n, w in position.items()}, num_steps=0, samples=[]
+        )
 
-    def step(self, state: SGHMCState, batch: Batch, nll: NLL,
-             generator: torch.Generator) -> tuple[SGHMCState, dict[str, float]]:
+    def step(
+        self, state: SGHMCState, batch: Batch, nll: NLL, generator: torch.Generator
+    ) -> tuple[SGHMCState, dict[str, float]]:
         lr, temperature = self.learning_rate, self.temperature
         layout = FlatLayout(state.position)
         flat = layout.pack(state.position)
@@ -152,8 +161,9 @@ class SGHMC:
         samples, sample_eps = state.samples, state.sample_eps
         if num_steps > self.burnin and (num_steps - self.burnin) % self.thin == 0:
             samples, sample_eps = store_sample(samples, sample_eps, position, likelihood_eps(nll), self.max_samples)
-        new = SGHMCState(position=position, velocity=velocity, num_steps=num_steps, samples=samples,
-                         sample_eps=sample_eps)
+        new = SGHMCState(
+            position=position, velocity=velocity, num_steps=num_steps, samples=samples, sample_eps=sample_eps
+        )
         data_value, prior_value = torch.stack([data_term.detach(), log_prior.detach()]).tolist()  # one sync
         info = {"nll": data_value, "num_samples": float(len(samples))}
         if temperature > 0:  # U_tilde_T (at T = 0 there is no density, only the mean NLL)

@@ -49,11 +49,48 @@ Moments = tuple[Params, Params, Tensor]
 __all__ = ["Moments", "analytic_moments"]
 
 # Tensor queries that neither read values nor build a gradient path.
-_METADATA = frozenset({"dim", "numel", "size", "is_floating_point", "is_complex", "element_size", "is_contiguous",
-                       "stride", "nelement", "ndimension", "get_device", "data_ptr", "__len__", "storage_offset"})
-_PROPERTIES = frozenset({"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "is_cuda",
-                         "is_sparse", "is_meta", "is_quantized", "is_nested", "grad_fn", "itemsize", "nbytes",
-                         "names", "_version", "is_cpu", "is_mps", "is_xla"})
+_METADATA = frozenset(
+    {
+        "dim",
+        "numel",
+        "size",
+        "is_floating_point",
+        "is_complex",
+        "element_size",
+        "is_contiguous",
+        "stride",
+        "nelement",
+        "ndimension",
+        "get_device",
+        "data_ptr",
+        "__len__",
+        "storage_offset",
+    }
+)
+_PROPERTIES = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "requires_grad",
+        "is_leaf",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_sparse",
+        "is_meta",
+        "is_quantized",
+        "is_nested",
+        "grad_fn",
+        "itemsize",
+        "nbytes",
+        "names",
+        "_version",
+        "is_cpu",
+        "is_mps",
+        "is_xla",
+    }
+)
 _CASTS = frozenset({"to", "as_tensor", "contiguous", "clone", "float", "double", "type_as"})
 _ROW_PRESERVING = frozenset({"flatten", "reshape", "view", "contiguous", "pad", "clone"})
 _SCALINGS = frozenset({"mul", "__mul__", "__rmul__", "multiply"})
@@ -242,8 +279,11 @@ class WeightUseRecorder(TorchFunctionMode):
         if not isinstance(x, Tensor) or self._info(x) is not None:
             raise Unsupported("a weight used as the input of a layer")
         w, b = bound.get("weight"), bound.get("bias")
-        return (bound, self._info(w) if isinstance(w, Tensor) else None,
-                self._info(b) if isinstance(b, Tensor) else None)
+        return (
+            bound,
+            self._info(w) if isinstance(w, Tensor) else None,
+            self._info(b) if isinstance(b, Tensor) else None,
+        )
 
     def _linear(self, func, args, kwargs) -> Tensor:
         bound, w, b = self._bind(("input", "weight", "bias"), args, kwargs)
@@ -296,7 +336,7 @@ def _per_example_einsum(equation: str, ndims: list[int], y: Tensor, slot: int, b
     fill = "".join(free[:width])
 
     def expand(term: str, n: int) -> str:
-        return term.replace("...", fill[width - (n - len(term.replace("...", ""))):]) if "..." in term else term
+        return term.replace("...", fill[width - (n - len(term.replace("...", ""))) :]) if "..." in term else term
 
     terms = [expand(t, n) for t, n in zip(terms, ndims)]
     out = out.replace("...", fill)
@@ -304,11 +344,16 @@ def _per_example_einsum(equation: str, ndims: list[int], y: Tensor, slot: int, b
     if not re.fullmatch(r"[a-zA-Z]*", "".join(terms) + out) or not out or y.dim() != len(out):
         raise Unsupported(f"einsum {equation!r}")
     b = out[0]
-    rest = "".join(terms[:slot] + terms[slot + 1:]) + out
-    if (y.shape[0] != batch or b in target or out.count(b) != 1 or len(set(target)) != len(target)
-            or any(c not in rest for c in target)):
+    rest = "".join(terms[:slot] + terms[slot + 1 :]) + out
+    if (
+        y.shape[0] != batch
+        or b in target
+        or out.count(b) != 1
+        or len(set(target)) != len(target)
+        or any(c not in rest for c in target)
+    ):
         raise Unsupported(f"einsum {equation!r} is not a per-example map of a weight")
-    return ",".join(terms[:slot] + terms[slot + 1:] + [out]) + "->" + b + target
+    return ",".join(terms[:slot] + terms[slot + 1 :] + [out]) + "->" + b + target
 
 
 def _conv_per_example(x: Tensor, g: Tensor, shape: torch.Size, conv: dict[str, Any]) -> Tensor:
@@ -364,9 +409,12 @@ class _Sums:
             accumulate(total, [dp.tensor], dp.scale, gp, xp)
             for q in range(p, len(terms)):
                 dq, gq, xq = terms[q]
-                accumulate(square, [dp.tensor, dq.tensor], dp.scale * dq.scale * (1.0 if q == p else 2.0),
-                           gp * gq, xp * xq)
+                accumulate(
+                    square, [dp.tensor, dq.tensor], dp.scale * dq.scale * (1.0 if q == p else 2.0), gp * gq, xp * xq
+                )
         return _combine(total), _combine(square)
+
+
 def _combine(groups: dict) -> Tensor:
     out = None
     for tensors, acc in groups.values():
@@ -387,8 +435,11 @@ def _one_sample(weights: Params, x: Tensor, y: Tensor, call) -> tuple[Params, Pa
     if values.shape != (batch,):
         raise Unsupported(f"the likelihood returned shape {tuple(values.shape)} for {batch} examples")
     uses = recorder.uses
-    grads = (torch.autograd.grad(values.sum(), [u.probe for u in uses], allow_unused=True)
-             if uses and values.requires_grad else [None] * len(uses))
+    grads = (
+        torch.autograd.grad(values.sum(), [u.probe for u in uses], allow_unused=True)
+        if uses and values.requires_grad
+        else [None] * len(uses)
+    )
     sums = _Sums()
     for use, gy in zip(uses, grads):
         if gy is None:
@@ -399,7 +450,8 @@ def _one_sample(weights: Params, x: Tensor, y: Tensor, call) -> tuple[Params, Pa
             g = gy.reshape(*use.x.shape[:2], gy.shape[-1])
             if use.weight is not None:
                 sums.factored.setdefault(use.weight.name, []).extend(
-                    (use.weight, g[k], use.x[k]) for k in range(g.shape[0]))
+                    (use.weight, g[k], use.x[k]) for k in range(g.shape[0])
+                )
             if use.bias is not None:
                 sums.add_dense(use.bias, g.sum(0))
         elif use.kind == "conv":  # rows: m blocks of the batch
@@ -450,8 +502,10 @@ def analytic_moments(weights: Params, batch: tuple[Tensor, Tensor], nll) -> tupl
         def call(w: Params) -> Tensor:
             return nll.nll_at(w, x, x_adv, y)
     else:
+
         def call(w: Params) -> Tensor:
             return nll(w, x, y)
+
     means, squares, values = [], [], []
     try:
         for k in range(num_samples):
@@ -465,8 +519,12 @@ def analytic_moments(weights: Params, batch: tuple[Tensor, Tensor], nll) -> tupl
             _UNSUPPORTED.setdefault(key[0], {})[key[1]] = reason
         return None, reason
     count = num_samples * x.shape[0]
-    mean = {n: torch.stack([m[n] for m in means]).sum(0).div_(count) if num_samples > 1 else means[0][n].div_(count)
-            for n in stacked}
-    square = {n: torch.stack([q[n] for q in squares]).sum(0).div_(count) if num_samples > 1
-              else squares[0][n].div_(count) for n in stacked}
+    mean = {
+        n: torch.stack([m[n] for m in means]).sum(0).div_(count) if num_samples > 1 else means[0][n].div_(count)
+        for n in stacked
+    }
+    square = {
+        n: torch.stack([q[n] for q in squares]).sum(0).div_(count) if num_samples > 1 else squares[0][n].div_(count)
+        for n in stacked
+    }
     return (mean, square, torch.stack(values)), ""

@@ -75,12 +75,12 @@ class SWAGState:
     optimizer_moments: list[Params]  # sgd: [velocity]; adam: [exp_avg, exp_avg_sq]
     mean: Params
     sq_mean: Params
-    deviations: Params               # name -> (rank, *shape); {} when rank = 0
+    deviations: Params  # name -> (rank, *shape); {} when rank = 0
     num_snapshots: int = 0
     num_steps: int = 0
     num_epochs: int = 0
-    steps_since_snapshot: int = 0    # steps after burn-in since the last snapshot (step schedule)
-    last_eps: float | None = None    # the radius of the latest step
+    steps_since_snapshot: int = 0  # steps after burn-in since the last snapshot (step schedule)
+    last_eps: float | None = None  # the radius of the latest step
     snapshot_eps: list[float | None] = dataclasses.field(default_factory=list)  # radius of each snapshot
 
 
@@ -115,8 +115,13 @@ class SWAG:
             raise ConfigError(f"swag: option optimizer must be one of {', '.join(_OPTIMIZERS)}, got {self.optimizer!r}")
         check_number(self, "momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         check_betas(self)
-        for option, low in (("burnin_epochs", 0), ("burnin_steps", 0), ("rank", 0),
-                            ("num_posterior_samples", 1), ("posterior_seed", 0)):
+        for option, low in (
+            ("burnin_epochs", 0),
+            ("burnin_steps", 0),
+            ("rank", 0),
+            ("num_posterior_samples", 1),
+            ("posterior_seed", 0),
+        ):
             value = getattr(self, option)
             if option == "burnin_steps" and value is None:
                 continue
@@ -146,42 +151,68 @@ class SWAG:
             return (epoch + 1) * steps_per_epoch - 1
         return max(burnin_steps, self.burnin_epochs * steps_per_epoch) + self.snapshot_every - 1
 
-    def for_schedule(self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1,
-                     context: str = "") -> SWAG:
+    def for_schedule(
+        self, first_target_step: int, total_steps: int, steps_per_epoch: int = 1, context: str = ""
+    ) -> SWAG:
         """This SWAG for a run of ``total_steps`` steps whose eps reaches its target at 0-based
         step ``first_target_step``: ``burnin_steps=None`` becomes ``first_target_step + 1`` (no
         snapshot before a step at the target); ConfigError for a snapshot before it or none."""
-        method = self if self.burnin_steps is not None else dataclasses.replace(
-            self, burnin_steps=first_target_step + 1 if first_target_step else 0)
-        settings = (f"burnin_epochs={method.burnin_epochs}, burnin_steps={method.burnin_steps}, "
-                    f"snapshot_every={method.snapshot_every!r}")
-        check_sample_window("swag", settings, method.first_snapshot_step(steps_per_epoch), first_target_step,
-                            total_steps, context)
+        method = (
+            self
+            if self.burnin_steps is not None
+            else dataclasses.replace(self, burnin_steps=first_target_step + 1 if first_target_step else 0)
+        )
+        settings = (
+            f"burnin_epochs={method.burnin_epochs}, burnin_steps={method.burnin_steps}, "
+            f"snapshot_every={method.snapshot_every!r}"
+        )
+        check_sample_window(
+            "swag", settings, method.first_snapshot_step(steps_per_epoch), first_target_step, total_steps, context
+        )
         return method
 
     def sampling_metadata(self, state: SWAGState) -> dict[str, list[float | None]]:
         """``{"snapshot_eps": [...]}``: the radius of the last step before each snapshot."""
         return {"snapshot_eps": list(state.snapshot_eps)}
 
-    def step(self, state: SWAGState, batch: Batch, nll: NLL,
-             generator: torch.Generator | None = None) -> tuple[SWAGState, dict[str, float]]:
+    def step(
+        self, state: SWAGState, batch: Batch, nll: NLL, generator: torch.Generator | None = None
+    ) -> tuple[SWAGState, dict[str, float]]:
         layout = FlatLayout(state.params)
         flat = layout.pack(state.params)
         grad, info = map_gradient_flat(layout, flat, batch, nll, self.prior, self.prior_weight, self.num_data)
         num_steps = state.num_steps + 1
         if self.optimizer == "sgd":
-            flat, velocity = sgd_update_flat(flat, grad, layout.pack(state.optimizer_moments[0]), self.lr,
-                                             self.momentum, self.weight_decay)
+            flat, velocity = sgd_update_flat(
+                flat, grad, layout.pack(state.optimizer_moments[0]), self.lr, self.momentum, self.weight_decay
+            )
             moments = [layout.views(velocity)]
         else:
-            flat, exp_avg, exp_avg_sq = adam_update_flat(flat, grad, *map(layout.pack, state.optimizer_moments),
-                                                         num_steps, self.lr, tuple(self.betas), self.eps,
-                                                         self.weight_decay)
+            flat, exp_avg, exp_avg_sq = adam_update_flat(
+                flat,
+                grad,
+                *map(layout.pack, state.optimizer_moments),
+                num_steps,
+                self.lr,
+                tuple(self.betas),
+                self.eps,
+                self.weight_decay,
+            )
             moments = [layout.views(exp_avg), layout.views(exp_avg_sq)]
         params = layout.views(flat)
-        new = SWAGState(params, moments, state.mean, state.sq_mean, state.deviations, state.num_snapshots,
-                        num_steps, state.num_epochs, state.steps_since_snapshot, likelihood_eps(nll),
-                        state.snapshot_eps)
+        new = SWAGState(
+            params,
+            moments,
+            state.mean,
+            state.sq_mean,
+            state.deviations,
+            state.num_snapshots,
+            num_steps,
+            state.num_epochs,
+            state.steps_since_snapshot,
+            likelihood_eps(nll),
+            state.snapshot_eps,
+        )
         if self.snapshot_every != "epoch" and self._burnin_done(state.num_epochs, state.num_steps):
             new.steps_since_snapshot += 1
             if new.steps_since_snapshot == self.snapshot_every:
@@ -191,9 +222,19 @@ class SWAG:
         return new, info
 
     def end_epoch(self, state: SWAGState, epoch: int) -> SWAGState:
-        new = SWAGState(state.params, state.optimizer_moments, state.mean, state.sq_mean, state.deviations,
-                        state.num_snapshots, state.num_steps, state.num_epochs + 1, state.steps_since_snapshot,
-                        state.last_eps, state.snapshot_eps)
+        new = SWAGState(
+            state.params,
+            state.optimizer_moments,
+            state.mean,
+            state.sq_mean,
+            state.deviations,
+            state.num_snapshots,
+            state.num_steps,
+            state.num_epochs + 1,
+            state.steps_since_snapshot,
+            state.last_eps,
+            state.snapshot_eps,
+        )
         if self.snapshot_every == "epoch" and self._burnin_done(state.num_epochs, state.num_steps):
             new = self._collect(new)
         return new
@@ -209,9 +250,19 @@ class SWAG:
                 buffer = state.deviations[name].clone()
                 buffer[n % self.rank] = w - mean[name]
                 deviations[name] = buffer
-        return SWAGState(state.params, state.optimizer_moments, mean, sq_mean, deviations, n + 1,
-                         state.num_steps, state.num_epochs, state.steps_since_snapshot, state.last_eps,
-                         state.snapshot_eps + [state.last_eps])
+        return SWAGState(
+            state.params,
+            state.optimizer_moments,
+            mean,
+            sq_mean,
+            deviations,
+            n + 1,
+            state.num_steps,
+            state.num_epochs,
+            state.steps_since_snapshot,
+            state.last_eps,
+            state.snapshot_eps + [state.last_eps],
+        )
 
     # --- posterior --------------------------------------------------------------------
 
@@ -221,9 +272,11 @@ class SWAG:
 
     def posterior(self, state: SWAGState) -> GaussianPosterior | SamplePosterior:
         if state.num_snapshots == 0:
-            raise ConfigError(f"swag: posterior requested before any snapshot was collected "
-                              f"(snapshot_every={self.snapshot_every!r}, burnin_epochs={self.burnin_epochs}, "
-                              f"burnin_steps={self.burnin_steps}; train longer or shorten the burn-in)")
+            raise ConfigError(
+                f"swag: posterior requested before any snapshot was collected "
+                f"(snapshot_every={self.snapshot_every!r}, burnin_epochs={self.burnin_epochs}, "
+                f"burnin_steps={self.burnin_steps}; train longer or shorten the burn-in)"
+            )
         variance = self.diagonal_variance(state)
         mean = {n: m.clone() for n, m in state.mean.items()}
         if self.rank == 0:

@@ -116,13 +116,18 @@ def _vmap_grads(weights: Params, batch: Batch, nll: NLL) -> tuple[Params, Tensor
 def _copies_grads(weights: Params, batch: Batch, nll: NLL) -> tuple[Params, Tensor]:
     x, y = batch
     num_samples, batch_size = next(iter(weights.values())).shape[0], x.shape[0]
-    copies = {name: w.detach().unsqueeze(1).expand(num_samples, batch_size, *w.shape[1:])
-              .reshape(num_samples * batch_size, *w.shape[1:]).clone().requires_grad_(True)
-              for name, w in weights.items()}
+    copies = {
+        name: w.detach()
+        .unsqueeze(1)
+        .expand(num_samples, batch_size, *w.shape[1:])
+        .reshape(num_samples * batch_size, *w.shape[1:])
+        .clone()
+        .requires_grad_(True)
+        for name, w in weights.items()
+    }
     values = nll(copies, x, y).reshape(num_samples, batch_size, batch_size).diagonal(dim1=1, dim2=2)
     grads = grad_of(values.sum(), copies)
-    return ({name: g.reshape(num_samples, batch_size, *g.shape[1:]) for name, g in grads.items()},
-            values.detach())
+    return ({name: g.reshape(num_samples, batch_size, *g.shape[1:]) for name, g in grads.items()}, values.detach())
 
 
 def per_example_grads(weights: Params, batch: Batch, nll: NLL, mode: str = "auto") -> tuple[Params, Tensor]:
@@ -135,9 +140,12 @@ def per_example_grads(weights: Params, batch: Batch, nll: NLL, mode: str = "auto
     except (RuntimeError, NotImplementedError) as exc:
         if mode == "vmap":
             raise
-        warnings.warn(f"per-example gradients by vmap failed ({str(exc).splitlines()[0][:120]}); "
-                      "using weight copies (exact, B times the forward cost)", PerExampleFallbackWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"per-example gradients by vmap failed ({str(exc).splitlines()[0][:120]}); "
+            "using weight copies (exact, B times the forward cost)",
+            PerExampleFallbackWarning,
+            stacklevel=3,
+        )
         return _copies_grads(weights, batch, nll)
 
 
@@ -152,10 +160,15 @@ def gradient_moments(weights: Params, batch: Batch, nll: NLL, mode: str = "auto"
         if moments is not None:
             return moments
         if mode == "analytic":
-            raise ConfigError(f"vogn: per_example='analytic' cannot handle this likelihood or model ({reason}); "
-                              "use per_example='auto'")
-        warnings.warn(f"vogn: analytic squared gradients do not apply ({reason}); using per-example gradients "
-                      "(exact, slower)", AnalyticFallbackWarning, stacklevel=3)
+            raise ConfigError(
+                f"vogn: per_example='analytic' cannot handle this likelihood or model ({reason}); "
+                "use per_example='auto'"
+            )
+        warnings.warn(
+            f"vogn: analytic squared gradients do not apply ({reason}); using per-example gradients (exact, slower)",
+            AnalyticFallbackWarning,
+            stacklevel=3,
+        )
     grads, values = per_example_grads(weights, batch, nll, mode)
     return {n: g.mean((0, 1)) for n, g in grads.items()}, {n: (g * g).mean((0, 1)) for n, g in grads.items()}, values
 
@@ -187,14 +200,16 @@ class VOGN(PrecisionVI):
         super().__post_init__()
         check_number(self, "damping", self.damping, low=0.0)
         if self.per_example not in PER_EXAMPLE_MODES:
-            raise ConfigError(f"vogn: option per_example must be one of {', '.join(PER_EXAMPLE_MODES)}, "
-                              f"got {self.per_example!r}")
+            raise ConfigError(
+                f"vogn: option per_example must be one of {', '.join(PER_EXAMPLE_MODES)}, got {self.per_example!r}"
+            )
 
     def init(self, params: Params, generator: torch.Generator | None = None) -> VOGNState:
         return VOGNState(*self.initial_moments(params), 0)
 
-    def step(self, state: VOGNState, batch: Batch, nll: NLL,
-             generator: torch.Generator | None = None) -> tuple[VOGNState, dict[str, float]]:
+    def step(
+        self, state: VOGNState, batch: Batch, nll: NLL, generator: torch.Generator | None = None
+    ) -> tuple[VOGNState, dict[str, float]]:
         lam = prior_precision(self.prior, state.mean)
         std = precision_std(state.precision, lam, self.effective_data)
         weights = sample_diag_gaussian(state.mean, std, self.num_samples, generator)
@@ -203,7 +218,7 @@ class VOGN(PrecisionVI):
         pull = prior_pull(state.mean, self.prior, lam, self.effective_data)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
-        correction1 = 1.0 - beta1 ** step
+        correction1 = 1.0 - beta1**step
         mean, exp_avg, precision = {}, {}, {}
         for name, mu in state.mean.items():
             g_mean, g_square = g_means[name], g_squares[name]
@@ -214,7 +229,9 @@ class VOGN(PrecisionVI):
             mean[name] = mu - (self.lr / correction1) * m / (s + lam[name] / self.effective_data + self.damping)
             exp_avg[name], precision[name] = m, s
         value = values.mean()
-        return VOGNState(mean, exp_avg, precision, step), {"nll": float(comm.all_reduce(value, "mean") if comm else value)}
+        return VOGNState(mean, exp_avg, precision, step), {
+            "nll": float(comm.all_reduce(value, "mean") if comm else value)
+        }
 
     def posterior(self, state: VOGNState) -> GaussianPosterior:
         return self.gaussian(state.mean, state.precision)

@@ -15,6 +15,13 @@ from certbnn.posterior.samples import SamplePosterior
 from certbnn.posterior.storage import FORMAT_VERSION, Posterior, PosteriorFileError, load_posterior, save_posterior
 
 __all__ = [
-    "FORMAT_VERSION", "GaussianPosterior", "ParamDict", "Posterior", "PosteriorFileError", "SamplePosterior",
-    "box_log_mass", "load_posterior", "save_posterior",
+    "FORMAT_VERSION",
+    "GaussianPosterior",
+    "ParamDict",
+    "Posterior",
+    "PosteriorFileError",
+    "SamplePosterior",
+    "box_log_mass",
+    "load_posterior",
+    "save_posterior",
 ]

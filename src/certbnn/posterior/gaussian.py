@@ -8,8 +8,14 @@ from collections.abc import Mapping
 import torch
 
 from certbnn.errors import ConfigError
-from certbnn.posterior.paramdict import (ParamDict, check_finite, check_same_structure, check_tensors,
-                                         num_coordinates, sample_diag_gaussian)
+from certbnn.posterior.paramdict import (
+    ParamDict,
+    check_finite,
+    check_same_structure,
+    check_tensors,
+    num_coordinates,
+    sample_diag_gaussian,
+)
 
 __all__ = ["GaussianPosterior", "box_log_mass", "erf_log"]
 
@@ -41,8 +47,10 @@ class GaussianPosterior:
         check_same_structure(self._mean, self._std, "posterior mean", "posterior std")
         for name, mu in self._mean.items():
             if self._std[name].dtype != mu.dtype or self._std[name].device != mu.device:
-                raise ConfigError(f"posterior std[{name!r}] has dtype/device {self._std[name].dtype}/"
-                                  f"{self._std[name].device}, mean has {mu.dtype}/{mu.device}")
+                raise ConfigError(
+                    f"posterior std[{name!r}] has dtype/device {self._std[name].dtype}/"
+                    f"{self._std[name].device}, mean has {mu.dtype}/{mu.device}"
+                )
         check_finite(self._mean, "posterior mean")
         check_finite(self._std, "posterior std", positive=True)
 
@@ -85,8 +93,10 @@ class GaussianPosterior:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianPosterior:
         """A copy on ``device`` with floating ``dtype`` (either may be None: unchanged)."""
-        return GaussianPosterior({n: t.to(device=device, dtype=dtype) for n, t in self._mean.items()},
-                                 {n: t.to(device=device, dtype=dtype) for n, t in self._std.items()})
+        return GaussianPosterior(
+            {n: t.to(device=device, dtype=dtype) for n, t in self._mean.items()},
+            {n: t.to(device=device, dtype=dtype) for n, t in self._std.items()},
+        )
 
     def __repr__(self) -> str:
         return f"GaussianPosterior({len(self._mean)} tensors, {self.num_coordinates} coordinates)"

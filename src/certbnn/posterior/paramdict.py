@@ -24,8 +24,13 @@ def check_tensors(tensors: Mapping[str, object], what: str) -> ParamDict:
     return dict(tensors)
 
 
-def check_same_structure(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
-                         ref_what: str, other_what: str, batch_dims: int = 0) -> None:
+def check_same_structure(
+    reference: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
+    ref_what: str,
+    other_what: str,
+    batch_dims: int = 0,
+) -> None:
     """ConfigError naming the first name missing/extra or shape mismatch; ``other``'s
     tensors may carry ``batch_dims`` extra leading dims."""
     for name, ref in reference.items():
@@ -33,8 +38,10 @@ def check_same_structure(reference: Mapping[str, torch.Tensor], other: Mapping[s
             raise ConfigError(f"{other_what} lacks parameter {name!r} present in {ref_what}")
         shape = tuple(other[name].shape[batch_dims:])
         if shape != tuple(ref.shape) or other[name].dim() != ref.dim() + batch_dims:
-            raise ConfigError(f"{other_what}[{name!r}] has shape {tuple(other[name].shape)}, "
-                              f"expected {tuple(ref.shape)} after {batch_dims} leading dim(s)")
+            raise ConfigError(
+                f"{other_what}[{name!r}] has shape {tuple(other[name].shape)}, "
+                f"expected {tuple(ref.shape)} after {batch_dims} leading dim(s)"
+            )
     for name in other:
         if name not in reference:
             raise ConfigError(f"{other_what} has parameter {name!r} not in {ref_what}")
@@ -74,8 +81,9 @@ def num_coordinates(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def sample_diag_gaussian(mean: Mapping[str, torch.Tensor], std: Mapping[str, torch.Tensor], n: int,
-                         generator: torch.Generator | None = None) -> ParamDict:
+def sample_diag_gaussian(
+    mean: Mapping[str, torch.Tensor], std: Mapping[str, torch.Tensor], n: int, generator: torch.Generator | None = None
+) -> ParamDict:
     """``n`` independent draws of N(mean, std^2) per coordinate: name -> (n, *shape).
 
     The noise is drawn on the generator's device (when given) and moved to the

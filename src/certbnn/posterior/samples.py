@@ -34,8 +34,10 @@ class SamplePosterior:
     def _checked(self, weights: torch.Tensor) -> torch.Tensor:
         weights = torch.as_tensor(weights)
         if weights.shape != (self._num_samples,) or not weights.is_floating_point():
-            raise ConfigError(f"posterior weights must be a float tensor of shape ({self._num_samples},), "
-                              f"got {weights.dtype} {tuple(weights.shape)}")
+            raise ConfigError(
+                f"posterior weights must be a float tensor of shape ({self._num_samples},), "
+                f"got {weights.dtype} {tuple(weights.shape)}"
+            )
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
             raise ConfigError("posterior weights must be finite, non-negative and not all zero")
         return weights
@@ -73,8 +75,9 @@ class SamplePosterior:
         if self._weights is None:
             index = torch.randint(self._num_samples, (n,), generator=generator, device=device)
         else:
-            index = torch.multinomial(self._weights.to(device=device, dtype=torch.float64), n,
-                                      replacement=True, generator=generator)
+            index = torch.multinomial(
+                self._weights.to(device=device, dtype=torch.float64), n, replacement=True, generator=generator
+            )
         return {name: t[index.to(t.device)] for name, t in self._samples.items()}
 
     def mean(self) -> ParamDict:

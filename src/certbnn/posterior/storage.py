@@ -36,8 +36,8 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from certbnn import __version__
-from certbnn.fileio import atomic_write_bytes
 from certbnn.errors import CertbnnError, ConfigError
+from certbnn.fileio import atomic_write_bytes
 from certbnn.models import fingerprint_difference, fingerprint_of_params, model_fingerprint
 from certbnn.posterior.gaussian import GaussianPosterior
 from certbnn.posterior.samples import SamplePosterior
@@ -62,8 +62,14 @@ class PosteriorFileError(CertbnnError):
     """A posterior file is missing, unreadable, corrupt, from a newer format, or holds bad values."""
 
 
-def save_posterior(path: str | os.PathLike, posterior: Posterior, metadata: Mapping[str, Any] | None = None,
-                   *, model: nn.Module | None = None, model_spec: str | None = None) -> None:
+def save_posterior(
+    path: str | os.PathLike,
+    posterior: Posterior,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    model: nn.Module | None = None,
+    model_spec: str | None = None,
+) -> None:
     """Write ``posterior`` and ``metadata`` (JSON-able; reserved keys are overwritten)
     to ``path`` atomically. With ``model``, its fingerprint is stored and must match the
     posterior; ``model_spec`` (or ``metadata["architecture"]["spec"]``) records the spec."""
@@ -81,8 +87,12 @@ def save_posterior(path: str | os.PathLike, posterior: Posterior, metadata: Mapp
     if model_spec is None:
         arch = (metadata or {}).get("architecture")
         model_spec = arch.get("spec") if isinstance(arch, Mapping) else None
-    header.update(format_version=FORMAT_VERSION, kind=posterior.kind, certbnn_version=__version__,
-                  architecture={"spec": model_spec, "fingerprint": fingerprint})
+    header.update(
+        format_version=FORMAT_VERSION,
+        kind=posterior.kind,
+        certbnn_version=__version__,
+        architecture={"spec": model_spec, "fingerprint": fingerprint},
+    )
     try:
         text = json.dumps(header, default=_json_default)
     except (TypeError, ValueError) as err:
@@ -91,8 +101,9 @@ def save_posterior(path: str | os.PathLike, posterior: Posterior, metadata: Mapp
     _atomic_write(path, data)
 
 
-def load_posterior(path: str | os.PathLike, expected_fingerprint: Mapping[str, Any] | nn.Module | None = None
-                   ) -> tuple[Posterior, dict[str, Any]]:
+def load_posterior(
+    path: str | os.PathLike, expected_fingerprint: Mapping[str, Any] | nn.Module | None = None
+) -> tuple[Posterior, dict[str, Any]]:
     """Read a file written by :func:`save_posterior`: ``(posterior, metadata)``, tensors on CPU.
 
     Raises PosteriorFileError (naming the file) for a missing/corrupt/truncated file, a
@@ -105,15 +116,20 @@ def load_posterior(path: str | os.PathLike, expected_fingerprint: Mapping[str, A
         tensors = _st_load(data)
     except Exception as err:  # safetensors raises its own (Rust) error types
         first_line = (str(err).splitlines() or [type(err).__name__])[0]
-        raise PosteriorFileError(f"{path} is not a valid posterior file (corrupt or truncated?): {first_line}") from None
+        raise PosteriorFileError(
+            f"{path} is not a valid posterior file (corrupt or truncated?): {first_line}"
+        ) from None
     meta = _read_metadata(path, data)
     posterior = _rebuild(path, meta, tensors)
     problem = _eps_record_problem(meta, posterior)
     if problem:
         raise PosteriorFileError(f"{path}: {problem}")
     if expected_fingerprint is not None:
-        expected = (model_fingerprint(expected_fingerprint) if isinstance(expected_fingerprint, nn.Module)
-                    else expected_fingerprint)
+        expected = (
+            model_fingerprint(expected_fingerprint)
+            if isinstance(expected_fingerprint, nn.Module)
+            else expected_fingerprint
+        )
         difference = fingerprint_difference(expected, meta["architecture"]["fingerprint"])
         if difference:
             raise ConfigError(f"posterior file {path} does not match the model architecture: {difference}")
@@ -127,8 +143,9 @@ def _eps_record_problem(meta: Mapping[str, Any], posterior: Posterior) -> str | 
         if values is None:
             continue
         if not isinstance(values, (list, tuple)) or not all(
-                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"))
-                for v in values):
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"))
+            for v in values
+        ):
             return f"metadata {key} must be a list of non-negative finite numbers or nulls"
         if key == "sample_eps" and (posterior.kind != "samples" or len(values) != posterior.num_samples):
             count = posterior.num_samples if posterior.kind == "samples" else "no"
@@ -137,6 +154,7 @@ def _eps_record_problem(meta: Mapping[str, Any], posterior: Posterior) -> str | 
 
 
 # --- writing ---------------------------------------------------------------------------
+
 
 def _param_tensors(posterior: Posterior) -> dict[str, torch.Tensor]:
     return posterior.mean() if posterior.kind == "gaussian" else posterior.sample(None)
@@ -178,10 +196,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # --- reading ---------------------------------------------------------------------------
 
+
 def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
     """The certbnn metadata of an already validated safetensors byte string."""
     (header_size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + header_size])
+    header = json.loads(data[8 : 8 + header_size])
     text = (header.get("__metadata__") or {}).get(_META_KEY)
     if text is None:
         raise PosteriorFileError(f"{path} is a safetensors file without certbnn posterior metadata")
@@ -198,8 +217,10 @@ def _read_metadata(path: Path, data: bytes) -> dict[str, Any]:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise PosteriorFileError(f"{path} has an invalid format_version {version!r}")
     if version > FORMAT_VERSION:
-        raise PosteriorFileError(f"{path} uses posterior format version {version}, but certbnn {__version__} "
-                                 f"reads versions up to {FORMAT_VERSION}; upgrade certbnn")
+        raise PosteriorFileError(
+            f"{path} uses posterior format version {version}, but certbnn {__version__} "
+            f"reads versions up to {FORMAT_VERSION}; upgrade certbnn"
+        )
     if meta.get("kind") not in ("gaussian", "samples"):
         raise PosteriorFileError(f"{path} has an unknown posterior kind {meta.get('kind')!r}")
     if not _valid_fingerprint(meta.get("architecture")):
@@ -224,8 +245,13 @@ def _json_limits_problem(text: str) -> str | None:
 def _valid_fingerprint(arch: Any) -> bool:
     try:
         params = arch["fingerprint"]["parameters"]
-        return isinstance(params, list) and bool(params) and all(
-            isinstance(p["name"], str) and all(isinstance(d, int) and d >= 0 for d in p["shape"]) for p in params)
+        return (
+            isinstance(params, list)
+            and bool(params)
+            and all(
+                isinstance(p["name"], str) and all(isinstance(d, int) and d >= 0 for d in p["shape"]) for p in params
+            )
+        )
     except (TypeError, KeyError):
         return False
 
@@ -253,4 +279,3 @@ def _rebuild(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor])
         return SamplePosterior(dicts["samples"], tensors.get("weights"))
     except ConfigError as err:
         raise PosteriorFileError(f"{path}: {err}") from None
-

@@ -9,8 +9,9 @@ out-of-distribution set of the uncertainty check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from certbnn import data
 from certbnn.errors import CertbnnError, DataError
@@ -20,8 +21,7 @@ from certbnn.reproduce.runner import run_grid
 CANDIDATES = ("mnist", "fashion-mnist")  # same shapes, same radii: the demo settings fit both
 
 
-def find_demo_dataset(data_dir: str | None = None, *, fetch: bool = True,
-                      log: Callable[[str], None] = print) -> str:
+def find_demo_dataset(data_dir: str | None = None, *, fetch: bool = True, log: Callable[[str], None] = print) -> str:
     """The first of :data:`CANDIDATES` found locally, else the first one that downloads."""
     for name in CANDIDATES:
         if data.find_dataset(data.get_spec(name), data_dir) is not None:
@@ -38,13 +38,23 @@ def find_demo_dataset(data_dir: str | None = None, *, fetch: bool = True,
             except DataError as exc:
                 errors.append(f"{name}: {exc}")
     detail = f" ({'; '.join(errors)})" if errors else ""
-    raise CertbnnError(f"the demo needs MNIST or Fashion-MNIST and found neither{detail}; "
-                       f"put one under $CERTBNN_DATA or run `certbnn data download mnist` where there is internet")
+    raise CertbnnError(
+        f"the demo needs MNIST or Fashion-MNIST and found neither{detail}; "
+        f"put one under $CERTBNN_DATA or run `certbnn data download mnist` where there is internet"
+    )
 
 
-def run_demo(out_dir: str | Path, *, device: str = "auto", data_dir: str | None = None, progress: bool = True,
-             fetch: bool = True, overrides: dict[str, Any] | None = None,
-             eval_overrides: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    data_dir: str | None = None,
+    progress: bool = True,
+    fetch: bool = True,
+    overrides: dict[str, Any] | None = None,
+    eval_overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train, certify and attack a standard and an IBP-robust BBB posterior; returns the results dict."""
     name = find_demo_dataset(data_dir, fetch=fetch, log=log)
     other = next((c for c in CANDIDATES if c != name), None)
@@ -55,8 +65,7 @@ def run_demo(out_dir: str | Path, *, device: str = "auto", data_dir: str | None 
         evaluate["data_dir"] = data_dir
     train = {"dataset": name, "device": device, **({"data_dir": data_dir} if data_dir else {}), **(overrides or {})}
     preset = load_preset("demo", train, evaluate)
-    return run_grid(preset, out_dir, progress=progress, log=log,
-                    command=f"certbnn demo --out {out_dir}")
+    return run_grid(preset, out_dir, progress=progress, log=log, command=f"certbnn demo --out {out_dir}")
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -68,15 +77,20 @@ def summary(results: dict[str, Any]) -> str:
     rows = first["evaluation"]["per_eps"]
     eps = rows[-1]["eps"]
     label = {"standard": "standard BNN", "ibp": "IBP-robust BNN"}
-    lines = [f"{first['dataset']}, Bayes by Backprop, {first['model']}, {first['config']['epochs']} epochs on "
-             f"{first['num_train']} images; {first['evaluation']['num_points']} test points, "
-             f"{first['evaluation']['num_samples']} posterior samples", "",
-             f"{'':16s} {'clean':>7s} {'PGD@' + str(eps):>9s} {'certified@' + str(eps):>14s} {'ECE':>6s} {'train s':>8s}"]
+    lines = [
+        f"{first['dataset']}, Bayes by Backprop, {first['model']}, {first['config']['epochs']} epochs on "
+        f"{first['num_train']} images; {first['evaluation']['num_points']} test points, "
+        f"{first['evaluation']['num_samples']} posterior samples",
+        "",
+        f"{'':16s} {'clean':>7s} {'PGD@' + str(eps):>9s} {'certified@' + str(eps):>14s} {'ECE':>6s} {'train s':>8s}",
+    ]
     for cell in cells:
         row = cell["evaluation"]["per_eps"][-1]
         cert = row["certified_accuracy"].get("paper", next(iter(row["certified_accuracy"].values()), None))
-        lines.append(f"{label.get(cell['mode'], cell['mode']):16s} {100 * row['clean_accuracy']:6.1f}% "
-                     f"{100 * row.get('pgd_accuracy', float('nan')):8.1f}% {100 * cert:13.1f}% "
-                     f"{cell['evaluation']['clean']['ece']:6.3f} {cell['train_seconds']:8.0f}")
+        lines.append(
+            f"{label.get(cell['mode'], cell['mode']):16s} {100 * row['clean_accuracy']:6.1f}% "
+            f"{100 * row.get('pgd_accuracy', float('nan')):8.1f}% {100 * cert:13.1f}% "
+            f"{cell['evaluation']['clean']['ece']:6.3f} {cell['train_seconds']:8.0f}"
+        )
     lines += ["", "certified = the paper's protocol (24 posterior samples, IBP bounds); see RESULTS.md for the rest"]
     return "\n".join(lines)

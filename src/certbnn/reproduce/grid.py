@@ -38,9 +38,9 @@ else:  # pragma: no cover
 
 from certbnn.config import FIELDS, TrainConfig, make_config
 from certbnn.errors import ConfigError
+from certbnn.evaluation.runner import EvalOptions
 from certbnn.safe_open import read_regular
 from certbnn.settings import check_settings
-from certbnn.evaluation.runner import EvalOptions
 
 PRESET_PACKAGE = "certbnn.reproduce.presets"
 _EVAL_FIELDS = {f.name for f in fields(EvalOptions)}
@@ -103,13 +103,15 @@ def read_preset_text(name_or_path: str) -> tuple[str, str]:
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: cannot read preset ({exc})") from None
     if name_or_path not in list_presets():
-        raise ConfigError(f"unknown preset {name_or_path!r} (shipped: {', '.join(list_presets())}; "
-                          "or give a path to a .toml file)")
+        raise ConfigError(
+            f"unknown preset {name_or_path!r} (shipped: {', '.join(list_presets())}; or give a path to a .toml file)"
+        )
     return resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.toml").read_text(), f"preset:{name_or_path}"
 
 
-def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None,
-                eval_overrides: dict[str, Any] | None = None) -> Preset:
+def load_preset(
+    name_or_path: str, overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None
+) -> Preset:
     """Parse and expand a preset into its cells (validated; unknown keys are errors).
 
     ``overrides`` (TrainConfig fields) and ``eval_overrides`` (EvalOptions fields)
@@ -152,8 +154,10 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
         exp_methods = exp.get("methods", list(methods))
         exp_modes = exp.get("modes", list(modes))
         if not isinstance(exp_methods, list) or not isinstance(exp_modes, list):
-            raise ConfigError(f"{where}: `methods` and `modes` are lists of names "
-                              "(per-method settings go in [experiment.method_settings.NAME])")
+            raise ConfigError(
+                f"{where}: `methods` and `modes` are lists of names "
+                "(per-method settings go in [experiment.method_settings.NAME])"
+            )
         if not exp_methods or not exp_modes or len(set(exp_methods)) != len(exp_methods):
             raise ConfigError(f"{where}: needs non-empty methods and modes lists without repeats")
         unknown_modes = [m for m in exp_modes if m not in modes]
@@ -161,8 +165,9 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
             raise ConfigError(f"{where}: mode(s) {', '.join(unknown_modes)} have no [modes.NAME] table")
         exp_train = _train_table(exp.get("train", {}), f"{where} train")
         exp_eval = _eval_table(exp.get("evaluate", {}), f"{where} evaluate")
-        exp_method_tables = {k: _train_table(v, f"{where} method_settings.{k}")
-                             for k, v in exp.get("method_settings", {}).items()}
+        exp_method_tables = {
+            k: _train_table(v, f"{where} method_settings.{k}") for k, v in exp.get("method_settings", {}).items()
+        }
         sweep = exp.get("sweep", {})
         for key, values in sweep.items():
             if key not in FIELDS or key in ("method", "dataset", "model"):
@@ -175,17 +180,27 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
         for point in points:
             for mode in exp_modes:
                 for method in exp_methods:
-                    layers = [train_defaults, base, exp_train, methods.get(method, {}),
-                              exp_method_tables.get(method, {}), modes[mode], dict(point),
-                              {"method": method}, overrides]
+                    layers = [
+                        train_defaults,
+                        base,
+                        exp_train,
+                        methods.get(method, {}),
+                        exp_method_tables.get(method, {}),
+                        modes[mode],
+                        dict(point),
+                        {"method": method},
+                        overrides,
+                    ]
                     values = _merge(layers)
                     depends = None
                     ref = values.get("init_from")
                     if isinstance(ref, str) and ref.startswith(CELL_REF):
-                        target = ref[len(CELL_REF):]
+                        target = ref[len(CELL_REF) :]
                         if target not in exp_methods[: exp_methods.index(method)]:
-                            raise ConfigError(f"{where}: {method} starts from {ref!r}, which must be a method "
-                                              "listed before it in this experiment")
+                            raise ConfigError(
+                                f"{where}: {method} starts from {ref!r}, which must be a method "
+                                "listed before it in this experiment"
+                            )
                         depends = Cell(name, target, mode, point, TrainConfig(), evaluate).id
                     try:
                         config = make_config({}, values)
@@ -193,8 +208,14 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
                         raise ConfigError(f"{where}, {method}/{mode}: {exc}") from None
                     cells.append(Cell(name, method, mode, point, config, evaluate, depends))
     _check_collisions(cells, source)
-    return Preset(str(header.get("name", Path(source).stem)), str(header.get("description", "")), cells,
-                  [dict(e) for e in experiments], raw, source)
+    return Preset(
+        str(header.get("name", Path(source).stem)),
+        str(header.get("description", "")),
+        cells,
+        [dict(e) for e in experiments],
+        raw,
+        source,
+    )
 
 
 def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
@@ -222,18 +243,24 @@ def _check_collisions(cells: list[Cell], source: str) -> None:
     plots: dict[str, str] = {}  # the report's per-experiment plot files
     for cell in cells:
         if cell.id in ids:
-            raise ConfigError(f"{source}: two cells have the id {cell.id!r} (a repeated sweep value or "
-                              "experiment?); every cell needs its own id")
+            raise ConfigError(
+                f"{source}: two cells have the id {cell.id!r} (a repeated sweep value or "
+                "experiment?); every cell needs its own id"
+            )
         ids.add(cell.id)
         other = folders.setdefault(cell.dirname.casefold(), cell)
         if other is not cell:
-            raise ConfigError(f"{source}: cells {other.id!r} and {cell.id!r} would share the folder "
-                              f"cells/{cell.dirname} (names differing only in punctuation or case); rename one")
+            raise ConfigError(
+                f"{source}: cells {other.id!r} and {cell.id!r} would share the folder "
+                f"cells/{cell.dirname} (names differing only in punctuation or case); rename one"
+            )
         other_name = plots.setdefault(file_stem(cell.experiment).casefold(), cell.experiment)
         if other_name != cell.experiment:
-            raise ConfigError(f"{source}: experiments {other_name!r} and {cell.experiment!r} would share the plot "
-                              f"files *_{file_stem(cell.experiment)}.png (names differing only in punctuation "
-                              "or case); rename one")
+            raise ConfigError(
+                f"{source}: experiments {other_name!r} and {cell.experiment!r} would share the plot "
+                f"files *_{file_stem(cell.experiment)}.png (names differing only in punctuation "
+                "or case); rename one"
+            )
 
 
 def _merge(layers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
 def dataset_label(entry: dict[str, Any]) -> str:
     """``cifar10 (jpeg-q75 copy)`` when the data came from a ``<name>-<variant>`` folder."""
     name, folder = entry["dataset"], Path(entry.get("data_source", "")).name
-    return f"{name} ({folder[len(name) + 1:]} copy)" if folder.startswith(name + "-") else name
+    return f"{name} ({folder[len(name) + 1 :]} copy)" if folder.startswith(name + "-") else name
 
 
 PLOTS = ("certified_vs_eps", "reliability", "ood_entropy", "sweep")
@@ -46,12 +46,15 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     lines = [f"# certbnn reproduce: `{results.get('preset')}`", ""]
     if results.get("description"):
         lines += [results["description"], ""]
-    lines += [f"- command: `{results.get('command') or 'certbnn reproduce --preset ' + str(results.get('preset'))}`",
-              f"- machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, torch {machine.get('torch')}, "
-              f"{machine.get('torch_threads')} threads), device {machine.get('device')}"
-              + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
-              f"- certbnn {results.get('certbnn_version')}; {len(done)} of {len(results.get('cells', {}))} recorded "
-              f"cells finished; {results.get('seconds_total', 0):.0f} s of wall-clock time over the cells", ""]
+    lines += [
+        f"- command: `{results.get('command') or 'certbnn reproduce --preset ' + str(results.get('preset'))}`",
+        f"- machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, torch {machine.get('torch')}, "
+        f"{machine.get('torch_threads')} threads), device {machine.get('device')}"
+        + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
+        f"- certbnn {results.get('certbnn_version')}; {len(done)} of {len(results.get('cells', {}))} recorded "
+        f"cells finished; {results.get('seconds_total', 0):.0f} s of wall-clock time over the cells",
+        "",
+    ]
     failed = [c for c in results.get("cells", {}).values() if c.get("status") == "failed"]
     if failed:
         lines += ["**Failed cells** (rerun the command to retry):", ""]
@@ -101,8 +104,10 @@ def _triple(cell: dict[str, Any] | None, cert: str | None) -> str:
     if cell is None:
         return "-"
     row = _main_row(cell)
-    return f"{_pct(row['clean_accuracy'])} / {_pct(row.get('pgd_accuracy'))} / " \
-           f"{_pct(row['certified_accuracy'].get(cert)) if cert else '-'}"
+    return (
+        f"{_pct(row['clean_accuracy'])} / {_pct(row.get('pgd_accuracy'))} / "
+        f"{_pct(row['certified_accuracy'].get(cert)) if cert else '-'}"
+    )
 
 
 def _table(methods: list[str], modes: list[str], lookup, render) -> list[str]:
@@ -118,31 +123,64 @@ def _grid_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list
     cert = _cert_name(cells)
     first = cells[0]
     eps_test, eps_train = _main_row(first)["eps"], first["config"]["eps"]
-    lines = [f"## {name}: {dataset_label(first)}, {first['model']}", "",
-             f"Accuracy in % on {_which_points(first)} test points: clean / PGD "
-             f"(eps {eps_test}, {first['evaluate_options']['pgd_steps']} steps, EOT over "
-             f"{first['evaluation']['num_samples']} samples) / certified ({cert} certificate, "
-             f"{first['evaluate_options']['bound']} bounds, eps {eps_test}). Training eps {eps_train}; "
-             f"{first['config']['epochs']} epochs on {first.get('num_train')} training images.", ""]
+    lines = [
+        f"## {name}: {dataset_label(first)}, {first['model']}",
+        "",
+        f"Accuracy in % on {_which_points(first)} test points: clean / PGD "
+        f"(eps {eps_test}, {first['evaluate_options']['pgd_steps']} steps, EOT over "
+        f"{first['evaluation']['num_samples']} samples) / certified ({cert} certificate, "
+        f"{first['evaluate_options']['bound']} bounds, eps {eps_test}). Training eps {eps_train}; "
+        f"{first['config']['epochs']} epochs on {first.get('num_train')} training images.",
+        "",
+    ]
     lines += _table(methods, modes, lookup, lambda c: _triple(c, cert))
     lift = _lift(methods, lookup, cert)
     if lift:
-        lines += ["Certified-accuracy lift of robust over standard training (percentage points): "
-                  + ", ".join(lift) + ".", ""]
+        lines += [
+            "Certified-accuracy lift of robust over standard training (percentage points): " + ", ".join(lift) + ".",
+            "",
+        ]
     lines += ["Calibration on clean test points, ECE / NLL:", ""]
-    lines += _table(methods, modes, lookup, lambda c: "-" if c is None else
-                    f"{c['evaluation']['clean']['ece']:.3f} / {c['evaluation']['clean']['nll']:.3f}")
+    lines += _table(
+        methods,
+        modes,
+        lookup,
+        lambda c: (
+            "-" if c is None else f"{c['evaluation']['clean']['ece']:.3f} / {c['evaluation']['clean']['nll']:.3f}"
+        ),
+    )
     ood_names = _ordered([k for c in cells for k in c["evaluation"].get("ood", {})])
     if ood_names:
         lines += [f"Uncertainty: AUROC of predictive entropy separating test points from {' / '.join(ood_names)}:", ""]
-        lines += _table(methods, modes, lookup, lambda c: "-" if c is None else " / ".join(
-            f"{c['evaluation']['ood'][k]['auroc_entropy']:.3f}" if k in c["evaluation"].get("ood", {}) else "-"
-            for k in ood_names))
-    lines += ["Seconds: training loop + evaluation; in brackets the whole cell's wall-clock time (data "
-              "loading, per-epoch validation and the final test score included) and the time per epoch:", ""]
-    lines += _table(methods, modes, lookup, lambda c: "-" if c is None else
-                    f"{c['train_seconds']:.0f} + {c['eval_seconds']:.0f} ({_seconds(c.get('wall_seconds'))}; "
-                    f"{c['seconds_per_epoch']:.1f}/epoch)")
+        lines += _table(
+            methods,
+            modes,
+            lookup,
+            lambda c: (
+                "-"
+                if c is None
+                else " / ".join(
+                    f"{c['evaluation']['ood'][k]['auroc_entropy']:.3f}" if k in c["evaluation"].get("ood", {}) else "-"
+                    for k in ood_names
+                )
+            ),
+        )
+    lines += [
+        "Seconds: training loop + evaluation; in brackets the whole cell's wall-clock time (data "
+        "loading, per-epoch validation and the final test score included) and the time per epoch:",
+        "",
+    ]
+    lines += _table(
+        methods,
+        modes,
+        lookup,
+        lambda c: (
+            "-"
+            if c is None
+            else f"{c['train_seconds']:.0f} + {c['eval_seconds']:.0f} ({_seconds(c.get('wall_seconds'))}; "
+            f"{c['seconds_per_epoch']:.1f}/epoch)"
+        ),
+    )
     plots = _grid_plots(name, methods, modes, lookup, out_dir, ood_names)
     lines += [f"![{p}]({p})" for p in plots] + [""]
     return lines
@@ -168,25 +206,43 @@ def _sweep_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> lis
     lookup = {(f"{c['method']}/{c['mode']}", tuple(c["sweep"].get(k) for k in keys)): c for c in cells}
     cert = _cert_name(cells)
     first = cells[0]
-    lines = [f"## {name}: {dataset_label(first)}, {first['model']}, sweeping {', '.join(keys)}", "",
-             f"Accuracy in % (clean / PGD / {cert} certified at eps {_main_row(first)['eps']}) on "
-             f"{_which_points(first)} test points; rows are sweep points.", ""]
+    lines = [
+        f"## {name}: {dataset_label(first)}, {first['model']}, sweeping {', '.join(keys)}",
+        "",
+        f"Accuracy in % (clean / PGD / {cert} certified at eps {_main_row(first)['eps']}) on "
+        f"{_which_points(first)} test points; rows are sweep points.",
+        "",
+    ]
     lines += ["| " + ", ".join(keys) + " | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
     for point in points:
-        lines.append("| " + ", ".join(str(v) for v in point) + " | "
-                     + " | ".join(_triple(lookup.get((s, point)), cert) for s in series) + " |")
+        lines.append(
+            "| "
+            + ", ".join(str(v) for v in point)
+            + " | "
+            + " | ".join(_triple(lookup.get((s, point)), cert) for s in series)
+            + " |"
+        )
     eps_list = first["evaluate_options"]["eps"]
     if len(eps_list) > 1 and cert:
-        lines += ["", f"{cert} certified accuracy in % at each test eps:", "",
-                  "| " + ", ".join(keys) + " | series | " + " | ".join(str(e) for e in eps_list) + " |",
-                  "|---|---|" + "---|" * len(eps_list)]
+        lines += [
+            "",
+            f"{cert} certified accuracy in % at each test eps:",
+            "",
+            "| " + ", ".join(keys) + " | series | " + " | ".join(str(e) for e in eps_list) + " |",
+            "|---|---|" + "---|" * len(eps_list),
+        ]
         for point in points:
             for s in series:
                 cell = lookup.get((s, point))
                 if cell is not None:
                     rows = cell["evaluation"]["per_eps"]
-                    lines.append("| " + ", ".join(str(v) for v in point) + f" | {s} | "
-                                 + " | ".join(_pct(r["certified_accuracy"].get(cert)) for r in rows) + " |")
+                    lines.append(
+                        "| "
+                        + ", ".join(str(v) for v in point)
+                        + f" | {s} | "
+                        + " | ".join(_pct(r["certified_accuracy"].get(cert)) for r in rows)
+                        + " |"
+                    )
     lines += [""]
     plot = _sweep_plot(name, keys, series, points, lookup, cert, out_dir)
     return lines + ([f"![{plot}]({plot})", ""] if plot else [])
@@ -211,25 +267,38 @@ def cell_curves(cells: list[tuple[str, dict[str, Any]]], cert: str | None) -> li
         rows = cell["evaluation"]["per_eps"]
         points = [(r["eps"], r["certified_accuracy"].get(cert)) for r in rows] if cert else []
         points = [(e, v) for e, v in points if isinstance(v, float)]
-        curves.append(plots.Curve(label, radii=radius.get("per_point"), eps_max=radius.get("eps_max"),
-                                  points=points, points_label=f"{cert} certificate" if points else ""))
+        curves.append(
+            plots.Curve(
+                label,
+                radii=radius.get("per_point"),
+                eps_max=radius.get("eps_max"),
+                points=points,
+                points_label=f"{cert} certificate" if points else "",
+            )
+        )
     return curves
 
 
 def _grid_plots(name, methods, modes, lookup, out_dir: Path, ood_names) -> list[str]:
     written = []
     cert = _cert_name(list(lookup.values()))
-    cells = [(f"{method}/{mode}", lookup[(method, mode)]) for method in methods for mode in modes
-             if (method, mode) in lookup]
+    cells = [
+        (f"{method}/{mode}", lookup[(method, mode)]) for method in methods for mode in modes if (method, mode) in lookup
+    ]
     written.append(f"certified_vs_eps_{file_stem(name)}.png")
-    plots.certified_plot(cell_curves(cells, cert), out_dir / written[-1],
-                         title=f"{name}: certified accuracy against eps")
+    plots.certified_plot(
+        cell_curves(cells, cert), out_dir / written[-1], title=f"{name}: certified accuracy against eps"
+    )
 
-    fig, axes = plots.figure((3.4 * len(modes), 4.6), 2, len(modes), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 1.3]})
+    fig, axes = plots.figure(
+        (3.4 * len(modes), 4.6), 2, len(modes), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
+    )
     for column, mode in enumerate(modes):
-        series = [(method, lookup[(method, mode)]["evaluation"]["clean"]["reliability"]) for method in methods
-                  if (method, mode) in lookup and "reliability" in lookup[(method, mode)]["evaluation"]["clean"]]
+        series = [
+            (method, lookup[(method, mode)]["evaluation"]["clean"]["reliability"])
+            for method in methods
+            if (method, mode) in lookup and "reliability" in lookup[(method, mode)]["evaluation"]["clean"]
+        ]
         plots.draw_reliability(axes[0][column], axes[1][column], series)
         axes[0][column].set_title(mode, fontsize=9)
     written.append(f"reliability_{file_stem(name)}.png")
@@ -275,8 +344,15 @@ def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str 
             certified.append(row["certified_accuracy"].get(cert) if row else None)
         style = plots.curve_style(i)
         ax.plot(xs, certified, marker=style["marker"], color=style["color"], label=f"{s} certified")
-        ax.plot(xs, clean, marker=style["marker"], markerfacecolor="none", linestyle="--", color=style["color"],
-                label=f"{s} clean")
+        ax.plot(
+            xs,
+            clean,
+            marker=style["marker"],
+            markerfacecolor="none",
+            linestyle="--",
+            color=style["color"],
+            label=f"{s} clean",
+        )
     ax.set(xlabel=keys[0], ylabel="accuracy", ylim=(0, 1), title=name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -27,9 +27,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -54,8 +55,14 @@ def machine_info(device: str) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device}
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -78,8 +85,15 @@ def cell_status(cell: Cell, out_dir: Path) -> str:
     return "resume" if (run / "checkpoint.safetensors").exists() else "train"
 
 
-def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = None, progress: bool = True,
-             log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
+def run_grid(
+    preset: Preset,
+    out_dir: str | Path,
+    *,
+    cells: list[Cell] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict[str, Any]:
     """Run ``cells`` (default: all of the preset's) into ``out_dir``; returns the results dict.
 
     ``results.json`` and the report are rewritten after every cell, so a killed
@@ -101,10 +115,18 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
     statuses = {cell.id: cell_status(cell, out_dir) for cell in cells}  # validates before any work
     devices = sorted({str(resolve_device(cell.config.device)) for cell in cells})
     results = _load_results(out_dir / "results.json", preset)
-    results.update({"format_version": RESULTS_FORMAT_VERSION, "certbnn_version": __version__,
-                    "preset": preset.name, "description": preset.description, "source": preset.source,
-                    "command": command or results.get("command", ""), "machine": machine_info(",".join(devices)),
-                    "experiments": preset.experiments})
+    results.update(
+        {
+            "format_version": RESULTS_FORMAT_VERSION,
+            "certbnn_version": __version__,
+            "preset": preset.name,
+            "description": preset.description,
+            "source": preset.source,
+            "command": command or results.get("command", ""),
+            "machine": machine_info(",".join(devices)),
+            "experiments": preset.experiments,
+        }
+    )
     known = {cell.id for cell in preset.cells}
     results["cells"] = {k: v for k, v in results.get("cells", {}).items() if k in known}
     todo = sum(s != "done" for s in statuses.values())
@@ -132,8 +154,13 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
         if not main:
             continue
         results["cells"][cell.id] = entry
-        results["seconds_total"] = round(sum(c.get("wall_seconds") or c.get("train_seconds", 0) + c.get("eval_seconds", 0)
-                                             for c in results["cells"].values()), 1)
+        results["seconds_total"] = round(
+            sum(
+                c.get("wall_seconds") or c.get("train_seconds", 0) + c.get("eval_seconds", 0)
+                for c in results["cells"].values()
+            ),
+            1,
+        )
         atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
         write_report(results, out_dir)
         if status != "done" and entry.get("status") == "done":
@@ -143,8 +170,10 @@ def run_grid(preset: Preset, out_dir: str | Path, *, cells: list[Cell] | None = 
         atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
         write_report(results, out_dir)
     if failures:
-        raise CertbnnError(f"{len(failures)} cell(s) failed ({', '.join(failures)}); see {out_dir / 'results.json'}; "
-                           "rerun the same command to retry them")
+        raise CertbnnError(
+            f"{len(failures)} cell(s) failed ({', '.join(failures)}); see {out_dir / 'results.json'}; "
+            "rerun the same command to retry them"
+        )
     return results
 
 
@@ -156,8 +185,15 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
         raise CertbnnError(f"{linked[0]} is a symbolic link; a grid's cell folders must be its own")
     config = cell.config
     if cell.depends_on is not None:
-        source = out_dir / "cells" / Cell(cell.experiment, config.init_from[len(CELL_REF):], cell.mode, cell.sweep,
-                                          config, cell.evaluate).dirname / "run" / POSTERIOR
+        source = (
+            out_dir
+            / "cells"
+            / Cell(
+                cell.experiment, config.init_from[len(CELL_REF) :], cell.mode, cell.sweep, config, cell.evaluate
+            ).dirname
+            / "run"
+            / POSTERIOR
+        )
         if not source.exists():
             raise CertbnnError(f"{cell.id} starts from {cell.depends_on}, which has no posterior yet")
         config = type(config)(**{**config.to_json(), "init_from": str(source.resolve())})
@@ -168,9 +204,11 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
         # place (it refuses a folder that is not a certbnn run); nothing is ever deleted here
         make_dir(folder, "cell folder")
         with open_append(folder / "log.txt", "cell log") if main else open(os.devnull, "w") as log_file:
+
             def cell_log(line: str) -> None:
                 log_file.write(line + "\n")
                 log_file.flush()
+
             start = time.perf_counter()
             train(config, run, resume=status == "resume", progress=False, log=cell_log)
             train_seconds = time.perf_counter() - start
@@ -188,13 +226,21 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
     evaluation = json.loads((evaluation_dir / "evaluation.json").read_text())
     eval_seconds = evaluation.get("seconds", time.perf_counter() - start)
     train_total = sum(e["seconds"] for e in metrics.get("epochs", []))
-    return {**_describe(cell), "status": "done", "dir": str(folder.relative_to(out_dir)),
-            "data_source": _data_source(config),
-            "train_seconds": round(train_total or train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-            "wall_seconds": round(time.perf_counter() - cell_start, 2) if status in ("train", "resume") else None,
-            "device": metrics.get("device"), "seconds_per_epoch": metrics.get("seconds_per_epoch"),
-            "examples_per_second": metrics.get("examples_per_second"), "num_train": metrics.get("num_train"),
-            "test_accuracy": metrics.get("test_accuracy"), "evaluation": _slim(evaluation)}
+    return {
+        **_describe(cell),
+        "status": "done",
+        "dir": str(folder.relative_to(out_dir)),
+        "data_source": _data_source(config),
+        "train_seconds": round(train_total or train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - cell_start, 2) if status in ("train", "resume") else None,
+        "device": metrics.get("device"),
+        "seconds_per_epoch": metrics.get("seconds_per_epoch"),
+        "examples_per_second": metrics.get("examples_per_second"),
+        "num_train": metrics.get("num_train"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "evaluation": _slim(evaluation),
+    }
 
 
 def _data_source(config) -> str:
@@ -206,9 +252,17 @@ def _data_source(config) -> str:
 
 
 def _describe(cell: Cell) -> dict[str, Any]:
-    return {"id": cell.id, "experiment": cell.experiment, "dataset": cell.config.dataset, "model": cell.config.model,
-            "method": cell.method, "mode": cell.mode, "sweep": dict(cell.sweep), "config": cell.config.to_json(),
-            "evaluate_options": asdict(cell.evaluate)}
+    return {
+        "id": cell.id,
+        "experiment": cell.experiment,
+        "dataset": cell.config.dataset,
+        "model": cell.config.model,
+        "method": cell.method,
+        "mode": cell.mode,
+        "sweep": dict(cell.sweep),
+        "config": cell.config.to_json(),
+        "evaluate_options": asdict(cell.evaluate),
+    }
 
 
 def _slim(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +277,8 @@ def _headline(entry: dict[str, Any]) -> str:
     if "pgd_accuracy" in row:
         parts.append(f"PGD {row['pgd_accuracy']:.3f}")
     parts += [f"{name} {value:.3f}" for name, value in cert.items()]
-    return f"{', '.join(parts)} at eps {row['eps']} ({entry['train_seconds']:.0f} s train, {entry['eval_seconds']:.0f} s eval)"
+    seconds = f"{entry['train_seconds']:.0f} s train, {entry['eval_seconds']:.0f} s eval"
+    return f"{', '.join(parts)} at eps {row['eps']} ({seconds})"
 
 
 def _check_same_config(cell: Cell, run: Path) -> None:
@@ -241,8 +296,10 @@ def _check_same_config(cell: Cell, run: Path) -> None:
     if saved != wanted:
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:3])
-        raise CertbnnError(f"cell {cell.id} in {run.parent} was trained with other settings ({detail}); "
-                           "use another --out, or delete that cell's folder to retrain it")
+        raise CertbnnError(
+            f"cell {cell.id} in {run.parent} was trained with other settings ({detail}); "
+            "use another --out, or delete that cell's folder to retrain it"
+        )
 
 
 def _load_results(path: Path, preset: Preset) -> dict[str, Any]:
