@@ -44,17 +44,8 @@ class MLP(nn.Module):
 x_train, y_train = bars(512 if TINY else 4000, seed=0)
 x_test, y_test = bars(16 if TINY else 500, seed=1)
 model = MLP(64, 64, 3)
-post = certbnn.fit(
-    model,
-    (x_train, y_train),
-    method="bbb",
-    likelihood="ibp",
-    eps=0.05,
-    epochs=2 if TINY else 20,
-    lr=0.01,
-    test_data=(x_test, y_test),
-    progress=not TINY,
-)
+settings = dict(method="bbb", likelihood="ibp", eps=0.05, epochs=2 if TINY else 20, lr=0.01, progress=not TINY)
+post = certbnn.fit(model, (x_train, y_train), test_data=(x_test, y_test), **settings)
 print(f"test accuracy {post.metrics['test_accuracy']:.3f}")
 report = certbnn.certify(model, post, x_test, y_test, eps=0.05, certificate="statistical", progress=not TINY)
 adv = certbnn.attack(model, post, x_test, y_test, eps=0.05, method="pgd", progress=not TINY)

@@ -31,4 +31,4 @@ def test_example_runs_in_tiny_mode(name, monkeypatch, capsys, tmp_path):
         assert phrase in printed, (phrase, printed)
     assert not any(tmp_path.iterdir())
     source = (EXAMPLES / name).read_text()
-    assert len(source.splitlines()) <= 65 and "--tiny" in source
+    assert len(source.splitlines()) <= 80 and "--tiny" in source

@@ -73,3 +73,15 @@ def test_adversarial_tiny_weights_under_global_ftz(dtype, kind):
         )
         viol += sum(check_exact(model, lo_b, hi_b, [(None, p)], pts, lo, hi) for lo, hi in out)
     assert viol == 0
+
+
+def test_certificate_input_box_is_outward_under_global_ftz():
+    """The certificates' input box [clip(x - eps), clip(x + eps)] contains the exact box when the
+    caller flushes subnormals: x = 2^-1070 (subnormal in float64), eps = 2^-1070: x + eps = 2^-1069
+    would flush to 0 under FTZ, below the exact upper end."""
+    from certbnn.evaluation.certify import _input_box
+
+    x = torch.tensor([[2.0**-1070]], dtype=torch.float64)
+    lo, hi = under_global_ftz(lambda: _input_box(x, 2.0**-1070, torch.float64))
+    exact_hi = Fraction(2) ** -1069
+    assert Fraction(float(lo)) <= 0 and Fraction(float(hi)) >= exact_hi

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds import compute_bounds, margin_spec, worst_case_logits
-from certbnn.bounds.rounding import add_down, add_up, cast_down, cast_up
+from certbnn.bounds.rounding import add_down, add_up, cast_down, cast_up, plain_arithmetic
 from certbnn.errors import ConfigError
 from certbnn.evaluation import stats
 from certbnn.evaluation.mlp_bounds import mlp_linears, mlp_logit_bounds
@@ -64,12 +64,14 @@ def _input_box(x: Tensor, eps: Eps, dtype: torch.dtype | None) -> tuple[Tensor, 
     """A ``dtype`` box (default float64) containing ``[clip(x - eps, 0, 1), clip(x + eps, 0, 1)]``
     exactly (``x`` and the float64 ``eps`` taken as exact reals), eps broadcast per point:
     ``x -+ eps`` rounded down/up in float64 (exact when representable), clipping (exact),
-    then an outward cast to ``dtype``."""
+    then an outward cast to ``dtype``; under gradual underflow even where the caller turned
+    flush-to-zero on (:func:`~certbnn.bounds.rounding.plain_arithmetic`)."""
     dt = dtype or torch.float64
     e = _eps_vector(eps, x).view(-1, *([1] * (x.dim() - 1)))
     xd = x.detach().to(torch.float64)  # exact for every floating dtype up to 64 bits
-    lo, hi = add_down(xd, -e).clamp(0, 1), add_up(xd, e).clamp(0, 1)
-    return cast_down(lo, dt), cast_up(hi, dt)
+    with plain_arithmetic():
+        lo, hi = add_down(xd, -e).clamp(0, 1), add_up(xd, e).clamp(0, 1)
+        return cast_down(lo, dt), cast_up(hi, dt)
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
