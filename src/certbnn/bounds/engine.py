@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 
@@ -9,19 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
-from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, add_opt, interval_spec, interval_spec_sound
+from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, interval_spec, interval_spec_sound
 from certbnn.bounds.graph import compute_graph, graph_interval_forward
 from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
 from certbnn.bounds.params import resolve_tensors, sample_slices
 from certbnn.bounds.rounding import cast_down, cast_up, check_dtype, plain_arithmetic
-from certbnn.bounds.rounding import down as round_down
-from certbnn.bounds.rounding import up as round_up
-from certbnn.bounds.shared import CPU_CHUNK_BYTES, CROWN_MAX_ELEMENTS, concretize
-from certbnn.bounds.shared import acc as _acc
+from certbnn.bounds.shared import CPU_CHUNK_BYTES, CROWN_MAX_ELEMENTS, add_step_bias, concretize
 from certbnn.bounds.shared import finish as _finish
 from certbnn.bounds.shared import outward_radii as _outward_radii
 from certbnn.bounds.shared import prepare_spec as _prepare_spec
-from certbnn.bounds.shared import step_error as _step_error
 from certbnn.bounds.specs import known_true, resolve_tol, widen
 from certbnn.bounds.structure import is_chain, model_layers
 from certbnn.errors import ConfigError
@@ -104,17 +101,7 @@ def crown_backward_pass(ops: list[BoundOp], A0: Tensor, lower: Tensor, upper: Te
     b_lo = b_up = None
     for op in reversed(ops):
         A_lo_new, bl, A_up_new, bu = op.crown_backward(A_lo, A_up)
-        if sound:
-            m_in = torch.maximum(op.sound_box[0].abs(), op.sound_box[1].abs())
-            terms = op.sound_backward_terms(m_in)
-            if terms is not None:
-                e_lo = _step_error(A_lo, *terms, m_in)
-                e_up = e_lo if A_up is A_lo else _step_error(A_up, *terms, m_in)
-                bl = -e_lo if bl is None else round_down(bl - e_lo)
-                bu = e_up if bu is None else round_up(bu + e_up)
-            b_lo, b_up = _acc(b_lo, bl, False), _acc(b_up, bu, True)
-        else:
-            b_lo, b_up = add_opt(b_lo, bl), add_opt(b_up, bu)
+        b_lo, b_up = add_step_bias(op, A_lo, A_up, bl, bu, b_lo, b_up, sound)
         A_lo, A_up = A_lo_new, A_up_new
     return concretize(A_lo, A_up, b_lo, b_up, lower, upper, sound)
 
@@ -350,39 +337,25 @@ def compute_bounds(
         method = "ibp"
     dtype = _compute_dtype(lower, dtype)
     sound = isinstance(tol, str) and tol == "sound"
-    if sound:
-        with plain_arithmetic():  # _sound_inputs rounds outward too
+    with plain_arithmetic() if sound else contextlib.nullcontext():
+        if sound:  # _sound_inputs rounds outward too
             lower, upper, param_bounds = _sound_inputs(model, lower, upper, params, param_bounds, spec, dtype)
-            return _compute(
-                model,
-                lower,
-                upper,
-                method,
-                params,
-                param_bounds,
-                spec,
-                dtype,
-                None,
-                intersect_ibp,
-                input_has_samples,
-                sample_chunk,
-                True,
-            )
-    return _compute(
-        model,
-        lower,
-        upper,
-        method,
-        params,
-        param_bounds,
-        spec,
-        dtype,
-        resolve_tol(tol, dtype),
-        intersect_ibp,
-        input_has_samples,
-        sample_chunk,
-        False,
-    )
+        rt = None if sound else resolve_tol(tol, dtype)
+        return _compute(
+            model,
+            lower,
+            upper,
+            method,
+            params,
+            param_bounds,
+            spec,
+            dtype,
+            rt,
+            intersect_ibp,
+            input_has_samples,
+            sample_chunk,
+            sound,
+        )
 
 
 def _compute(

@@ -26,16 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from certbnn.bounds.base import BoundOp, Box, add_opt, interval_spec, interval_spec_sound
+from certbnn.bounds.base import BoundOp, Box, interval_spec, interval_spec_sound
 from certbnn.bounds.graph_trace import INPUT, GraphPlan, cached_trace, expected_input_rank
 from certbnn.bounds.ops_graph import MergeOp
 from certbnn.bounds.params import resolve_tensors, sample_slices
-from certbnn.bounds.rounding import down as round_down
 from certbnn.bounds.rounding import up as round_up
 from certbnn.bounds.shared import (
     CPU_CHUNK_BYTES,
     CROWN_MAX_ELEMENTS,
     acc,
+    add_step_bias,
     concretize,
     finish,
     outward_radii,
@@ -224,17 +224,7 @@ def backward_pass(g: GraphOps, target: int, A0: Tensor, boxes: dict[int, Box], s
                 give(j, pl, pu)
             continue
         nl, bl, nu, bu = op.crown_backward(al, au)
-        if sound:
-            m_in = torch.maximum(op.sound_box[0].abs(), op.sound_box[1].abs())
-            terms = op.sound_backward_terms(m_in)
-            if terms is not None:
-                e_lo = step_error(al, *terms, m_in)
-                e_up = e_lo if au is al else step_error(au, *terms, m_in)
-                bl = -e_lo if bl is None else round_down(bl - e_lo)
-                bu = e_up if bu is None else round_up(bu + e_up)
-            b_lo, b_up = acc(b_lo, bl, False), acc(b_up, bu, True)
-        else:
-            b_lo, b_up = add_opt(b_lo, bl), add_opt(b_up, bu)
+        b_lo, b_up = add_step_bias(op, al, au, bl, bu, b_lo, b_up, sound)
         give(ins[0], nl, nu)
     lower, upper = boxes[INPUT]
     if INPUT not in A_lo:  # the output does not depend on the input

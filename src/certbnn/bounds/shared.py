@@ -61,6 +61,32 @@ def acc(b: Tensor | None, x: Tensor | None, upward: bool) -> Tensor | None:
     return round_up(b + x) if upward else round_down(b + x)
 
 
+def add_step_bias(
+    op: BoundOp,
+    A_lo: Tensor,
+    A_up: Tensor,
+    bl: Tensor | None,
+    bu: Tensor | None,
+    b_lo: Tensor | None,
+    b_up: Tensor | None,
+    sound: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The running biases ``(b_lo, b_up)`` plus one back-substitution step's ``(bl, bu)`` through
+    ``op`` from the coefficients ``A_lo``/``A_up`` it received. ``sound``: the step's rounding error
+    (:func:`step_error`, from ``op.sound_backward_terms`` and its input box ``op.sound_box``) is
+    subtracted from the lower bias and added to the upper one, all rounded outward."""
+    if not sound:
+        return add_opt(b_lo, bl), add_opt(b_up, bu)
+    m_in = torch.maximum(op.sound_box[0].abs(), op.sound_box[1].abs())
+    terms = op.sound_backward_terms(m_in)
+    if terms is not None:
+        e_lo = step_error(A_lo, *terms, m_in)
+        e_up = e_lo if A_up is A_lo else step_error(A_up, *terms, m_in)
+        bl = -e_lo if bl is None else round_down(bl - e_lo)
+        bu = e_up if bu is None else round_up(bu + e_up)
+    return acc(b_lo, bl, False), acc(b_up, bu, True)
+
+
 def concretize_sound(A_lo: Tensor, A_up: Tensor, lower: Tensor, upper: Tensor) -> Box:
     """``min/max A x`` over the box, rounded outward: ``A c -+ |A| r`` plus ``gamma_n |A| (|c| + r)``."""
     c, r = sound_mid_rad(lower, upper)
