@@ -34,16 +34,18 @@ def blr():
     return make_blr(n=30, d=3, sigma=0.5, prior_std=1.0, seed=0)
 
 
+def blr_hmc(blr, **options) -> HMC:
+    """HMC on the 30-point Bayesian linear regression at T = 1, without the SGD warm start."""
+    return HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, **options)
+
+
 MASS = {"0.weight": torch.tensor([[4.0, 0.25, 2.0]], dtype=torch.float64), "0.bias": 0.5}
 
 
 @pytest.mark.parametrize("mass", [1.0, MASS], ids=["identity-mass", "diagonal-mass"])
 def test_blr_posterior_recovered_with_sane_acceptance(blr, mass):
-    method = HMC(
-        warm_start_epochs=0,
-        temperature=1.0,
-        prior=blr.prior,
-        num_data=30,
+    method = blr_hmc(
+        blr,
         step_size=0.01,
         num_leapfrog=8,
         num_burnin=200,
@@ -158,7 +160,7 @@ def test_potential_flushes_subnormals_only_inside_and_restores_the_caller(blr, c
 def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     # The energy error of leapfrog with the kinetic energy it integrates is O(eps^2) over
     # a fixed trajectory time; with an integrator that ignored M^{-1} it would be O(1).
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, mass=MASS)
+    method = blr_hmc(blr, mass=MASS)
     position = {"0.weight": blr.mean[:3].reshape(1, 3) + 0.05, "0.bias": blr.mean[3:] + 0.05}
     masses = method.masses(position)
     g = torch.Generator().manual_seed(3)
@@ -167,11 +169,8 @@ def test_leapfrog_is_second_order_with_non_identity_mass(blr):
     h0 = u0 + method.kinetic(momentum, masses)
     errors = []
     for eps in (4e-3, 2e-3):
-        leaps = HMC(
-            warm_start_epochs=0,
-            temperature=1.0,
-            prior=blr.prior,
-            num_data=30,
+        leaps = blr_hmc(
+            blr,
             mass=MASS,
             num_leapfrog=round(0.04 / eps),
         )
@@ -200,11 +199,8 @@ def test_rejection_restores_the_exact_old_state(blr, huge_step):
 
 def test_stored_samples_are_independent_copies_and_differ(blr):
     # a large fixed step: a mix of accepted and rejected proposals (a rejection re-stores the old position)
-    method = HMC(
-        warm_start_epochs=0,
-        temperature=1.0,
-        prior=blr.prior,
-        num_data=30,
+    method = blr_hmc(
+        blr,
         step_size=0.12,
         num_leapfrog=3,
         num_burnin=5,
@@ -225,11 +221,8 @@ def test_stored_samples_are_independent_copies_and_differ(blr):
 
 
 def test_max_samples_keeps_the_newest(blr):
-    method = HMC(
-        warm_start_epochs=0,
-        temperature=1.0,
-        prior=blr.prior,
-        num_data=30,
+    method = blr_hmc(
+        blr,
         step_size=0.02,
         num_leapfrog=2,
         num_burnin=0,
@@ -240,11 +233,8 @@ def test_max_samples_keeps_the_newest(blr):
 
 
 def test_checkpoint_round_trip_continues_identically(blr):
-    method = HMC(
-        warm_start_epochs=0,
-        temperature=1.0,
-        prior=blr.prior,
-        num_data=30,
+    method = blr_hmc(
+        blr,
         step_size=0.02,
         num_leapfrog=3,
         num_burnin=4,
@@ -295,7 +285,7 @@ def test_bad_options_are_config_errors(blr, options):
 
 
 def test_posterior_without_samples_is_a_clear_error(blr):
-    method = HMC(warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, num_burnin=10)
+    method = blr_hmc(blr, num_burnin=10)
     with pytest.raises(ConfigError, match="no samples"):
         method.posterior(method.init(detached_params(blr.model), torch.Generator()))
 
@@ -318,11 +308,8 @@ class ShiftedNLL:
 def test_stale_potential_across_an_eps_change_is_recomputed(blr):
     # A potential cached at a smaller eps makes log r = U_stale - U_new = -N * 50 * d_eps (-15 per
     # 0.01 step here): every proposal rejected, the chain frozen. Keyed on eps, nothing changes.
-    method = HMC(
-        warm_start_epochs=0,
-        temperature=1.0,
-        prior=blr.prior,
-        num_data=30,
+    method = blr_hmc(
+        blr,
         step_size=0.03,
         num_leapfrog=4,
         num_burnin=0,
