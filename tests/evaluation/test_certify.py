@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from prototype_net import prototype_net
 from torch.func import functional_call
 
 from certbnn.attacks import pgd
@@ -20,8 +21,7 @@ from certbnn.evaluation.certify import (
     per_sample_certified,
     statistical_certified_radius,
 )
-from certbnn.functional import detached_params, forward
-from certbnn.models import build_model
+from certbnn.functional import forward
 from certbnn.posterior import GaussianPosterior, SamplePosterior
 
 K = 3
@@ -32,27 +32,7 @@ F64 = torch.float64
 def trained():
     """A 36-16-3 ReLU MLP trained (300 Adam steps) on three noisy prototypes; a Gaussian
     posterior around its weights (std 0.02); 64 held-out points."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    protos = 0.2 + 0.6 * torch.rand(K, 1, 6, 6, generator=gen)
-
-    def data(n):
-        y = torch.randint(K, (n,), generator=gen)
-        return (protos[y] + 0.08 * torch.randn(n, 1, 6, 6, generator=gen)).clamp(0, 1), y
-
-    x_train, y_train = data(512)
-    x, y = data(64)
-    model = build_model("mlp:16", (1, 6, 6), K)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(300):
-        idx = torch.randint(512, (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.requires_grad_(False)
-    mean = detached_params(model)
-    posterior = GaussianPosterior(mean, {n: torch.full_like(t, 0.02) for n, t in mean.items()})
+    model, mean, posterior, x, y = prototype_net(K, seed=0, steps=300, std=0.02, test_points=64)
     assert bool((model(x).argmax(-1) == y).all())
     return model, mean, posterior, x, y
 
