@@ -32,18 +32,39 @@ def test_mixtures(lam):
     assert torch.allclose(mix_losses(clean, robust, lam, "loss"), lam * clean + (1 - lam) * robust)
 
 
-@pytest.mark.parametrize("name", ["ibp", "crown-ibp"])
+@pytest.mark.parametrize("name,beta", [("ibp", 1.0), ("crown-ibp", 1.0), ("crown-ibp", 0.3), ("crown-ibp", 0.0)])
 @pytest.mark.parametrize("margins", [False, True])
-def test_robust_nll_bounds_worst_case_loss(name, margins):
-    """CE at any point of the eps-ball (clipped to [0, 1]) is <= the worst-case CE."""
+def test_robust_nll_bounds_worst_case_loss(name, beta, margins):
+    """CE at any point of the eps-ball (clipped to [0, 1]) is <= the worst-case CE (also for the
+    CROWN-IBP / IBP mixtures of the beta schedule)."""
     model = _mlp()
     params = detached_params(model)
     x, y = torch.rand(6, 12), torch.randint(0, 5, (6,))
-    lik = make_likelihood(name, lam=0.0, margins=margins)
+    lik = make_likelihood(name, lam=0.0, margins=margins, **({"beta": beta} if beta != 1.0 else {}))
     bound = lik.nll(model, params, x, y, eps=0.05)
     for _ in range(200):
         x_adv = (x + 0.05 * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
         assert (cross_entropy(forward(model, params, x_adv), y) <= bound + 1e-5).all()
+
+
+@pytest.mark.parametrize("margins", [False, True])
+def test_beta_mixes_crown_ibp_and_ibp_bounds_linearly(margins):
+    """beta = 1 is CROWN-IBP, beta = 0 is IBP exactly (its fast joint path included), and in
+    between the worst-case logits are the convex combination of the two bound sets."""
+    model = _mlp(2)
+    params = detached_params(model)
+    x, y = torch.rand(9, 12), torch.randint(0, 5, (9,))
+
+    def worst(name, **kw):
+        return make_likelihood(name, lam=0.0, margins=margins, **kw).worst_case_logits(model, params, x, y, 0.05, 5)
+
+    ibp, crown_ibp = worst("ibp"), worst("crown-ibp")
+    assert torch.equal(worst("crown-ibp", beta=0.0), ibp) and torch.equal(worst("crown-ibp", beta=1.0), crown_ibp)
+    assert torch.allclose(worst("crown-ibp", beta=0.25), 0.25 * crown_ibp + 0.75 * ibp, atol=1e-6)
+    for lam in (0.0, 0.5):  # the joint clean + IBP pass gives IBP's loss at beta = 0
+        at_zero = make_likelihood("crown-ibp", lam=lam, beta=0.0, margins=margins).nll(model, params, x, y, 0.05)
+        plain = make_likelihood("ibp", lam=lam, margins=margins).nll(model, params, x, y, 0.05)
+        assert torch.allclose(at_zero, plain, atol=1e-6)
 
 
 def test_margin_worst_case_is_tighter():
@@ -107,6 +128,10 @@ def test_bad_options():
         make_likelihood("ibp", lam=1.5)
     with pytest.raises(ConfigError, match="mix must be"):
         make_likelihood("pgd", mix="avg")
+    with pytest.raises(ConfigError, match="beta mixes CROWN-IBP with IBP bounds: it needs bound crown-ibp"):
+        make_likelihood("ibp", beta=0.5)
+    with pytest.raises(ConfigError, match=r"beta must be in \[0, 1\]"):
+        make_likelihood("crown-ibp", beta=2.0)
     with pytest.raises(ConfigError, match="unknown likelihood 'cw'"):
         make_likelihood("cw")
     with pytest.raises(ConfigError, match=r"sigma must be > 0 \(a finite number\), got 0.0"):

@@ -271,3 +271,78 @@ def test_steps_flush_subnormals_and_the_callers_setting_is_restored(tmp_path, mo
         assert flushes_anywhere() == caller_flushes
     assert seen and all(seen)
     assert not flushes_anywhere()
+
+
+@pytest.mark.parametrize("method", ["sgd", "adam", "bbb", "noisy-adam", "vogn"])
+def test_lambda_and_cosine_lr_schedules_are_what_each_step_uses(tmp_path, monkeypatch, method):
+    """Every step gets the scheduled lambda and learning rate; resume replays them exactly."""
+    seen = []
+    real_replace = training.StepSettings.method
+
+    def spy(self, m, step):
+        stepped = real_replace(self, m, step)
+        seen.append((step, stepped.lr / m.lr))
+        return stepped
+
+    monkeypatch.setattr(training.StepSettings, "method", spy)
+    config = _config(method=method, lam_start=1.0, lam=0.5, mix="loss", lr_schedule="cosine", ramp_fraction=0.5)
+    metrics = training.train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    history = metrics["epochs"]
+    assert history[0]["lam"] > history[-1]["lam"] == 0.5
+    assert history[-1]["lr_factor"] < history[0]["lr_factor"] == 1.0
+    factors = [f for _, f in seen]
+    total = len(factors)  # one entry per step of the 3 epochs
+    assert total % 3 == 0 and factors[0] == 1.0 and 0 < factors[-1] < 0.1
+    assert sorted(factors, reverse=True) == factors
+    ramp = training.epoch_ramp(0.05, 3, total // 3, ramp_fraction=0.5)
+    assert factors.count(1.0) == ramp.first_target_step + 1  # the lr holds until eps has reached its target
+    settings = training.StepSettings.of(config, ramp, total)
+    robust = training.make_likelihood("ibp", lam=0.5, mix="loss")
+    lams = [settings.likelihood(robust, s).lam for s in range(total)]
+    assert lams == pytest.approx([1.0 - 0.5 * ramp.value(s) / 0.05 for s in range(total)])
+
+
+def test_a_scheduled_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    config = _config(method="bbb", lam_start=1.0, lr_schedule="cosine")
+    training.train(config, tmp_path / "whole", progress=False, log=lambda s: None)
+    real_save = training.save_checkpoint
+
+    def killed_after_two_epochs(path, ckpt, cfg):
+        real_save(path, ckpt, cfg)
+        if ckpt.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, tmp_path / "killed", progress=False, log=lambda s: None)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    training.train(config, tmp_path / "killed", resume=True, progress=False, log=lambda s: None)
+    whole, resumed = (
+        load_file(tmp_path / "whole" / training.POSTERIOR),
+        load_file(tmp_path / "killed" / training.POSTERIOR),
+    )
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_crown_ibp_beta_schedule_trains_and_records_beta(tmp_path):
+    config = _config(method="sgd", likelihood="crown-ibp", beta_start=1.0, beta=0.0, epochs=4, ramp_fraction=1.0)
+    metrics = training.train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    assert metrics["epochs"][0]["beta"] > 0.0 and metrics["epochs"][-1]["beta"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(likelihood="standard", lam_start=1.0), "lam_start schedules the clean weight"),
+        (dict(likelihood="ibp", beta=0.5), "need likelihood crown-ibp, not 'ibp'"),
+        (dict(likelihood="ibp", beta_start=1.0), "need likelihood crown-ibp"),
+        (dict(method="hmc", lr_schedule="cosine"), "is a sampler"),
+        (dict(method="swag", lr_schedule="cosine"), "is a sampler"),
+        (dict(lr_schedule="linear"), "lr_schedule must be"),
+        (dict(lam_start=1.5), "lam_start"),
+        (dict(likelihood="crown-ibp", beta=-0.1), "beta"),
+    ],
+)
+def test_impossible_schedules_are_refused_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(**overrides)

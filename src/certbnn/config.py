@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 from certbnn.errors import ConfigError
 from certbnn.safe_open import read_regular
+from certbnn.schedules import LR_SCHEDULES
 from certbnn.settings import LAM_LABEL, MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of, positive
 
 
@@ -44,6 +45,10 @@ class TrainConfig:
     eps: float = 0.11  # training radius reached by the schedule (pixel units)
     warmup_epochs: float = 0.0  # epochs at eps = 0 before the ramp
     ramp_fraction: float = 0.5  # fraction of the remaining steps spent ramping, then hold
+    lam_start: float | None = None  # lam during warm-up, ramped to lam with eps (None: lam throughout)
+    beta: float = 1.0  # crown-ibp: bounds = beta CROWN-IBP + (1 - beta) IBP once eps is reached
+    beta_start: float | None = None  # crown-ibp: beta at the ramp's start, ramped to beta with eps
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 over the steps after the eps ramp)
     epochs: int = 20
     batch_size: int = 128
     lr: float | None = None  # passed to the method (its default when None)
@@ -68,6 +73,10 @@ class TrainConfig:
         "eps": UNIT,
         "warmup_epochs": at_least(0),
         "ramp_fraction": UNIT,
+        "lam_start": UNIT,
+        "beta": UNIT,
+        "beta_start": UNIT,
+        "lr_schedule": one_of(*LR_SCHEDULES),
         "epochs": at_least(1),
         "batch_size": at_least(1),
         "lr": positive(),
@@ -96,10 +105,29 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-empty string, got ''")
         if self.dataset_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.dataset_sha256):
             raise ConfigError(f"dataset_sha256 must be 64 lowercase hex digits, got {self.dataset_sha256!r}")
+        self._check_schedules()
         check_method_options(self.method, self.method_options)
         check_likelihood_options(self.likelihood, self.likelihood_options)
         self._check_against_dataset(check_model)
         return self
+
+    def _check_schedules(self) -> None:
+        """lambda, beta and learning-rate schedules only where they change something."""
+        if self.lam_start is not None and self.likelihood not in ROBUST_LIKELIHOODS + ADVERSARIAL_LIKELIHOODS:
+            raise ConfigError(
+                f"lam_start schedules the clean weight of a robust or adversarial likelihood; "
+                f"likelihood {self.likelihood!r} has none (unset lam_start)"
+            )
+        if (self.beta != 1.0 or self.beta_start is not None) and self.likelihood != "crown-ibp":
+            raise ConfigError(
+                f"beta / beta_start mix CROWN-IBP with IBP bounds: they need likelihood crown-ibp, "
+                f"not {self.likelihood!r}"
+            )
+        if self.lr_schedule != "constant" and self.method in SAMPLERS:
+            raise ConfigError(
+                f"lr_schedule {self.lr_schedule!r} is for optimisers; {self.method} is a sampler whose "
+                "step size sets the distribution it samples (use lr_schedule = 'constant')"
+            )
 
     def dataset_spec(self):
         """The data set's spec. An npz data set (``PATH.npz`` or ``<root>/<name>/data.npz``) is
@@ -166,6 +194,8 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")  # likelihoods that bound the network
+ADVERSARIAL_LIKELIHOODS = ("fgsm", "pgd")
+SAMPLERS = ("hmc", "sghmc", "swag")  # methods whose learning rate is part of what they sample
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -106,18 +106,22 @@ class GaussianRegression:
 @dataclass(frozen=True)
 class IntervalRobust:
     """The robust likelihood with sound bounds (``bound`` = ``ibp``, ``crown-ibp`` or
-    ``crown``); ``margins=True`` builds worst-case logits from margin bounds."""
+    ``crown``); ``margins=True`` builds worst-case logits from margin bounds. With
+    ``crown-ibp``, ``beta`` < 1 uses ``beta * CROWN-IBP + (1 - beta) * IBP`` bounds (Zhang et
+    al. 2020; a convex combination of sound bounds is sound), plain IBP at ``beta = 0``."""
 
     bound: str = "ibp"
     lam: float = 0.25
     mix: str = "prob"
     margins: bool = False
+    beta: float = 1.0
     name: str = "robust"
 
     SETTING_RANGES: ClassVar[dict[str, Range]] = {
         "bound": one_of("ibp", "crown-ibp", "crown"),
         "lam": UNIT,
         "mix": one_of(*_MIXES),
+        "beta": UNIT,
     }
     SETTING_LABELS: ClassVar[dict[str, str]] = LAM_LABEL
 
@@ -125,21 +129,40 @@ class IntervalRobust:
         _check_mix(self.lam, self.mix)
         if self.bound not in ("ibp", "crown-ibp", "crown"):
             raise ConfigError(f"robust likelihood bound must be ibp, crown-ibp or crown, got {self.bound!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"beta (weight of the CROWN-IBP bounds) must be in [0, 1], got {self.beta}")
+        if self.beta != 1.0 and self.bound != "crown-ibp":
+            raise ConfigError(f"beta mixes CROWN-IBP with IBP bounds: it needs bound crown-ibp, not {self.bound!r}")
+
+    @property
+    def effective_bound(self) -> str:
+        """The bound actually computed: ``crown-ibp`` at ``beta = 0`` is plain IBP."""
+        return "ibp" if self.bound == "crown-ibp" and self.beta == 0.0 else self.bound
+
+    def _bounds(self, model, lower, upper, params, spec=None) -> tuple[Tensor, Tensor]:
+        from certbnn.bounds import compute_bounds
+
+        bound = self.effective_bound
+        lo, hi = compute_bounds(model, lower, upper, method=bound, params=params, spec=spec)
+        if bound == "crown-ibp" and self.beta != 1.0:
+            ibp_lo, ibp_hi = compute_bounds(model, lower, upper, method="ibp", params=params, spec=spec)
+            lo = self.beta * lo + (1.0 - self.beta) * ibp_lo
+            hi = self.beta * hi + (1.0 - self.beta) * ibp_hi
+        return lo, hi
 
     def worst_case_logits(self, model, params, x, y, eps: float, num_classes: int) -> Tensor:
         """(B, K) or (S, B, K) logits whose CE upper-bounds the CE anywhere in the eps-box."""
-        from certbnn.bounds import compute_bounds, margin_spec, worst_case_logits
+        from certbnn.bounds import margin_spec, worst_case_logits
 
         lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
         if self.margins:
-            spec = margin_spec(y, num_classes)
-            margin_lower, _ = compute_bounds(model, lower, upper, method=self.bound, params=params, spec=spec)
+            margin_lower, _ = self._bounds(model, lower, upper, params, spec=margin_spec(y, num_classes))
             return -margin_lower  # z_hat_y = 0, z_hat_j = -(lower bound of z_y - z_j)
-        lo, hi = compute_bounds(model, lower, upper, method=self.bound, params=params)
+        lo, hi = self._bounds(model, lower, upper, params)
         return worst_case_logits(lo, hi, y)
 
     def nll(self, model, params, x, y, eps=0.0, generator=None):
-        if self.lam != 1.0 and eps != 0.0 and self.bound == "ibp" and not self.margins:
+        if self.lam != 1.0 and eps != 0.0 and self.effective_bound == "ibp" and not self.margins:
             joint = self._joint_ibp(model, params, x, y, eps)
             if joint is not None:
                 return joint

@@ -24,6 +24,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from certbnn import __version__, data, distributed, strict_json
 from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from certbnn.config import TrainConfig
+from certbnn.config import ADVERSARIAL_LIKELIHOODS, ROBUST_LIKELIHOODS, TrainConfig
 from certbnn.data.augment import augment
 from certbnn.denormals import flush_denormals
 from certbnn.errors import CertbnnError, ConfigError
@@ -44,7 +45,7 @@ from certbnn.likelihoods import BatchNLL, make_likelihood
 from certbnn.models import build_model
 from certbnn.posterior import load_posterior, save_posterior
 from certbnn.priors import prior_from_model
-from certbnn.schedules import epoch_ramp
+from certbnn.schedules import LinearRamp, LRFactor, epoch_ramp, on_ramp
 from certbnn.validation import validate
 
 CHECKPOINT, POSTERIOR, METRICS, CONFIG = (
@@ -149,6 +150,7 @@ def train(
         ramp_fraction=config.ramp_fraction,
     )
     method = sampler_for_schedule(method, config, schedule, steps_per_epoch, log)
+    step_settings = StepSettings.of(config, schedule, config.epochs * steps_per_epoch)
 
     chain_seed = config.seed + (1_000_003 * chains.rank if chains is not None else 0)  # rank 0: the usual chain
     generator = torch.Generator(device=device).manual_seed(chain_seed)
@@ -198,8 +200,9 @@ def train(
         for x, y in bar:
             eps = schedule.value(step)
             x, y = x[shard], y[shard]
+            nll = BatchNLL(step_settings.likelihood(likelihood, step), model, eps, generator, comm)
             with flush_denormals():  # subnormal gradients slow CPU steps 10x+ (certbnn.denormals)
-                state, info = method.step(state, (x, y), BatchNLL(likelihood, model, eps, generator, comm), generator)
+                state, info = step_settings.method(method, step).step(state, (x, y), nll, generator)
             loss = float(next((info[k] for k in ("nll", "loss", "potential") if k in info), math.nan))
             if comm:  # the same number on every rank: the global batch mean (or the global potential)
                 loss = float(comm.all_reduce(torch.tensor(loss, dtype=torch.float64), "mean"))
@@ -222,6 +225,7 @@ def train(
             "epoch": epoch + 1,
             "train_nll": loss_sum / max(seen, 1),
             "eps": schedule.value(step - 1),
+            **step_settings.record(step - 1),
             "seconds": round(seconds, 3),
             "examples_per_second": round(seen / seconds, 1),
         }
@@ -290,6 +294,44 @@ def train(
     }
     atomic_write_text(run_dir / METRICS, strict_json.dumps(metrics, indent=2), "metrics")
     return metrics
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The settings that change from step to step besides eps: lambda and beta (ramped with
+    eps, :func:`certbnn.schedules.on_ramp`) and the learning-rate factor. Each step gets a copy
+    of the likelihood / method with its values (``dataclasses.replace``); nothing is copied
+    when no schedule is set."""
+
+    lam: LinearRamp | None = None
+    beta: LinearRamp | None = None
+    lr: LRFactor = LRFactor()
+
+    @classmethod
+    def of(cls, config: TrainConfig, eps_ramp: LinearRamp, total_steps: int) -> StepSettings:
+        """A cosine lr decays over the steps after the eps ramp (over all steps when the
+        likelihood ignores eps)."""
+        uses_eps = config.likelihood in ROBUST_LIKELIHOODS + ADVERSARIAL_LIKELIHOODS
+        return cls(
+            lam=on_ramp(config.lam, config.lam_start, eps_ramp),
+            beta=on_ramp(config.beta, config.beta_start, eps_ramp),
+            lr=LRFactor(config.lr_schedule, eps_ramp.first_target_step if uses_eps else 0, total_steps),
+        )
+
+    def likelihood(self, likelihood, step: int):
+        changes = {k: ramp.value(step) for k, ramp in (("lam", self.lam), ("beta", self.beta)) if ramp is not None}
+        return dataclasses.replace(likelihood, **changes) if changes else likelihood
+
+    def method(self, method, step: int):
+        factor = self.lr.value(step)
+        return method if factor == 1.0 else dataclasses.replace(method, lr=method.lr * factor)
+
+    def record(self, step: int) -> dict[str, float]:
+        """What an epoch's history records of the schedules (at its last step)."""
+        out = {k: ramp.value(step) for k, ramp in (("lam", self.lam), ("beta", self.beta)) if ramp is not None}
+        if self.lr.kind != "constant":
+            out["lr_factor"] = self.lr.value(step)
+        return out
 
 
 def sampler_for_schedule(
@@ -449,6 +491,8 @@ def _likelihood_options(config: TrainConfig, full_batch: bool = False) -> dict[s
         options.setdefault("mix", config.mix)
     if config.likelihood in ("ibp", "crown-ibp", "crown"):
         options.setdefault("margins", config.margins)
+    if config.likelihood == "crown-ibp":
+        options.setdefault("beta", config.beta)
     return options
 
 

@@ -27,6 +27,13 @@ HELP = {
     "eps": "training radius in pixel units, reached by the linear ramp (paper MNIST: 0.11)",
     "warmup_epochs": "epochs at eps = 0 before the ramp starts",
     "ramp_fraction": "fraction of the post-warm-up steps over which eps ramps linearly, then holds",
+    "lam_start": "clean weight lambda during warm-up and at the ramp's start, ramped linearly to --lam with eps "
+    "(the kappa schedule of Gowal et al. 2018: 1 -> 0.5); unset: --lam throughout",
+    "beta": "crown-ibp only: train on beta * CROWN-IBP + (1 - beta) * IBP bounds (0 = plain IBP) once eps is reached",
+    "beta_start": "crown-ibp only: beta at the ramp's start, ramped linearly to --beta with eps (Zhang et al. 2020: "
+    "--beta-start 1 --beta 0); unset: --beta throughout",
+    "lr_schedule": "constant, or cosine: the learning rate holds while eps ramps, then decays to 0 along a half "
+    "cosine over the remaining steps (over all steps for standard training); optimisers only, not hmc / sghmc / swag",
     "epochs": "training epochs (full-batch HMC: proposals)",
     "batch_size": "minibatch size",
     "lr": "learning rate (HMC's step size is a method option: --opt step_size=...)",
