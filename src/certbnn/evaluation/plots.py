@@ -208,3 +208,75 @@ def reliability_plot(
     if title:
         axes[0][0].set_title(title, fontsize=9)
     return save(fig, path)
+
+
+def draw_front(
+    ax,
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    front: Sequence[tuple[str, float, float]],
+    *,
+    target: tuple[float | None, float | None] = (None, None),
+) -> None:
+    """Scatter of ``(x, y)`` points, one colour and marker per series (``(label, points)``); the
+    ``front`` points (``(label, x, y)``) joined by a black line in order of ``x`` and numbered 1, 2,
+    ... in the given order (points at one place share a tag ``1,2``), the legend (right of the axes)
+    keying each number to its label; the ``target`` ``(x, y)`` as dotted lines."""
+    for i, (label, points) in enumerate(series):
+        if not points:
+            continue
+        style = curve_style(i)
+        xs, ys = zip(*points)
+        ax.scatter(
+            xs,
+            ys,
+            color=style["color"],
+            marker=style["marker"],
+            s=34,
+            edgecolors="black",
+            linewidths=0.4,
+            zorder=3,
+            label=f"{label} ({len(points)})",
+        )
+    if front:
+        placed: dict[tuple[float, float], list[str]] = {}
+        for number, (_, x, y) in enumerate(front, 1):
+            placed.setdefault((x, y), []).append(str(number))
+        line = sorted(placed, key=lambda p: (p[0], -p[1]))
+        ax.plot(
+            [x for x, _ in line], [y for _, y in line], color="black", linewidth=1.0, zorder=2, label="Pareto front"
+        )
+        for (x, y), numbers in placed.items():
+            ax.annotate(",".join(numbers), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, weight="bold")
+        for number, (label, _, _) in enumerate(front, 1):
+            ax.plot([], [], linestyle="none", label=f"{number}: {label}")  # a legend line without a handle
+    target_x, target_y = target
+    if target_x is not None:
+        ax.axvline(target_x, color="grey", linestyle=":", linewidth=1.0, label="target")
+    if target_y is not None:
+        ax.axhline(
+            target_y, color="grey", linestyle=":", linewidth=1.0, label=None if target_x is not None else "target"
+        )
+    ax.margins(x=0.08, y=0.08)  # room for the tags
+    ax.grid(alpha=0.3)
+    if series or front:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def front_plot(
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    front: Sequence[tuple[str, float, float]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    target: tuple[float | None, float | None] = (None, None),
+) -> Path:
+    """PNG of :func:`draw_front` with the given axis labels; returns the written path."""
+    fig, axes = figure((9.0, 5.0))
+    ax = axes[0][0]
+    draw_front(ax, series, front, target=target)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save(fig, path)

@@ -2,7 +2,7 @@
 
 A preset file has these tables (every key optional except ``experiment``)::
 
-    [preset]            name, description
+    [preset]            name, description, front, target
     [train]             TrainConfig fields shared by every cell
     [evaluate]          EvalOptions fields shared by every cell (eps, limit, samples, ...)
     [methods.NAME]      TrainConfig overrides for one inference method
@@ -19,6 +19,11 @@ A cell's training config merges, later winning: ``train`` < ``experiment.train``
 ``method_options`` / ``likelihood_options`` tables merge key by key. ``init_from =
 "cell:M"`` warm-starts from method M's cell of the same experiment, mode and sweep
 point (e.g. HMC from SGD), which then runs first.
+
+``front = true`` adds to the report a clean vs certified accuracy front over every cell of
+a data set (:mod:`certbnn.reproduce.report`); ``target = { clean = 0.97, certified = 0.90 }``
+(fractions in [0, 1], either or both; needs ``front``) names the best cell that meets it, or
+the closest one. Both are recorded in ``results.json`` like ``description``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from certbnn.settings import check_settings
 PRESET_PACKAGE = "certbnn.reproduce.presets"
 _EVAL_FIELDS = {f.name for f in fields(EvalOptions)}
 _TOP_KEYS = {"preset", "train", "evaluate", "methods", "modes", "experiment"}
+_PRESET_KEYS = {"name", "description", "front", "target"}
+_TARGET_KEYS = ("clean", "certified")
 _EXPERIMENT_KEYS = {"name", "dataset", "model", "methods", "modes", "train", "evaluate", "method_settings", "sweep"}
 _MERGED_TABLES = ("method_options", "likelihood_options")
 CELL_REF = "cell:"
@@ -85,6 +92,8 @@ class Preset:
     experiments: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    front: bool = False  # the report draws the clean vs certified front
+    target: dict[str, float] | None = None  # {"clean": 0.97, "certified": 0.9} (either or both)
 
 
 def list_presets() -> list[str]:
@@ -129,7 +138,8 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
     """The cells of a parsed preset, in run order (dependencies first)."""
     _known(raw, _TOP_KEYS, source)
     header = raw.get("preset", {})
-    _known(header, {"name", "description"}, f"{source} [preset]")
+    _known(header, _PRESET_KEYS, f"{source} [preset]")
+    front, target = _front_keys(header, f"{source} [preset]")
     experiments = raw.get("experiment")
     if not isinstance(experiments, list) or not experiments:
         raise ConfigError(f"{source}: needs at least one [[experiment]] table")
@@ -208,6 +218,8 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
                         raise ConfigError(f"{where}, {method}/{mode}: {exc}") from None
                     cells.append(Cell(name, method, mode, point, config, evaluate, depends))
     _check_collisions(cells, source)
+    if front:
+        _check_front_files([str(e["dataset"]) for e in experiments], source)
     return Preset(
         str(header.get("name", Path(source).stem)),
         str(header.get("description", "")),
@@ -215,6 +227,8 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
         [dict(e) for e in experiments],
         raw,
         source,
+        front=front,
+        target=target,
     )
 
 
@@ -260,6 +274,43 @@ def _check_collisions(cells: list[Cell], source: str) -> None:
                 f"{source}: experiments {other_name!r} and {cell.experiment!r} would share the plot "
                 f"files *_{file_stem(cell.experiment)}.png (names differing only in punctuation "
                 "or case); rename one"
+            )
+
+
+def _front_keys(header: dict[str, Any], where: str) -> tuple[bool, dict[str, float] | None]:
+    """``front`` (a boolean, default false) and ``target`` (None, or a table of ``clean`` and/or
+    ``certified`` accuracy fractions in [0, 1]) of the ``[preset]`` table; one-line errors."""
+    front = header.get("front", False)
+    if not isinstance(front, bool):
+        raise ConfigError(f"{where}: front must be true or false, got {front!r}")
+    if "target" not in header:
+        return front, None
+    target = header["target"]
+    if not isinstance(target, dict) or not target:
+        raise ConfigError(
+            f"{where}: target must be a table such as {{ clean = 0.97, certified = 0.90 }}, got {target!r}"
+        )
+    _known(target, set(_TARGET_KEYS), f"{where} target")
+    for key, value in target.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and 0 <= value <= 1):  # false for nan and inf too
+            raise ConfigError(
+                f"{where}: target.{key} must be a number in [0, 1] (an accuracy fraction: 0.97 = 97 %), got {value!r}"
+            )
+    if not front:
+        raise ConfigError(f"{where}: target needs front = true (the target is reported with the front)")
+    return front, {key: float(target[key]) for key in _TARGET_KEYS if key in target}
+
+
+def _check_front_files(datasets: list[str], source: str) -> None:
+    """Every data set needs its own front plot ``front_<dataset>.png`` (compared ignoring case)."""
+    stems: dict[str, str] = {}
+    for dataset in datasets:
+        other = stems.setdefault(file_stem(dataset).casefold(), dataset)
+        if other != dataset:
+            raise ConfigError(
+                f"{source}: data sets {other!r} and {dataset!r} would share the front plot "
+                f"front_{file_stem(dataset)}.png (names differing only in punctuation or case); rename one"
             )
 
 

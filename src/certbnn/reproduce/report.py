@@ -7,6 +7,12 @@ cell, the certified-accuracy lift of robust over standard training, and plots:
 certified accuracy against eps, reliability diagrams, OOD entropy. Experiments
 with a sweep get one table row per sweep point instead.
 
+With ``front`` true in the results (``[preset] front = true``), a last section shows per data
+set the front of clean against certified accuracy (the tables' headline certificate and eps)
+over every finished cell of every experiment: a scatter plot ``front.png`` (``front_<dataset>.png``
+when the preset has several data sets) with the Pareto-optimal cells joined and numbered, a
+table of those cells, and, given a ``target``, the best cell meeting it or else the closest.
+
 Plots give every curve its own colour and marker (:mod:`certbnn.evaluation.plots`); certified
 accuracy against eps is a full curve from the per-point certified radii when the evaluation
 computed them (``radius = true``), reliability diagrams carry the number of points per bin.
@@ -14,8 +20,9 @@ computed them (``radius = true``), reliability diagrams carry the number of poin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from certbnn.evaluation import plots
 from certbnn.fileio import atomic_write_text, save_figure
@@ -33,9 +40,17 @@ def dataset_label(entry: dict[str, Any]) -> str:
 PLOTS = ("certified_vs_eps", "reliability", "ood_entropy", "sweep")
 
 
-def report_files(experiment_names: list[str]) -> list[str]:
-    """Names of every file :func:`write_report` may write (for removing a killed write's temporary files)."""
-    return ["RESULTS.md"] + [f"{plot}_{file_stem(name)}.png" for name in experiment_names for plot in PLOTS]
+def report_files(experiment_names: list[str], datasets: Sequence[str] = ()) -> list[str]:
+    """Names of every file :func:`write_report` may write (for removing a killed write's temporary
+    files), the front plots of ``datasets`` (the experiments' ``dataset`` values) included."""
+    per_experiment = [f"{plot}_{file_stem(name)}.png" for name in experiment_names for plot in PLOTS]
+    return ["RESULTS.md", *per_experiment, "front.png", *(front_file(d, []) for d in datasets)]
+
+
+def front_file(dataset: str, datasets: Sequence[str]) -> str:
+    """The front plot of ``dataset``: ``front.png`` when it is the preset's only data set
+    (``datasets``), else ``front_<dataset>.png``."""
+    return "front.png" if list(datasets) == [dataset] else f"front_{file_stem(dataset)}.png"
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
@@ -68,6 +83,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
             lines += _sweep_section(name, cells, out_dir)
         else:
             lines += _grid_section(name, cells, out_dir)
+    if results.get("front") is True:
+        lines += _front_section(results.get("experiments", []), done, results.get("target"), out_dir)
     path = out_dir / "RESULTS.md"
     atomic_write_text(path, "\n".join(lines) + "\n", "report")
     return path
@@ -361,3 +378,132 @@ def _sweep_plot(name, keys, series, points, lookup, cert, out_dir: Path) -> str 
     save_figure(fig, out_dir / path, dpi=110)
     plt.close(fig)
     return path
+
+
+TARGET_SLACK = 1e-6  # accuracies computed in float32 may miss a target such as 0.9 by rounding alone
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices (in input order) of the Pareto-optimal points, both coordinates maximised: no
+    other point is at least as large in both and larger in one. Equal points are all kept."""
+    return [i for i, (x, y) in enumerate(points) if not any(a >= x and b >= y and (a > x or b > y) for a, b in points)]
+
+
+def target_sentence(target: dict[str, float], scored: list[tuple[str, float, float]]) -> str:
+    """The target line of the front: the best of the ``(cell id, clean, certified)`` that meet
+    every given ``clean`` / ``certified`` threshold (highest certified, then clean), else the
+    closest: the one whose largest shortfall is smallest."""
+    keys = [k for k in ("clean", "certified") if k in target]
+    wanted = ", ".join(f"{k} >= {100 * target[k]:.1f} %" for k in keys)
+
+    def shortfall(entry: tuple[str, float, float]) -> float:
+        value = {"clean": entry[1], "certified": entry[2]}
+        return max(target[k] - value[k] for k in keys)
+
+    def numbers(entry: tuple[str, float, float]) -> str:
+        return f"clean {_pct(entry[1])} %, certified {_pct(entry[2])} %"
+
+    met = [e for e in scored if shortfall(e) <= TARGET_SLACK]
+    if met:
+        best = max(met, key=lambda e: (e[2], e[1]))
+        return f"Target ({wanted}): met by `{best[0]}` ({numbers(best)}; {len(met)} of {len(scored)} cells meet it)."
+    closest = min(scored, key=lambda e: (shortfall(e), -e[2], -e[1]))
+    return (
+        f"Target ({wanted}): not met; closest: `{closest[0]}` ({numbers(closest)}; "
+        f"{100 * shortfall(closest):.1f} points short)."
+    )
+
+
+class _Scored(NamedTuple):
+    """A finished cell placed on the front: its headline row, clean and certified accuracy."""
+
+    cell: dict[str, Any]
+    row: dict[str, Any]
+    clean: float
+    certified: float
+
+
+def _front_section(
+    experiments: list[dict[str, Any]], done: list[dict[str, Any]], target: dict[str, float] | None, out_dir: Path
+) -> list[str]:
+    """The front section: per data set of ``experiments``, the cells of ``done`` with a headline certificate."""
+    dataset_of = {e.get("name", e["dataset"]): str(e["dataset"]) for e in experiments}
+    datasets = _ordered(list(dataset_of.values()))
+    body: list[str] = []
+    for dataset in datasets:
+        groups = [
+            (name, [c for c in done if c["experiment"] == name]) for name, d in dataset_of.items() if d == dataset
+        ]
+        cells = [c for _, group in groups for c in group]
+        cert = _cert_name(cells)
+        scored: dict[str, list[_Scored]] = {}
+        for name, group in groups:
+            for c in group:
+                row = _main_row(c)
+                value = row["certified_accuracy"].get(cert)
+                if isinstance(value, (int, float)):
+                    scored.setdefault(name, []).append(_Scored(c, row, row["clean_accuracy"], value))
+        if not scored:
+            continue
+        if len(datasets) > 1:
+            body += [f"### {dataset_label(cells[0])}", ""]
+        skipped = len(cells) - sum(map(len, scored.values()))
+        body += _front_dataset(front_file(dataset, datasets), scored, skipped, cert, target, out_dir)
+    return ["## Clean vs certified front", "", *body] if body else []
+
+
+def _front_dataset(
+    path: str,
+    scored: dict[str, list[_Scored]],
+    skipped: int,
+    cert: str,
+    target: dict[str, float] | None,
+    out_dir: Path,
+) -> list[str]:
+    """Text, Pareto table, target line and plot ``path`` of one data set's ``scored`` cells (by experiment)."""
+    every = [s for group in scored.values() for s in group]
+    front = [every[i] for i in pareto_front([(s.clean, s.certified) for s in every])]
+    front.sort(key=lambda s: (s.certified, s.clean), reverse=True)
+    eps = _ordered([str(s.row["eps"]) for s in every])
+    first = every[0].cell
+    lines = [
+        f"Every finished cell of {', '.join(scored)} on {dataset_label(first)}: clean accuracy against "
+        f"{cert}-certificate certified accuracy at eps {' / '.join(eps)} (the tables' headline), on "
+        f"{_which_points(first)} test points. The Pareto-optimal cells (no other cell at least as good "
+        "in both and better in one) are joined by the line and numbered as listed below, by certified accuracy.",
+        "",
+    ]
+    if len(eps) > 1:
+        lines += [
+            f"**The cells differ in headline eps ({', '.join(eps)}): compare certified accuracies with care.**",
+            "",
+        ]
+    if skipped:
+        lines += [f"{skipped} finished cell(s) without a {cert} certificate are left out.", ""]
+    certs = _ordered([k for s in front for k in s.row["certified_accuracy"]])
+    pgd = any("pgd_accuracy" in s.row for s in front)
+    header = ["#", "cell", "clean %", *(["PGD %"] if pgd else []), *(f"{k} certified %" for k in certs), "train s"]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    for number, s in enumerate(front, 1):
+        seconds = s.cell.get("train_seconds")
+        values = [str(number), f"`{s.cell['id']}`", _pct(s.clean)]
+        values += [_pct(s.row.get("pgd_accuracy"))] if pgd else []
+        values += [_pct(s.row["certified_accuracy"].get(k)) for k in certs]
+        values += [f"{seconds:.0f}" if isinstance(seconds, (int, float)) else "-"]
+        lines.append("| " + " | ".join(values) + " |")
+    lines.append("")
+    if target:
+        lines += [target_sentence(target, [(s.cell["id"], s.clean, s.certified) for s in every]), ""]
+    plots.front_plot(
+        [(name, [(100 * s.clean, 100 * s.certified) for s in group]) for name, group in scored.items()],
+        [(s.cell["id"], 100 * s.clean, 100 * s.certified) for s in front],  # numbered like the table's rows
+        out_dir / path,
+        xlabel="clean accuracy (%)",
+        ylabel=f"certified accuracy (%), {cert} certificate at eps {' / '.join(eps)}",
+        title=f"{first['dataset']}: clean vs certified accuracy, every finished cell",
+        target=(
+            100 * target["clean"] if target and "clean" in target else None,
+            100 * target["certified"] if target and "certified" in target else None,
+        ),
+    )
+    return lines + [f"![{path}]({path})", ""]

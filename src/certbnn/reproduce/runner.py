@@ -111,7 +111,8 @@ def run_grid(
         comm.barrier()  # rank 0 has claimed the folder before any rank makes a cell folder in it
     if main:  # what a killed write left behind
         experiments = sorted({c.experiment for c in preset.cells})
-        remove_stale_temps(out_dir, ["results.json", RUN_MARKER, *report_files(experiments)])
+        datasets = sorted({str(e["dataset"]) for e in preset.experiments})
+        remove_stale_temps(out_dir, ["results.json", RUN_MARKER, *report_files(experiments, datasets)])
     statuses = {cell.id: cell_status(cell, out_dir) for cell in cells}  # validates before any work
     devices = sorted({str(resolve_device(cell.config.device)) for cell in cells})
     results = _load_results(out_dir / "results.json", preset)
@@ -121,6 +122,8 @@ def run_grid(
             "certbnn_version": __version__,
             "preset": preset.name,
             "description": preset.description,
+            "front": preset.front,
+            "target": preset.target,
             "source": preset.source,
             "command": command or results.get("command", ""),
             "machine": machine_info(",".join(devices)),
