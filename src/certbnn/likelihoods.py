@@ -175,16 +175,15 @@ class IntervalRobust:
 
     def _joint_ibp(self, model, params, x, y, eps: float) -> Tensor | None:
         """The IBP loss with the clean pass and the interval pass sharing each layer's matmul
-        (:func:`certbnn.bounds.engine.point_and_ibp`); None for models only the general path
-        handles (then ``nll`` runs ``forward`` and ``compute_bounds``)."""
+        (:func:`certbnn.bounds.engine.point_and_ibp_eps`: an MLP's first-layer operands of the
+        eps-box are built once per batch and eps, e.g. for all of HMC's leapfrog steps); None for
+        models only the general path handles (then ``nll`` runs ``forward`` and ``compute_bounds``)."""
         from certbnn.bounds import worst_case_logits
-        from certbnn.bounds.engine import point_and_ibp
+        from certbnn.bounds.engine import point_and_ibp_eps
         from certbnn.errors import UnsupportedLayerError
 
         try:
-            logits, lo, hi = point_and_ibp(
-                model, x, (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0), params=params, check_order=not eps >= 0
-            )  # eps >= 0: x - eps <= x + eps
+            logits, lo, hi = point_and_ibp_eps(model, x, eps, params=params)
         except UnsupportedLayerError:
             return None
         clean, robust = cross_entropy(logits, y), cross_entropy(worst_case_logits(lo, hi, y), y)

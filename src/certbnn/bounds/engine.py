@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +14,8 @@ from torch import Tensor, nn
 from certbnn.bounds import ops_activation, ops_affine, ops_linear, ops_pool  # noqa: F401  (register rules)
 from certbnn.bounds.base import BoundOp, Box, ElementwiseOp, interval_spec, interval_spec_sound
 from certbnn.bounds.graph import compute_graph, graph_interval_forward
-from certbnn.bounds.ops_affine import BoundIdentity, ChannelAffineOp
+from certbnn.bounds.ops_affine import BoundFlatten, BoundIdentity, ChannelAffineOp
+from certbnn.bounds.ops_linear import BoundLinear, linear_ibp_from_operands, point_box_operands
 from certbnn.bounds.params import resolve_tensors, sample_slices
 from certbnn.bounds.rounding import cast_down, cast_up, check_dtype, plain_arithmetic
 from certbnn.bounds.shared import CPU_CHUNK_BYTES, CROWN_MAX_ELEMENTS, add_step_bias, concretize
@@ -21,6 +24,7 @@ from certbnn.bounds.shared import outward_radii as _outward_radii
 from certbnn.bounds.shared import prepare_spec as _prepare_spec
 from certbnn.bounds.specs import known_true, resolve_tol, widen
 from certbnn.bounds.structure import is_chain, model_layers
+from certbnn.denormals import _this_thread_flushes
 from certbnn.errors import ConfigError
 
 METHODS = ("ibp", "crown", "crown-ibp")
@@ -195,7 +199,13 @@ def point_and_ibp(
     dtype = _compute_dtype(lower, None)
     ops, S = build_ops(model, params, None, dtype)
     l, u, _ = _prepare_input(ops, lower, upper, S, dtype, False, check_order)
-    p = x.to(dtype).unsqueeze(0)
+    return _point_and_ibp_ops(ops, S, x.to(dtype).unsqueeze(0), l, u)
+
+
+def _point_and_ibp_ops(
+    ops: list[BoundOp], S: int | None, p: Tensor, l: Tensor, u: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer loop of :func:`point_and_ibp` from prepared ``(1, B, ...)`` inputs."""
     for op in ops:
         op.in_shape, op.sound = l.shape[2:], False
         joint = getattr(op, "ibp_with_point", None)
@@ -205,6 +215,123 @@ def point_and_ibp(
             p, (l, u) = op.forward(p), op.ibp(l, u)
     sampled = S is not None
     return (p if sampled else p[0]), *_finish(l, u, sampled, S)
+
+
+@dataclass
+class _HeldBatch:
+    ref: weakref.ref  # the batch's root tensor
+    key: tuple  # (version, eps, dtype, device, flush-to-zero)
+    budget: int  # bytes the entries may take: 3x the root's storage
+    entries: dict = field(default_factory=dict)
+    size: int = 0
+
+
+class OperandMemo:
+    """First-layer operands of :func:`point_and_ibp_eps` for ONE batch, reused while it is unchanged.
+
+    A batch is the root tensor of ``x`` (``x`` itself or the tensor it views: the chunks of one
+    full batch share it), held by weak reference (its entries go when it does). An entry, the
+    :func:`~certbnn.bounds.ops_linear.point_box_operands` ``(X, r)`` of one chunk (storage offset,
+    shape, strides and the layer's input shape), is served only while the root's version counter
+    (bumped by every in-place write through torch), eps, dtype, device and the calling thread's
+    flush-to-zero mode are those it was built under; a call with anything else drops every
+    entry first. Entries take at most 3x the root's storage (then they are dropped and refilled).
+    Not memoised: inputs requiring grad, inference tensors (no version counter), tensor
+    subclasses, eps other than an int or float >= 0. Not detected: writes torch does not see
+    (through ``.data``, a shared numpy array, DLPack). Not locked: concurrent callers can only
+    cause misses (an entry is served only from the batch record it was stored under)."""
+
+    def __init__(self) -> None:
+        self._held: _HeldBatch | None = None
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._held = None
+
+    def __len__(self) -> int:
+        held = self._held
+        return 0 if held is None else len(held.entries)
+
+    @staticmethod
+    def key(x: Tensor, eps: float) -> tuple | None:
+        """``(root, batch key, chunk key)`` of ``x`` at ``eps``, or None where not memoised."""
+        if type(x) is not Tensor or x.requires_grad or x.is_inference() or type(eps) not in (int, float):
+            return None
+        if not eps >= 0:
+            return None
+        root = x if x._base is None else x._base
+        batch = (root._version, eps, x.dtype, x.device, _this_thread_flushes())
+        return root, batch, (x.storage_offset(), tuple(x.shape), x.stride())
+
+    def get(self, key: tuple, shape: torch.Size) -> tuple[Tensor, Tensor] | None:
+        """The operands stored under ``key`` for layer input ``shape``; None (and every entry of
+        another batch key dropped) if none."""
+        root, batch, chunk = key
+        held = self._held
+        if held is None or held.ref() is not root or held.key != batch:
+            self._held = None
+            return None
+        return held.entries.get((chunk, tuple(shape)))
+
+    def put(self, key: tuple, shape: torch.Size, operands: tuple[Tensor, Tensor]) -> None:
+        root, batch, chunk = key
+        held = self._held
+        size = sum(t.numel() * t.element_size() for t in operands)
+        if held is None or held.ref() is not root or held.key != batch or held.size + size > held.budget:
+            budget = 3 * root.untyped_storage().nbytes()
+            held = _HeldBatch(weakref.ref(root, self._release), batch, budget)
+            self._held = held
+        if size <= held.budget:
+            held.entries[(chunk, tuple(shape))] = operands
+            held.size += size
+
+    def _release(self, ref: weakref.ref) -> None:
+        held = self._held
+        if held is not None and held.ref is ref:
+            self._held = None
+
+
+OPERAND_MEMO = OperandMemo()
+"""The memo of :func:`point_and_ibp_eps` (one batch, process-wide)."""
+
+_RESHAPES = (BoundFlatten, BoundIdentity)
+
+
+def point_and_ibp_eps(
+    model: nn.Module, x: Tensor, eps: float, params: ParamDict | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`point_and_ibp` over the eps-box ``[clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]`` (order
+    check only for ``eps`` not >= 0), bit for bit, for losses that evaluate one batch at one radius
+    many times (full-batch HMC: every leapfrog step, chunk by chunk). Where the first weight layer
+    is a Linear with one point weight matrix after reshapes only (an MLP), its operands (the point
+    stacked on the box centre, the box radius) come from :data:`OPERAND_MEMO`, built on the first
+    call for the batch and eps: no box, centre or radius is recomputed while they are unchanged."""
+    if not (x.is_floating_point() and type(eps) in (int, float) and eps >= 0):  # box dtype != x's, or eps < 0
+        lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+        return point_and_ibp(model, x, lower, upper, params=params, check_order=not eps >= 0)
+    ops, S = build_ops(model, params, None, x.dtype)
+    k = next((i for i, op in enumerate(ops) if type(op) not in _RESHAPES), len(ops))
+    matrix = ops[k].point_matrix() if k < len(ops) and type(ops[k]) is BoundLinear else None
+    key = OPERAND_MEMO.key(x, eps) if matrix is not None and matrix[0].dtype == x.dtype else None
+    p = x.unsqueeze(0)
+    if key is not None:
+        for op in ops[:k]:  # reshapes: their outputs are views
+            op.in_shape, op.sound = p.shape[2:], False
+            p = op.forward(p)
+    if key is None or p.dim() != 3:
+        lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+        l, u, _ = _prepare_input(ops, lower, upper, S, x.dtype, False, False)
+        return _point_and_ibp_ops(ops, S, x.unsqueeze(0), l, u)
+    operands = OPERAND_MEMO.get(key, p.shape)
+    if operands is None:
+        l, u = (x - eps).clamp(0.0, 1.0).unsqueeze(0), (x + eps).clamp(0.0, 1.0).unsqueeze(0)
+        for op in ops[:k]:
+            l, u = op.ibp(l, u)
+        operands = point_box_operands(p[0], l[0], u[0])
+        OPERAND_MEMO.put(key, p.shape, operands)
+    ops[k].in_shape, ops[k].sound = p.shape[2:], False
+    p, l, u = linear_ibp_from_operands(operands, *matrix)
+    return _point_and_ibp_ops(ops[k + 1 :], S, p, l, u)
 
 
 def _auto_chunk(model: nn.Module, ops: list[BoundOp], l: Tensor, S: int) -> int:

@@ -81,20 +81,39 @@ def affine_ibp_with_point(
     return y[:, : x.shape[1]], yc - yr, yr.add_(yc)
 
 
+def point_box_operands(x: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """``(X, r)``, the operands :class:`_LinearPointIBP` multiplies by ``W`` and ``|W|``:
+    ``X = [x; (lower + upper) / 2]`` ``(Bx + B, in)`` (the point and the box centre stacked for
+    ONE GEMM) and the radius ``r = (upper - lower) / 2`` ``(B, in)``; fresh tensors. Writes
+    through ``out=``: no autograd (inputs must not require grad outside the Function)."""
+    Bx = x.shape[0]
+    X = x.new_empty((Bx + lower.shape[0], x.shape[1]))
+    X[:Bx].copy_(x)
+    torch.add(lower, upper, out=X[Bx:]).div_(2)
+    return X, torch.sub(upper, lower).div_(2)
+
+
 class _LinearPointIBP(torch.autograd.Function):
     """:func:`affine_ibp_with_point` of a Linear layer with a point weight ``W`` ``(out, in)``, one
     batch ``x`` ``(Bx, in)`` and one box ``[lower, upper]`` ``(B, in)``, with a hand-written backward:
     the same values and gradients as the autograd of the plain ops, in fewer passes (no ``cat``
     in either direction, the ``|W|`` path's weight gradient ``sign(W) * (g_r^T r)`` folded into the
-    weight gradient's GEMM, no input gradients where none is needed)."""
+    weight gradient's GEMM, no input gradients where none is needed). ``operands``: the
+    :func:`point_box_operands` of ``(x, lower, upper)`` computed by the caller (then ``x``,
+    ``lower``, ``upper`` are None and get no gradient)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, W: Tensor, b: Tensor | None):
-        Bx = x.shape[0]
-        X = x.new_empty((Bx + lower.shape[0], x.shape[1]))  # [x; c] for ONE GEMM
-        X[:Bx].copy_(x)
-        torch.add(lower, upper, out=X[Bx:]).div_(2)
-        r = torch.sub(upper, lower).div_(2)
+    def forward(
+        ctx,
+        x: Tensor | None,
+        lower: Tensor | None,
+        upper: Tensor | None,
+        W: Tensor,
+        b: Tensor | None,
+        operands: tuple[Tensor, Tensor] | None = None,
+    ):
+        X, r = point_box_operands(x, lower, upper) if operands is None else operands
+        Bx = X.shape[0] - r.shape[0]
         absW = W.abs()
         y = F.linear(X, W, b)
         yr = F.linear(r, absW)
@@ -127,7 +146,7 @@ class _LinearPointIBP(torch.autograd.Function):
             g_X, g_rin = torch.mm(g_y, W), torch.mm(g_r, absW)
             grad_x, g_c = g_X[:Bx], g_X[Bx:]
             grad_lower, grad_upper = (g_c - g_rin).div_(2), g_rin.add_(g_c).div_(2)
-        return grad_x, grad_lower, grad_upper, grad_W, grad_b
+        return grad_x, grad_lower, grad_upper, grad_W, grad_b, None
 
 
 def _plain_autograd() -> bool:
@@ -146,21 +165,37 @@ def linear_ibp_with_point(
         x.dim() == lower.dim() == upper.dim() == 3
         and x.shape[0] == lower.shape[0] == 1
         and lower.shape == upper.shape
-        and W.dim() in (2, 3)
         and _plain_autograd()
     ):
         return None
+    matrix = _one_matrix(W, b)
+    if matrix is None or x.dtype != W.dtype or lower.dtype != W.dtype or upper.dtype != W.dtype:
+        return None
+    p, lo, hi = _LinearPointIBP.apply(
+        x.reshape(x.shape[1:]), lower.reshape(lower.shape[1:]), upper.reshape(upper.shape[1:]), *matrix
+    )
+    return p.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
+
+
+def _one_matrix(W: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """``(W, b)`` as one ``(out, in)`` matrix and ``(out,)`` bias (one sample ``(1, out, in)``
+    viewed so), or None for several samples."""
     if W.dim() == 3:
         if W.shape[0] != 1 or (b is not None and b.dim() != 2):
             return None
-        W, b = W.view(W.shape[1:]), None if b is None else b.view(b.shape[1:])
-    elif b is not None and b.dim() != 1:
+        return W.view(W.shape[1:]), None if b is None else b.view(b.shape[1:])
+    if W.dim() != 2 or (b is not None and b.dim() != 1):
         return None
-    if x.dtype != W.dtype or lower.dtype != W.dtype or upper.dtype != W.dtype:
-        return None
-    p, lo, hi = _LinearPointIBP.apply(
-        x.reshape(x.shape[1:]), lower.reshape(lower.shape[1:]), upper.reshape(upper.shape[1:]), W, b
-    )
+    return W, b
+
+
+def linear_ibp_from_operands(
+    operands: tuple[Tensor, Tensor], W: Tensor, b: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`linear_ibp_with_point` given the :func:`point_box_operands` of its ``x``, ``lower``,
+    ``upper`` (``(B, in)`` each) and ``(W, b)`` of :meth:`BoundLinear.point_matrix`: the same
+    values and parameter gradients, ``(1, B, out)`` each; no gradient to the inputs."""
+    p, lo, hi = _LinearPointIBP.apply(None, None, None, W, b, operands)
     return p.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
 
 
@@ -196,6 +231,15 @@ class BoundLinear(LinearOp):
         return affine_ibp_with_point(
             x, lower, upper, linear_apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias")
         )
+
+    def point_matrix(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(W, b)``, one ``(out, in)`` matrix and ``(out,)`` bias, where :meth:`ibp_with_point`
+        takes the one-GEMM path for ``(1, B, in)`` inputs of the weights' dtype (point weights,
+        one sample at most, plain autograd); else None."""
+        v, rad = self.t.values, self.t.radius
+        if rad.get("weight") is not None or rad.get("bias") is not None or not _plain_autograd():
+            return None
+        return _one_matrix(v["weight"], v.get("bias"))
 
     def ibp_spec(self, lower: Tensor, upper: Tensor, spec: Tensor) -> Box:
         if lower.dim() != 3:
