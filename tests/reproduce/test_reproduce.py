@@ -101,6 +101,11 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     results = json.loads((finished_grid / "results.json").read_text())
     assert list(results["cells"]) == CELLS
     assert all(c["status"] == "done" for c in results["cells"].values())
+    # machine-readable and portable: no path of this machine (output folder, data root) inside,
+    # besides the command line and preset file exactly as the user typed them
+    typed = {k: v for k, v in results.items() if k not in ("command", "source")}
+    assert str(finished_grid) not in json.dumps(typed)
+    assert all(not Path(c["dir"]).is_absolute() and "/" not in c["data_source"] for c in results["cells"].values())
     assert results["machine"]["device"] == "cpu" and results["preset"] == "tiny"
     cell = results["cells"]["tiny-grid/hmc/ibp"]
     assert cell["config"]["likelihood"] == "ibp" and cell["config"]["init_from"] == "cell:sgd"

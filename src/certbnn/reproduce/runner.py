@@ -247,9 +247,10 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
 
 
 def _data_source(config) -> str:
-    """The folder the training data came from (its name tells a variant such as a JPEG copy)."""
+    """The name of the folder the training data came from (it tells a variant such as a JPEG
+    copy); only the name, so that ``results.json`` holds no path of the machine that ran it."""
     try:
-        return str(data.locate(data.get_spec(config.dataset), config.data_dir))
+        return data.locate(data.get_spec(config.dataset), config.data_dir).name
     except CertbnnError:
         return "registered arrays"
 
