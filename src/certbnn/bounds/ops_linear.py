@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from certbnn.bounds.base import Box, LinearOp, affine_ibp, affine_ibp_sound, mid_rad, sum_features
+from certbnn.bounds.ops_conv_joint import conv_ibp_with_point
 from certbnn.bounds.registry import register_bound
 from certbnn.bounds.rounding import dot_error, dot_upper, up
 from certbnn.errors import UnsupportedLayerError
@@ -398,7 +399,11 @@ class BoundConv2d(LinearOp):
         return affine_ibp(lower, upper, apply, v["weight"], v.get("bias"), rad.get("weight"), rad.get("bias"))
 
     def ibp_with_point(self, x: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(forward(x), *ibp(lower, upper))`` sharing one convolution (:func:`affine_ibp_with_point`)."""
+        """``(forward(x), *ibp(lower, upper))`` sharing one convolution (:func:`affine_ibp_with_point`;
+        :func:`~certbnn.bounds.ops_conv_joint.conv_ibp_with_point` where it applies)."""
+        fast = conv_ibp_with_point(self, x, lower, upper)
+        if fast is not None:
+            return fast
         v, rad, s = self.t.values, self.t.radius, self.sampled
 
         def apply(z: Tensor, W: Tensor, b: Tensor | None) -> Tensor:

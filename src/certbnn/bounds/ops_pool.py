@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certbnn.bounds.base import BackwardResult, BoundOp, Box, LinearOp, sum_features
+from certbnn.bounds.ops_conv_joint import maxpool_ibp_with_point
 from certbnn.bounds.ops_linear import linear_vjp
 from certbnn.bounds.registry import register_bound
 from certbnn.bounds.rounding import dot_error, dot_upper, down, up
@@ -88,6 +89,10 @@ class BoundMaxPool2d(BoundOp):
         return self.forward(lower), self.forward(upper)
 
     ibp_sound = ibp
+
+    def ibp_with_point(self, x: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(forward(x), *ibp(lower, upper))`` for the joint pass (:func:`maxpool_ibp_with_point`)."""
+        return maxpool_ibp_with_point(self, x, lower, upper)
 
     def sound_backward_terms(self, m_in: Tensor) -> tuple[Tensor, int]:
         """Routing ``A`` to the argmax sums at most ``numel(out)`` coefficients per input;
