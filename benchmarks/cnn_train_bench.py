@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_bench import best_times, training_batches  # noqa: E402
+from train_bench import best_times, plain_bbb_sample, plain_bbb_state, training_batches  # noqa: E402
 
 from certbnn.bounds import ops_conv_joint  # noqa: E402
 from certbnn.denormals import flush_denormals  # noqa: E402
@@ -117,25 +117,15 @@ def plain_robust_loss(logits, lo, hi, y):
 
 def plain_bbb_stepper(model, num_data: int, batches, eps: float, kl_weight: float = 0.01):
     """Robust BBB written in one function with torch.optim.Adam on mu and rho."""
-    prior_std = dict(prior_from_model(model).std().items())
-    mu = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    rho = {n: torch.full_like(p, -6.9).requires_grad_() for n, p in mu.items()}
-    opt = torch.optim.Adam([*mu.values(), *rho.values()], lr=3e-3)
+    mu, rho, opt, prior_std = plain_bbb_state(model)
     cycle = itertools.cycle(batches)
 
     def step() -> None:
         with flush_denormals():
             x, y = next(cycle)
             opt.zero_grad()
-            sigma = {n: F.softplus(r) for n, r in rho.items()}
-            w = {n: mu[n] + sigma[n] * torch.randn_like(mu[n]) for n in mu}
+            w, kl = plain_bbb_sample(mu, rho, prior_std)
             loss = plain_robust_loss(*plain_ibp_logits(model, w, x, eps), y).mean()
-            kl = sum(
-                (
-                    torch.log(prior_std[n] / sigma[n]) + (sigma[n] ** 2 + mu[n] ** 2) / (2 * prior_std[n] ** 2) - 0.5
-                ).sum()
-                for n in mu
-            )
             (loss + kl_weight * kl / num_data).backward()
             opt.step()
 

@@ -136,15 +136,31 @@ def robust_loss(logits, lo, hi, y):
     ).mean()
 
 
+def plain_bbb_state(model, lr: float = 3e-3):
+    """``(mu, rho, Adam over both, prior std)`` of a plain BBB: mu from the model's weights,
+    sigma = softplus(-6.9) ~ 1e-3."""
+    prior_std = dict(prior_from_model(model).std().items())
+    mu = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    rho = {n: torch.full_like(p, -6.9).requires_grad_() for n, p in mu.items()}
+    return mu, rho, torch.optim.Adam([*mu.values(), *rho.values()], lr=lr), prior_std
+
+
+def plain_bbb_sample(mu: dict, rho: dict, prior_std: dict):
+    """Reparameterised weights ``mu + softplus(rho) * noise`` and the Gaussian KL(q || prior)."""
+    sigma = {n: F.softplus(r) for n, r in rho.items()}
+    w = {n: mu[n] + sigma[n] * torch.randn_like(mu[n]) for n in mu}
+    kl = sum(
+        (torch.log(prior_std[n] / sigma[n]) + (sigma[n] ** 2 + mu[n] ** 2) / (2 * prior_std[n] ** 2) - 0.5).sum()
+        for n in mu
+    )
+    return w, kl
+
+
 def plain_bbb_stepper(model, num_data: int, batches, robust: bool = True, kl_weight: float = 0.01):
     """Robust (or standard) BBB written in one function with torch.optim.Adam on mu and rho
     (the next of ``batches`` each call, subnormals flushed like the certbnn steps)."""
     layers = plain_layers(model)
-    prior = prior_from_model(model)
-    prior_std = {n: s for n, s in prior.std().items()}
-    mu = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    rho = {n: torch.full_like(p, -6.9).requires_grad_() for n, p in mu.items()}
-    opt = torch.optim.Adam([*mu.values(), *rho.values()], lr=3e-3)
+    mu, rho, opt, prior_std = plain_bbb_state(model)
     cycle = itertools.cycle(batches)
 
     def step() -> None:
@@ -153,16 +169,11 @@ def plain_bbb_stepper(model, num_data: int, batches, robust: bool = True, kl_wei
 
     def plain_step(x, y) -> None:
         opt.zero_grad()
-        sigma = {n: F.softplus(r) for n, r in rho.items()}
-        w = {n: mu[n] + sigma[n] * torch.randn_like(mu[n]) for n in mu}
+        w, kl = plain_bbb_sample(mu, rho, prior_std)
         if robust:
             loss = robust_loss(*plain_ibp_logits(layers, w, x, EPS), y)
         else:
             loss = F.cross_entropy(torch.func.functional_call(model, w, (x,)), y)
-        kl = sum(
-            (torch.log(prior_std[n] / sigma[n]) + (sigma[n] ** 2 + mu[n] ** 2) / (2 * prior_std[n] ** 2) - 0.5).sum()
-            for n in mu
-        )
         (loss + kl_weight * kl / num_data).backward()
         opt.step()
 

@@ -10,11 +10,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from interrupt import killed_after_epoch
 from tinydata import separable_images
 from torch import nn
 
 import certbnn
-from certbnn import data, training
+from certbnn import data
 from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import certify as certificates
 from certbnn.evaluation.runner import EvalOptions, evaluate_run
@@ -101,17 +102,8 @@ def test_kill_and_resume_gives_the_uninterrupted_posterior(tmp_path, arrays, mon
     x, y, _, _ = arrays
     whole = certbnn.fit(mlp(), (x, y), out=tmp_path / "whole", **FAST)
     assert whole.run_dir == tmp_path / "whole" and (tmp_path / "whole" / "checkpoint.safetensors").exists()
-    real_save = training.save_checkpoint
-
-    def killed_after_two_epochs(path, ckpt, cfg):
-        real_save(path, ckpt, cfg)
-        if ckpt.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", killed_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epoch(monkeypatch, 2):
         certbnn.fit(mlp(), (x, y), out=tmp_path / "killed", **FAST)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
     with pytest.raises(CertbnnError, match="already holds a run; use --resume"):
         certbnn.fit(mlp(), (x, y), out=tmp_path / "killed", **FAST)
     with pytest.raises(ConfigError, match="different configuration"):  # other data: refused

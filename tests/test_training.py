@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from interrupt import killed_after_epoch
 from safetensors.torch import load_file
 from tinydata import separable_images
 
@@ -69,30 +70,23 @@ def test_robust_sgd_learns_and_certifies(tmp_path):
     assert metrics["final"]["val_certified"] >= 0.5
 
 
-@pytest.mark.parametrize("method", ["bbb", "sgd", "swag"])
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, method):
-    config = _config(method=method, method_options=METHOD_OPTIONS.get(method, {}))
+def _assert_kill_and_resume_reproduce_the_whole_run(config, tmp_path, monkeypatch):
     training.train(config, tmp_path / "whole", progress=False, log=lambda s: None)
-
-    real_save = training.save_checkpoint
-
-    def killed_after_two_epochs(path, ckpt, cfg):
-        real_save(path, ckpt, cfg)
-        if ckpt.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", killed_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epoch(monkeypatch, 2):
         training.train(config, tmp_path / "killed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert not (tmp_path / "killed" / training.POSTERIOR).exists()
     training.train(config, tmp_path / "killed", resume=True, progress=False, log=lambda s: None)
-
     whole = load_file(tmp_path / "whole" / training.POSTERIOR)
     resumed = load_file(tmp_path / "killed" / training.POSTERIOR)
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("method", ["bbb", "sgd", "swag"])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, method):
+    config = _config(method=method, method_options=METHOD_OPTIONS.get(method, {}))
+    _assert_kill_and_resume_reproduce_the_whole_run(config, tmp_path, monkeypatch)
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
@@ -304,24 +298,7 @@ def test_lambda_and_cosine_lr_schedules_are_what_each_step_uses(tmp_path, monkey
 
 def test_a_scheduled_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     config = _config(method="bbb", lam_start=1.0, lr_schedule="cosine")
-    training.train(config, tmp_path / "whole", progress=False, log=lambda s: None)
-    real_save = training.save_checkpoint
-
-    def killed_after_two_epochs(path, ckpt, cfg):
-        real_save(path, ckpt, cfg)
-        if ckpt.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", killed_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(config, tmp_path / "killed", progress=False, log=lambda s: None)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    training.train(config, tmp_path / "killed", resume=True, progress=False, log=lambda s: None)
-    whole, resumed = (
-        load_file(tmp_path / "whole" / training.POSTERIOR),
-        load_file(tmp_path / "killed" / training.POSTERIOR),
-    )
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    _assert_kill_and_resume_reproduce_the_whole_run(config, tmp_path, monkeypatch)
 
 
 def test_crown_ibp_beta_schedule_trains_and_records_beta(tmp_path):
