@@ -61,6 +61,7 @@ from certbnn.posterior import (
     Posterior,
     SamplePosterior,
     load_posterior,
+    mixture_draws,
     save_posterior,
 )
 from certbnn.settings import check_settings
@@ -466,7 +467,7 @@ def _evaluation(model: nn.Module, posterior: Posterior, x: Any, y: Any, options:
     placed = _placed(model, device, dtype)
     posterior = posterior.to(device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    params = posterior.sample(options.samples, generator=generator)
+    params = mixture_draws(posterior, options.samples, generator)
     xs, ys = xs.to(device=device, dtype=dtype), ys.to(device)
     with _eval_mode(placed):
         with torch.no_grad():

@@ -10,6 +10,7 @@ from certbnn.data import ArrayDataset
 from certbnn.errors import UnsupportedLayerError
 from certbnn.functional import forward
 from certbnn.likelihoods import cross_entropy
+from certbnn.posterior.samples import mixture_draws
 
 
 @torch.no_grad()
@@ -40,13 +41,13 @@ def validate(
     """
     first = next(iter(posterior.mean().values()))
     generator = torch.Generator(device=first.device).manual_seed(seed)
-    params = posterior.sample(num_samples, generator=generator)
+    params = mixture_draws(posterior, num_samples, generator)  # a point mass: bounded once
     totals = {"accuracy": 0.0, "nll": 0.0, "certified": 0.0, "certified_accuracy_ibp": 0.0}
     bounded = True
     for x, y in dataset.batches(batch_size, device=first.device, dtype=first.dtype):
         logits = forward(model, params, x)  # (S, B, K)
         log_probs = torch.logsumexp(torch.log_softmax(logits, -1), 0) - torch.log(
-            torch.tensor(float(num_samples), dtype=logits.dtype)
+            torch.tensor(float(logits.shape[0]), dtype=logits.dtype)
         )
         correct = log_probs.argmax(-1) == y
         totals["accuracy"] += float(correct.sum())

@@ -29,7 +29,7 @@ from certbnn.bounds.rounding import add_down, add_up, cast_down, cast_up, plain_
 from certbnn.errors import ConfigError
 from certbnn.evaluation import stats
 from certbnn.evaluation.mlp_bounds import mlp_linears, mlp_logit_bounds
-from certbnn.posterior import GaussianPosterior
+from certbnn.posterior import GaussianPosterior, is_point_mass, mixture_draws
 
 __all__ = [
     "box_log_mass_lower",
@@ -186,7 +186,7 @@ def certify_paper(
         e = _eps_vector(eps, x).view(-1, *([1] * (x.dim() - 1)))
         xd, dt = x.detach().to(torch.float64), dtype or torch.float32
         lo, hi = (xd - e).clamp(0, 1).to(dt), (xd + e).clamp(0, 1).to(dt)
-    params = posterior.sample(n, generator)
+    params = mixture_draws(posterior, n, generator)
     linears = mlp_linears(model) if method == "ibp" else None
     if linears is not None:  # a ReLU MLP: all samples in one GEMM per layer (evaluation/mlp_bounds.py)
         z_lo, z_hi = mlp_logit_bounds(model, params, lo, hi, sound=sound, linears=linears)
@@ -226,6 +226,9 @@ def _count_certified(
     drawn ``chunk`` at a time, each draw shared by all ``B`` points (every point still sees
     i.i.d. samples), and bounded in slices that keep the margin bounds within
     :data:`_MARGIN_ELEMENTS` (the slices change no result)."""
+    if is_point_mass(posterior):  # n draws of one network: bound it once, count it n times
+        params = posterior.sample(None)
+        return per_sample_certified(model, params, x, y, eps, method=method, dtype=dtype)[0].long() * n
     count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     per_slice = None
     for start in range(0, n, chunk):
@@ -664,7 +667,7 @@ def certify_decision(
     (``max_{j != y} p_upper_j``), ``num_samples``.
     """
     lo, hi = _input_box(x, eps, dtype)
-    params = posterior.sample(num_samples, generator)
+    params = mixture_draws(posterior, num_samples, generator)
     K = _num_classes(model, x)
     d_lo, d_hi = compute_bounds(
         model, lo, hi, method, params=params, spec=_pairwise_spec(K, lo.dtype, x.device), dtype=lo.dtype, tol="sound"

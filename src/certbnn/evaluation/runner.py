@@ -30,7 +30,7 @@ from certbnn.errors import CertbnnError, ConfigError
 from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, plots, robustness
 from certbnn.fileio import atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps
 from certbnn.models import build_model
-from certbnn.posterior import GaussianPosterior, load_posterior
+from certbnn.posterior import GaussianPosterior, load_posterior, mixture_draws
 from certbnn.settings import MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of
 from certbnn.training import resolve_device
 
@@ -149,7 +149,7 @@ def evaluate_run(
     model = model.to(device=device, dtype=dtype)
     posterior = posterior.to(device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    params = posterior.sample(options.samples, generator=generator)
+    params = mixture_draws(posterior, options.samples, generator)  # a point mass: one set, not 24 copies
     x, y = test.tensors(dtype=dtype, device=device)
     chunks = Chunks(x, y, options.seed, comm, device, options.chunk_size)
     big_chunks = Chunks(x, y, options.seed, comm, device, options.chunk_size * STATISTICAL_CHUNKS)
@@ -168,6 +168,7 @@ def evaluate_run(
         "processes": comm.world_size if comm else 1,
         "num_points": len(y),
         "num_samples": options.samples,
+        "distinct_samples": next(iter(params.values())).shape[0],  # 1 for a point mass
         "options": asdict(options),
     }
     seconds: dict[str, float] = {}

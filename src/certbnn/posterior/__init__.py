@@ -11,7 +11,7 @@ leading sample dim or for the bound engine's batched-weights path::
 
 from certbnn.posterior.gaussian import GaussianPosterior, box_log_mass
 from certbnn.posterior.paramdict import ParamDict
-from certbnn.posterior.samples import SamplePosterior
+from certbnn.posterior.samples import SamplePosterior, is_point_mass, mixture_draws
 from certbnn.posterior.storage import FORMAT_VERSION, Posterior, PosteriorFileError, load_posterior, save_posterior
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "PosteriorFileError",
     "SamplePosterior",
     "box_log_mass",
+    "is_point_mass",
     "load_posterior",
+    "mixture_draws",
     "save_posterior",
 ]

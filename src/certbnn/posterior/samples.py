@@ -10,7 +10,7 @@ import torch
 from certbnn.errors import ConfigError
 from certbnn.posterior.paramdict import ParamDict, check_finite, check_tensors
 
-__all__ = ["SamplePosterior"]
+__all__ = ["SamplePosterior", "mixture_draws"]
 
 
 class SamplePosterior:
@@ -97,3 +97,21 @@ class SamplePosterior:
 
     def __repr__(self) -> str:
         return f"SamplePosterior({len(self._samples)} tensors, {self._num_samples} samples)"
+
+
+def mixture_draws(posterior, n: int, generator: torch.Generator | None = None) -> ParamDict:
+    """``posterior.sample(n, generator)`` for a consumer that only averages over the sample dim
+    or takes fractions of it (predictive, attacks, per-sample rates, the paper and decision
+    certificates). A point mass (a :class:`SamplePosterior` with one stored set: SGD, Adam)
+    gives that one set, ``(1, *param_shape)``, without touching ``generator``: the uniform
+    mixture of ``n`` copies of one network is that network, and bounding it once costs
+    ``1/n`` of bounding the copies. Not for consumers whose result depends on the number of
+    draws (the statistical test counts them)."""
+    if is_point_mass(posterior):
+        return posterior.sample(None)
+    return posterior.sample(n, generator)
+
+
+def is_point_mass(posterior) -> bool:
+    """True for a posterior whose every draw is the same weight set (one stored sample)."""
+    return isinstance(posterior, SamplePosterior) and posterior.num_samples == 1
