@@ -296,6 +296,58 @@ def test_lambda_and_cosine_lr_schedules_are_what_each_step_uses(tmp_path, monkey
     assert lams == pytest.approx([1.0 - 0.5 * ramp.value(s) / 0.05 for s in range(total)])
 
 
+@pytest.mark.parametrize(
+    "method,schedule",
+    [("sgd", "cosine"), ("adam", "cosine"), ("bbb", "cosine"), ("noisy-adam", "cosine"), ("vogn", "cosine")]
+    + [("hmc", "constant"), ("sghmc", "constant"), ("swag", "constant")],
+)
+def test_the_default_lr_schedule_decays_for_optimisers_only(method, schedule):
+    """No flag: the optimisers decay their lr after the eps ramp (the tune search's best recipe);
+    a sampler's step size stays what it samples with."""
+    config = _config(method=method)
+    assert config.lr_schedule == "auto" and config.resolved_lr_schedule == schedule
+    assert _config(method=method, lr_schedule="constant").resolved_lr_schedule == "constant"
+    ramp = training.epoch_ramp(0.05, 3, 10, ramp_fraction=0.5)
+    factors = [training.StepSettings.of(config, ramp, 30).lr.value(s) for s in range(30)]
+    assert (factors[-1] < 0.1) == (schedule == "cosine") and factors[0] == 1.0
+
+
+def test_runs_saved_before_the_auto_default_keep_their_constant_lr(tmp_path):
+    """A config.json without lr_schedule ran with a constant lr: loading it, resuming it or
+    matching it against a preset must not turn it into a cosine run; a sampler's ``constant``
+    and ``auto`` are the same run, an optimiser's are not."""
+    from certbnn.config import load_saved_config
+
+    saved = {k: v for k, v in _config(method="sgd").to_json().items() if k != "lr_schedule"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    assert load_saved_config(path)["lr_schedule"] == "constant"
+    assert training.normalised_config(saved)["lr_schedule"] == "constant"
+    same = training.normalised_config
+
+    def as_json(**kw):
+        return _config(**kw).to_json()
+
+    assert same(as_json(method="swag", lr_schedule="constant")) == same(as_json(method="swag"))
+    assert same(as_json(method="hmc", lr_schedule="constant")) == same(as_json(method="hmc"))
+    assert same(as_json(method="sgd", lr_schedule="constant")) != same(as_json(method="sgd"))
+    assert same(as_json(method="sgd", lr_schedule="cosine")) == same(as_json(method="sgd"))
+
+
+def test_a_sampler_run_saved_with_constant_resumes_under_auto(tmp_path):
+    run = tmp_path / "run"
+    training.train(_config(method="swag", epochs=1, lr_schedule="constant"), run, progress=False, log=lambda s: None)
+    training.train(_config(method="swag", epochs=1), run, resume=True, progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match="different configuration"):
+        training.train(_config(method="swag", epochs=1, lr=0.5), run, resume=True, progress=False, log=lambda s: None)
+
+
+def test_a_default_sgd_run_records_the_decaying_lr(tmp_path):
+    metrics = training.train(_config(), tmp_path / "run", progress=False, log=lambda s: None)
+    factors = [e["lr_factor"] for e in metrics["epochs"]]
+    assert factors[0] == 1.0 > factors[1] > factors[2]
+
+
 def test_a_scheduled_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     config = _config(method="bbb", lam_start=1.0, lr_schedule="cosine")
     _assert_kill_and_resume_reproduce_the_whole_run(config, tmp_path, monkeypatch)

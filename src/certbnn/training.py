@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from certbnn import __version__, data, distributed, strict_json
 from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from certbnn.config import ADVERSARIAL_LIKELIHOODS, ROBUST_LIKELIHOODS, TrainConfig
+from certbnn.config import ADVERSARIAL_LIKELIHOODS, ROBUST_LIKELIHOODS, SAVED_DEFAULTS, TrainConfig
 from certbnn.data.augment import augment
 from certbnn.denormals import flush_denormals
 from certbnn.errors import CertbnnError, ConfigError
@@ -158,7 +158,7 @@ def train(
         # the state's class, from a throw-away init (the checkpoint holds its data)
         state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
         ckpt, saved = load_checkpoint(ckpt_path, state_cls, device)
-        if normalised_config(saved) != config.to_json():
+        if normalised_config(saved) != normalised_config(config.to_json()):
             raise ConfigError(
                 f"{run_dir}: the saved run used a different configuration; resume without changing settings"
             )
@@ -315,7 +315,7 @@ class StepSettings:
         return cls(
             lam=on_ramp(config.lam, config.lam_start, eps_ramp),
             beta=on_ramp(config.beta, config.beta_start, eps_ramp),
-            lr=LRFactor(config.lr_schedule, eps_ramp.first_target_step if uses_eps else 0, total_steps),
+            lr=LRFactor(config.resolved_lr_schedule, eps_ramp.first_target_step if uses_eps else 0, total_steps),
         )
 
     def likelihood(self, likelihood, step: int):
@@ -464,11 +464,15 @@ def _pool_chains(comm, posterior, run_dir: Path):
 
 
 def normalised_config(saved: dict[str, Any]) -> dict[str, Any] | None:
-    """A saved config with the fields added since it was written at their defaults."""
+    """A config (saved or wanted) in the form two runs are compared in: fields added since it was
+    written at the values that reproduce how it ran (:data:`certbnn.config.SAVED_DEFAULTS`, else
+    their defaults), and ``auto`` settings resolved (a run
+    saved as ``constant`` is the same run as a sampler's ``auto``). None if it is no config."""
     try:
-        return TrainConfig(**saved).to_json()
+        config = TrainConfig(**{**SAVED_DEFAULTS, **saved})
     except TypeError:
         return None
+    return {**config.to_json(), "lr_schedule": config.resolved_lr_schedule}
 
 
 def initial_params(model, config: TrainConfig) -> dict[str, torch.Tensor]:

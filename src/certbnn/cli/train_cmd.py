@@ -32,8 +32,9 @@ HELP = {
     "beta": "crown-ibp only: train on beta * CROWN-IBP + (1 - beta) * IBP bounds (0 = plain IBP) once eps is reached",
     "beta_start": "crown-ibp only: beta at the ramp's start, ramped linearly to --beta with eps (Zhang et al. 2020: "
     "--beta-start 1 --beta 0); unset: --beta throughout",
-    "lr_schedule": "constant, or cosine: the learning rate holds while eps ramps, then decays to 0 along a half "
-    "cosine over the remaining steps (over all steps for standard training); optimisers only, not hmc / sghmc / swag",
+    "lr_schedule": "auto (default: cosine for the optimisers, constant for hmc / sghmc / swag), constant, or cosine: "
+    "the learning rate holds while eps ramps, then decays to 0 along a half cosine over the remaining steps (over all "
+    "steps for standard training); cosine is for optimisers only, not hmc / sghmc / swag",
     "epochs": "training epochs (full-batch HMC: proposals)",
     "batch_size": "minibatch size",
     "lr": "learning rate (HMC's step size is a method option: --opt step_size=...)",

@@ -294,7 +294,7 @@ def _check_same_config(cell: Cell, run: Path) -> None:
     except json.JSONDecodeError:
         raise CertbnnError(f"{saved_path}: corrupt; delete that cell's folder to rerun it") from None
     saved = normalised_config(saved) or saved  # fields added since the cell ran take their defaults
-    wanted = cell.config.to_json()
+    wanted = normalised_config(cell.config.to_json())
     if cell.depends_on is not None:
         saved = {**saved, "init_from": wanted["init_from"]}  # resolved to a path when it ran
     if saved != wanted:
