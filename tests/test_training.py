@@ -375,3 +375,33 @@ def test_crown_ibp_beta_schedule_trains_and_records_beta(tmp_path):
 def test_impossible_schedules_are_refused_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(**overrides)
+
+
+def _short_hmc(tmp_path, name, step_size, lines):
+    config = _config(
+        method="hmc",
+        epochs=8,
+        method_options={"num_burnin": 4, "num_leapfrog": 3, "step_size": step_size, "warm_start_epochs": 1},
+    )
+    return training.train(config, tmp_path / name, progress=False, log=lines.append)
+
+
+def test_a_moving_chain_reports_acceptance_and_distinct_samples(tmp_path):
+    lines = []
+    metrics = _short_hmc(tmp_path, "moving", 1e-4, lines)
+    chain = metrics["chain"]
+    assert chain["stored_samples"] == 3 and chain["distinct_samples"] == 3
+    assert chain["distance_from_start"] > 0 and chain["spread"] > 0
+    assert 0 < chain["accept_rate_after_burnin"] <= 1
+    proposals = [e for e in metrics["epochs"] if "accept_rate" in e]
+    assert len(proposals) == 7 and all(e["step_size"] == 1e-4 for e in proposals)  # epoch 1 is the warm start
+    assert not any("warning" in line for line in lines)
+
+
+def test_a_frozen_chain_is_flagged(tmp_path):
+    lines = []
+    metrics = _short_hmc(tmp_path, "frozen", 50.0, lines)
+    chain = metrics["chain"]
+    assert chain["distinct_samples"] == 1 and chain["accept_rate_after_burnin"] == 0.0
+    assert all(e["accept_rate"] == 0.0 for e in metrics["epochs"] if "accept_rate" in e)
+    assert any("rejected every proposal after burn-in" in line for line in lines)

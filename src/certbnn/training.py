@@ -41,6 +41,7 @@ from certbnn.errors import CertbnnError, ConfigError
 from certbnn.fileio import RUN_MARKER, atomic_write_text, check_output_dir, claim_dir, is_claimed, remove_stale_temps
 from certbnn.functional import detached_params
 from certbnn.inference import make_method
+from certbnn.inference.diagnostics import AcceptanceTally, chain_summary
 from certbnn.likelihoods import BatchNLL, make_likelihood
 from certbnn.models import build_model
 from certbnn.posterior import load_posterior, save_posterior
@@ -173,7 +174,7 @@ def train(
     if chains is not None:
         chains.barrier()  # rank 0 has claimed the run folder before any chain writes its checkpoint there
 
-    full_batch = None
+    full_batch, last_info = None, {}
     if method.full_batch:  # distributed: each rank holds a contiguous share of the data
         full_batch = (train_ds.subset(comm.data_shard(len(train_ds))) if comm else train_ds).tensors(device=device)
     for epoch in range(start_epoch, config.epochs):
@@ -193,7 +194,7 @@ def train(
             leave=False,
             unit="batch",
         )
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, tally = 0.0, 0, AcceptanceTally()
         last_accuracy = (
             {"val_acc": f"{history[-1]['val_accuracy']:.3f}"} if history and "val_accuracy" in history[-1] else {}
         )
@@ -204,6 +205,8 @@ def train(
             with flush_denormals():  # subnormal gradients slow CPU steps 10x+ (certbnn.denormals)
                 state, info = step_settings.method(method, step).step(state, (x, y), nll, generator)
             loss = float(next((info[k] for k in ("nll", "loss", "potential") if k in info), math.nan))
+            tally.add(info)
+            last_info = info
             if comm:  # the same number on every rank: the global batch mean (or the global potential)
                 loss = float(comm.all_reduce(torch.tensor(loss, dtype=torch.float64), "mean"))
             if not math.isfinite(loss):
@@ -226,6 +229,7 @@ def train(
             "train_nll": loss_sum / max(seen, 1),
             "eps": schedule.value(step - 1),
             **step_settings.record(step - 1),
+            **tally.record(),
             "seconds": round(seconds, 3),
             "examples_per_second": round(seen / seconds, 1),
         }
@@ -245,6 +249,7 @@ def train(
 
     posterior = method.posterior(state)
     sampling = checked_sampling_metadata(method, state, schedule.target)
+    chain = _chain_of(method, posterior, initial_params(model, config), last_info, log)
     chain_report = None
     if chains is not None:
         posterior, chain_report = _pool_chains(chains, posterior, run_dir)
@@ -286,6 +291,7 @@ def train(
         "certified_eps": final.get("eps"),
         "temperature": metadata["temperature"],
         "method_settings": metadata["method_settings"],
+        **({"chain": chain} if chain else {}),
         **({"chains": chain_report} if chain_report else {}),
         "seconds_per_epoch": round(seconds / max(len(history), 1), 3),
         "examples_per_second": round(len(history) * len(train_ds) / seconds, 1) if seconds else None,
@@ -443,6 +449,23 @@ def method_settings(method) -> dict[str, Any]:
         ):
             settings[f.name] = value
     return settings
+
+
+def _chain_of(method, posterior, start, last_info, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """A Markov chain's summary (:func:`certbnn.inference.diagnostics.chain_summary`, and the
+    acceptance rate of the proposals after burn-in) for the samplers with a Metropolis test
+    (HMC); a warning when every stored sample is one network."""
+    if method.name != "hmc" or posterior.num_samples < 2:
+        return None
+    summary = chain_summary(posterior.sample(None), start)
+    if "accept_rate" in last_info:
+        summary["accept_rate_after_burnin"] = float(last_info["accept_rate"])
+    if summary["distinct_samples"] == 1:
+        log(
+            f"warning: {method.name} rejected every proposal after burn-in: its {summary['stored_samples']} samples "
+            "are one network (lower --opt step_size, or burn in longer with adapt_step_size and num_burnin >= 20)"
+        )
+    return summary
 
 
 def _pool_chains(comm, posterior, run_dir: Path):

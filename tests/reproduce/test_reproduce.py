@@ -114,6 +114,13 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     report = (finished_grid / "RESULTS.md").read_text()
     assert "| method | standard | ibp |" in report and "| sgd |" in report and "| hmc |" in report
     assert "Certified-accuracy lift" in report and "| lam | sgd/ibp |" in report
+    # the HMC cells say whether their chain moved (acceptance, distinct samples, distance from the start)
+    chain = cell["chain"]
+    assert chain["stored_samples"] >= 2 and 1 <= chain["distinct_samples"] <= chain["stored_samples"]
+    assert "Markov chains: acceptance after burn-in" in report and "- hmc / ibp: acceptance" in report
+    assert ("(frozen" in report) == any(
+        c["chain"]["distinct_samples"] == 1 for c in results["cells"].values() if "chain" in c
+    )
     for plot in (
         "certified_vs_eps_tiny-grid.png",
         "reliability_tiny-grid.png",

@@ -96,3 +96,43 @@ def chain_diagnostics(per_chain: list[dict[str, Tensor]], num_projections: int =
         "ess_min": min(ess),
         "per_quantity": {n: {"rhat": r, "ess": e} for n, r, e in zip(names, rhats, ess)},
     }
+
+
+class AcceptanceTally:
+    """Metropolis-Hastings proposals of one epoch, from the step infos that carry ``accepted``
+    (HMC): :meth:`record` gives ``accept_rate`` (the fraction accepted) and ``step_size`` (the
+    last proposal's), or nothing for a method without a Metropolis test."""
+
+    def __init__(self) -> None:
+        self.proposals, self.accepted, self.step_size = 0, 0.0, None
+
+    def add(self, info: dict[str, float]) -> None:
+        if "accepted" in info:
+            self.proposals += 1
+            self.accepted += float(info["accepted"])
+            self.step_size = info.get("step_size")
+
+    def record(self) -> dict[str, float]:
+        if not self.proposals:
+            return {}
+        out = {"accept_rate": self.accepted / self.proposals}
+        if self.step_size is not None:
+            out["step_size"] = float(self.step_size)
+        return out
+
+
+def chain_summary(samples: dict[str, Tensor], start: dict[str, Tensor]) -> dict[str, float | int]:
+    """How far a chain's stored samples ``name -> (M, *shape)`` got from its ``start`` weights:
+    ``stored_samples`` M, ``distinct_samples`` (bit-identical samples count once: a chain that
+    rejected every proposal stores M copies of one network), ``distance_from_start`` (the last
+    sample's L2 distance from ``start``, relative to ``||start||``) and ``spread`` (the RMS
+    distance of the samples from their mean, relative to ``||start||``)."""
+    flat = torch.cat([t.reshape(t.shape[0], -1).double() for t in samples.values()], dim=1)  # (M, D)
+    origin = torch.cat([start[name].reshape(-1).double().to(flat.device) for name in samples])
+    scale = float(origin.norm()) or 1.0
+    return {
+        "stored_samples": flat.shape[0],
+        "distinct_samples": int(torch.unique(flat, dim=0).shape[0]),
+        "distance_from_start": float((flat[-1] - origin).norm()) / scale,
+        "spread": float((flat - flat.mean(0)).pow(2).sum(1).mean().sqrt()) / scale,
+    }

@@ -198,9 +198,28 @@ def _grid_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list
             f"{c['seconds_per_epoch']:.1f}/epoch)"
         ),
     )
+    lines += _chain_lines([c for c in cells if c.get("chain")])
     plots = _grid_plots(name, methods, modes, lookup, out_dir, ood_names)
     lines += [f"![{p}]({p})" for p in plots] + [""]
     return lines
+
+
+def _chain_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """One line per Markov chain (HMC cells): did it move? A chain whose samples are all one network
+    gives the row of its starting point, whatever the method's name."""
+    if not cells:
+        return []
+    lines = ["Markov chains: acceptance after burn-in, distinct stored samples, distance travelled from the start:", ""]
+    for c in cells:
+        chain = c["chain"]
+        rate = chain.get("accept_rate_after_burnin")
+        frozen = " **(frozen: every sample is the starting network)**" if chain["distinct_samples"] == 1 else ""
+        lines.append(
+            f"- {c['method']} / {c['mode']}: acceptance {_pct(rate) if rate is not None else '-'} %, "
+            f"{chain['distinct_samples']} of {chain['stored_samples']} samples distinct, last sample "
+            f"{chain['distance_from_start']:.2g} of ||w0|| from the start{frozen}"
+        )
+    return [*lines, ""]
 
 
 def _lift(methods: list[str], lookup, cert: str | None) -> list[str]:

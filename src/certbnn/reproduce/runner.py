@@ -242,6 +242,7 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
         "examples_per_second": metrics.get("examples_per_second"),
         "num_train": metrics.get("num_train"),
         "test_accuracy": metrics.get("test_accuracy"),
+        **({"chain": metrics["chain"]} if "chain" in metrics else {}),  # HMC: acceptance, distinct samples
         "evaluation": _slim(evaluation),
     }
 
