@@ -405,3 +405,46 @@ def test_a_frozen_chain_is_flagged(tmp_path):
     assert chain["distinct_samples"] == 1 and chain["accept_rate_after_burnin"] == 0.0
     assert all(e["accept_rate"] == 0.0 for e in metrics["epochs"] if "accept_rate" in e)
     assert any("rejected every proposal after burn-in" in line for line in lines)
+
+
+def test_augment_each_epoch_draws_new_copies_every_epoch():
+    fixed = _config(augment=60)
+    fresh = _config(augment=60, augment_each_epoch=True)
+    base, _ = training.split_train_val(fixed)
+    first, _ = training.split_train_val(fresh, 0)
+    second, _ = training.split_train_val(fresh, 1)
+    again, _ = training.split_train_val(fresh, 1)
+    n = len(base) - 60
+    assert np.array_equal(first.images, base.images)  # epoch 0: the fixed copies
+    assert np.array_equal(second.images[:n], base.images[:n]) and np.array_equal(second.labels[:n], base.labels[:n])
+    assert not np.array_equal(second.images[n:], base.images[n:])  # new copies
+    assert np.array_equal(second.images, again.images) and np.array_equal(second.labels, again.labels)
+    assert np.array_equal(training.split_train_val(fixed, 3)[0].images, base.images)  # without the flag: fixed
+
+
+def test_augment_each_epoch_trains_on_each_epochs_copies_and_resumes_exactly(tmp_path, monkeypatch):
+    drawn = []
+    real = training.split_train_val
+
+    def spy(config, epoch=0):
+        drawn.append(epoch)
+        return real(config, epoch)
+
+    monkeypatch.setattr(training, "split_train_val", spy)
+    config = _config(augment=60, augment_each_epoch=True)
+    training.train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    assert drawn == [0, 1, 2]
+    monkeypatch.setattr(training, "split_train_val", real)
+    _assert_kill_and_resume_reproduce_the_whole_run(config, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(augment_each_epoch=True), "set augment > 0"),
+        (dict(augment=50, augment_each_epoch=True, method="hmc"), "hmc's potential must be one function"),
+    ],
+)
+def test_impossible_augmentation_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(**overrides)

@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     limit_train: int | None = None  # use only this many training examples (quick runs)
     augment: int = 0  # append this many randomly transformed copies (paper CIFAR-10: 40000)
+    augment_each_epoch: bool = False  # draw new copies every epoch (on-the-fly augmentation)
     val_size: int = 1000  # held-out training examples for per-epoch validation
     val_samples: int = 8  # posterior samples used in validation
     test_size: int | None = None  # test points scored into metrics.json at the end (None: all)
@@ -180,6 +181,13 @@ class TrainConfig:
         from certbnn.plugins import check_bounds, is_plugin_spec
 
         spec = self.dataset_spec()
+        if self.augment_each_epoch and not self.augment:
+            raise ConfigError("augment_each_epoch redraws the augmented copies every epoch: set augment > 0")
+        if self.augment_each_epoch and self.method == "hmc":
+            raise ConfigError(
+                "augment_each_epoch changes the training set every epoch; hmc's potential must be one function "
+                "of the weights over fixed data (use the fixed copies: augment_each_epoch = false)"
+            )
         if self.augment and len(spec.image_shape) != 3:
             raise ConfigError(
                 f"augment transforms images (C, H, W); data set {self.dataset!r} holds feature "

@@ -69,15 +69,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def split_train_val(config: TrainConfig) -> tuple[data.ArrayDataset, data.ArrayDataset | None]:
-    """Seeded held-out split of the training set (``val_size`` examples), then ``augment`` copies appended."""
+def split_train_val(config: TrainConfig, epoch: int = 0) -> tuple[data.ArrayDataset, data.ArrayDataset | None]:
+    """Seeded held-out split of the training set (``val_size`` examples), then ``augment`` copies
+    appended: the same for every epoch, or with ``augment_each_epoch`` drawn afresh for ``epoch``
+    (epoch 0 draws the fixed copies; later epochs their own, a function of seed and epoch)."""
     full = data.load(config.dataset, "train", config.data_dir)
     if config.val_size >= len(full):
         raise ConfigError(f"val_size {config.val_size} leaves no training data ({len(full)} examples)")
     order = np.random.default_rng(config.seed).permutation(len(full))
     train_idx = np.sort(order[config.val_size :][: config.limit_train])
     val = full.subset(np.sort(order[: config.val_size])) if config.val_size else None
-    return augment(full.subset(train_idx), config.augment, seed=config.seed), val
+    seed = config.seed if not (config.augment_each_epoch and epoch) else config.seed * 1_000_003 + epoch
+    return augment(full.subset(train_idx), config.augment, seed=seed), val
 
 
 def train(
@@ -179,6 +182,8 @@ def train(
         full_batch = (train_ds.subset(comm.data_shard(len(train_ds))) if comm else train_ds).tensors(device=device)
     for epoch in range(start_epoch, config.epochs):
         start = time.perf_counter()
+        if config.augment_each_epoch and epoch:  # new random copies (full-batch HMC is refused)
+            train_ds = split_train_val(config, epoch)[0]
         batches = (
             [full_batch]
             if full_batch is not None

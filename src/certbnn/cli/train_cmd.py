@@ -49,6 +49,8 @@ HELP = {
     "limit_train": "train on only the first N (shuffled) training examples",
     "augment": "append N randomly rotated / zoomed / shifted / flipped copies of training images "
     "(paper CIFAR-10: 40000)",
+    "augment_each_epoch": "draw the --augment copies afresh every epoch (on-the-fly augmentation, against "
+    "overfitting the fixed copies); the first epoch uses the fixed copies; not for hmc",
     "val_size": "training examples held out for per-epoch validation (0 disables)",
     "val_samples": "posterior samples used by the per-epoch validation",
     "test_size": "score only the first N test points into metrics.json at the end (default: all)",
