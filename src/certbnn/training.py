@@ -46,6 +46,7 @@ from certbnn.likelihoods import BatchNLL, make_likelihood
 from certbnn.models import build_model
 from certbnn.posterior import load_posterior, save_posterior
 from certbnn.priors import prior_from_model
+from certbnn.provenance import code_version
 from certbnn.schedules import LinearRamp, LRFactor, epoch_ramp, on_ramp
 from certbnn.validation import validate
 
@@ -287,6 +288,7 @@ def train(
     seconds = sum(r["seconds"] for r in history)
     metrics = {
         "certbnn_version": __version__,
+        "code": code_version(),
         "config": config.to_json(),
         "device": str(device),
         "num_train": len(train_ds),

@@ -114,6 +114,9 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     report = (finished_grid / "RESULTS.md").read_text()
     assert "| method | standard | ibp |" in report and "| sgd |" in report and "| hmc |" in report
     assert "Certified-accuracy lift" in report and "| lam | sgd/ibp |" in report
+    # the code that trained and evaluated each cell, and the code that wrote the report, are named
+    assert results["code"]["version"] == cell["train_code"]["version"] == cell["evaluation"]["code"]["version"]
+    assert "- code: report written by " in report
     # the HMC cells say whether their chain moved (acceptance, distinct samples, distance from the start)
     chain = cell["chain"]
     assert chain["stored_samples"] >= 2 and 1 <= chain["distinct_samples"] <= chain["stored_samples"]

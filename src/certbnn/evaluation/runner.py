@@ -31,6 +31,7 @@ from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, plots, r
 from certbnn.fileio import atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior, mixture_draws
+from certbnn.provenance import code_version
 from certbnn.settings import MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of
 from certbnn.training import resolve_device
 
@@ -156,6 +157,7 @@ def evaluate_run(
     start = time.perf_counter()
     results: dict[str, Any] = {
         "certbnn_version": __version__,
+        "code": code_version(),
         "run": str(run_dir),
         "dataset": config["dataset"],
         "model": config["model"],

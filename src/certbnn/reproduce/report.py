@@ -68,6 +68,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
         f"- certbnn {results.get('certbnn_version')}; {len(done)} of {len(results.get('cells', {}))} recorded "
         f"cells finished; {results.get('seconds_total', 0):.0f} s of wall-clock time over the cells",
+        f"- code: {_code_line(results)}",
         "",
     ]
     failed = [c for c in results.get("cells", {}).values() if c.get("status") == "failed"]
@@ -88,6 +89,23 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     path = out_dir / "RESULTS.md"
     atomic_write_text(path, "\n".join(lines) + "\n", "report")
     return path
+
+
+def _commit(code: Any) -> str:
+    if not isinstance(code, dict) or not code.get("commit"):
+        return "unrecorded"
+    return str(code["commit"])[:10] + (" (with local changes)" if code.get("dirty") else "")
+
+
+def _code_line(results: dict[str, Any]) -> str:
+    """The commits that trained and evaluated the cells, and the one that wrote this report."""
+    cells = [c for c in results.get("cells", {}).values() if c.get("status") == "done"]
+    trained = sorted({_commit(c.get("train_code")) for c in cells})
+    evaluated = sorted({_commit(c.get("evaluation", {}).get("code")) for c in cells})
+    return (
+        f"report written by {_commit(results.get('code'))}; cells trained by {', '.join(trained) or '-'}; "
+        f"evaluated by {', '.join(evaluated) or '-'}"
+    )
 
 
 def _ordered(values: list[str]) -> list[str]:

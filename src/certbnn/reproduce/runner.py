@@ -39,6 +39,7 @@ from certbnn import __version__, data, distributed, strict_json
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
 from certbnn.fileio import RUN_MARKER, atomic_write_text, claim_dir, make_dir, open_append, remove_stale_temps
+from certbnn.provenance import code_version
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
 from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
@@ -120,6 +121,7 @@ def run_grid(
         {
             "format_version": RESULTS_FORMAT_VERSION,
             "certbnn_version": __version__,
+            "code": code_version(),
             "preset": preset.name,
             "description": preset.description,
             "front": preset.front,
@@ -242,6 +244,7 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
         "examples_per_second": metrics.get("examples_per_second"),
         "num_train": metrics.get("num_train"),
         "test_accuracy": metrics.get("test_accuracy"),
+        "train_code": metrics.get("code"),  # the code that trained the cell (None: before it was recorded)
         **({"chain": metrics["chain"]} if "chain" in metrics else {}),  # HMC: acceptance, distinct samples
         "evaluation": _slim(evaluation),
     }
