@@ -78,6 +78,23 @@ def test_select_adds_the_cells_a_selection_starts_from():
         select(cells, ["cifar"])
 
 
+def test_a_caret_anchors_a_selection_at_the_start_of_the_id():
+    cells = load_preset("paper-cpu").cells
+    unanchored = {c.id.split("/")[0] for c in select(cells, ["mnist/hmc"])}
+    assert unanchored == {"mnist", "fashion-mnist"}  # a plain substring matches both data sets
+    anchored = select(cells, ["^mnist/hmc"])
+    assert [c.id for c in anchored] == [
+        "mnist/sgd/standard",
+        "mnist/hmc/standard",
+        "mnist/sgd/pgd",
+        "mnist/hmc/pgd",
+        "mnist/sgd/ibp",
+        "mnist/hmc/ibp",
+    ]
+    with pytest.raises(ConfigError, match="matches no cell"):
+        select(cells, ["^hmc"])
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [

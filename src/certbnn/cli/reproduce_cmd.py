@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--only",
         default="",
         metavar="PATTERNS",
-        help="comma-separated substrings of cell ids (e.g. 'mnist/bbb,/ibp'); runs the matching cells "
-        "and the cells they start from",
+        help="comma-separated substrings of cell ids (e.g. 'mnist/bbb,/ibp'); a leading ^ anchors a pattern at "
+        "the id's start ('^mnist/' leaves out 'fashion-mnist/...'); runs the matching cells and the cells they "
+        "start from",
     )
     add_device_option(p)
     p.add_argument("--data-dir", help="data directory for every data set (default: $CERTBNN_DATA, the usual search)")

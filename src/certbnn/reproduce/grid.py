@@ -233,10 +233,12 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
 
 
 def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
-    """Cells whose id contains any of ``patterns`` (all when empty), plus the cells they start from."""
+    """Cells whose id contains any of ``patterns`` (all when empty), plus the cells they start from.
+    A pattern starting with ``^`` must match the start of the id (``^mnist/`` leaves out
+    ``fashion-mnist/...``, which ``mnist/`` would match)."""
     if not patterns:
         return cells
-    chosen = {c.id for c in cells if any(p in c.id for p in patterns)}
+    chosen = {c.id for c in cells if any(_matches(c.id, p) for p in patterns)}
     if not chosen:
         raise ConfigError(f"--only {','.join(patterns)} matches no cell (ids look like {cells[0].id})")
     by_id = {c.id: c for c in cells}
@@ -246,6 +248,10 @@ def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
             chosen.add(dep)
             dep = by_id[dep].depends_on
     return [c for c in cells if c.id in chosen]
+
+
+def _matches(cell_id: str, pattern: str) -> bool:
+    return cell_id.startswith(pattern[1:]) if pattern.startswith("^") else pattern in cell_id
 
 
 def _check_collisions(cells: list[Cell], source: str) -> None:
