@@ -26,6 +26,9 @@ BASE = dict(
     val_samples=8,
     eps=0.1,
     seed=0,
+    # the learning rates below were tuned for a constant rate over these few steps (VOGN: 93); the default
+    # cosine decay (auto) starts at step 0 under the standard likelihood and cost VOGN 90.3 -> 88.7 % here
+    lr_schedule="constant",
 )
 STANDARD = {
     "sgd": dict(lr=0.05, method_options={"prior_weight": 0.0}),
