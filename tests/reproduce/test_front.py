@@ -209,6 +209,24 @@ def test_front_and_target_parse_and_reach_results_json(tmp_path):
     assert saved["front"] is True and saved["target"] == {"clean": 0.97, "certified": 0.9} == results["target"]
 
 
+def test_target_survives_warm_started_cells(tmp_path):
+    """A preset with a target and cells started from another cell (``init_from = "cell:sgd"``):
+    the cell reference once overwrote the preset's target with "sgd", and the report then
+    crashed after the first finished cell, stopping the grid."""
+    path = tmp_path / "warm.toml"
+    path.write_text(
+        PRESET.format(header="front = true\ntarget = { clean = 0.55, certified = 0.4 }").replace(
+            'methods = ["bbb"]', 'methods = ["sgd", "bbb"]\nmethod_settings.bbb = { init_from = "cell:sgd" }'
+        )
+    )
+    preset = load_preset(str(path))
+    assert preset.target == {"clean": 0.55, "certified": 0.4}
+    assert [c.depends_on for c in preset.cells if c.method == "bbb"] == [
+        c.id for c in preset.cells if c.method == "sgd"
+    ]
+    assert load_preset("cifar").target == {"clean": 0.55, "certified": 0.4}
+
+
 @pytest.mark.parametrize(
     "header, message",
     [

@@ -205,13 +205,13 @@ def expand(raw: dict[str, Any], source: str, overrides: dict[str, Any], eval_ove
                     depends = None
                     ref = values.get("init_from")
                     if isinstance(ref, str) and ref.startswith(CELL_REF):
-                        target = ref[len(CELL_REF) :]
-                        if target not in exp_methods[: exp_methods.index(method)]:
+                        start_method = ref[len(CELL_REF) :]
+                        if start_method not in exp_methods[: exp_methods.index(method)]:
                             raise ConfigError(
                                 f"{where}: {method} starts from {ref!r}, which must be a method "
                                 "listed before it in this experiment"
                             )
-                        depends = Cell(name, target, mode, point, TrainConfig(), evaluate).id
+                        depends = Cell(name, start_method, mode, point, TrainConfig(), evaluate).id
                     try:
                         config = make_config({}, values)
                     except ConfigError as exc:
