@@ -221,6 +221,29 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(preset_file, tmp_path, 
     assert "Failed cells" in (out / "RESULTS.md").read_text()
 
 
+def test_a_report_that_fails_between_cells_does_not_stop_the_grid(preset_file, tmp_path, capsys, monkeypatch):
+    """results.json holds every finished cell; a report that cannot be written after one cell
+    (a report bug) is logged and the grid goes on; the final report is written (or raises)."""
+    from certbnn.reproduce import report
+
+    real, calls = report.write_report, []
+
+    def flaky(results, out_dir):
+        calls.append(len(results["cells"]))
+        if len(calls) == 1:
+            raise ValueError("a report bug")
+        return real(results, out_dir)
+
+    monkeypatch.setattr(report, "write_report", flaky)
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "lam/") == 0
+    log = capsys.readouterr().out  # the grid's progress log
+    assert "report not written after lam/sgd/ibp/lam=0.0 (ValueError: a report bug); the grid goes on" in log
+    results = json.loads((out / "results.json").read_text())
+    assert [c["status"] for c in results["cells"].values()] == ["done", "done"] and calls == [1, 2, 2]
+    assert "| 1.0 | sgd/ibp |" in (out / "RESULTS.md").read_text()
+
+
 def test_cli_errors_are_one_line(preset_file, tmp_path, capsys):
     for argv, message in (
         [["--preset", "nope", "--out", str(tmp_path)], "unknown preset 'nope'"],

@@ -167,7 +167,10 @@ def run_grid(
             1,
         )
         atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
-        write_report(results, out_dir)
+        try:  # results.json holds the cell: a report that cannot be written must not stop the grid
+            write_report(results, out_dir)
+        except Exception as exc:  # noqa: BLE001  (reported, and raised again by the final report below)
+            log(f"report not written after {cell.id} ({type(exc).__name__}: {exc}); the grid goes on")
         if status != "done" and entry.get("status") == "done":
             log(f"{cell.id}: {_headline(entry)}")
     bar.close()
