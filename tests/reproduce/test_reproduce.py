@@ -113,6 +113,8 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     assert cell["evaluation"]["clean"]["reliability"]["count"]
     report = (finished_grid / "RESULTS.md").read_text()
     assert "| method | standard | ibp |" in report and "| sgd |" in report and "| hmc |" in report
+    # each method's own epochs and its warm start are named, not only the first cell's
+    assert "Training eps 0.1; 2 epochs on 200 training images (hmc: 3 on 200); hmc starts from the sgd cell" in report
     assert "Certified-accuracy lift" in report and "| lam | sgd/ibp |" in report
     # the code that trained and evaluated each cell, and the code that wrote the report, are named
     assert results["code"]["version"] == cell["train_code"]["version"] == cell["evaluation"]["code"]["version"]

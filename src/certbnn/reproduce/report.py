@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from certbnn.evaluation import plots
 from certbnn.fileio import atomic_write_text, save_figure
-from certbnn.reproduce.grid import file_stem
+from certbnn.reproduce.grid import CELL_REF, file_stem
 
 ROBUST_LIKELIHOODS = ("ibp", "crown-ibp", "crown")
 
@@ -145,6 +145,30 @@ def _triple(cell: dict[str, Any] | None, cert: str | None) -> str:
     )
 
 
+def _training_phrase(cells: list[dict[str, Any]]) -> str:
+    """Epochs and training images of the first cell, then those of the methods that differ, and
+    which methods start from another method's cell (``init_from = "cell:M"``)."""
+    first = cells[0]
+    base = (first["config"]["epochs"], first.get("num_train"))
+    others: dict[tuple, list[str]] = {}
+    for c in cells:
+        key = (c["config"]["epochs"], c.get("num_train"))
+        if key != base and c["method"] not in others.setdefault(key, []):
+            others[key].append(c["method"])
+    text = f"{base[0]} epochs on {base[1]} training images"
+    if others:
+        text += " (" + "; ".join(f"{', '.join(m)}: {e} on {n}" for (e, n), m in others.items()) + ")"
+    starts: dict[str, list[str]] = {}
+    for c in cells:
+        ref = c["config"].get("init_from")
+        start = ref[len(CELL_REF) :] if isinstance(ref, str) and ref.startswith(CELL_REF) else None
+        if start is not None and c["method"] not in starts.get(start, []):
+            starts.setdefault(start, []).append(c["method"])
+    for start, methods in starts.items():
+        text += f"; {', '.join(methods)} start{'s' if len(methods) == 1 else ''} from the {start} cell of the same mode"
+    return text
+
+
 def _table(methods: list[str], modes: list[str], lookup, render) -> list[str]:
     lines = ["| method | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for method in methods:
@@ -165,7 +189,7 @@ def _grid_section(name: str, cells: list[dict[str, Any]], out_dir: Path) -> list
         f"(eps {eps_test}, {first['evaluate_options']['pgd_steps']} steps, EOT over "
         f"{first['evaluation']['num_samples']} samples) / certified ({cert} certificate, "
         f"{first['evaluate_options']['bound']} bounds, eps {eps_test}). Training eps {eps_train}; "
-        f"{first['config']['epochs']} epochs on {first.get('num_train')} training images.",
+        f"{_training_phrase(cells)}.",
         "",
     ]
     lines += _table(methods, modes, lookup, lambda c: _triple(c, cert))
