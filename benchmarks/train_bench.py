@@ -359,7 +359,7 @@ def main() -> None:
     print("\n## 5. cifar-small CNN, batch 64")
     t, p = times["bbb (ibp)"], times["plain-pytorch bbb (ibp)"]
     print(
-        f"robust BBB step: {64 / t:.0f} ex/s; plain-pytorch {64 / p:.0f} ex/s; plain / certbnn time "
+        f"robust BBB step: {64 / t:.0f} ex/s; plain-pytorch {64 / p:.0f} ex/s; certbnn / plain time "
         f"{t / p:.2f}x (target <= 1.5)"
     )
     t, p = times["ibp eval"], times["plain-pytorch ibp eval"]
