@@ -332,3 +332,6 @@ def test_precision_products_match_the_elementwise_formulas(constant):
     expected = out + 0.3 * values * x
     torch.testing.assert_close(precision.add_scaled_(out, x, 0.3), expected)
     torch.testing.assert_close(precision.quadratic(x, y), ((x * x + y * y) * values).sum())
+    torch.testing.assert_close(precision.shifted(x, 0.25), x + 0.25 * values)
+    expected = out + 0.7 * values
+    torch.testing.assert_close(precision.add_scaled_(out, None, 0.7), expected)

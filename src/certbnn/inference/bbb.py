@@ -152,22 +152,25 @@ class BayesByBackprop:
         mu, rho = layout.pack(state.mu), layout.pack(state.rho)
         noise = randn_flat(layout, self.num_samples, mu, generator)
         sigma = F.softplus(rho)
-        grad_w, data_term = flat_data_gradient(layout, torch.addcmul(mu, sigma, noise), batch, nll)
+        weights = torch.addcmul(mu, sigma, noise)
+        grad_w, data_term = flat_data_gradient(layout, weights, batch, nll)
         mean, _, log_std_sum = prior_flat(self.prior, layout, mu)
         precision = prior_precision_flat(self.prior, layout, mu)
         scale = self.kl_weight / self.num_data
         centred = mu if mean is None else mu - mean
         kl_quadratic = precision.quadratic(sigma, centred)  # sum (sigma^2 + (mu - m)^2) / s^2
+        # the step's own buffers are reused (no fresh (P,) buffers): noise becomes grad_sigma, the
+        # weights sigmoid(rho)
         if self.num_samples > 1:
-            grad_mu, grad_sigma = grad_w.sum(0), (grad_w * noise).sum(0)
+            grad_mu, grad_sigma = grad_w.sum(0), noise.mul_(grad_w).sum(0)
         else:
-            grad_sigma = grad_w[0] * noise[0]
+            grad_sigma = noise[0].mul_(grad_w[0])
             grad_mu = grad_w[0]
         precision.add_scaled_(grad_mu, centred, scale)
         ones = sigma.new_ones(()).expand_as(sigma)  # - scale / sigma in one pass, no reciprocal buffer
         precision.add_scaled_(grad_sigma, sigma, scale).addcdiv_(ones, sigma, value=-scale)
-        grad_rho = grad_sigma.mul_(torch.sigmoid(rho))
-        kl = log_std_sum - torch.log(sigma).sum() + 0.5 * kl_quadratic - 0.5 * layout.numel
+        grad_rho = grad_sigma.mul_(torch.sigmoid(rho, out=weights[0]))
+        kl = log_std_sum - sigma.log_().sum() + 0.5 * kl_quadratic - 0.5 * layout.numel
         step = state.num_steps + 1
         avg_mu, avg_rho = layout.pack(state.exp_avg_mu), layout.pack(state.exp_avg_rho)
         sq_mu, sq_rho = layout.pack(state.exp_avg_sq_mu), layout.pack(state.exp_avg_sq_rho)

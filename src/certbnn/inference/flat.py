@@ -113,12 +113,25 @@ class Precision:
             spans.append((offset, block.numel(), float(block[0]) if block.numel() else 0.0))
         self.spans: list[tuple[int, int, float]] | None = spans
 
-    def add_scaled_(self, out: Tensor, x: Tensor, alpha: float) -> Tensor:
-        """``out += alpha * precision * x`` in place (``out``, ``x`` ``(P,)``); returns ``out``."""
+    def add_scaled_(self, out: Tensor, x: Tensor | None, alpha: float) -> Tensor:
+        """``out += alpha * precision * x`` in place (``out``, ``x`` ``(P,)``; ``x = None`` means all
+        ones: ``out += alpha * precision``); returns ``out``."""
         if self.spans is None:
-            return out.addcmul_(x, self.values, value=alpha)
+            return out.add_(self.values, alpha=alpha) if x is None else out.addcmul_(x, self.values, value=alpha)
         for offset, n, v in self.spans:
-            out[offset : offset + n].add_(x[offset : offset + n], alpha=alpha * v)
+            if x is None:
+                out[offset : offset + n].add_(alpha * v)
+            else:
+                out[offset : offset + n].add_(x[offset : offset + n], alpha=alpha * v)
+        return out
+
+    def shifted(self, x: Tensor, alpha: float) -> Tensor:
+        """``x + alpha * precision`` (``x`` ``(P,)``) in a new buffer, one pass."""
+        if self.spans is None:
+            return torch.add(x, self.values, alpha=alpha)
+        out = torch.empty_like(x)
+        for offset, n, v in self.spans:
+            torch.add(x[offset : offset + n], alpha * v, out=out[offset : offset + n])
         return out
 
     def quadratic(self, *xs: Tensor) -> Tensor:

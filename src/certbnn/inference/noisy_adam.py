@@ -43,6 +43,7 @@ default t = 0.01 (with lr 3e-3) is the tempered posterior that trains and certif
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -163,12 +164,16 @@ class NoisyAdam(PrecisionVI):
     ) -> tuple[NoisyAdamState, dict[str, float]]:
         layout = FlatLayout(state.mean)
         mu, m_old, s_old = layout.pack(state.mean), layout.pack(state.exp_avg), layout.pack(state.exp_avg_sq)
-        prior_mean, lam, _ = prior_flat(self.prior, layout, mu)
+        prior_mean, _, _ = prior_flat(self.prior, layout, mu)
+        lam = prior_precision_flat(self.prior, layout, mu)
         n_eff, S = self.effective_data, self.num_samples
-        std = torch.rsqrt(torch.add(lam, s_old, alpha=n_eff))  # 1 / sqrt(N s + lambda)
+        # one (P,) work buffer: first 1 / sqrt(s + lambda / N), later the update's denominator;
+        # w_k = mu + eps_k / sqrt(N s + lambda) = mu + N^(-1/2) eps_k work, over the noise buffer
+        work = lam.shifted(s_old, 1.0 / n_eff).rsqrt_()
         noise = randn_flat(layout, S, mu, generator)
+        weights = torch.addcmul(mu, work, noise, value=n_eff**-0.5, out=noise)
         # (S, P): gradient of the mean over samples and batch = the per-sample gradients g_k / S
-        grads, nll_value = flat_data_gradient(layout, torch.addcmul(mu, std, noise), batch, nll)
+        grads, nll_value = flat_data_gradient(layout, weights, batch, nll)
         beta1, beta2 = self.betas
         step = state.num_steps + 1
         correction1, correction2 = 1.0 - beta1**step, 1.0 - beta2**step
@@ -184,11 +189,13 @@ class NoisyAdam(PrecisionVI):
             g = grads.sum(0)
             exp_avg_sq = s_old.mul_(beta2).add_(grads.square_().sum(0).mul_(S * (1.0 - beta2)))
         # in place (donated; g is this step's own buffer): m <- m + (1 - b1) (target - m), one pass
-        target = prior_precision_flat(self.prior, layout, mu).add_scaled_(g, centred, 1.0 / n_eff)
-        exp_avg = m_old.lerp_(target, 1.0 - beta1)
-        denominator = exp_avg_sq.sub(initial_share).div_(correction2).clamp_min_(0.0).sqrt_()
-        denominator.add_(lam, alpha=1.0 / n_eff)
-        mean = mu.addcdiv_(exp_avg, denominator, value=-self.lr / correction1)
+        exp_avg = m_old.lerp_(lam.add_scaled_(g, centred, 1.0 / n_eff), 1.0 - beta1)
+        # mu <- mu - (lr / c1) m / (sqrt((s - b2^t s_0) / c2) + lambda / N)
+        #     = mu - (lr sqrt(c2) / c1) m / (sqrt(s - b2^t s_0) + sqrt(c2) lambda / N)   (one pass fewer)
+        root_c2 = math.sqrt(correction2)
+        denominator = torch.sub(exp_avg_sq, initial_share, out=work).clamp_min_(0.0).sqrt_()
+        lam.add_scaled_(denominator, None, root_c2 / n_eff)
+        mean = mu.addcdiv_(exp_avg, denominator, value=-self.lr * root_c2 / correction1)
         views = layout.views
         return NoisyAdamState(views(mean), views(exp_avg), views(exp_avg_sq), step), {"nll": float(nll_value)}
 
