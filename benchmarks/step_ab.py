@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import re
 import subprocess
 import sys
@@ -22,15 +21,12 @@ from pathlib import Path
 
 import torch
 
-from certbnn.denormals import flush_denormals
-from certbnn.functional import detached_params
 from certbnn.inference import make_method
-from certbnn.likelihoods import BatchNLL, make_likelihood
 from certbnn.models import build_model
 from certbnn.priors import prior_from_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_bench import BATCH, EPS, LAM, best_times, training_batches  # noqa: E402
+from train_bench import BATCH, best_times, method_stepper, training_batches  # noqa: E402
 
 MODULES = {"noisy-adam": "noisy_adam", "bbb": "bbb", "sgd": "sgd", "adam": "sgd", "swag": "swag", "sghmc": "sghmc"}
 
@@ -49,18 +45,6 @@ def load_old(rev: str, module: str, folder: Path):
     return importlib.import_module(f"old_{module}")
 
 
-def stepper(method, model, batches):
-    generator = torch.Generator().manual_seed(0)
-    nll = BatchNLL(make_likelihood("ibp", lam=LAM), model, EPS, generator)
-    box = {"state": method.init(detached_params(model), generator), "next": itertools.cycle(batches)}
-
-    def step() -> None:
-        with flush_denormals():
-            box["state"], _ = method.step(box["state"], next(box["next"]), nll, generator)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", required=True, help="git revision of the 'before' code")
@@ -71,14 +55,14 @@ def main() -> None:
     model = build_model("mnist-mlp", (1, 28, 28), 10)
     batches, source = training_batches("mnist", (1, 28, 28), BATCH)
     prior = prior_from_model(model)
-    cases = {"sgd": stepper(make_method("sgd", prior=prior, num_data=60000), model, batches)}
+    cases = {"sgd": method_stepper(make_method("sgd", prior=prior, num_data=60000), model, "ibp", batches)}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.methods.split(","):
             new = make_method(name, prior=prior, num_data=60000)
             old_module = load_old(args.before, MODULES[name], Path(folder))
             old = getattr(old_module, type(new).__name__)(prior=prior, num_data=60000)
-            cases[f"{name} now"] = stepper(new, model, batches)
-            cases[f"{name} {args.before}"] = stepper(old, model, batches)
+            cases[f"{name} now"] = method_stepper(new, model, "ibp", batches)
+            cases[f"{name} {args.before}"] = method_stepper(old, model, "ibp", batches)
         print(f"# data: {source}; threads {torch.get_num_threads()}; best of {args.rounds} rounds of 20 steps")
         times = best_times(cases, args.rounds, 20)
     for name, seconds in times.items():

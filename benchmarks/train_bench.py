@@ -74,6 +74,11 @@ def certbnn_stepper(name: str, model, likelihood: str, num_data: int, batches, *
     """A closure running one certbnn step of method ``name`` on the next of ``batches`` (cycled;
     state carried between calls), with subnormals flushed as the trainer does."""
     method = make_method(name, prior=prior_from_model(model), num_data=num_data, **options)
+    return method_stepper(method, model, likelihood, batches)
+
+
+def method_stepper(method, model, likelihood: str, batches):
+    """:func:`certbnn_stepper` for a method object (e.g. another code version's)."""
     generator = torch.Generator().manual_seed(0)
     like = make_likelihood(likelihood, lam=LAM) if likelihood == "ibp" else make_likelihood(likelihood)
     nll = BatchNLL(like, model, EPS, generator)
