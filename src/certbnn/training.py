@@ -50,6 +50,8 @@ from certbnn.provenance import code_version
 from certbnn.schedules import LinearRamp, LRFactor, epoch_ramp, on_ramp
 from certbnn.validation import validate
 
+PROBE_POINTS = 256  # validation points whose predictions the chain diagnostics follow (HMC, several chains)
+
 CHECKPOINT, POSTERIOR, METRICS, CONFIG = (
     "checkpoint.safetensors",
     "posterior.safetensors",
@@ -258,7 +260,8 @@ def train(
     chain = _chain_of(method, posterior, initial_params(model, config), last_info, log)
     chain_report = None
     if chains is not None:
-        posterior, chain_report = _pool_chains(chains, posterior, run_dir)
+        probe = (val_ds if val_ds is not None else train_ds).subset(slice(0, PROBE_POINTS)).tensors(device=device)
+        posterior, chain_report = _pool_chains(chains, posterior, model, probe)
         sampling = {key: [e for chain in chains.gather(sampling) for e in chain[key]] for key in sampling}
     if not main:
         return {}
@@ -475,9 +478,10 @@ def _chain_of(method, posterior, start, last_info, log: Callable[[str], None]) -
     return summary
 
 
-def _pool_chains(comm, posterior, run_dir: Path):
-    """Every rank's samples pooled on rank 0 (chain after chain), with R-hat / ESS across chains."""
-    from certbnn.inference.diagnostics import chain_diagnostics
+def _pool_chains(comm, posterior, model, probe: tuple[torch.Tensor, torch.Tensor]):
+    """Every rank's samples pooled on rank 0 (chain after chain), with R-hat / ESS across chains of
+    the weights and of the predictions on ``probe`` (x, y: the first validation points)."""
+    from certbnn.inference.diagnostics import chain_diagnostics, predictive_summaries
     from certbnn.posterior import SamplePosterior
 
     samples = {name: t.cpu() for name, t in posterior.sample(None).items()}
@@ -485,8 +489,13 @@ def _pool_chains(comm, posterior, run_dir: Path):
     if not comm.is_main:
         return posterior, None
     pooled = SamplePosterior({n: torch.cat([c[n] for c in per_chain]) for n in samples})
+    x, y = probe
+
+    def predictive(chain: dict[str, torch.Tensor]) -> torch.Tensor:
+        return predictive_summaries(model, {n: t.to(x.device) for n, t in chain.items()}, x, y)
+
     report = (
-        chain_diagnostics(per_chain)
+        chain_diagnostics(per_chain, predictive=predictive)
         if next(iter(samples.values())).shape[0] >= 4
         else {"num_chains": len(per_chain), "note": "fewer than 4 samples per chain: no R-hat / ESS"}
     )

@@ -332,6 +332,9 @@ def test_independent_chains_pool_samples_and_report_rhat(tmp_path, data_dir):
     report = json.loads((tmp_path / "chains" / "metrics.json").read_text())["chains"]
     assert report["num_chains"] == 2 and report["samples_per_chain"] == n
     assert report["rhat_max"] > 0.9 and report["ess_min"] > 0
+    function = report["function"]  # the same diagnostics of the predictions on validation points
+    assert list(function["per_quantity"]) == ["nll"] + [f"logp_{i}" for i in range(8)]
+    assert function["rhat_max"] > 0.9 and function["ess_min"] > 0
     assert (tmp_path / "chains" / "checkpoint.rank1.safetensors").exists()
 
 

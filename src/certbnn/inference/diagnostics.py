@@ -5,16 +5,29 @@ Stan: chains are split in halves; R-hat compares between- and within-chain
 variance; the ESS sums autocorrelations (combined across chains through the
 variogram) over Geyer's initial positive sequence. Weight vectors are reduced to
 scalars first (:func:`weight_summaries`: the norm and fixed random projections).
+
+A network's posterior is invariant under permutations of hidden units (and sign flips for
+odd activations), so chains that travel far can settle in different, equivalent weight
+regions: weight-space R-hat then stays above 1 although the chains agree on every
+prediction. Function-space quantities (:func:`predictive_summaries`: the mean NLL of a
+fixed probe set and the log-probability of single probe labels) do not see these
+symmetries; both are reported (cf. Izmailov et al. 2021, "What are Bayesian neural network
+posteriors really like?", who assess their HMC chains in function space).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from certbnn.errors import ConfigError
+
+#: predictive quantities per probe set: the mean NLL, then log p(y_i | x_i) of the first points
+NUM_PROBE_POINTS = 8
+SAMPLE_CHUNK = 32  # posterior samples per forward pass in :func:`predictive_summaries`
 
 
 def _split(chains: Tensor) -> Tensor:
@@ -80,22 +93,60 @@ def weight_summaries(samples: dict[str, Tensor], num_projections: int = 8, seed:
     return torch.cat([flat.norm(dim=1, keepdim=True), flat @ directions], dim=1).T
 
 
-def chain_diagnostics(per_chain: list[dict[str, Tensor]], num_projections: int = 8) -> dict[str, object]:
-    """R-hat and ESS of :func:`weight_summaries` over chains given as sample dicts (T, *shape) each."""
-    lengths = {next(iter(c.values())).shape[0] for c in per_chain}
-    if len(lengths) != 1:
-        raise ConfigError(f"chains have different lengths {sorted(lengths)}")
-    summaries = torch.stack([weight_summaries(c, num_projections) for c in per_chain], dim=1)  # (Q, C, T)
+def predictive_summaries(
+    model: torch.nn.Module, samples: dict[str, Tensor], x: Tensor, y: Tensor, num_points: int = NUM_PROBE_POINTS
+) -> Tensor:
+    """Function-space functionals of stacked samples (T, *shape): (1 + num_points, T), the mean
+    negative log-likelihood of the probe set ``x`` (B, ...), ``y`` (B,) under each sample, then
+    ``log p(y_i | x_i)`` of its first ``num_points`` points (float64)."""
+    from certbnn.functional import forward
+
+    rows = []
+    count = next(iter(samples.values())).shape[0]
+    with torch.no_grad():
+        for start in range(0, count, SAMPLE_CHUNK):
+            chunk = {name: t[start : start + SAMPLE_CHUNK] for name, t in samples.items()}
+            logp = torch.log_softmax(forward(model, chunk, x).double(), dim=-1)  # (S, B, K)
+            label_logp = logp.gather(-1, y.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)  # (S, B)
+            rows.append(torch.cat([-label_logp.mean(dim=1, keepdim=True), label_logp[:, :num_points]], dim=1))
+    return torch.cat(rows).T
+
+
+def _quantity_report(summaries: Tensor, names: list[str]) -> dict[str, object]:
+    """R-hat / ESS of every row of ``summaries`` (Q, C, T), with their max / min."""
     rhats = [split_rhat(q) for q in summaries]
     ess = [effective_sample_size(q) for q in summaries]
-    names = ["norm"] + [f"projection_{i}" for i in range(num_projections)]
     return {
-        "num_chains": len(per_chain),
-        "samples_per_chain": lengths.pop(),
         "rhat_max": max(rhats),
         "ess_min": min(ess),
         "per_quantity": {n: {"rhat": r, "ess": e} for n, r, e in zip(names, rhats, ess)},
     }
+
+
+def chain_diagnostics(
+    per_chain: list[dict[str, Tensor]],
+    num_projections: int = 8,
+    predictive: Callable[[dict[str, Tensor]], Tensor] | None = None,
+) -> dict[str, object]:
+    """R-hat and ESS of :func:`weight_summaries` over chains given as sample dicts (T, *shape) each
+    (``rhat_max``, ``ess_min``, ``per_quantity``), and, with ``predictive`` (a chain's samples ->
+    (Q, T), e.g. :func:`predictive_summaries` on a probe set), the same for those function-space
+    quantities under ``function`` (named ``nll``, ``logp_0``, ... for :func:`predictive_summaries`)."""
+    lengths = {next(iter(c.values())).shape[0] for c in per_chain}
+    if len(lengths) != 1:
+        raise ConfigError(f"chains have different lengths {sorted(lengths)}")
+    summaries = torch.stack([weight_summaries(c, num_projections) for c in per_chain], dim=1)  # (Q, C, T)
+    names = ["norm"] + [f"projection_{i}" for i in range(num_projections)]
+    report: dict[str, object] = {
+        "num_chains": len(per_chain),
+        "samples_per_chain": lengths.pop(),
+        **_quantity_report(summaries, names),
+    }
+    if predictive is not None:
+        function = torch.stack([predictive(c) for c in per_chain], dim=1)  # (Q, C, T)
+        names = ["nll"] + [f"logp_{i}" for i in range(function.shape[0] - 1)]
+        report["function"] = _quantity_report(function, names)
+    return report
 
 
 class AcceptanceTally:
