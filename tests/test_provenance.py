@@ -57,3 +57,14 @@ def test_training_and_evaluation_record_the_code(tmp_path, where):
             assert recorded == provenance.code_version()
     finally:
         data.unregister("tiny-code")
+
+
+def test_the_commit_is_read_when_certbnn_is_imported_not_when_a_run_ends():
+    """A run records its code at the end (metrics.json): the commit must be the one checked out when
+    the code was imported, so the cache is filled by ``import certbnn`` itself."""
+    import subprocess
+    import sys
+
+    probe = "import certbnn.provenance as p; import certbnn; print(p.code_version.cache_info().currsize)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"

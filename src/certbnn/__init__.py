@@ -16,6 +16,9 @@ Its names are imported on first use, so ``import certbnn`` (and the CLI) stay li
 __version__ = "0.1.0"
 
 from certbnn.errors import CertbnnError
+from certbnn.provenance import code_version as _code_version
+
+_code_version()  # the commit of the code as imported: a run records it when it ends, maybe hours later
 
 _API = ("AttackResult", "CertifyReport", "FitResult", "attack", "certify", "fit", "load", "point_mass", "save")
 

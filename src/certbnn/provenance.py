@@ -20,8 +20,9 @@ __all__ = ["code_version"]
 def code_version() -> dict[str, str | bool | None]:
     """``{"version", "commit", "dirty"}``: the certbnn version, the git commit of the source tree
     it was imported from (None when that is not a git checkout) and whether tracked files under
-    ``src/certbnn`` differed from that commit (None when unknown). Computed once per process: the
-    code a long run imported at its start is the code that ran."""
+    ``src/certbnn`` differed from that commit (None when unknown). Computed once per process, when
+    ``certbnn`` is imported (``certbnn/__init__.py`` calls it): the code a long run imported at its
+    start is the code that ran, whatever the checkout holds when the run writes its record."""
     source = Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
