@@ -382,10 +382,7 @@ def _cases():
 
 
 # Cases still failing because another part of issue 12 is unfinished: id -> which part.
-_OUT = "outputs: --out refused when a file, unwritable, / or foreign"
-OPEN: dict[str, str] = {
-    "reproduce --out proc": _OUT,
-}
+OPEN: dict[str, str] = {}
 CASES = _cases()
 
 

@@ -327,6 +327,49 @@ def test_evaluate_out_refuses_empty_root_and_file_paths(tmp_path, capsys):
         fileio.make_dir(a_file / "sub")
 
 
+def test_filesystem_type_takes_the_longest_mount_point_and_decodes_escapes(tmp_path):
+    table = tmp_path / "mounts"
+    table.write_text(
+        "root / ext4 rw 0 0\n"
+        "proc /proc proc rw 0 0\n"
+        f"tmpfs {tmp_path}/with\\040space tmpfs rw 0 0\n"
+        f"old {tmp_path}/stack ext4 rw 0 0\n"
+        f"new {tmp_path}/stack sysfs rw 0 0\n"  # mounted later over the same point: it wins
+    )
+    kind = lambda path: fileio.filesystem_type(path, mounts=str(table))  # noqa: E731
+    assert kind("/proc/x/y") == "proc" and kind("/proc") == "proc"
+    assert kind("/procfs") == "ext4"  # a prefix of the name is not a parent
+    assert kind(tmp_path / "with space" / "run") == "tmpfs"
+    assert kind(tmp_path / "stack" / "run") == "sysfs"
+    assert fileio.filesystem_type("/", mounts=str(tmp_path / "absent")) is None
+
+
+def test_out_refuses_pseudo_and_read_only_file_systems_before_any_work(tmp_path, capsys, monkeypatch):
+    """As root, os.access says yes to /proc: `reproduce --dry-run --out /proc/x` used to exit 0."""
+    table = tmp_path / "mounts"
+    table.write_text(f"root / ext4 rw 0 0\nproc {tmp_path}/fakeproc proc rw 0 0\n")
+    (tmp_path / "fakeproc").mkdir()
+    real = fileio.filesystem_type
+    monkeypatch.setattr(fileio, "filesystem_type", lambda path: real(path, mounts=str(table)))
+    with pytest.raises(CertbnnError, match="on the proc pseudo file system"):
+        fileio.check_output_dir(tmp_path / "fakeproc" / "x", "grid")
+    assert list((tmp_path / "fakeproc").iterdir()) == []
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    (tmp_path / "ro").mkdir()
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if Path(p) == tmp_path / "ro" else real_statvfs(p))
+    with pytest.raises(CertbnnError, match="read-only file system"):
+        fileio.check_output_dir(tmp_path / "ro" / "new" / "deeper", "run")
+    assert fileio.check_output_dir(tmp_path / "fine" / "new", "run") == tmp_path / "fine" / "new"
+    if Path("/proc/self/mounts").is_file():  # this machine's real /proc, through the CLI
+        argv = ["reproduce", "--preset", "quick", "--out", "/proc/x", "--dry-run", "--no-progress"]
+        monkeypatch.setattr(fileio, "filesystem_type", real)
+        assert "pseudo file system" in _one_line_error(capsys, argv)
+
+
 def test_out_accepts_new_and_empty_folders_and_marks_them_first(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     order = []

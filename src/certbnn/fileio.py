@@ -191,7 +191,45 @@ def check_output_dir(
             raise CertbnnError(f"{option} {text!r}: {ancestor} is not a directory")
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise CertbnnError(f"{option} {text!r}: cannot create it ({ancestor} is not writable)")
+        # root passes os.access everywhere: a read-only mount or a kernel's pseudo file system
+        # (/proc, /sys) refuses the mkdir anyway, so say so now (a --dry-run never makes it)
+        fstype = filesystem_type(ancestor)
+        if fstype in PSEUDO_FILESYSTEMS:
+            raise CertbnnError(
+                f"{option} {text!r}: cannot create it ({ancestor} is on the {fstype} pseudo file system)"
+            )
+        with contextlib.suppress(OSError, AttributeError):
+            if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+                raise CertbnnError(f"{option} {text!r}: cannot create it ({ancestor} is on a read-only file system)")
     return path
+
+
+# Linux file systems that hold the kernel's state, not files: nobody's outputs belong there.
+PSEUDO_FILESYSTEMS = frozenset(
+    "proc sysfs devtmpfs devpts cgroup cgroup2 debugfs tracefs securityfs pstore bpf configfs "
+    "fusectl mqueue hugetlbfs efivarfs binfmt_misc selinuxfs autofs rpc_pipefs nsfs".split()
+)
+
+
+def filesystem_type(path: str | os.PathLike, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the file system that holds ``path`` (resolved), from the mount table with the
+    longest mount point above it; ``None`` where the table cannot be read (not Linux)."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    target = Path(os.path.realpath(path))
+    best, best_type = -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # the table writes space, tab, newline and backslash in mount points as octal escapes
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+        if (target == point or point in target.parents) and len(point.parts) >= best:
+            best, best_type = len(point.parts), fields[2]
+    return best_type
 
 
 def claim_dir(raw: str | os.PathLike, kind: str | tuple[str, ...], option: str = "--out") -> Path:
