@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/certbnn demo --out runs/demo
 
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # ruff (rules in pyproject.toml): lint and format check; `make format` rewrites the files.
 lint: $(BIN)/certbnn
