@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -114,6 +115,35 @@ def open_append(path: str | os.PathLike, what: str = "log") -> IO[str]:
     except OSError as err:
         reason = "a symbolic link is in the way" if path.is_symlink() else (err.strerror or str(err))
         raise CertbnnError(f"cannot write {what} {path}: {reason}") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True, what: str = "lock file") -> Iterator[bool]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` for the ``with`` block: between
+    processes, and between two opens in one process. The file is created 0644 if absent, never
+    through a symbolic link, and left in place (it is empty). Yields True; or, with
+    ``blocking=False``, False at once when another holder has it. Where ``flock`` does not exist
+    (not POSIX) it yields True without locking."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    try:
+        handle = open_no_follow(path, "ab")
+    except OSError as err:
+        reason = "a symbolic link is in the way" if Path(path).is_symlink() else (err.strerror or str(err))
+        raise CertbnnError(f"cannot open {what} {os.fspath(path)}: {reason}") from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _tmp_pattern(names: list[str]) -> re.Pattern[str]:

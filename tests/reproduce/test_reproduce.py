@@ -246,6 +246,56 @@ def test_a_report_that_fails_between_cells_does_not_stop_the_grid(preset_file, t
     assert "| 1.0 | sgd/ibp |" in (out / "RESULTS.md").read_text()
 
 
+def test_two_processes_on_one_folder_keep_each_others_cells(preset_file, tmp_path, capsys, monkeypatch):
+    """One driver per core, each with its own --only, on one folder: a driver's write used to
+    replace results.json with the cells it had loaded at its start, dropping the cells the
+    other driver finished meanwhile. Here the second driver runs to completion while the
+    first trains its cell."""
+    from certbnn.reproduce import runner
+
+    real, nested = runner._run_cell, []
+
+    def first_driver_cell(cell, *args, **kwargs):
+        if not nested:  # while this cell trains, another process runs the other cell
+            nested.append(cell.id)
+            assert _reproduce(preset_file, out, "--only", "lam=1.0") == 0
+        return real(cell, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_cell", first_driver_cell)
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "lam=0.0") == 0
+    assert nested == ["lam/sgd/ibp/lam=0.0"]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["cells"]) == ["lam/sgd/ibp/lam=0.0", "lam/sgd/ibp/lam=1.0"]  # the preset's order
+    assert all(c["status"] == "done" for c in results["cells"].values())
+    report = (out / "RESULTS.md").read_text()
+    assert "| 0.0 | sgd/ibp |" in report and "| 1.0 | sgd/ibp |" in report
+
+
+def test_a_cell_another_process_is_running_is_skipped_not_trained_twice(preset_file, tmp_path, capsys):
+    from certbnn.fileio import file_lock
+    from certbnn.reproduce import load_preset
+    from certbnn.reproduce.runner import CELL_LOCK
+
+    cells = {c.id: c for c in load_preset(str(preset_file)).cells}
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "lam=0.0") == 0
+    held = out / "cells" / cells["lam/sgd/ibp/lam=1.0"].dirname
+    held.mkdir()
+    with file_lock(held / CELL_LOCK) as mine:  # "another process" holds the cell
+        assert mine
+        with file_lock(held / CELL_LOCK, blocking=False) as second:
+            assert second is False  # a second open of the lock conflicts, even in one process
+        assert _reproduce(preset_file, out, "--only", "lam/") == 0
+        log = capsys.readouterr().out
+        assert "lam/sgd/ibp/lam=1.0: another process is running this cell; skipped (rerun to collect it)" in log
+        assert not (held / "run").exists()
+        assert list(json.loads((out / "results.json").read_text())["cells"]) == ["lam/sgd/ibp/lam=0.0"]
+    assert _reproduce(preset_file, out, "--only", "lam/") == 0  # released: the rerun collects it
+    assert "1 already finished, 1 to run" in capsys.readouterr().out
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
+
+
 def test_cli_errors_are_one_line(preset_file, tmp_path, capsys):
     for argv, message in (
         [["--preset", "nope", "--out", str(tmp_path)], "unknown preset 'nope'"],

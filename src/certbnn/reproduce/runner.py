@@ -23,11 +23,12 @@ and the grid goes on; the next run retries it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,25 @@ from tqdm import tqdm
 from certbnn import __version__, data, distributed, strict_json
 from certbnn.errors import CertbnnError
 from certbnn.evaluation.runner import evaluate_run
-from certbnn.fileio import RUN_MARKER, atomic_write_text, claim_dir, make_dir, open_append, remove_stale_temps
+from certbnn.fileio import (
+    RUN_MARKER,
+    atomic_write_text,
+    claim_dir,
+    file_lock,
+    make_dir,
+    open_append,
+    remove_stale_temps,
+)
 from certbnn.provenance import code_version
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
 from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
 RESULTS_FORMAT_VERSION = 1
+# Several `certbnn reproduce` processes may share one grid folder (one per core, each with its own
+# --only): the grid lock is held while results.json and the report are read, merged and written;
+# a cell's lock while the cell trains and is evaluated, so that two processes never train one run.
+GRID_LOCK = ".certbnn-grid.lock"
+CELL_LOCK = ".certbnn-cell.lock"
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -98,10 +112,13 @@ def run_grid(
     """Run ``cells`` (default: all of the preset's) into ``out_dir``; returns the results dict.
 
     ``results.json`` and the report are rewritten after every cell, so a killed
-    grid leaves a valid partial record. Under torchrun every rank works on every
-    cell (training and evaluation are distributed) and rank 0 alone writes.
+    grid leaves a valid partial record. Other processes may run other cells of the same
+    folder at the same time: each write merges the cells they recorded, and a cell that
+    another process is running is skipped (rerun to collect it). Under torchrun every rank
+    works on every cell (training and evaluation are distributed) and rank 0 alone writes;
+    two torchrun launches on one folder are not guarded against each other.
     """
-    from certbnn.reproduce.report import report_files, write_report
+    from certbnn.reproduce.report import report_files
 
     comm = distributed.current()
     main = comm is None or comm.is_main
@@ -110,10 +127,11 @@ def run_grid(
     out_dir = claim_dir(out_dir, "grid") if main else Path(out_dir)  # never into someone else's folder
     if comm is not None:
         comm.barrier()  # rank 0 has claimed the folder before any rank makes a cell folder in it
-    if main:  # what a killed write left behind
+    if main:  # what a killed write left behind: under the lock, no other process is writing
         experiments = sorted({c.experiment for c in preset.cells})
         datasets = sorted({str(e["dataset"]) for e in preset.experiments})
-        remove_stale_temps(out_dir, ["results.json", RUN_MARKER, *report_files(experiments, datasets)])
+        with file_lock(out_dir / GRID_LOCK, what="grid lock"):
+            remove_stale_temps(out_dir, ["results.json", RUN_MARKER, *report_files(experiments, datasets)])
     statuses = {cell.id: cell_status(cell, out_dir) for cell in cells}  # validates before any work
     devices = sorted({str(resolve_device(cell.config.device)) for cell in cells})
     results = _load_results(out_dir / "results.json", preset)
@@ -137,46 +155,47 @@ def run_grid(
     todo = sum(s != "done" for s in statuses.values())
     log(f"{preset.name}: {len(cells)} cells, {len(cells) - todo} already finished, {todo} to run, in {out_dir}")
     bar = tqdm(cells, desc=preset.name, unit="cell", disable=not progress)
-    failures = []
+    failures, mine = [], set()
     for cell in bar:
         bar.set_postfix_str(cell.id)
         status = statuses[cell.id]
         entry = results["cells"].get(cell.id, {})
         if status == "done" and entry.get("status") == "done":
             continue
-        try:
-            previous_wall = entry.get("wall_seconds")
-            entry = _run_cell(cell, out_dir, status, main)
-            if entry and entry.get("wall_seconds") is None:
-                entry["wall_seconds"] = previous_wall  # only re-evaluated: keep the training cell's time
-        except CertbnnError as exc:
-            entry = {**_describe(cell), "status": "failed", "error": str(exc)}
-            failures.append(cell.id)
-            log(f"{cell.id}: failed: {exc}")
-        finally:
-            if comm is not None:
-                comm.barrier()  # rank 0 has written the cell's files before anyone reads them
+        with contextlib.ExitStack() as held:
+            try:
+                if not held.enter_context(_cell_lock(cell, out_dir, guarded=comm is None)):
+                    log(f"{cell.id}: another process is running this cell; skipped (rerun to collect it)")
+                    continue
+                if comm is None:
+                    status = cell_status(cell, out_dir)  # that process may have finished it meanwhile
+                previous_wall = entry.get("wall_seconds")
+                entry = _run_cell(cell, out_dir, status, main)
+                if entry and entry.get("wall_seconds") is None:
+                    entry["wall_seconds"] = previous_wall  # only re-evaluated: keep the training cell's time
+            except CertbnnError as exc:
+                entry = {**_describe(cell), "status": "failed", "error": str(exc)}
+                failures.append(cell.id)
+                log(f"{cell.id}: failed: {exc}")
+            finally:
+                if comm is not None:
+                    comm.barrier()  # rank 0 has written the cell's files before anyone reads them
         if not main:
             continue
         results["cells"][cell.id] = entry
-        results["seconds_total"] = round(
-            sum(
-                c.get("wall_seconds") or c.get("train_seconds", 0) + c.get("eval_seconds", 0)
-                for c in results["cells"].values()
-            ),
-            1,
-        )
-        atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
+        mine.add(cell.id)
         try:  # results.json holds the cell: a report that cannot be written must not stop the grid
-            write_report(results, out_dir)
-        except Exception as exc:  # noqa: BLE001  (reported, and raised again by the final report below)
-            log(f"report not written after {cell.id} ({type(exc).__name__}: {exc}); the grid goes on")
+            _save(results, mine, preset, out_dir)
+        except _ReportError as exc:  # reported, and raised again by the final report below
+            log(f"report not written after {cell.id} ({exc}); the grid goes on")
         if status != "done" and entry.get("status") == "done":
             log(f"{cell.id}: {_headline(entry)}")
     bar.close()
     if main:
-        atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
-        write_report(results, out_dir)
+        try:
+            _save(results, mine, preset, out_dir)
+        except _ReportError as exc:
+            raise exc.__cause__ from None
     if failures:
         raise CertbnnError(
             f"{len(failures)} cell(s) failed ({', '.join(failures)}); see {out_dir / 'results.json'}; "
@@ -185,12 +204,57 @@ def run_grid(
     return results
 
 
-def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict[str, Any]:
+class _ReportError(Exception):
+    """The report could not be written (results.json was); ``__cause__`` is the error."""
+
+
+def _save(results: dict[str, Any], mine: set[str], preset: Preset, out_dir: Path) -> None:
+    """Write ``results.json`` and the report, under the grid lock: the cells that other processes
+    recorded since this one loaded the file are taken from disk, except those in ``mine`` (this
+    process ran them); cells in the preset's order."""
+    from certbnn.reproduce.report import write_report
+
+    with file_lock(out_dir / GRID_LOCK, what="grid lock"):
+        on_disk = _load_results(out_dir / "results.json", preset).get("cells", {})
+        merged = {**results["cells"], **{k: v for k, v in on_disk.items() if k not in mine}}
+        results["cells"] = {c.id: merged[c.id] for c in preset.cells if c.id in merged}
+        results["seconds_total"] = round(
+            sum(
+                c.get("wall_seconds") or c.get("train_seconds", 0) + c.get("eval_seconds", 0)
+                for c in results["cells"].values()
+            ),
+            1,
+        )
+        atomic_write_text(out_dir / "results.json", strict_json.dumps(results, indent=2), "results")
+        try:
+            write_report(results, out_dir)
+        except Exception as exc:  # noqa: BLE001  (the caller decides whether the grid goes on)
+            raise _ReportError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _cell_folder(cell: Cell, out_dir: Path) -> Path:
+    """The cell's folder; a symbolic link on the way to its run or evaluation is refused."""
     folder = out_dir / "cells" / cell.dirname
-    run, evaluation_dir = folder / "run", folder / "eval"
-    linked = [p for p in (out_dir / "cells", folder, run, evaluation_dir) if p.is_symlink()]
+    linked = [p for p in (out_dir / "cells", folder, folder / "run", folder / "eval") if p.is_symlink()]
     if linked:  # the grid writes only into folders it made, never through a link elsewhere
         raise CertbnnError(f"{linked[0]} is a symbolic link; a grid's cell folders must be its own")
+    return folder
+
+
+@contextlib.contextmanager
+def _cell_lock(cell: Cell, out_dir: Path, guarded: bool) -> Iterator[bool]:
+    """Yields False when another process holds the cell (it is training or evaluating it)."""
+    if not guarded:
+        yield True
+        return
+    folder = make_dir(_cell_folder(cell, out_dir), "cell folder")
+    with file_lock(folder / CELL_LOCK, blocking=False, what="cell lock") as free:
+        yield free
+
+
+def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict[str, Any]:
+    folder = _cell_folder(cell, out_dir)
+    run, evaluation_dir = folder / "run", folder / "eval"
     config = cell.config
     if cell.depends_on is not None:
         source = (
