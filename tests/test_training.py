@@ -120,9 +120,17 @@ def test_cli_train_and_resume(tmp_path, capsys):
     metrics = json.loads((run / training.METRICS).read_text())
     assert metrics["config"]["eps"] == 0.02 and metrics["config"]["method"] == "sgd"
     capsys.readouterr()
-    assert main(["train", "--out", str(run), "--resume", "--eps", "0.3"]) == 1
-    assert "--resume continues a run with its saved settings" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--eps", "0.3", "--seed", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume continues a run with its saved settings; these differ: eps (saved 0.02, given 0.3)" in err
+    assert len(err.strip().splitlines()) == 1 and "seed" not in err  # seed 0 is the saved value
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    # the launch command repeated with --resume added: every setting equals the saved one
+    relaunch = ["train", "--config", str(toml), "--eps", "0.02", "--out", str(run), "--no-progress", "--resume"]
+    assert main(relaunch) == 0
+    toml.write_text(toml.read_text().replace("epochs = 2", "epochs = 3"))
+    assert main(relaunch) == 1
+    assert "these differ: epochs (saved 2, given 3)" in capsys.readouterr().err
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -259,11 +259,12 @@ def load_saved_config(path: str | Path) -> dict[str, Any]:
     return check_settings(TrainConfig, values, where=f"{path}: ")
 
 
-def make_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
-    """Merge file then flags over the defaults (option tables merge key by key); every value
-    is checked for type and range (:mod:`certbnn.settings`) before the config exists."""
+def make_config(*sources: dict[str, Any]) -> TrainConfig:
+    """Merge ``sources`` in order over the defaults (e.g. file then flags; option tables merge
+    key by key); every value is checked for type and range (:mod:`certbnn.settings`) before
+    the config exists."""
     merged: dict[str, Any] = {}
-    for source in (file_values, flag_values):
+    for source in sources:
         for key, value in source.items():
             if key in ("method_options", "likelihood_options") and isinstance(value, dict):
                 merged[key] = {**merged.get(key, {}), **value}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from certbnn.config import FIELDS, load_saved_config, load_toml, make_config, parse_option
+from certbnn.config import FIELDS, TrainConfig, load_saved_config, load_toml, make_config, parse_option
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -144,11 +144,10 @@ def run_train(args: argparse.Namespace) -> int:
             from certbnn.errors import CertbnnError
 
             raise CertbnnError(f"{args.out}: nothing to resume (no {CONFIG})")
+        saved = load_saved_config(saved_path)
+        config = make_config(saved)
         if given or file_values:
-            from certbnn.errors import ConfigError
-
-            raise ConfigError("--resume continues a run with its saved settings; drop the other settings")
-        config = make_config(load_saved_config(saved_path), {})
+            _refuse_changed_settings(config, make_config(saved, file_values, given))
     else:
         config = make_config(file_values, given)
     metrics = train(config, args.out, resume=args.resume, progress=not args.no_progress)
@@ -158,3 +157,14 @@ def run_train(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("test_accuracy", "certified_accuracy_ibp") if k in final)
     print(f"wrote {args.out} ({summary}; {metrics['seconds_per_epoch']:.1f} s per epoch)")
     return 0
+
+
+def _refuse_changed_settings(saved: TrainConfig, requested: TrainConfig) -> None:
+    """A resume may repeat the launch command: settings equal to the saved ones are accepted,
+    any other value is refused in one line that names it (saved and given)."""
+    old, new = saved.to_json(), requested.to_json()
+    changed = [f"{key} (saved {old[key]!r}, given {new[key]!r})" for key in old if old[key] != new.get(key)]
+    if changed:
+        from certbnn.errors import ConfigError
+
+        raise ConfigError("--resume continues a run with its saved settings; these differ: " + "; ".join(changed))
