@@ -32,3 +32,12 @@ def test_unknown_option_is_a_usage_error(capsys):
 def test_console_script_and_module_entry_points():
     out = subprocess.run([sys.executable, "-m", "certbnn", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "data" in out.stdout
+
+
+def test_reproduce_help_names_every_shipped_preset(capsys):
+    from certbnn.reproduce import list_presets
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in list_presets()) and "cifar" in list_presets()

@@ -10,6 +10,8 @@ from certbnn.config import parse_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from certbnn.reproduce.grid import list_presets
+
     p = subparsers.add_parser(
         "reproduce",
         help="run a whole study (a preset grid) and write RESULTS.md",
@@ -22,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         default="quick",
         metavar="NAME|FILE",
-        help="a shipped preset (paper, quick, eps-sweep, lambda-ablation, demo; see --list) or a path "
+        help=f"a shipped preset ({', '.join(list_presets())}; --list describes them) or a path "
         "to your own TOML file in the same format (default quick)",
     )
     p.add_argument("--out", "-o", metavar="DIR", help="output directory (required unless --list)")
