@@ -41,3 +41,16 @@ def test_reproduce_help_names_every_shipped_preset(capsys):
         main(["reproduce", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(name in text for name in list_presets()) and "cifar" in list_presets()
+
+
+def test_train_help_names_every_method_and_likelihood(capsys):
+    from certbnn.inference.base import method_names
+    from certbnn.likelihoods import likelihood_names
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    method_help = text[text.index("--method") :]
+    assert "sghmc" in method_names() and "crown-ibp" in likelihood_names()
+    assert all(f" {name}," in method_help or f" {name} " in method_help for name in method_names())
+    assert all(name in text for name in likelihood_names())

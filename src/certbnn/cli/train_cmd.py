@@ -20,7 +20,8 @@ HELP = {
     "PYTHONPATH and the current folder): factory() or factory(input_shape, num_classes) returns the module "
     "(docs/training.md, Plug-in models); nothing else on the command line imports code",
     "method": "inference method: sgd, adam, bbb, noisy-adam, vogn, swag, hmc, sghmc",
-    "likelihood": "standard (plain softmax), ibp / crown-ibp / crown (certifiably robust), fgsm / pgd (adversarial)",
+    "likelihood": "standard (plain softmax; alias categorical), ibp / crown-ibp / crown (certifiably robust), "
+    "fgsm / pgd (adversarial); gaussian (regression) is for the Python API: every CLI data set is a classification",
     "lam": "weight of the clean term in the robust/adversarial mixture, in [0, 1] (paper: 0.25)",
     "mix": "prob: -log(lam p + (1-lam) p_worst) (the paper's); loss: lam CE + (1-lam) CE_worst",
     "margins": "build worst-case logits from margin bounds z_y - z_j (tighter than separate logit bounds)",
