@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--skip-tightness", action="store_true")
     ap.add_argument("--float-rigor", action="store_true", help="only time tol='sound' against plain float32")
     args = ap.parse_args()
-    cmd = "cd /work/main && .venv/bin/python benchmarks/bounds_bench.py " + " ".join(sys.argv[1:])
+    cmd = ".venv/bin/python benchmarks/bounds_bench.py " + " ".join(sys.argv[1:])
     info = [f"Command: `{cmd.strip()}`", "", f"Machine: {machine()}.", ""]
     print("\n".join(info))
     if args.float_rigor:

@@ -1,7 +1,7 @@
 """Certification of the MNIST test set (issue 13, item 4): each figure, its reference measured in
 the same run, and the ratio.
 
-    CERTBNN_DATA=/work/shared/data .venv/bin/python benchmarks/certify_bench.py [RUN_DIR] [--quick] [--points N]
+    CERTBNN_DATA=../shared/data .venv/bin/python benchmarks/certify_bench.py [RUN_DIR] [--quick] [--points N]
 
 RUN_DIR: a trained MNIST MLP run (robust BBB); without it the script trains one itself (1 epoch
 of robust BBB, IBP at eps 0.11, lam 0.25, KL weight 0.01; a few minutes on 2 cores). ``--quick``

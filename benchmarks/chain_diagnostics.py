@@ -1,7 +1,7 @@
 """Weight- and function-space R-hat / ESS of a finished multi-chain HMC run, e.g. one made before
 ``certbnn train --parallel chains`` recorded the function-space diagnostics.
 
-    CERTBNN_DATA=/work/shared/data .venv/bin/python benchmarks/chain_diagnostics.py RUN_DIR [RUN_DIR ...]
+    CERTBNN_DATA=../shared/data .venv/bin/python benchmarks/chain_diagnostics.py RUN_DIR [RUN_DIR ...]
 
 RUN_DIR holds the pooled ``posterior.safetensors`` (chain after chain, equal lengths) and
 ``metrics.json`` (``chains.num_chains``). The function-space quantities are those of

@@ -1,7 +1,7 @@
 """Full-batch HMC potential and gradient over the MNIST training set (issue 13, item 3): each
 figure, its FLOP floor at the matmul ceiling measured in the same run, and the ratio.
 
-    CERTBNN_DATA=/work/shared/data .venv/bin/python benchmarks/hmc_bench.py [RUN_DIR] [--quick]
+    CERTBNN_DATA=../shared/data .venv/bin/python benchmarks/hmc_bench.py [RUN_DIR] [--quick]
 
 One evaluation of ``HMC.potential_and_grad`` (U and grad U over all 60,000 images, the prior
 included) for the MLP 784-512-10 with the standard likelihood and the IBP likelihood (eps 0.1,
