@@ -85,19 +85,29 @@ def test_path_pattern_catches_machine_paths():
 SUMMARY = DOCS_RESULTS.parent / "RESULTS.md"
 METHOD_LABELS = {"SGD": "sgd", "BBB": "bbb", "NoisyAdam": "noisy-adam", "VOGN": "vogn", "SWAG": "swag", "HMC": "hmc"}
 NUMBER = re.compile(r"\d+\.\d")
+BOLD_LABEL = re.compile(r"^\*\*([^*]+)\*\*")
 
 
-def _section_rows(heading_start: str) -> list[list[str]]:
-    """The Markdown table rows (cells, without the header and rule) of the first table under the
-    ``## `` heading that starts with ``heading_start``."""
+def _section_tables(heading_start: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(label, header, rows)`` of each Markdown table in the ``## `` section whose heading starts
+    with ``heading_start``; ``label`` is the bold text opening the last paragraph before the table
+    ("" if none)."""
     text = SUMMARY.read_text()
-    start = text.index("\n## " + heading_start)
-    body = text[start + 1 :]
+    body = text[text.index("\n## " + heading_start) + 1 :]
     end = body.find("\n## ")
     lines = body[: end if end > 0 else None].splitlines()
-    first = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
-    table = list(itertools.takewhile(lambda ln: ln.startswith("|"), lines[first:]))
-    return [[c.strip() for c in ln.strip("|").split("|")] for ln in table[2:]]
+    tables, label, i = [], "", 0
+    while i < len(lines):
+        if (m := BOLD_LABEL.match(lines[i])) is not None:
+            label = m.group(1)
+        if lines[i].startswith("|"):
+            block = list(itertools.takewhile(lambda ln: ln.startswith("|"), lines[i:]))
+            cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in block]
+            tables.append((label, cells[0], cells[2:]))
+            i += len(block)
+            continue
+        i += 1
+    return tables
 
 
 def _at_eps(cell: dict, eps: float) -> dict:
@@ -109,26 +119,54 @@ def _figures(row: dict) -> list[float]:
     return [100 * row["clean_accuracy"], 100 * row["pgd_accuracy"], 100 * row["certified_accuracy"]["paper"]]
 
 
+def _assert_close(got: float, want: float, where: str) -> None:
+    assert abs(got - want) <= 0.05 + 1e-6, f"{where}: {got} quoted, results.json has {want:.3f}"
+
+
 def _assert_quoted(quoted: list[str], row: dict, where: str) -> None:
     shown = [float(NUMBER.search(q).group(0)) for q in quoted]
     for name, got, want in zip(("clean", "PGD", "certified"), shown, _figures(row)):
-        assert abs(got - want) <= 0.05 + 1e-6, f"{where}: {name} {got} quoted, results.json has {want:.3f}"
+        _assert_close(got, want, f"{where} {name}")
 
 
 def _cells(study: str) -> dict:
     return json.loads((DOCS_RESULTS / study / "results.json").read_text())["cells"]
 
 
-def test_summary_paper_table_quotes_results_json():
-    cells, checked = _cells("paper"), 0
-    for row in _section_rows("`paper`:"):
-        method = METHOD_LABELS[row[0]]
-        for mode, triple in zip(("standard", "pgd", "ibp"), row[1:4]):
-            if "to run" in triple:
-                continue
-            _assert_quoted(triple.split("/"), _at_eps(cells[f"mnist/{method}/{mode}"], 0.1), f"paper {method}/{mode}")
-            checked += 1
-    assert checked >= 17
+# Sections with method x {standard, PGD, IBP} grids of "clean / PGD / certified" triples:
+# (heading, study, {bold label before the table: (experiment, test eps)}, cells that must be checked)
+METHOD_GRIDS = [
+    ("`paper`:", "paper", {"": ("mnist", 0.1)}, 17),
+    ("`paper-cpu`:", "paper-cpu", {"MNIST": ("mnist", 0.1), "Fashion-MNIST": ("fashion-mnist", 0.1)}, 36),
+    (
+        "`quick`:",
+        "quick",
+        {
+            "MNIST": ("mnist", 0.1),
+            "Fashion-MNIST": ("fashion-mnist", 0.1),
+            "CIFAR-10 (JPEG q75 copy)": ("cifar10", 0.0035),
+        },
+        48,
+    ),
+]
+
+
+@pytest.mark.parametrize(("heading", "study", "experiments", "expected"), METHOD_GRIDS)
+def test_summary_method_grids_quote_results_json(heading, study, experiments, expected):
+    cells, checked = _cells(study), 0
+    for label, header, rows in _section_tables(heading):
+        if header[:4] != ["method", *header[1:2], "PGD-adversarial", "IBP-robust"] or label not in experiments:
+            continue
+        experiment, eps = experiments[label]
+        for row in rows:
+            method = METHOD_LABELS[row[0]]
+            for mode, triple in zip(("standard", "pgd", "ibp"), row[1:4]):
+                if "to run" in triple:
+                    continue
+                cell = cells[f"{experiment}/{method}/{mode}"]
+                _assert_quoted(triple.split("/"), _at_eps(cell, eps), f"{study} {experiment}/{method}/{mode}")
+                checked += 1
+    assert checked == expected
 
 
 @pytest.mark.parametrize(
@@ -140,7 +178,8 @@ def test_summary_paper_table_quotes_results_json():
 )
 def test_summary_cell_tables_quote_results_json(heading, study, experiment, eps):
     cells, checked = _cells(study), 0
-    for row in _section_rows(heading):
+    (_, _, rows), *_ = _section_tables(heading)
+    for row in rows:
         label, mode = (part.strip() for part in row[0].split(",")[:2])
         mode = mode.split()[0].lower()
         cell = cells[f"{experiment}/{METHOD_LABELS[label]}/{mode}"]
@@ -151,13 +190,25 @@ def test_summary_cell_tables_quote_results_json(heading, study, experiment, eps)
 
 def test_summary_recipe_search_table_quotes_results_json():
     cells, checked = _cells("tune"), 0
-    for row in _section_rows("Recipe search"):
-        cell = cells[row[0].strip("`")]
-        at = _at_eps(cell, 0.1)
+    (_, _, rows), *_ = _section_tables("Recipe search")
+    for row in rows:
+        at = _at_eps(cells[row[0].strip("`")], 0.1)
         want = [100 * at["clean_accuracy"], 100 * at["certified_accuracy"]["paper"]]
         want.append(100 * at["certified_accuracy"]["per-sample"])
-        shown = [float(NUMBER.search(q).group(0)) for q in row[3:6]]
-        for got, expected in zip(shown, want):
-            assert abs(got - expected) <= 0.05 + 1e-6, f"tune {row[0]}: {got} quoted, results.json has {expected:.3f}"
+        for got, expected in zip(row[3:6], want):
+            _assert_close(float(NUMBER.search(got).group(0)), expected, f"tune {row[0]}")
         checked += 1
     assert checked == len(cells)
+
+
+def test_summary_eps_sweep_table_quotes_results_json():
+    cells, checked = _cells("eps-sweep"), 0
+    (_, header, rows), *_ = _section_tables("`eps-sweep`")
+    test_eps = [float(e) for e in header[2:]]
+    for row in rows:
+        cell = cells[f"mnist-eps/{row[1]}/eps={row[0]}"]
+        for eps, got in zip(test_eps, row[2:]):
+            want = 100 * _at_eps(cell, eps)["certified_accuracy"]["paper"]
+            _assert_close(float(got), want, f"eps-sweep {row[1]} trained at {row[0]}, tested at {eps}")
+            checked += 1
+    assert checked == 40
