@@ -181,7 +181,7 @@ def test_summary_cell_tables_quote_results_json(heading, study, experiment, eps)
     (_, _, rows), *_ = _section_tables(heading)
     for row in rows:
         label, mode = (part.strip() for part in row[0].split(",")[:2])
-        mode = mode.split()[0].lower()
+        mode = re.match(r"[a-z]+", mode.lower()).group(0)  # "IBP (30 epochs ...)", "PGD-5"
         cell = cells[f"{experiment}/{METHOD_LABELS[label]}/{mode}"]
         _assert_quoted(row[1:4], _at_eps(cell, eps), f"{study} {label}/{mode}")
         checked += 1
