@@ -182,15 +182,16 @@ def test_summary_method_grids_quote_results_json(heading, study, experiments):
     ],
 )
 def test_summary_cell_tables_quote_results_json(heading, study, experiment, eps):
-    cells, checked = _cells(study), 0
+    cells, checked = _cells(study), set()
     (_, _, rows), *_ = _section_tables(heading)
     for row in rows:
         label, mode = (part.strip() for part in row[0].split(",")[:2])
         mode = re.match(r"[a-z]+", mode.lower()).group(0)  # "IBP (30 epochs ...)", "PGD-5"
         cell = cells[f"{experiment}/{METHOD_LABELS[label]}/{mode}"]
         _assert_quoted(row[1:4], _at_eps(cell, eps), f"{study} {label}/{mode}")
-        checked += 1
-    assert checked >= 6
+        checked.add(cell["id"])
+    wanted = {cid for cid, c in cells.items() if c["status"] == "done" and c["experiment"] == experiment}
+    assert checked == wanted, f"finished cells missing from the {study} table: {sorted(wanted - checked)}"
 
 
 def test_summary_recipe_search_table_quotes_results_json():
