@@ -46,7 +46,7 @@ from certbnn.likelihoods import BatchNLL, make_likelihood
 from certbnn.models import build_model
 from certbnn.posterior import load_posterior, save_posterior
 from certbnn.priors import prior_from_model
-from certbnn.provenance import code_version
+from certbnn.provenance import code_version, machine_info
 from certbnn.schedules import LinearRamp, LRFactor, epoch_ramp, on_ramp
 from certbnn.validation import validate
 
@@ -294,6 +294,7 @@ def train(
         "code": code_version(),
         "config": config.to_json(),
         "device": str(device),
+        "machine": machine_info(str(device)),
         "num_train": len(train_ds),
         "num_val": len(val_ds) if val_ds is not None else 0,
         "test_accuracy": final.get("test_accuracy"),

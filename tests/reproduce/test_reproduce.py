@@ -119,6 +119,9 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     # the code that trained and evaluated each cell, and the code that wrote the report, are named
     assert results["code"]["version"] == cell["train_code"]["version"] == cell["evaluation"]["code"]["version"]
     assert "- code: report written by " in report
+    # and the machine that trained and evaluated each cell
+    assert cell["train_machine"]["device"] == "cpu" and cell["evaluation"]["machine"]["cpu_count"] >= 1
+    assert f"- cells trained on: {cell['train_machine']['cpu']} (" in report and "- cells evaluated on: " in report
     # the HMC cells say whether their chain moved (acceptance, distinct samples, distance from the start)
     chain = cell["chain"]
     assert chain["stored_samples"] >= 2 and 1 <= chain["distinct_samples"] <= chain["stored_samples"]

@@ -31,7 +31,7 @@ from certbnn.evaluation import ATTACKS, CERTIFICATES, certify, metrics, plots, r
 from certbnn.fileio import atomic_write_text, check_output_dir, claim_dir, make_dir, remove_stale_temps
 from certbnn.models import build_model
 from certbnn.posterior import GaussianPosterior, load_posterior, mixture_draws
-from certbnn.provenance import code_version
+from certbnn.provenance import code_version, machine_info
 from certbnn.settings import MILLION, SEED, UNIT, Range, at_least, between, check_settings, one_of
 from certbnn.training import resolve_device
 
@@ -167,6 +167,7 @@ def evaluate_run(
         "seed": options.seed,
         "train_seed": config["seed"],
         "device": str(device),
+        "machine": machine_info(str(device)),
         "processes": comm.world_size if comm else 1,
         "num_points": len(y),
         "num_samples": options.samples,

@@ -57,15 +57,12 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``RESULTS.md`` and the plots into ``out_dir``; returns the Markdown path."""
     out_dir = Path(out_dir)
     done = [c for c in results.get("cells", {}).values() if c.get("status") == "done"]
-    machine = results.get("machine", {})
     lines = [f"# certbnn reproduce: `{results.get('preset')}`", ""]
     if results.get("description"):
         lines += [results["description"], ""]
     lines += [
         f"- command: `{results.get('command') or 'certbnn reproduce --preset ' + str(results.get('preset'))}`",
-        f"- machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, torch {machine.get('torch')}, "
-        f"{machine.get('torch_threads')} threads), device {machine.get('device')}"
-        + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
+        *_machine_lines(results.get("machine", {}), done),
         f"- certbnn {results.get('certbnn_version')}; {len(done)} of {len(results.get('cells', {}))} recorded "
         f"cells finished; {results.get('seconds_total', 0):.0f} s of wall-clock time over the cells",
         f"- code: {_code_line(results)}",
@@ -95,6 +92,35 @@ def _commit(code: Any) -> str:
     if not isinstance(code, dict) or not code.get("commit"):
         return "unrecorded"
     return str(code["commit"])[:10] + (" (with local changes)" if code.get("dirty") else "")
+
+
+def _machine(machine: dict[str, Any]) -> str:
+    return (
+        f"{machine.get('cpu')} ({machine.get('cpu_count')} cores, torch {machine.get('torch')}, "
+        f"{machine.get('torch_threads')} threads), device {machine.get('device')}"
+        + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+    )
+
+
+def _machine_lines(last_run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+    """Where the cells ran. A grid resumed on another machine holds cells from both, so each cell's
+    own record (``train_machine``, ``evaluation.machine``) is counted; results without them (made
+    before they were recorded) show the machine of the last run alone, as they always did."""
+    trained = [c.get("train_machine") for c in cells]
+    evaluated = [c.get("evaluation", {}).get("machine") for c in cells]
+    if not any(trained + evaluated):
+        return [f"- machine: {_machine(last_run)}"]
+
+    def tally(machines: list[Any]) -> str:
+        names = [_machine(m) if isinstance(m, dict) and m else "unrecorded" for m in machines]
+        counts = {name: names.count(name) for name in sorted(set(names))}
+        return "; ".join(f"{name}: {n} cell{'s' if n != 1 else ''}" for name, n in counts.items())
+
+    return [
+        f"- machine of the last run: {_machine(last_run)}",
+        f"- cells trained on: {tally(trained)}",
+        f"- cells evaluated on: {tally(evaluated)}",
+    ]
 
 
 def _code_line(results: dict[str, Any]) -> str:

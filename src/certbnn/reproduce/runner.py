@@ -26,14 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from certbnn import __version__, data, distributed, strict_json
@@ -48,7 +46,7 @@ from certbnn.fileio import (
     open_append,
     remove_stale_temps,
 )
-from certbnn.provenance import code_version
+from certbnn.provenance import code_version, machine_info
 from certbnn.reproduce.grid import CELL_REF, Cell, Preset
 from certbnn.training import CONFIG, POSTERIOR, normalised_config, resolve_device, train
 
@@ -58,29 +56,6 @@ RESULTS_FORMAT_VERSION = 1
 # a cell's lock while the cell trains and is evaluated, so that two processes never train one run.
 GRID_LOCK = ".certbnn-grid.lock"
 CELL_LOCK = ".certbnn-cell.lock"
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """What ran the grid: CPU model and cores, torch version and threads, device (and GPU name)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def cell_status(cell: Cell, out_dir: Path) -> str:
@@ -312,6 +287,7 @@ def _run_cell(cell: Cell, out_dir: Path, status: str, main: bool = True) -> dict
         "num_train": metrics.get("num_train"),
         "test_accuracy": metrics.get("test_accuracy"),
         "train_code": metrics.get("code"),  # the code that trained the cell (None: before it was recorded)
+        "train_machine": metrics.get("machine"),  # where it was trained (None: before it was recorded)
         **({"chain": metrics["chain"]} if "chain" in metrics else {}),  # HMC: acceptance, distinct samples
         "evaluation": _slim(evaluation),
     }
