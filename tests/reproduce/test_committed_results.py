@@ -218,3 +218,22 @@ def test_summary_eps_sweep_table_quotes_results_json():
             _assert_close(float(got), want, f"eps-sweep {row[1]} trained at {row[0]}, tested at {eps}")
             checked += 1
     assert checked == 40
+
+
+def test_summary_fashion_search_table_quotes_results_json():
+    """The search around the recipe (robust SGD at other training eps and lambda): the second table
+    of the `fashion` section, one row per training eps and lambda; the grid's own cell (eps 0.11,
+    lambda 0.25) may stand beside them for comparison."""
+    cells = _cells("fashion")
+    wanted = {cid for cid, c in cells.items() if c["status"] == "done" and c["experiment"] == "search"}
+    if not wanted:
+        return
+    tables = _section_tables("`fashion`:")
+    assert len(tables) >= 2, "finished search cells but no search table in the `fashion` section"
+    checked = set()
+    for row in tables[1][2]:
+        eps, lam = (re.match(r"\d+(\.\d+)?", row[k]).group(0) for k in (0, 1))  # "0.15", "0.11 (the grid's)"
+        cid = "grid/sgd/ibp" if "grid" in row[0] else f"search/sgd/ibp/eps={eps}/lam={lam}"
+        _assert_quoted(row[2:5], _at_eps(cells[cid], 0.1), f"fashion {cid}")
+        checked.add(cid)
+    assert wanted <= checked, f"finished search cells missing from the table: {sorted(wanted - checked)}"
