@@ -344,16 +344,18 @@ def test_cache_is_reused_while_eps_is_fixed(blr, monkeypatch):
     assert len(calls) == 1 + 4 * 3  # one initial evaluation, then only the leapfrog's
 
 
-def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin():
-    # The trainer's loop on a small ReLU net with the IBP likelihood and a ramp over half the run:
+@pytest.mark.parametrize("likelihood_name", ["ibp", "pgd"])
+def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin(likelihood_name):
+    # The trainer's loop on a small ReLU net with a robust likelihood and a ramp over half the run:
     # burn-in (automatic) covers the ramp, samples are all drawn at the target eps, and the chain
-    # still moves (the frozen chain of issue 11 stored 1 distinct sample out of 20).
+    # still moves (the frozen chain of issue 11 stored 1 distinct sample out of 20; with PGD, a
+    # potential that drew new random starts at every evaluation shrank the step to ~1e-8).
     from certbnn.likelihoods import BatchNLL, make_likelihood
     from certbnn.schedules import epoch_ramp
 
     model, x, y, _ = tiny_classification()
     x = x.sigmoid()  # inputs in [0, 1] like images
-    likelihood = make_likelihood("ibp")
+    likelihood = make_likelihood(likelihood_name)
     total, target = 40, 0.05
     schedule = epoch_ramp(target, total, 1, ramp_fraction=0.5)
     method = make_method(
@@ -369,13 +371,65 @@ def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin():
     generator = torch.Generator().manual_seed(0)
     state, infos = method.init(detached_params(model), generator), []
     for step in range(total):
-        state, info = method.step(state, (x, y), BatchNLL(likelihood, model, schedule.value(step)), generator)
+        nll = BatchNLL(likelihood, model, schedule.value(step), generator=torch.Generator().manual_seed(step))
+        state, info = method.step(state, (x, y), nll, generator)
         infos.append(info)
     assert state.sample_eps == [target] * 21 and len(state.samples) == 21  # steps 20-40 (1-based)
     rate = infos[-1]["accept_rate"]
     assert 0.3 <= rate <= 0.995 and rate == pytest.approx(sum(i["accepted"] for i in infos[-21:]) / 21)
     flat = {tuple(torch.cat([t.flatten() for t in s.values()]).tolist()) for s in state.samples}
     assert len(flat) >= 6
+
+
+def test_pgd_chain_at_a_large_n_over_t_is_not_rejected_by_attack_noise():
+    """At N / T = 640,000 a potential that drew new PGD starts at every evaluation moved by more
+    than the leapfrog's energy error: at a step of 1e-6 the chain accepted none of the 21
+    proposals after burn-in. With U a function of w alone the same chain accepts them all."""
+    from certbnn.likelihoods import BatchNLL, make_likelihood
+
+    model, x, y, _ = tiny_classification()
+    x = x.sigmoid()
+    likelihood = make_likelihood("pgd")
+    method = make_method(
+        "hmc",
+        prior=prior_from_model(model),
+        num_data=64,
+        step_size=1e-6,
+        num_leapfrog=10,
+        temperature=1e-4,
+        warm_start_epochs=0,
+        num_burnin=19,
+        adapt_step_size=False,
+    )
+    generator = torch.Generator().manual_seed(0)
+    state, accepted = method.init(detached_params(model), generator), []
+    for step in range(40):
+        nll = BatchNLL(likelihood, model, 0.05, generator=torch.Generator().manual_seed(step))
+        state, info = method.step(state, (x, y), nll, generator)
+        accepted.append(info["accepted"])
+    flat = {tuple(torch.cat([t.flatten() for t in s.values()]).tolist()) for s in state.samples}
+    assert sum(accepted[19:]) >= 19 and len(flat) >= 19
+
+
+def test_potential_is_a_function_of_the_weights_under_a_random_attack():
+    """PGD draws random starts: inside U they come from a fixed seed, not from the run's generator,
+    so U and grad U at one position are the same at every evaluation (the MH test compares one
+    function at two points) and the run's generator is left alone."""
+    from certbnn.likelihoods import BatchNLL, make_likelihood
+
+    model, x, y, _ = tiny_classification()
+    x = x.sigmoid()
+    run_generator = torch.Generator().manual_seed(3)
+    before = run_generator.get_state()
+    nll = BatchNLL(make_likelihood("pgd", steps=3), model, 0.1, generator=run_generator)
+    method = HMC(warm_start_epochs=0, prior=prior_from_model(model), num_data=64, chunk_size=16)
+    params = detached_params(model)
+    (u1, g1), (u2, g2) = (method.potential_and_grad(params, (x, y), nll) for _ in range(2))
+    assert torch.equal(u1, u2) and all(torch.equal(g1[n], g2[n]) for n in g1)
+    assert torch.equal(run_generator.get_state(), before)
+    # and the attack is random: another seed gives another U (so the check above has power)
+    other = dataclasses.replace(nll, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(nll(params, x, y), other(params, x, y))
 
 
 def test_for_schedule_sets_the_automatic_burnin_and_refuses_early_or_no_samples(blr):

@@ -28,6 +28,17 @@ a proposal whenever it differs, so H_old and H_new always come from the same lik
 (Comparing a stale U at a smaller eps with U_new at a larger one rejects every
 proposal: the chain froze.)
 
+U must be a function of w alone, so the likelihood's randomness (PGD's random starts) is
+drawn from a fresh generator at the fixed seed ``POTENTIAL_SEED`` at every evaluation of U:
+every proposal then sees the same random starts for the same data, the adversarial inputs
+depend on w only, and the Metropolis test compares one function at two points. (With the run's
+generator each evaluation drew new starts: U carried noise of order N / T times the NLL's
+sampling noise, the MH test accepted or rejected on that noise, the step adaptation shrank the
+step to ~1e-8, and the chain stood still; measured on the `fashion` preset's PGD cell.) The
+leapfrog's force is the gradient at the attack's inputs (Danskin), a deterministic function of
+w, so the integrator stays volume-preserving and reversible and MH remains exact for this U.
+A likelihood callable without a ``generator`` field must itself be deterministic.
+
 Step size: during the first ``num_burnin`` proposals it is adapted (if
 ``adapt_step_size``) by dual averaging (Hoffman & Gelman 2014, Alg. 5; gamma=0.05,
 t0=10, kappa=0.75, mu = log(10 eps_0)) towards ``target_accept``, then fixed to
@@ -77,6 +88,7 @@ from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
 
 _DA_GAMMA, _DA_T0, _DA_KAPPA = 0.05, 10.0, 0.75
+POTENTIAL_SEED = 0x5EED  # the likelihood's randomness inside U(w): fixed, so U is a function of w
 MIN_ADAPT_BURNIN = 20  # dual averaging with fewer burn-in proposals ends on its early, 10x-too-large steps
 
 
@@ -172,6 +184,15 @@ def samples_posterior(samples: list[Params], method: str) -> SamplePosterior:
     if not samples:
         raise ConfigError(f"{method} has stored no samples yet: run past num_burnin (and thin) steps first")
     return SamplePosterior({name: torch.stack([s[name] for s in samples]) for name in samples[0]})
+
+
+def fixed_randomness(nll: NLL) -> NLL:
+    """``nll`` with its ``generator`` replaced by a fresh one at ``POTENTIAL_SEED`` (a CPU
+    generator, which serves data on any device), so that U(w) is deterministic; a callable
+    without a ``generator`` field is returned as it is."""
+    if dataclasses.is_dataclass(nll) and any(f.name == "generator" for f in dataclasses.fields(nll)):
+        return dataclasses.replace(nll, generator=torch.Generator().manual_seed(POTENTIAL_SEED))
+    return nll
 
 
 def randn_like(t: Tensor, generator: torch.Generator) -> Tensor:
@@ -335,7 +356,7 @@ class HMC:
         setting restored after."""
         x, y = batch
         comm = getattr(nll, "comm", None)
-        local = nll.local() if comm else nll
+        local = fixed_randomness(nll.local() if comm else nll)
         count = x.shape[0]
         if comm:
             count = int(comm.all_reduce(torch.tensor(float(count), dtype=torch.float64)).item())
