@@ -31,19 +31,20 @@ proposal: the chain froze.)
 U must be a function of w alone, so the likelihood's randomness (PGD's random starts) is
 drawn from a fresh generator at the fixed seed ``POTENTIAL_SEED`` at every evaluation of U:
 every proposal then sees the same random starts for the same data, the adversarial inputs
-depend on w only, and the Metropolis test compares one function at two points. (With the run's
-generator each evaluation drew new starts: at the `fashion` preset's SGD PGD network, N / T =
-1e6, two evaluations of U at the same w differed by 200-2,000, against the O(1) energy error
-the test is meant to judge.) The leapfrog's force is the gradient at the attack's inputs
-(Danskin), a deterministic function of w, so the integrator stays volume-preserving and
-reversible and MH remains exact for this U. A likelihood callable without a ``generator`` field
-must itself be deterministic.
+depend on w only, and the Metropolis test compares one function at two points. (`certbnn
+train` already turns PGD's random start off for full-batch methods; this guards every other
+caller, e.g. the API or ``random_start = true``. With the run's generator, at the `fashion`
+preset's SGD PGD network and N / T = 1e6, two evaluations of U at the same w differed by 193.)
+The leapfrog's force is the gradient at the attack's inputs (Danskin), a deterministic function
+of w, so the integrator stays volume-preserving and reversible and MH remains exact for this U.
+A likelihood callable without a ``generator`` field must itself be deterministic.
 
 Even so a PGD potential is rough: the attack's inputs jump as w moves (sign steps,
-projection), so along a random direction U changed by 5 at a displacement of 1e-6 and by 45 at
-1e-5 where its gradient predicts 0.06 and 0.6 (same network). The energy error then forces
-steps near 1e-8 and the chain barely leaves its start: a property of the PGD likelihood at
-this N / T, not of the sampler (docs/RESULTS.md, "`fashion`").
+projection). Along a random direction at the same network (no random start, as `certbnn
+train` runs it) U changed by 1.9, 7.1 and 16 at displacements of 1e-8, 1e-7 and 1e-6, where its
+gradient predicts 0.001, 0.01 and 0.1. The energy error then forces steps near 1e-8 and the
+chain barely leaves its start: a property of the PGD likelihood at this N / T, not of the
+sampler (docs/RESULTS.md, "`fashion`").
 
 Step size: during the first ``num_burnin`` proposals it is adapted (if
 ``adapt_step_size``) by dual averaging (Hoffman & Gelman 2014, Alg. 5; gamma=0.05,
