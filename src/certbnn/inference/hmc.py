@@ -41,10 +41,10 @@ A likelihood callable without a ``generator`` field must itself be deterministic
 
 Even so a PGD potential is rough: the attack's inputs jump as w moves (sign steps,
 projection). Along a random direction at the same network (no random start, as `certbnn
-train` runs it) U changed by 1.9, 7.1 and 16 at displacements of 1e-8, 1e-7 and 1e-6, where its
-gradient predicts 0.001, 0.01 and 0.1. The energy error then forces steps near 1e-8 and the
-chain barely leaves its start: a property of the PGD likelihood at this N / T, not of the
-sampler (docs/RESULTS.md, "`fashion`").
+train` runs it) U changed by 1.4-3 at displacements of 1e-9 to 1e-6 and by 24 at 1e-5, where its
+gradient predicts 1e-4 to 0.1 and 1.1 (benchmarks/pgd_potential_roughness.py). The energy error
+then forces steps near 1e-8 and the chain barely leaves its start: a property of the PGD
+likelihood at this N / T, not of the sampler (docs/RESULTS.md, "`fashion`").
 
 Step size: during the first ``num_burnin`` proposals it is adapted (if
 ``adapt_step_size``) by dual averaging (Hoffman & Gelman 2014, Alg. 5; gamma=0.05,
