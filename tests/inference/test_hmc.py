@@ -344,6 +344,23 @@ def test_cache_is_reused_while_eps_is_fixed(blr, monkeypatch):
     assert len(calls) == 1 + 4 * 3  # one initial evaluation, then only the leapfrog's
 
 
+def test_a_float32_cached_potential_from_an_older_checkpoint_is_recomputed(blr, monkeypatch):
+    """Checkpoints written before U was summed in float64 cache a rounded float32 U: the first
+    step after resuming evaluates U afresh instead of judging the proposal against it."""
+    method = HMC(
+        warm_start_epochs=0, temperature=1.0, prior=blr.prior, num_data=30, step_size=0.02, num_leapfrog=3, num_burnin=0
+    )
+    state, _ = run(method, detached_params(blr.model), (blr.x, blr.y), blr.nll, 2)
+    old = dataclasses.replace(state, potential=state.potential.float() + 1.0)  # as a pre-float64 checkpoint
+    calls = []
+    real = HMC.potential_and_grad
+    monkeypatch.setattr(HMC, "potential_and_grad", lambda self, *a: calls.append(1) or real(self, *a))
+    new, info = method.step(old, (blr.x, blr.y), blr.nll, torch.Generator().manual_seed(5))
+    assert len(calls) == 1 + 3 and new.potential.dtype == torch.float64
+    if not info["accepted"]:
+        assert torch.equal(new.potential, state.potential)
+
+
 @pytest.mark.parametrize("likelihood_name", ["ibp", "pgd"])
 def test_chain_under_an_eps_ramp_keeps_accepting_after_burnin(likelihood_name):
     # The trainer's loop on a small ReLU net with a robust likelihood and a ramp over half the run:
@@ -468,3 +485,54 @@ def test_warm_start_epoch_is_sgd_on_the_map_objective_not_a_proposal():
     assert float(nll(state.position, x, y).mean()) < 0.7 * float(nll(params, x, y).mean())
     state, info = method.step(state, (x, y), nll, torch.Generator().manual_seed(1))
     assert "warm_start" not in info and state.num_steps == 1 and len(state.samples) == 1
+
+
+def float32_classification(n: int = 4000):
+    """(model, x, y, nll): a float32 20-64-10 ReLU MLP and ``n`` random points (N / T large)."""
+    from certbnn.likelihoods import Categorical
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(n, 20), torch.randint(0, 10, (n,))
+
+    def nll(params, xb, yb):
+        return Categorical().nll(model, params, xb, yb)
+
+    return model, x, y, nll
+
+
+def test_potential_of_a_float32_network_is_summed_in_float64():
+    """U = (N / (n T)) sum_i nll_i - log p(w) equals the float64 sum of the network's own float32
+    per-example NLLs: at N / T = 6e6 (U ~ 1.4e7) a float32 sum was off by ~1."""
+    model, x, y, nll = float32_classification()
+    params, prior = detached_params(model), prior_from_model(model)
+    method = HMC(warm_start_epochs=0, prior=prior, num_data=60000, temperature=0.01, chunk_size=1000)
+    u, grad = method.potential_and_grad(params, (x, y), nll)
+    exact = 60000 / (4000 * 0.01) * nll(params, x, y).detach().double().sum()
+    exact = exact - prior.log_prob({n: p.double() for n, p in params.items()})
+    assert u.dtype == torch.float64 and float(u) > 1e7
+    assert abs(float(u - exact)) < 1e-6 * 1e-3 * float(exact)  # float64 rounding of the sums only
+    assert all(g.dtype == torch.float32 for g in grad.values())
+    momentum = {n: torch.randn(p.shape) for n, p in params.items()}
+    kinetic = method.kinetic(momentum, method.masses(params))
+    exact_kinetic = sum(0.5 * (p.double() ** 2).sum() for p in momentum.values())
+    assert kinetic.dtype == torch.float64 and torch.allclose(kinetic, exact_kinetic, rtol=1e-12)
+
+
+def test_energy_error_of_a_float32_network_shrinks_below_the_float32_rounding_of_u():
+    """At tiny steps leapfrog's energy error H_old - H_new is ~0 up to the network's per-example
+    rounding (~0.02 here); with U and K summed in float32 it was ~0.6 on average at U ~ 1.4e7
+    (ulp 1), which the Metropolis test would judge instead of the dynamics."""
+    model, x, y, nll = float32_classification()
+    params = detached_params(model)
+    method = HMC(warm_start_epochs=0, prior=prior_from_model(model), num_data=60000, temperature=0.01)
+    masses = method.masses(params)
+    u, g = method.potential_and_grad(params, (x, y), nll)
+    generator = torch.Generator().manual_seed(1)
+    errors = []
+    for step in (1e-7, 1e-8):
+        for _ in range(5):
+            p = {n: torch.randn(w.shape, generator=generator) for n, w in params.items()}
+            _, p_new, u_new, _ = method.leapfrog(params, p, g, step, masses, (x, y), nll)
+            errors.append(abs(float(u + method.kinetic(p, masses) - u_new - method.kinetic(p_new, masses))))
+    assert sum(errors) / len(errors) < 0.1, errors

@@ -331,8 +331,9 @@ class HMC:
 
     @staticmethod
     def kinetic(momentum: Params, masses: Mapping[str, Tensor | float]) -> Tensor:
-        """K(p) = sum p^2 / (2 M)."""
-        return sum((0.5 * p * p / masses[n]).sum() for n, p in momentum.items())
+        """K(p) = sum p^2 / (2 M), in float64 (a 0-dim float64 tensor): it enters the
+        energy error H_old - H_new of the Metropolis test beside U (see ``potential_and_grad``)."""
+        return sum((0.5 * p.double() ** 2 / masses[n]).sum() for n, p in momentum.items())
 
     def leapfrog(
         self,
@@ -360,7 +361,10 @@ class HMC:
         accumulate in place (one autograd call per chunk, no per-chunk copies); with
         ``flush_denormals`` subnormal floats are flushed to zero meanwhile (plain arithmetic,
         not a certificate; subnormal matmul operands are 10-30x slower on x86), the caller's
-        setting restored after."""
+        setting restored after. U is a 0-dim float64 tensor: the prior term and the sums over
+        examples and chunks are accumulated in float64 (the gradient keeps the parameters'
+        dtype). A float32 sum would round U, about (N / T) x mean NLL, to ~1e-7 of itself: a
+        floor of ~1 on the energy error at N / T = 6e6, whatever the step size."""
         x, y = batch
         comm = getattr(nll, "comm", None)
         local = fixed_randomness(nll.local() if comm else nll)
@@ -371,13 +375,13 @@ class HMC:
         w = requires_grad(position)
         names = list(w)
         with torch.enable_grad(), flush_denormals(self.flush_denormals):
-            prior_term = -self.prior.log_prob(w)
+            prior_term = -self.prior.log_prob({n: v.double() for n, v in w.items()})
             grads = [g.clone() for g in grad_of(prior_term, w).values()]  # fresh: accumulated in place
-            data_total = torch.zeros((), dtype=prior_term.dtype, device=prior_term.device)
+            data_total = torch.zeros((), dtype=torch.float64, device=prior_term.device)
             data_grads = [torch.zeros_like(g) for g in grads] if comm else grads
             for start in range(0, x.shape[0], self.chunk_size) if self.num_data > 0 else []:
                 chunk = slice(start, start + self.chunk_size)
-                loss = local(w, x[chunk], y[chunk]).sum() * scale
+                loss = local(w, x[chunk], y[chunk]).sum(dtype=torch.float64) * scale
                 for acc, g in zip(data_grads, torch.autograd.grad(loss, [w[n] for n in names], allow_unused=True)):
                     if g is not None:
                         acc.add_(g)
@@ -413,8 +417,9 @@ class HMC:
         burning_in = state.num_steps < num_burnin
         eps_now = likelihood_eps(nll)
         potential, gradient = state.potential, state.gradient
-        if potential is None or gradient is None or state.potential_eps != eps_now:
-            # no cache yet, or it belongs to another likelihood: H_old must use this one
+        if potential is None or gradient is None or state.potential_eps != eps_now or potential.dtype != torch.float64:
+            # no cache yet, or it belongs to another likelihood (or, from a checkpoint written
+            # before U was summed in float64, to a rounded one): H_old must use this one
             potential, gradient = self.potential_and_grad(state.position, batch, nll)
         jitter_u, accept_u = torch.rand(2, generator=generator, dtype=torch.float64, device=generator.device).tolist()
         eps = state.step_size * (1.0 + self.jitter * (2.0 * jitter_u - 1.0))
