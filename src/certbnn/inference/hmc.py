@@ -39,12 +39,15 @@ The leapfrog's force is the gradient at the attack's inputs (Danskin), a determi
 of w, so the integrator stays volume-preserving and reversible and MH remains exact for this U.
 A likelihood callable without a ``generator`` field must itself be deterministic.
 
-Even so a PGD potential is rough: the attack's inputs jump as w moves (sign steps,
+Even so a PGD potential is discontinuous: the attack's inputs jump as w moves (sign steps,
 projection). Along a random direction at the same network (no random start, as `certbnn
-train` runs it) U changed by 1.4-3 at displacements of 1e-9 to 1e-6 and by 24 at 1e-5, where its
-gradient predicts 1e-4 to 0.1 and 1.1 (benchmarks/pgd_potential_roughness.py). The energy error
-then forces steps near 1e-8 and the chain barely leaves its start: a property of the PGD
-likelihood at this N / T, not of the sampler (docs/RESULTS.md, "`fashion`").
+train` runs it; network and sums in float64) U followed its gradient at a displacement of 1e-9,
+then jumped by 1.4 at 1e-8 and 6.3 at 1e-7, where the gradient predicts 0.002 and 0.02
+(benchmarks/potential_roughness.py). The energy error then forces steps near 1e-8 and the chain
+barely leaves its start: a property of the PGD likelihood at this N / T, not of the sampler
+(docs/RESULTS.md, "`fashion`"). An IBP potential is continuous but kinked wherever a weight
+crosses 0 (the |W| of the interval radius), and IBP training leaves many weights within 1e-6 of
+0: hence its small adapted steps (docs/RESULTS.md, "Bayesian rows").
 
 Step size: during the first ``num_burnin`` proposals it is adapted (if
 ``adapt_step_size``) by dual averaging (Hoffman & Gelman 2014, Alg. 5; gamma=0.05,
