@@ -17,10 +17,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-
 from test_committed_results import DOCS_RESULTS, STUDIES, SUMMARY, _cells, _section_tables
 
 REPO = DOCS_RESULTS.parents[1]
