@@ -78,10 +78,11 @@ def test_every_source_change_after_the_boundary_is_reviewed(git_history):
 
 
 def _final(cell: dict) -> bool:
+    """Trained and evaluated by clean checkouts (no local source changes) of descendants of the
+    method's boundary."""
     boundary = NUMERICS_SINCE.get(cell["method"], GENERAL)
-    trained = (cell.get("train_code") or {}).get("commit")
-    evaluated = ((cell.get("evaluation") or {}).get("code") or {}).get("commit")
-    return all(c is not None and _descends(boundary, c) for c in (trained, evaluated))
+    codes = [cell.get("train_code") or {}, (cell.get("evaluation") or {}).get("code") or {}]
+    return all(c.get("commit") and c.get("dirty") is False and _descends(boundary, c["commit"]) for c in codes)
 
 
 def _machine(cell: dict) -> str:
