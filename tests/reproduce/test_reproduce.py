@@ -299,6 +299,86 @@ def test_a_cell_another_process_is_running_is_skipped_not_trained_twice(preset_f
     assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
 
 
+def _kept_source(finished_grid, tmp_path, edit=None) -> Path:
+    """A copy of the finished grid's results.json, every cell's test accuracy marked, then ``edit``-ed."""
+    results = json.loads((finished_grid / "results.json").read_text())
+    for entry in results["cells"].values():
+        entry["test_accuracy"] = -1.0  # a mark that no run made here can carry
+    if edit is not None:
+        edit(results)
+    path = tmp_path / "kept" / "results.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_keep_from_reports_the_whole_study_while_rerunning_a_few_cells(preset_file, finished_grid, tmp_path, capsys):
+    source = _kept_source(finished_grid, tmp_path)
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "lam=0.0") == 0  # this folder holds one cell already
+    capsys.readouterr()
+    assert _reproduce(preset_file, out, "--only", "lam=1.0", "--keep-from", str(source)) == 0
+    assert "kept 4 finished cell(s) of another results file (2 held or run here)" in capsys.readouterr().out
+    assert sorted(_posteriors(out)) == ["lam__sgd__ibp__lam=0.0", "lam__sgd__ibp__lam=1.0"]  # nothing else ran
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["cells"]) == CELLS  # the whole study, in the preset's order
+    kept = json.loads(source.read_text())["cells"]
+    for cell_id, entry in results["cells"].items():
+        if cell_id.startswith("lam/"):  # run here: the folder's own cells win over the kept ones
+            assert entry["test_accuracy"] != -1.0
+        else:
+            assert entry == kept[cell_id]  # kept unchanged
+    assert "tiny-grid" in (out / "RESULTS.md").read_text()
+    assert _reproduce(preset_file, out, "--only", "lam/") == 0  # a later run without the option keeps them
+    assert list(json.loads((out / "results.json").read_text())["cells"]) == CELLS
+
+
+def test_keep_from_never_stands_in_for_a_cell_folder_this_grid_holds(preset_file, finished_grid, tmp_path):
+    source = _kept_source(finished_grid, tmp_path)
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "lam=0.0") == 0
+    (out / "results.json").unlink()  # lost; the cell folder is the source of truth
+    assert _reproduce(preset_file, out, "--only", "lam=1.0", "--keep-from", str(source)) == 0
+    assert "lam/sgd/ibp/lam=0.0" not in json.loads((out / "results.json").read_text())["cells"]
+    assert _reproduce(preset_file, out, "--only", "lam/") == 0  # collected from its folder, not the kept copy
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert list(cells) == CELLS and cells["lam/sgd/ibp/lam=0.0"]["test_accuracy"] != -1.0
+
+
+def _set_epochs(results):
+    results["cells"]["tiny-grid/sgd/ibp"]["config"]["epochs"] = 3
+
+
+def _set_limit(results):
+    results["cells"]["tiny-grid/sgd/ibp"]["evaluate_options"]["limit"] = 7
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.update(preset="quick"), "holds preset 'quick', not 'tiny'"),
+        (lambda r: r.update(format_version=99), "results format 99, this certbnn reads 1"),
+        (lambda r: r.pop("cells"), "not a certbnn reproduce results.json (no cells)"),
+        (lambda r: r["cells"].update(zzz={"status": "done"}), "cell zzz is not a cell of preset 'tiny'"),
+        (_set_epochs, "cell tiny-grid/sgd/ibp was made with other settings (epochs: 3 -> 2)"),
+        (_set_limit, "cell tiny-grid/sgd/ibp was made with other settings (evaluation settings)"),
+        ("missing", "no such file"),
+        ("corrupt", "not a readable results.json (JSONDecodeError)"),
+    ],
+)
+def test_keep_from_refuses_what_cannot_stand_for_this_grid(preset_file, finished_grid, tmp_path, capsys, edit, message):
+    source = _kept_source(finished_grid, tmp_path, edit if callable(edit) else None)
+    if edit == "missing":
+        source.unlink()
+    elif edit == "corrupt":
+        source.write_text('{"cells": ')
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--keep-from", str(source)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not out.exists()  # refused before any work
+
+
 def test_cli_errors_are_one_line(preset_file, tmp_path, capsys):
     for argv, message in (
         [["--preset", "nope", "--out", str(tmp_path)], "unknown preset 'nope'"],

@@ -36,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the id's start ('^mnist/' leaves out 'fashion-mnist/...'); runs the matching cells and the cells they "
         "start from",
     )
+    p.add_argument(
+        "--keep-from",
+        metavar="RESULTS_JSON",
+        help="another results.json of this preset (e.g. a committed study) whose finished cells this folder's "
+        "results and report keep, unchanged, until this folder runs them: rerun a few cells into a fresh folder "
+        "and still report the whole study. Its cells must have this grid's settings; cells this folder holds win",
+    )
     add_device_option(p)
     p.add_argument("--data-dir", help="data directory for every data set (default: $CERTBNN_DATA, the usual search)")
     p.add_argument(
@@ -73,7 +80,7 @@ def overrides_from(args: argparse.Namespace) -> tuple[dict, dict]:
 def run_reproduce(args: argparse.Namespace) -> int:
     from certbnn.errors import ConfigError
     from certbnn.reproduce import list_presets, load_preset, run_grid, select
-    from certbnn.reproduce.runner import cell_status
+    from certbnn.reproduce.runner import cell_status, load_kept_cells
 
     if args.list:
         for name in list_presets():
@@ -84,6 +91,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     train, evaluate = overrides_from(args)
     preset = load_preset(args.preset, train, evaluate)
     cells = select(preset.cells, [p for p in args.only.split(",") if p])
+    kept = load_kept_cells(args.keep_from, preset) if args.keep_from else None
     from certbnn.fileio import check_output_dir
 
     check_output_dir(args.out, "grid")  # not "/", a file nor someone else's folder, --dry-run too
@@ -99,6 +107,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         cells=cells,
         progress=not args.no_progress,
         command=_command(args),
+        kept=kept,
         log=lambda line: print(line, flush=True),
     )
     print(f"wrote {args.out}/results.json and {args.out}/RESULTS.md ({len(results['cells'])} cells)")

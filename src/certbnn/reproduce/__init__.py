@@ -7,6 +7,6 @@ a resumable grid runner, the RESULTS report, and the demo.
 """
 
 from certbnn.reproduce.grid import Cell, Preset, list_presets, load_preset, select
-from certbnn.reproduce.runner import run_grid
+from certbnn.reproduce.runner import load_kept_cells, run_grid
 
-__all__ = ["Cell", "Preset", "list_presets", "load_preset", "run_grid", "select"]
+__all__ = ["Cell", "Preset", "list_presets", "load_kept_cells", "load_preset", "run_grid", "select"]

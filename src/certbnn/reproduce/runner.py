@@ -83,6 +83,7 @@ def run_grid(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str = "",
+    kept: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``cells`` (default: all of the preset's) into ``out_dir``; returns the results dict.
 
@@ -92,6 +93,10 @@ def run_grid(
     another process is running is skipped (rerun to collect it). Under torchrun every rank
     works on every cell (training and evaluation are distributed) and rank 0 alone writes;
     two torchrun launches on one folder are not guarded against each other.
+
+    ``kept`` (from :func:`load_kept_cells`) are finished cells of another results file that
+    this folder's results stand on, unchanged, as if run here: a cell the folder holds (in its
+    ``results.json`` or as a cell folder) or that this call runs is never replaced by one.
     """
     from certbnn.reproduce.report import report_files
 
@@ -129,6 +134,11 @@ def run_grid(
     results["cells"] = {k: v for k, v in results.get("cells", {}).items() if k in known}
     todo = sum(s != "done" for s in statuses.values())
     log(f"{preset.name}: {len(cells)} cells, {len(cells) - todo} already finished, {todo} to run, in {out_dir}")
+    if kept and main:
+        own = {c.id for c in preset.cells if (out_dir / "cells" / c.dirname).exists()} | set(statuses)
+        added = {k: v for k, v in kept.items() if k not in results["cells"] and k not in own}
+        results["cells"].update(added)
+        log(f"kept {len(added)} finished cell(s) of another results file ({len(kept) - len(added)} held or run here)")
     bar = tqdm(cells, desc=preset.name, unit="cell", disable=not progress)
     failures, mine = [], set()
     for cell in bar:
@@ -340,17 +350,66 @@ def _check_same_config(cell: Cell, run: Path) -> None:
         saved = json.loads(saved_path.read_text())
     except json.JSONDecodeError:
         raise CertbnnError(f"{saved_path}: corrupt; delete that cell's folder to rerun it") from None
-    saved = normalised_config(saved) or saved  # fields added since the cell ran take their defaults
-    wanted = normalised_config(cell.config.to_json())
-    if cell.depends_on is not None:
-        saved = {**saved, "init_from": wanted["init_from"]}  # resolved to a path when it ran
-    if saved != wanted:
-        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:3])
+    detail = _config_difference(saved, cell)
+    if detail:
         raise CertbnnError(
             f"cell {cell.id} in {run.parent} was trained with other settings ({detail}); "
             "use another --out, or delete that cell's folder to retrain it"
         )
+
+
+def _config_difference(saved: dict[str, Any], cell: Cell) -> str:
+    """The first (up to three) settings in which a saved training config differs from the cell's,
+    as ``key: saved -> wanted``; empty when they describe the same run."""
+    saved = normalised_config(saved) or saved  # fields added since the cell ran take their defaults
+    wanted = normalised_config(cell.config.to_json())
+    if cell.depends_on is not None:
+        saved = {**saved, "init_from": wanted["init_from"]}  # resolved to a path when it ran
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:3])
+
+
+def load_kept_cells(path: str | Path, preset: Preset) -> dict[str, dict[str, Any]]:
+    """The finished cells of another ``results.json`` of the same preset, for ``run_grid(kept=...)``.
+
+    Every finished cell must be one of the preset's cells with the same training and evaluation
+    settings (it stands for exactly what this grid would compute); anything else is refused with
+    a one-line :class:`CertbnnError`, before any work. Failed cells are not kept.
+    """
+    path = Path(path)
+    try:
+        other = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CertbnnError(f"--keep-from {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CertbnnError(f"--keep-from {path}: not a readable results.json ({type(exc).__name__})") from None
+    if not isinstance(other, dict) or not isinstance(other.get("cells"), dict):
+        raise CertbnnError(f"--keep-from {path}: not a certbnn reproduce results.json (no cells)")
+    if other.get("format_version") != RESULTS_FORMAT_VERSION:
+        raise CertbnnError(
+            f"--keep-from {path}: results format {other.get('format_version')!r}, "
+            f"this certbnn reads {RESULTS_FORMAT_VERSION}"
+        )
+    if other.get("preset") != preset.name:
+        raise CertbnnError(f"--keep-from {path}: holds preset {other.get('preset')!r}, not {preset.name!r}")
+    cells = {cell.id: cell for cell in preset.cells}
+    kept = {}
+    for cell_id, entry in other["cells"].items():
+        if not isinstance(entry, dict) or entry.get("status") != "done":
+            continue
+        if cell_id not in cells:
+            raise CertbnnError(f"--keep-from {path}: cell {cell_id} is not a cell of preset {preset.name!r}")
+        cell = cells[cell_id]
+        detail = _config_difference(entry.get("config") or {}, cell)
+        if not detail and entry.get("evaluate_options") != asdict(cell.evaluate):
+            detail = "evaluation settings"
+        if detail:
+            raise CertbnnError(
+                f"--keep-from {path}: cell {cell_id} was made with other settings ({detail}); "
+                "it cannot stand for this grid's cell"
+            )
+        kept[cell_id] = entry
+    return kept
 
 
 def _load_results(path: Path, preset: Preset) -> dict[str, Any]:
