@@ -43,6 +43,7 @@ REVIEWED = {
     "7dd0400": "neutral: hmc docstring",
     "6705220": "hmc: U and K summed in float64",
     "88d6cec": "neutral: hmc docstring",
+    "32afbf8": "neutral: reproduce --keep-from (which cells a results file lists, not how they are computed)",
 }
 
 
