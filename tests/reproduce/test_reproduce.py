@@ -104,6 +104,8 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     # machine-readable and portable: no path of this machine (output folder, data root) inside,
     # besides the command line and preset file exactly as the user typed them
     typed = {k: v for k, v in results.items() if k not in ("command", "source")}
+    for entry in typed["cells"].values():
+        assert entry.pop("invocation") == results["command"]  # one invocation, without --only, trained all
     assert str(finished_grid) not in json.dumps(typed)
     assert all(not Path(c["dir"]).is_absolute() and "/" not in c["data_source"] for c in results["cells"].values())
     assert results["machine"]["device"] == "cpu" and results["preset"] == "tiny"
@@ -119,6 +121,7 @@ def test_grid_writes_results_report_and_plots(finished_grid):
     # the code that trained and evaluated each cell, and the code that wrote the report, are named
     assert results["code"]["version"] == cell["train_code"]["version"] == cell["evaluation"]["code"]["version"]
     assert "- code: report written by " in report
+    assert f"- cells trained by: `{results['command']}` (6 cells)" in report
     # and the machine that trained and evaluated each cell
     assert cell["train_machine"]["device"] == "cpu" and cell["evaluation"]["machine"]["cpu_count"] >= 1
     assert f"- cells trained on: {cell['train_machine']['cpu']} (" in report and "- cells evaluated on: " in report
@@ -297,6 +300,33 @@ def test_a_cell_another_process_is_running_is_skipped_not_trained_twice(preset_f
     assert _reproduce(preset_file, out, "--only", "lam/") == 0  # released: the rerun collects it
     assert "1 already finished, 1 to run" in capsys.readouterr().out
     assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
+
+
+def test_each_cell_records_the_invocation_that_trained_it(preset_file, finished_grid, tmp_path):
+    out = tmp_path / "out"
+    assert _reproduce(preset_file, out, "--only", "lam=0.0") == 0
+    (out / "results.json").unlink()  # the cell is collected from its folder below, not retrained
+    assert _reproduce(preset_file, out, "--only", "lam/") == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    grid = f"certbnn reproduce --preset {preset_file} --out {out} --device cpu"
+    assert "invocation" not in cells["lam/sgd/ibp/lam=0.0"]  # its record was lost with results.json
+    assert cells["lam/sgd/ibp/lam=1.0"]["invocation"] == f"{grid} --only lam/"
+    # a cell only re-evaluated keeps the invocation that trained it
+    assert _reproduce(preset_file, out, "--only", "lam=1.0", "--eval-set", "pgd_steps=2") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"]["lam/sgd/ibp/lam=1.0"]["evaluate_options"]["pgd_steps"] == 2
+    assert results["cells"]["lam/sgd/ibp/lam=1.0"]["invocation"] == f"{grid} --only lam/"
+    assert results["command"] == f"{grid} --eval-set pgd_steps=2"  # the grid's line has no --only
+    report = (out / "RESULTS.md").read_text()
+    assert f"- cells trained by: `{grid} --only lam/` (1 cell); unrecorded (1 cell)" in report
+    # kept cells keep theirs; the cells run here name the file they were kept with
+    other = tmp_path / "other"
+    source = finished_grid / "results.json"
+    assert _reproduce(preset_file, other, "--only", "lam=0.0", "--keep-from", str(source)) == 0
+    cells = json.loads((other / "results.json").read_text())["cells"]
+    assert cells["lam/sgd/ibp/lam=0.0"]["invocation"].endswith(f"--only lam=0.0 --keep-from {source}")
+    kept = json.loads(source.read_text())["cells"]
+    assert cells["tiny-grid/sgd/ibp"]["invocation"] == kept["tiny-grid/sgd/ibp"]["invocation"]
 
 
 def _kept_source(finished_grid, tmp_path, edit=None) -> Path:

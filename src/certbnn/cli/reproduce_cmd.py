@@ -107,6 +107,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         cells=cells,
         progress=not args.no_progress,
         command=_command(args),
+        invocation=_invocation(args),
         kept=kept,
         log=lambda line: print(line, flush=True),
     )
@@ -123,3 +124,11 @@ def _command(args: argparse.Namespace) -> str:
         for value in values:
             parts += [flag, value]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _invocation(args: argparse.Namespace) -> str:
+    """This invocation exactly: the grid's command plus the --only and --keep-from that chose
+    which cells it ran and which it kept (recorded in the cells it trains)."""
+    extra = ["--only", args.only] if args.only else []
+    extra += ["--keep-from", args.keep_from] if args.keep_from else []
+    return " ".join([_command(args), *(shlex.quote(p) for p in extra)])

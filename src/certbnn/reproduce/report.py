@@ -62,6 +62,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         lines += [results["description"], ""]
     lines += [
         f"- command: `{results.get('command') or 'certbnn reproduce --preset ' + str(results.get('preset'))}`",
+        *_invocation_lines(done),
         *_machine_lines(results.get("machine", {}), done),
         f"- certbnn {results.get('certbnn_version')}; {len(done)} of {len(results.get('cells', {}))} recorded "
         f"cells finished; {results.get('seconds_total', 0):.0f} s of wall-clock time over the cells",
@@ -100,6 +101,19 @@ def _machine(machine: dict[str, Any]) -> str:
         f"{machine.get('torch_threads')} threads), device {machine.get('device')}"
         + (f" ({machine['gpu']})" if machine.get("gpu") else "")
     )
+
+
+def _invocation_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """The exact command lines (with ``--only``/``--keep-from``) that trained the cells, when any
+    cell records one (``invocation``; cells made before it was recorded count as unrecorded)."""
+    lines = [c.get("invocation") or "" for c in cells]
+    if not any(lines):
+        return []
+    counts = {line: lines.count(line) for line in sorted(dict.fromkeys(lines), key=lambda line: not line)}
+    tally = "; ".join(
+        f"{f'`{line}`' if line else 'unrecorded'} ({n} cell{'s' if n != 1 else ''})" for line, n in counts.items()
+    )
+    return [f"- cells trained by: {tally}"]
 
 
 def _machine_lines(last_run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:

@@ -83,6 +83,7 @@ def run_grid(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str = "",
+    invocation: str = "",
     kept: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``cells`` (default: all of the preset's) into ``out_dir``; returns the results dict.
@@ -93,6 +94,11 @@ def run_grid(
     another process is running is skipped (rerun to collect it). Under torchrun every rank
     works on every cell (training and evaluation are distributed) and rank 0 alone writes;
     two torchrun launches on one folder are not guarded against each other.
+
+    ``command`` is the line that reproduces the whole grid (recorded once); ``invocation`` this
+    call's exact line (with the options that chose its cells, default ``command``), recorded as
+    ``invocation`` in each cell whose training this call ran or finished; a cell it only
+    evaluates or collects keeps the invocation it had.
 
     ``kept`` (from :func:`load_kept_cells`) are finished cells of another results file that
     this folder's results stand on, unchanged, as if run here: a cell the folder holds (in its
@@ -154,10 +160,13 @@ def run_grid(
                     continue
                 if comm is None:
                     status = cell_status(cell, out_dir)  # that process may have finished it meanwhile
-                previous_wall = entry.get("wall_seconds")
+                previous = entry
                 entry = _run_cell(cell, out_dir, status, main)
                 if entry and entry.get("wall_seconds") is None:
-                    entry["wall_seconds"] = previous_wall  # only re-evaluated: keep the training cell's time
+                    entry["wall_seconds"] = previous.get("wall_seconds")  # only re-evaluated: keep the training's
+                recorded = (invocation or command) if status in ("train", "resume") else previous.get("invocation")
+                if entry and recorded:
+                    entry["invocation"] = recorded
             except CertbnnError as exc:
                 entry = {**_describe(cell), "status": "failed", "error": str(exc)}
                 failures.append(cell.id)
