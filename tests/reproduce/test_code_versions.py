@@ -44,6 +44,7 @@ REVIEWED = {
     "6705220": "hmc: U and K summed in float64",
     "88d6cec": "neutral: hmc docstring",
     "32afbf8": "neutral: reproduce --keep-from (which cells a results file lists, not how they are computed)",
+    "76c0c39": "neutral: reproduce records each cell's invocation (provenance)",
 }
 
 
