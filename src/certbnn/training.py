@@ -4,6 +4,9 @@ Run directory contents (all written atomically):
 
 * ``config.json``: the resolved :class:`~certbnn.config.TrainConfig`;
 * ``checkpoint.safetensors``: method state, RNG state and history after each epoch;
+  ``checkpoint.items/``: the stored samples of HMC and SG-HMC, each written once
+  (:mod:`certbnn.checkpoint`); a chain of ``--parallel chains`` other than the first
+  writes ``checkpoint.rank<r>.safetensors`` and ``checkpoint.rank<r>.items/``;
 * ``posterior.safetensors``: the final posterior (:mod:`certbnn.posterior` format);
 * ``metrics.json``: per-epoch training and validation metrics, and the totals;
 * ``.certbnn-run``: the marker (written first) by which certbnn knows the folder is
@@ -33,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from certbnn import __version__, data, distributed, strict_json
-from certbnn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from certbnn.checkpoint import Checkpoint, CheckpointStore
 from certbnn.config import ADVERSARIAL_LIKELIHOODS, ROBUST_LIKELIHOODS, SAVED_DEFAULTS, TrainConfig
 from certbnn.data.augment import augment
 from certbnn.denormals import flush_denormals
@@ -159,12 +162,13 @@ def train(
     method = sampler_for_schedule(method, config, schedule, steps_per_epoch, log)
     step_settings = StepSettings.of(config, schedule, config.epochs * steps_per_epoch)
 
+    checkpoints = CheckpointStore(ckpt_path)
     chain_seed = config.seed + (1_000_003 * chains.rank if chains is not None else 0)  # rank 0: the usual chain
     generator = torch.Generator(device=device).manual_seed(chain_seed)
     if resume:
         # the state's class, from a throw-away init (the checkpoint holds its data)
         state_cls = type(method.init(detached_params(model), torch.Generator(device=device).manual_seed(0)))
-        ckpt, saved = load_checkpoint(ckpt_path, state_cls, device)
+        ckpt, saved = checkpoints.load(state_cls, device)
         if normalised_config(saved) != normalised_config(config.to_json()):
             raise ConfigError(
                 f"{run_dir}: the saved run used a different configuration; resume without changing settings"
@@ -250,9 +254,7 @@ def train(
             )
         history.append(record)
         if main or chains is not None:
-            save_checkpoint(
-                ckpt_path, Checkpoint(state, generator.get_state(), epoch + 1, step, history), config.to_json()
-            )
+            checkpoints.save(Checkpoint(state, generator.get_state(), epoch + 1, step, history), config.to_json())
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     posterior = method.posterior(state)

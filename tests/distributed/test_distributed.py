@@ -336,6 +336,8 @@ def test_independent_chains_pool_samples_and_report_rhat(tmp_path, data_dir):
     assert list(function["per_quantity"]) == ["nll"] + [f"logp_{i}" for i in range(8)]
     assert function["rhat_max"] > 0.9 and function["ess_min"] > 0
     assert (tmp_path / "chains" / "checkpoint.rank1.safetensors").exists()
+    for items in ("checkpoint.items", "checkpoint.rank1.items"):  # each chain's samples, one file each
+        assert len(list((tmp_path / "chains" / items).glob("samples.*.safetensors"))) == n
 
 
 def test_torchrun_reproduce_runs_a_grid_like_one_process(tmp_path, data_dir):

@@ -82,3 +82,46 @@ def test_sample_all_returns_copies_not_the_storage():
     drawn = posterior.sample(None)
     drawn["w"] += 1.0
     assert torch.equal(posterior.sample(None)["w"], torch.zeros(3, 2))
+
+
+def _sets(m: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [{"w": torch.randn(2, 3, generator=g), "b": torch.randn(2, generator=g)} for _ in range(m)]
+
+
+def test_a_posterior_of_weight_sets_draws_what_the_stacked_one_draws_without_stacking_them():
+    sets = _sets(50)
+    lazy = SamplePosterior.of_sets(sets)
+    stacked = SamplePosterior({n: torch.stack([s[n] for s in sets]) for n in ("w", "b")})
+    assert lazy.names == ["w", "b"] and lazy.num_samples == 50 and lazy.weights is None
+    for seed in range(3):
+        got = lazy.sample(7, torch.Generator().manual_seed(seed))
+        want = stacked.sample(7, torch.Generator().manual_seed(seed))
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert lazy._stacked is None  # a draw of 7 stacked those 7 only (a sampler validates every epoch)
+    got = lazy.sample(7, torch.Generator().manual_seed(0))
+    got["w"].zero_()  # draws are copies
+    assert torch.equal(lazy.sample(None)["w"], stacked.sample(None)["w"])
+    assert all(torch.equal(lazy.mean()[n], stacked.mean()[n]) for n in ("w", "b"))
+
+
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        ([], "M >= 1 weight sets"),
+        ([{"w": torch.zeros(2)}, {"v": torch.zeros(2)}], "same .*names and shapes"),
+        ([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}], "same .*names and shapes"),
+    ],
+)
+def test_weight_sets_are_checked(sets, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        SamplePosterior.of_sets(sets)
+
+
+def test_a_non_finite_weight_set_is_refused_when_drawn_or_stacked():
+    sets = _sets(3)
+    sets[1]["w"][0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="finite"):
+        SamplePosterior.of_sets(sets).sample(None)
+    with pytest.raises(ConfigError, match="finite"):
+        SamplePosterior.of_sets(sets[1:2]).sample(4, torch.Generator().manual_seed(0))

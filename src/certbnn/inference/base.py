@@ -102,6 +102,21 @@ def make_method(name: str, **options: Any) -> InferenceMethod:
 # --- state (de)serialisation, for checkpoints -------------------------------------
 
 
+APPEND_ONLY = "certbnn_append_only"
+
+
+def stored_samples_field() -> Any:
+    """A state field holding a list of weight sets (``Params``) that only grows at the end and
+    is trimmed at the front, and whose items are never changed once in it (HMC, SG-HMC
+    samples). Checkpoints write each item once (:class:`~certbnn.checkpoint.CheckpointStore`)."""
+    return dataclasses.field(default_factory=list, metadata={APPEND_ONLY: True})
+
+
+def append_only_fields(state: State) -> list[str]:
+    """Names of ``state``'s fields made by :func:`stored_samples_field`."""
+    return [f.name for f in dataclasses.fields(state) if f.metadata.get(APPEND_ONLY)]
+
+
 def flatten_state(state: State) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split a state dataclass into named tensors and a JSON-able description.
 

@@ -92,7 +92,7 @@ from torch import Tensor
 
 from certbnn.denormals import flush_denormals
 from certbnn.errors import ConfigError
-from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad
+from certbnn.inference.base import NLL, Batch, Params, grad_of, register_method, requires_grad, stored_samples_field
 from certbnn.inference.sgd import map_gradient, sgd_update
 from certbnn.posterior import SamplePosterior
 from certbnn.priors import GaussianPrior
@@ -190,10 +190,11 @@ def check_sample_window(
 
 
 def samples_posterior(samples: list[Params], method: str) -> SamplePosterior:
-    """Stack stored samples (name -> (M, *shape)); a clear error when there are none."""
+    """The posterior of the stored samples (kept by reference, stacked when all are needed: a
+    validation draw costs the drawn samples only); a clear error when there are none."""
     if not samples:
         raise ConfigError(f"{method} has stored no samples yet: run past num_burnin (and thin) steps first")
-    return SamplePosterior({name: torch.stack([s[name] for s in samples]) for name in samples[0]})
+    return SamplePosterior.of_sets(samples)
 
 
 def fixed_randomness(nll: NLL) -> NLL:
@@ -223,7 +224,7 @@ class HMCState:
     da_h_bar: float  # dual averaging: running mean of (target - accept prob)
     num_steps: int  # proposals made
     num_accepted: int  # accepted proposals in the current phase (burn-in / sampling)
-    samples: list[Params] = field(default_factory=list)
+    samples: list[Params] = stored_samples_field()  # each written once by a checkpoint
     potential_eps: float | None = None  # the radius the cached U and grad U were computed at
     sample_eps: list[float | None] = field(default_factory=list)  # radius of each stored sample
     warm_epochs_done: int = 0  # warm-start SGD epochs run (they precede the proposals)

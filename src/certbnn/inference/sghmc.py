@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import torch
 
-from certbnn.inference.base import NLL, Batch, Params, register_method
+from certbnn.inference.base import NLL, Batch, Params, register_method, stored_samples_field
 from certbnn.inference.flat import FlatLayout, flat_data_gradient, prior_flat, prior_precision_flat, randn_flat
 from certbnn.inference.hmc import (
     check_count,
@@ -70,7 +70,7 @@ class SGHMCState:
     position: Params
     velocity: Params
     num_steps: int
-    samples: list[Params] = field(default_factory=list)
+    samples: list[Params] = stored_samples_field()  # each written once by a checkpoint
     sample_eps: list[float | None] = field(default_factory=list)  # radius of each stored sample
 
 

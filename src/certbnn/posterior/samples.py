@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -22,14 +22,41 @@ class SamplePosterior:
     kind = "samples"
 
     def __init__(self, samples: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None):
-        self._samples = check_tensors(samples, "posterior samples")
-        sizes = {t.shape[0] if t.dim() else 0 for t in self._samples.values()}
+        self._stacked: dict[str, torch.Tensor] | None = check_tensors(samples, "posterior samples")
+        self._sets: list[Mapping[str, torch.Tensor]] | None = None
+        sizes = {t.shape[0] if t.dim() else 0 for t in self._stacked.values()}
         if len(sizes) != 1 or 0 in sizes:
             raise ConfigError(f"posterior samples need one common leading sample dim M >= 1, got sizes {sorted(sizes)}")
-        check_finite(self._samples, "posterior samples")
+        check_finite(self._stacked, "posterior samples")
+        self._names = list(self._stacked)
         self._num_samples = sizes.pop()
         self._frequencies = None if weights is None else self._checked(weights)
         self._weights = None if weights is None else self._frequencies / self._frequencies.sum()
+
+    @classmethod
+    def of_sets(cls, sets: Sequence[Mapping[str, torch.Tensor]]) -> SamplePosterior:
+        """The uniform posterior over M >= 1 weight sets (each name -> param tensor), kept by
+        reference and stacked only when all are needed: ``sample(n, generator)`` stacks the n
+        drawn sets alone (the same draws as the stacked posterior's), so a sampler's posterior
+        so far costs O(n), not O(M), per validation. The sets must not change afterwards;
+        finiteness is checked when they are stacked."""
+        if not sets:
+            raise ConfigError("posterior samples need M >= 1 weight sets, got none")
+        names, first = list(sets[0]), sets[0]
+        if not names or any(s.keys() != first.keys() or any(s[n].shape != first[n].shape for n in names) for s in sets):
+            raise ConfigError("posterior weight sets must all have the same (non-empty) parameter names and shapes")
+        self = cls.__new__(cls)
+        self._stacked, self._sets, self._names = None, list(sets), names
+        self._num_samples, self._frequencies, self._weights = len(sets), None, None
+        return self
+
+    @property
+    def _samples(self) -> dict[str, torch.Tensor]:
+        if self._stacked is None:
+            stacked = {name: torch.stack([s[name] for s in self._sets]) for name in self._names}
+            check_finite(check_tensors(stacked, "posterior samples"), "posterior samples")
+            self._stacked, self._sets = stacked, None
+        return self._stacked
 
     def _checked(self, weights: torch.Tensor) -> torch.Tensor:
         weights = torch.as_tensor(weights)
@@ -45,7 +72,7 @@ class SamplePosterior:
     @property
     def names(self) -> list[str]:
         """Parameter names in insertion order."""
-        return list(self._samples)
+        return list(self._names)
 
     @property
     def num_samples(self) -> int:
@@ -70,7 +97,7 @@ class SamplePosterior:
             return {name: t.clone() for name, t in self._samples.items()}
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"number of samples must be a positive int or None, got {n!r}")
-        first = next(iter(self._samples.values()))
+        first = next(iter(self._stacked.values())) if self._stacked is not None else self._sets[0][self._names[0]]
         device = generator.device if generator is not None else first.device
         if self._weights is None:
             index = torch.randint(self._num_samples, (n,), generator=generator, device=device)
@@ -78,7 +105,11 @@ class SamplePosterior:
             index = torch.multinomial(
                 self._weights.to(device=device, dtype=torch.float64), n, replacement=True, generator=generator
             )
-        return {name: t[index.to(t.device)] for name, t in self._samples.items()}
+        if self._stacked is None:  # the drawn sets only
+            drawn = {name: torch.stack([self._sets[i][name] for i in index.tolist()]) for name in self._names}
+            check_finite(drawn, "posterior samples")
+            return drawn
+        return {name: t[index.to(t.device)] for name, t in self._stacked.items()}
 
     def mean(self) -> ParamDict:
         """name -> (weighted) mean over the stored samples, of the parameter's shape."""
