@@ -45,6 +45,7 @@ REVIEWED = {
     "88d6cec": "neutral: hmc docstring",
     "32afbf8": "neutral: reproduce --keep-from (which cells a results file lists, not how they are computed)",
     "76c0c39": "neutral: reproduce records each cell's invocation (provenance)",
+    "2154e1c": "neutral: checkpoints write each stored sample once; validation draws the same samples unstacked",
 }
 
 
