@@ -502,7 +502,7 @@ def _pool_chains(comm, posterior, model, probe: tuple[torch.Tensor, torch.Tensor
         if next(iter(samples.values())).shape[0] >= 4
         else {"num_chains": len(per_chain), "note": "fewer than 4 samples per chain: no R-hat / ESS"}
     )
-    return pooled.to(device=next(iter(posterior.mean().values())).device), report
+    return pooled.to(device=posterior.reference.device), report
 
 
 def normalised_config(saved: dict[str, Any]) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ def validate(
     refuses (UnsupportedLayerError: a plug-in trained with a non-robust likelihood) gets
     no certified metrics.
     """
-    first = next(iter(posterior.mean().values()))
+    first = posterior.reference  # (not mean(): a sampler's posterior would stack every sample)
     generator = torch.Generator(device=first.device).manual_seed(seed)
     params = mixture_draws(posterior, num_samples, generator)  # a point mass: bounded once
     totals = {"accuracy": 0.0, "nll": 0.0, "certified": 0.0, "certified_accuracy_ibp": 0.0}

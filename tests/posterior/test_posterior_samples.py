@@ -98,7 +98,8 @@ def test_a_posterior_of_weight_sets_draws_what_the_stacked_one_draws_without_sta
         got = lazy.sample(7, torch.Generator().manual_seed(seed))
         want = stacked.sample(7, torch.Generator().manual_seed(seed))
         assert all(torch.equal(got[n], want[n]) for n in want)
-    assert lazy._stacked is None  # a draw of 7 stacked those 7 only (a sampler validates every epoch)
+    assert lazy.reference is sets[0]["w"]
+    assert lazy._stacked is None  # draws and reference stacked nothing else (a sampler validates every epoch)
     got = lazy.sample(7, torch.Generator().manual_seed(0))
     got["w"].zero_()  # draws are copies
     assert torch.equal(lazy.sample(None)["w"], stacked.sample(None)["w"])
@@ -125,3 +126,22 @@ def test_a_non_finite_weight_set_is_refused_when_drawn_or_stacked():
         SamplePosterior.of_sets(sets).sample(None)
     with pytest.raises(ConfigError, match="finite"):
         SamplePosterior.of_sets(sets[1:2]).sample(4, torch.Generator().manual_seed(0))
+
+
+def test_validating_a_samplers_posterior_stacks_only_the_drawn_samples():
+    import numpy as np
+    from torch import nn
+
+    from certbnn.data.dataset import ArrayDataset
+    from certbnn.validation import validate
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(1)
+    sets = [{"1.weight": torch.randn(3, 4, generator=g), "1.bias": torch.randn(3, generator=g)} for _ in range(30)]
+    rng = np.random.default_rng(0)
+    val = ArrayDataset(rng.random((20, 1, 2, 2), dtype=np.float32), rng.integers(0, 3, 20), num_classes=3)
+    lazy = SamplePosterior.of_sets(sets)
+    got = validate(model, lazy, val, 0.05, num_samples=4, seed=3)
+    assert lazy._stacked is None  # not mean(), not all 30 sets: the 4 drawn ones
+    stacked = SamplePosterior({n: torch.stack([s[n] for s in sets]) for n in sets[0]})
+    assert got == validate(model, stacked, val, 0.05, num_samples=4, seed=3)

@@ -64,6 +64,11 @@ class GaussianPosterior:
         """Total number of scalar weights."""
         return num_coordinates(self._mean)
 
+    @property
+    def reference(self) -> torch.Tensor:
+        """The first parameter's mean: its device and dtype are the posterior's."""
+        return next(iter(self._mean.values()))
+
     def mean(self) -> ParamDict:
         """name -> mean tensor of the parameter's shape."""
         return dict(self._mean)

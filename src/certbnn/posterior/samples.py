@@ -75,6 +75,11 @@ class SamplePosterior:
         return list(self._names)
 
     @property
+    def reference(self) -> torch.Tensor:
+        """A stored tensor (no stacking): its device and dtype are the posterior's."""
+        return next(iter(self._stacked.values())) if self._stacked is not None else self._sets[0][self._names[0]]
+
+    @property
     def num_samples(self) -> int:
         """M, the number of stored weight sets."""
         return self._num_samples
@@ -97,8 +102,7 @@ class SamplePosterior:
             return {name: t.clone() for name, t in self._samples.items()}
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"number of samples must be a positive int or None, got {n!r}")
-        first = next(iter(self._stacked.values())) if self._stacked is not None else self._sets[0][self._names[0]]
-        device = generator.device if generator is not None else first.device
+        device = generator.device if generator is not None else self.reference.device
         if self._weights is None:
             index = torch.randint(self._num_samples, (n,), generator=generator, device=device)
         else:
