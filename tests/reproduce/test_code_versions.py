@@ -46,6 +46,7 @@ REVIEWED = {
     "32afbf8": "neutral: reproduce --keep-from (which cells a results file lists, not how they are computed)",
     "76c0c39": "neutral: reproduce records each cell's invocation (provenance)",
     "2154e1c": "neutral: checkpoints write each stored sample once; validation draws the same samples unstacked",
+    "58d79a7": "neutral: validation reads the posterior's device without stacking (same draws)",
 }
 
 
